@@ -1,0 +1,372 @@
+//! The content-addressed blob store on disk.
+//!
+//! Layout under the root: `blobs/sha256/<2 hex>/<64 hex>` for blobs, `tmp/` for writes in
+//! progress. A write goes through a hashing writer into a temp file under the same root (same
+//! file system), is fsynced, and is renamed into place only when its digest is the expected
+//! one; so a blob path either holds the full, verified content or does not exist, and a crash
+//! leaves at most a temp file, which [`BlobStore::open`] sweeps away. Two writers of one digest
+//! at once each write their own temp file and the second rename replaces identical bytes.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::fs::{self, File};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+
+use crate::backend::BlobBody;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::range::ByteRange;
+
+/// Read buffer for serving blobs: large enough to keep syscalls off the profile.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A directory of blobs keyed by digest.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) a store under `root` and removes temp files that a crash
+    /// left behind.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        let store = BlobStore { root };
+        let tmp = store.tmp_dir();
+        if fs::try_exists(&tmp).await.unwrap_or(false) {
+            fs::remove_dir_all(&tmp)
+                .await
+                .map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
+        }
+        for dir in [tmp, store.root.join("blobs/sha256")] {
+            fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        Ok(store)
+    }
+
+    /// The directory the store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Where the blob with this digest lives (whether or not it is there).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// The blob's size, or `None` when the store does not hold it.
+    pub async fn size(&self, digest: &Digest) -> Result<Option<u64>> {
+        match fs::metadata(self.path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("stat of blob {digest}"), e)),
+        }
+    }
+
+    /// Reads a whole blob into memory; meant for small blobs (manifests, configs).
+    pub async fn read(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        match fs::read(self.path(digest)).await {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading blob {digest}"), e)),
+        }
+    }
+
+    /// Opens a blob (or one range of it) as a stream, or `None` when absent. The file stays
+    /// readable while it is streamed even if it is deleted meanwhile.
+    pub async fn open_blob(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobBody>> {
+        let mut file = match File::open(self.path(digest)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Error::io(format!("stat of blob {digest}"), e))?
+            .len();
+        let (offset, len) = match range {
+            Some(r) => r.resolve(size)?,
+            None => (0, size),
+        };
+        if offset > 0 {
+            file.seek(io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| Error::io(format!("seeking in blob {digest}"), e))?;
+        }
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK).boxed();
+        Ok(Some(BlobBody {
+            size,
+            range: range.map(|_| (offset, len)),
+            stream,
+        }))
+    }
+
+    /// Starts writing a blob whose digest is computed on the way. `expected`, when given, is
+    /// checked at [`BlobWriter::commit`].
+    pub async fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
+        let tmp = self.tmp_dir().join(uuid::Uuid::new_v4().to_string());
+        let file = File::create(&tmp)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            file: BufWriter::with_capacity(READ_CHUNK, file),
+            hasher: Sha256::new(),
+            size: 0,
+            tmp: Some(tmp),
+            expected,
+        })
+    }
+
+    /// Writes a whole stream as one blob; see [`BlobWriter`].
+    pub async fn write_stream(
+        &self,
+        expected: Option<Digest>,
+        mut body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<(Digest, u64)> {
+        let mut w = self.writer(expected).await?;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Error::io("reading request body", e))?;
+            w.write(&chunk).await?;
+        }
+        w.commit().await
+    }
+
+    /// Writes a small blob held in memory.
+    pub async fn write_bytes(&self, data: &[u8]) -> Result<Digest> {
+        let mut w = self.writer(Some(Digest::of(data))).await?;
+        w.write(data).await?;
+        Ok(w.commit().await?.0)
+    }
+
+    /// Moves a file that already holds content (a finished upload) into the store, after
+    /// checking it hashes to `expected`. The file must live on the store's file system.
+    pub async fn adopt(&self, file: &Path, expected: &Digest, actual: &Digest) -> Result<()> {
+        if expected != actual {
+            return Err(Error::DigestInvalid(format!(
+                "content hashes to {actual}, not {expected}"
+            )));
+        }
+        let f = File::open(file)
+            .await
+            .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+        f.sync_all()
+            .await
+            .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
+        self.place(file, expected).await
+    }
+
+    /// Renames a verified temp file into its content address and syncs the directory.
+    async fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
+        let dest = self.path(digest);
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        fs::rename(file, &dest)
+            .await
+            .map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
+        if let Ok(d) = File::open(&dir).await {
+            // Best effort: makes the rename itself durable.
+            let _ = d.sync_all().await;
+        }
+        Ok(())
+    }
+
+    /// Removes a blob; `false` when it was not there.
+    pub async fn delete(&self, digest: &Digest) -> Result<bool> {
+        match fs::remove_file(self.path(digest)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("deleting blob {digest}"), e)),
+        }
+    }
+
+    /// Every digest in the store (for eviction and inventories).
+    pub async fn list(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        let base = self.root.join("blobs/sha256");
+        let mut dirs = fs::read_dir(&base)
+            .await
+            .map_err(|e| Error::io(format!("listing {}", base.display()), e))?;
+        while let Some(d) = dirs
+            .next_entry()
+            .await
+            .map_err(|e| Error::io("listing blobs", e))?
+        {
+            let mut files = fs::read_dir(d.path())
+                .await
+                .map_err(|e| Error::io("listing blobs", e))?;
+            while let Some(f) = files
+                .next_entry()
+                .await
+                .map_err(|e| Error::io("listing blobs", e))?
+            {
+                if let Ok(digest) = format!("sha256:{}", f.file_name().to_string_lossy()).parse() {
+                    out.push(digest);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A blob being written: bytes go to a temp file and through sha256. Dropping it without
+/// [`commit`](BlobWriter::commit) removes the temp file.
+pub struct BlobWriter {
+    store: BlobStore,
+    file: BufWriter<File>,
+    hasher: Sha256,
+    size: u64,
+    tmp: Option<PathBuf>,
+    expected: Option<Digest>,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.file
+            .write_all(data)
+            .await
+            .map_err(|e| Error::io("writing blob temp file", e))
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Flushes, fsyncs and checks the digest; on a match renames the blob into place.
+    /// On a mismatch nothing is stored and [`Error::DigestInvalid`] is returned.
+    pub async fn commit(mut self) -> Result<(Digest, u64)> {
+        let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
+        if let Some(expected) = &self.expected {
+            if *expected != digest {
+                return Err(Error::DigestInvalid(format!(
+                    "content hashes to {digest}, not {expected}"
+                )));
+            }
+        }
+        self.file
+            .flush()
+            .await
+            .map_err(|e| Error::io("flushing blob temp file", e))?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .await
+            .map_err(|e| Error::io("syncing blob temp file", e))?;
+        if let Some(tmp) = self.tmp.take() {
+            if let Err(e) = self.store.place(&tmp, &digest).await {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        Ok((digest, self.size))
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(body: BlobBody) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut s = body.stream;
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn write_verify_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let d = store.write_bytes(b"hello world").await.unwrap();
+        assert_eq!(d, Digest::of(b"hello world"));
+        assert_eq!(store.size(&d).await.unwrap(), Some(11));
+        let body = store
+            .open_blob(&d, Some(ByteRange::FromTo(6, 10)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(body.range, Some((6, 5)));
+        assert_eq!(collect(body).await, b"world");
+        assert!(matches!(
+            store.open_blob(&d, Some(ByteRange::From(11))).await,
+            Err(Error::RangeNotSatisfiable { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn wrong_digest_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let mut w = store.writer(Some(Digest::of(b"other"))).await.unwrap();
+        w.write(b"hello").await.unwrap();
+        assert!(matches!(w.commit().await, Err(Error::DigestInvalid(_))));
+        assert!(store.list().await.unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_of_one_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = vec![7u8; 1 << 20];
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (s, d) = (store.clone(), data.clone());
+                tokio::spawn(async move { s.write_bytes(&d).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let d = Digest::of(&data);
+        assert_eq!(store.list().await.unwrap(), vec![d.clone()]);
+        assert_eq!(std::fs::read(store.path(&d)).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn crash_leftovers_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/partial"), b"half").unwrap();
+        BlobStore::open(dir.path()).await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! The chain: backends asked in configured order. For a manifest the first backend that
+//! resolves the reference wins; for a blob the first that holds the digest. A backend that
+//! is unavailable is skipped with a warning; any other error stops the chain, so an I/O
+//! failure never turns into "not found".
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::{BackendHandle, BlobBody, Registry, RequestCtx};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::manifest::{Descriptor, Manifest};
+use crate::range::ByteRange;
+use crate::reference::{ImageRef, Repository};
+
+/// Something a backend answered, with the backend's name for logs and headers.
+pub struct Found<T> {
+    pub backend: String,
+    pub value: T,
+}
+
+/// The ordered list of backends.
+#[derive(Clone)]
+pub struct Chain {
+    backends: Vec<BackendHandle>,
+}
+
+impl Chain {
+    pub fn new(backends: Vec<BackendHandle>) -> Self {
+        Chain { backends }
+    }
+
+    /// Names of the backends in query order.
+    pub fn names(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .map(|b| b.backend.name().to_string())
+            .collect()
+    }
+
+    /// The first writable backend: where pushes go.
+    pub fn registry(&self) -> Option<(String, Arc<dyn Registry>)> {
+        self.backends.iter().find_map(|b| {
+            b.registry
+                .clone()
+                .map(|r| (b.backend.name().to_string(), r))
+        })
+    }
+
+    /// Asks each backend in turn with `ask` until one answers `Some`.
+    async fn first<'s, T, F>(
+        &'s self,
+        what: &str,
+        ctx: &RequestCtx,
+        ask: F,
+    ) -> Result<Option<Found<T>>>
+    where
+        F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
+    {
+        for handle in &self.backends {
+            let name = handle.backend.name();
+            let started = Instant::now();
+            match ask(handle).await {
+                Ok(Some(value)) => {
+                    tracing::debug!(request = %ctx.request_id, backend = name, what,
+                        elapsed_ms = started.elapsed().as_millis() as u64, "found");
+                    return Ok(Some(Found {
+                        backend: name.to_string(),
+                        value,
+                    }));
+                }
+                Ok(None) => {
+                    tracing::debug!(request = %ctx.request_id, backend = name, what, "not here");
+                }
+                Err(e) if e.is_not_found() => {
+                    tracing::debug!(request = %ctx.request_id, backend = name, what, error = %e, "not here");
+                }
+                Err(e @ Error::Unavailable { .. }) => {
+                    tracing::warn!(request = %ctx.request_id, backend = name, what, error = %e,
+                        "backend unavailable, asking the next one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resolves a manifest, or [`Error::ManifestUnknown`].
+    pub async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Found<Manifest>> {
+        let what = image.to_string();
+        self.first(&what, ctx, |h| Box::pin(h.backend.manifest(image, ctx)))
+            .await?
+            .ok_or_else(|| Error::ManifestUnknown(what.clone()))
+    }
+
+    /// A blob's size, or [`Error::BlobUnknown`].
+    pub async fn blob_size(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        ctx: &RequestCtx,
+    ) -> Result<Found<u64>> {
+        let what = format!("{repo}@{digest}");
+        self.first(&what, ctx, |h| {
+            Box::pin(h.backend.blob_size(repo, digest, ctx))
+        })
+        .await?
+        .ok_or(Error::BlobUnknown(what))
+    }
+
+    /// Opens a blob, or [`Error::BlobUnknown`].
+    pub async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        ctx: &RequestCtx,
+    ) -> Result<Found<BlobBody>> {
+        let what = format!("{repo}@{digest}");
+        self.first(&what, ctx, |h| {
+            Box::pin(h.backend.blob(repo, digest, range, ctx))
+        })
+        .await?
+        .ok_or(Error::BlobUnknown(what))
+    }
+
+    /// The union of every backend's tags, sorted; [`Error::NameUnknown`] when none knows
+    /// the repository.
+    pub async fn tags(&self, repo: &Repository) -> Result<Vec<String>> {
+        let mut all: Option<Vec<String>> = None;
+        for h in &self.backends {
+            match h.backend.tags(repo).await {
+                Ok(Some(t)) => all.get_or_insert_with(Vec::new).extend(t),
+                Ok(None) => {}
+                Err(e @ Error::Unavailable { .. }) => {
+                    tracing::warn!(backend = h.backend.name(), error = %e, "backend unavailable for tags list")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut all = all.ok_or_else(|| Error::NameUnknown(repo.to_string()))?;
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Every repository any backend can list, sorted by the name a client would use.
+    pub async fn catalog(&self) -> Result<Vec<String>> {
+        let mut all = Vec::new();
+        for h in &self.backends {
+            match h.backend.catalog().await {
+                Ok(repos) => all.extend(repos.iter().map(Repository::request_name)),
+                Err(e @ Error::Unavailable { .. }) => {
+                    tracing::warn!(backend = h.backend.name(), error = %e, "backend unavailable for catalog")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Every backend's referrers of `digest`.
+    pub async fn referrers(&self, repo: &Repository, digest: &Digest) -> Result<Vec<Descriptor>> {
+        let mut all = Vec::new();
+        for h in &self.backends {
+            all.extend(h.backend.referrers(repo, digest).await?);
+        }
+        Ok(all)
+    }
+}

@@ -1,0 +1,97 @@
+//! The one error type of ferry. Every failure a client can see is a variant here; the server
+//! turns each variant into an OCI error code and HTTP status in exactly one table.
+
+use std::io;
+
+/// Convenience alias used across the workspace.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while answering a registry request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A repository name breaks the distribution grammar.
+    #[error("invalid repository name: {0}")]
+    NameInvalid(String),
+    /// A tag breaks `[a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}`.
+    #[error("invalid tag: {0}")]
+    TagInvalid(String),
+    /// A digest is malformed, or content does not hash to the digest it was sent with.
+    #[error("invalid digest: {0}")]
+    DigestInvalid(String),
+    /// A digest algorithm other than sha256.
+    #[error("unsupported digest algorithm: {0}")]
+    DigestUnsupported(String),
+    /// No backend knows this repository.
+    #[error("repository not known: {0}")]
+    NameUnknown(String),
+    /// No backend holds this manifest.
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    /// No backend holds this blob.
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    /// A manifest that cannot be parsed or breaks the image spec.
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    /// A manifest references a blob or manifest the store does not have.
+    #[error("manifest references unknown blob: {0}")]
+    ManifestBlobUnknown(String),
+    /// A manifest larger than the store accepts.
+    #[error("manifest too large: {size} bytes, limit {limit}")]
+    ManifestTooLarge { size: u64, limit: u64 },
+    /// Content length does not match what the client said.
+    #[error("size invalid: {0}")]
+    SizeInvalid(String),
+    /// The upload session does not exist (never did, finished, cancelled or expired).
+    #[error("upload unknown: {0}")]
+    UploadUnknown(String),
+    /// A chunk does not continue the upload where it stands.
+    #[error("upload chunk out of order: {0}")]
+    UploadOutOfOrder(String),
+    /// The upload request is malformed.
+    #[error("upload invalid: {0}")]
+    UploadInvalid(String),
+    /// A `Range` that lies outside the blob.
+    #[error("range not satisfiable: {range} of {size} bytes")]
+    RangeNotSatisfiable { range: String, size: u64 },
+    /// The client must authenticate; `realm` goes into the `WWW-Authenticate` challenge.
+    #[error("authentication required: {message}")]
+    Unauthorized { realm: String, message: String },
+    /// The client authenticated but may not do this.
+    #[error("access denied: {0}")]
+    Denied(String),
+    /// The operation is switched off in this configuration or not implemented by any backend.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A backend cannot be reached right now (engine down, socket missing); the chain goes on.
+    #[error("backend {backend} unavailable: {reason}")]
+    Unavailable { backend: String, reason: String },
+    /// Local I/O failed (disk full, permissions).
+    #[error("i/o error: {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Anything else: a bug or an engine answer we cannot use.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done, so a log line says which file failed.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True for errors that mean "this backend does not have it": the chain asks the next one.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::ManifestUnknown(_) | Error::BlobUnknown(_) | Error::NameUnknown(_)
+        )
+    }
+}

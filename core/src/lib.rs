@@ -1,0 +1,21 @@
+//! ferry's core: the vocabulary shared by the server and the backends. No HTTP, no engine I/O.
+
+pub mod backend;
+pub mod blobstore;
+pub mod chain;
+pub mod digest;
+pub mod error;
+pub mod manifest;
+pub mod range;
+pub mod reference;
+
+pub use backend::{
+    Backend, BackendHandle, BlobBody, ByteStream, Registry, RequestCtx, UploadState,
+};
+pub use blobstore::BlobStore;
+pub use chain::{Chain, Found};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use manifest::{media, Descriptor, Manifest, ManifestInfo};
+pub use range::ByteRange;
+pub use reference::{ImageRef, Reference, Repository};
