@@ -1,1 +1,7 @@
+//! ferry's backends. Each has a serde config type and builds into a [`ferry_core::BackendHandle`].
 
+pub mod config;
+mod fsutil;
+pub mod push;
+
+pub use config::BackendConfig;

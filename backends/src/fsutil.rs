@@ -1,0 +1,71 @@
+//! Small file helpers shared by the backends' on-disk state.
+
+use std::io;
+use std::path::Path;
+
+use ferry_core::{Error, Result};
+use tokio::fs;
+use tokio::io::AsyncWriteExt;
+
+/// Replaces `path` with `data` so that a reader (or a crash) sees the old content or the new,
+/// never a mix: temp file in the same directory, fsync, rename.
+pub async fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::Internal(format!("{} has no parent directory", path.display())))?;
+    fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
+    let result = async {
+        let mut f = fs::File::create(&tmp).await?;
+        f.write_all(data).await?;
+        f.sync_all().await?;
+        fs::rename(&tmp, path).await
+    }
+    .await;
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp).await;
+        return Err(Error::io(format!("writing {}", path.display()), e));
+    }
+    Ok(())
+}
+
+/// Reads a file, `None` when it does not exist.
+pub async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path).await {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// Removes a file, `false` when it was not there.
+pub async fn remove_optional(path: &Path) -> Result<bool> {
+    match fs::remove_file(path).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+    }
+}
+
+/// Names of the entries of a directory that are not temp files; empty when it does not exist.
+pub async fn list_names(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut rd = match fs::read_dir(dir).await {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+    };
+    while let Some(entry) = rd
+        .next_entry()
+        .await
+        .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}

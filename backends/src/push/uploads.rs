@@ -1,0 +1,240 @@
+//! Blob upload sessions on disk: `uploads/<id>/data` holds the bytes received so far and
+//! `uploads/<id>/repo` the repository it was opened for. Sessions survive a restart (the
+//! offset is the data file's length); sessions idle longer than the TTL are removed whole.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::fs::{self, OpenOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Mutex;
+
+use ferry_core::{ByteStream, Digest, Error, Repository, Result, UploadState};
+
+/// Running hash of a session, valid while it covers exactly `offset` bytes of the data file.
+struct Hashing {
+    offset: u64,
+    hasher: Sha256,
+}
+
+/// The upload sessions of one store.
+pub struct Uploads {
+    dir: PathBuf,
+    ttl: Duration,
+    /// One lock per live session: chunks of one upload are applied one at a time. The hash
+    /// is kept so finishing an upload does not re-read it; after a restart it is recomputed.
+    sessions: Mutex<HashMap<String, Arc<Mutex<Option<Hashing>>>>>,
+}
+
+impl Uploads {
+    pub async fn open(dir: PathBuf, ttl: Duration) -> Result<Self> {
+        fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let uploads = Uploads {
+            dir,
+            ttl,
+            sessions: Mutex::new(HashMap::new()),
+        };
+        uploads.expire().await?;
+        Ok(uploads)
+    }
+
+    fn session_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    pub fn data_path(&self, id: &str) -> PathBuf {
+        self.session_dir(id).join("data")
+    }
+
+    /// Removes sessions idle for longer than the TTL, and half-created ones.
+    pub async fn expire(&self) -> Result<usize> {
+        let mut removed = 0;
+        let mut rd = fs::read_dir(&self.dir)
+            .await
+            .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
+        while let Some(entry) = rd.next_entry().await.map_err(|e| Error::io("listing uploads", e))? {
+            let path = entry.path();
+            let stale = match fs::metadata(path.join("data")).await.and_then(|m| m.modified()) {
+                Ok(modified) => SystemTime::now()
+                    .duration_since(modified)
+                    .is_ok_and(|idle| idle > self.ttl),
+                Err(_) => true,
+            };
+            let complete = fs::try_exists(path.join("repo")).await.unwrap_or(false);
+            if stale || !complete {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                self.sessions.lock().await.remove(&id);
+                fs::remove_dir_all(&path)
+                    .await
+                    .map_err(|e| Error::io(format!("removing expired upload {}", path.display()), e))?;
+                tracing::info!(upload = %id, "removed expired upload session");
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Creates a session. The `repo` file is written last: a session dir without it is a
+    /// half-created one and is swept by [`Uploads::expire`].
+    pub async fn start(&self, repo: &Repository) -> Result<UploadState> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let dir = self.session_dir(&id);
+        let io = |e| Error::io(format!("creating upload {}", dir.display()), e);
+        fs::create_dir(&dir).await.map_err(io)?;
+        fs::File::create(dir.join("data")).await.map_err(io)?;
+        fs::write(dir.join("repo"), repo.canonical()).await.map_err(io)?;
+        self.sessions.lock().await.insert(
+            id.clone(),
+            Arc::new(Mutex::new(Some(Hashing {
+                offset: 0,
+                hasher: Sha256::new(),
+            }))),
+        );
+        Ok(UploadState { id, offset: 0 })
+    }
+
+    /// The lock of a session that exists on disk for `repo`, or [`Error::UploadUnknown`].
+    async fn session(&self, repo: &Repository, id: &str) -> Result<Arc<Mutex<Option<Hashing>>>> {
+        let unknown = || Error::UploadUnknown(id.to_string());
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(unknown());
+        }
+        let owner = fs::read_to_string(self.session_dir(id).join("repo"))
+            .await
+            .map_err(|_| unknown())?;
+        if owner != repo.canonical() {
+            return Err(unknown());
+        }
+        let mut sessions = self.sessions.lock().await;
+        Ok(sessions.entry(id.to_string()).or_default().clone())
+    }
+
+    async fn data_len(&self, id: &str) -> Result<u64> {
+        fs::metadata(self.data_path(id))
+            .await
+            .map(|m| m.len())
+            .map_err(|_| Error::UploadUnknown(id.to_string()))
+    }
+
+    pub async fn state(&self, repo: &Repository, id: &str) -> Result<UploadState> {
+        let lock = self.session(repo, id).await?;
+        let _guard = lock.lock().await;
+        Ok(UploadState {
+            id: id.to_string(),
+            offset: self.data_len(id).await?,
+        })
+    }
+
+    /// Appends a chunk; on a failed read of the body the data file is cut back to where it
+    /// stood, so a session never holds half a chunk.
+    pub async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState> {
+        let lock = self.session(repo, id).await?;
+        let mut hashing = lock.lock().await;
+        let offset = self.append_locked(id, start, body, &mut hashing).await?;
+        Ok(UploadState {
+            id: id.to_string(),
+            offset,
+        })
+    }
+
+    async fn append_locked(
+        &self,
+        id: &str,
+        start: Option<u64>,
+        mut body: ByteStream,
+        hashing: &mut Option<Hashing>,
+    ) -> Result<u64> {
+        let offset = self.data_len(id).await?;
+        if let Some(start) = start {
+            if start != offset {
+                return Err(Error::UploadOutOfOrder(format!(
+                    "chunk starts at byte {start}, the upload holds {offset} bytes"
+                )));
+            }
+        }
+        if hashing.as_ref().is_some_and(|h| h.offset != offset) {
+            *hashing = None;
+        }
+        let path = self.data_path(id);
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut written = 0u64;
+        let result: Result<()> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| Error::io("reading upload body", e))?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                if let Some(h) = hashing.as_mut() {
+                    h.hasher.update(&chunk);
+                }
+                written += chunk.len() as u64;
+            }
+            file.flush().await.map_err(|e| Error::io("flushing upload", e))
+        }
+        .await;
+        if let Err(e) = result {
+            *hashing = None;
+            let _ = file.set_len(offset).await;
+            return Err(e);
+        }
+        if let Some(h) = hashing.as_mut() {
+            h.offset = offset + written;
+        }
+        Ok(offset + written)
+    }
+
+    /// Appends the last chunk and returns the data file's digest and size. The session stays
+    /// locked by the caller's guard until it is removed.
+    pub async fn finish(&self, repo: &Repository, id: &str, body: ByteStream) -> Result<(PathBuf, Digest, u64)> {
+        let lock = self.session(repo, id).await?;
+        let mut hashing = lock.lock().await;
+        let size = self.append_locked(id, None, body, &mut hashing).await?;
+        let digest = match hashing.take() {
+            Some(h) if h.offset == size => Digest::from_hasher(h.hasher),
+            _ => hash_file(&self.data_path(id)).await?,
+        };
+        Ok((self.data_path(id), digest, size))
+    }
+
+    /// Removes a session and everything it holds.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        self.sessions.lock().await.remove(id);
+        let dir = self.session_dir(id);
+        match fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", dir.display()), e)),
+        }
+    }
+
+    /// Checks a session exists for `repo` and removes it.
+    pub async fn cancel(&self, repo: &Repository, id: &str) -> Result<()> {
+        self.session(repo, id).await?;
+        self.remove(id).await
+    }
+}
+
+async fn hash_file(path: &Path) -> Result<Digest> {
+    let io = |e| Error::io(format!("hashing {}", path.display()), e);
+    let mut f = fs::File::open(path).await.map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).await.map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Digest::from_hasher(hasher))
+}
