@@ -51,6 +51,9 @@ pub enum Error {
     /// The upload request is malformed.
     #[error("upload invalid: {0}")]
     UploadInvalid(String),
+    /// A query parameter with a value that cannot be used (`n=abc`).
+    #[error("invalid query parameter: {0}")]
+    QueryInvalid(String),
     /// A `Range` that lies outside the blob.
     #[error("range not satisfiable: {range} of {size} bytes")]
     RangeNotSatisfiable { range: String, size: u64 },

@@ -1,1 +1,123 @@
-fn main() {}
+//! `ferry`: an OCI registry serving the images the machine's own engines already hold.
+
+mod api;
+mod config;
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use poem::listener::TcpListener;
+
+use ferry_core::Chain;
+
+use config::{Config, Flags, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry.
+    Serve {
+        /// TOML config file.
+        #[arg(long, env = "FERRY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address (host:port or :port); overrides the config and environment.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Log line format.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+        /// Log filter, e.g. `info` or `ferry=debug`; `RUST_LOG` wins when set.
+        #[arg(long)]
+        log_level: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve {
+        config,
+        addr,
+        log_format,
+        log_level,
+    } = cli.command;
+    let flags = Flags {
+        addr,
+        log_format,
+        log_level,
+    };
+    let config = match Config::load(config.as_deref(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(config.server.log_format, &config.server.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let mut handles = Vec::new();
+    let mut failures = Vec::new();
+    for (i, b) in config.backends.iter().enumerate() {
+        match b.build(&config.cache.dir).await {
+            Ok(h) => handles.push(h),
+            Err(e) => failures.push(format!("backends[{i}]: {e}")),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(format!("cannot start backends: {}", failures.join("; ")));
+    }
+    let chain = Chain::new(handles);
+    tracing::info!(addr = %config.server.addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
+        version = env!("CARGO_PKG_VERSION"), "ferry listening");
+    let app = api::app(Arc::new(api::AppState::new(chain)));
+    poem::Server::new(TcpListener::bind(config.server.addr))
+        .run_with_graceful_shutdown(
+            app,
+            shutdown_signal(),
+            Some(std::time::Duration::from_secs(5)),
+        )
+        .await
+        .map_err(|e| format!("cannot serve on {}: {e}", config.server.addr))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+            tracing::info!("shutting down");
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::{
-    Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef, Manifest,
-    ManifestInfo, Reference, Registry, Repository, RequestCtx, Result, UploadState,
+    Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef,
+    Manifest, ManifestInfo, Reference, Registry, Repository, RequestCtx, Result, UploadState,
 };
 
 use crate::fsutil::{list_names, read_optional, remove_optional, write_atomic};
@@ -83,7 +83,11 @@ pub struct PushBackend {
 impl PushBackend {
     pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
         let blobs = BlobStore::open(&root).await?;
-        let uploads = Uploads::open(root.join("uploads"), Duration::from_secs(config.upload_ttl_secs)).await?;
+        let uploads = Uploads::open(
+            root.join("uploads"),
+            Duration::from_secs(config.upload_ttl_secs),
+        )
+        .await?;
         tracing::info!(backend = %config.name, dir = %root.display(), "push store ready");
         Ok(PushBackend {
             config,
@@ -94,7 +98,10 @@ impl PushBackend {
     }
 
     fn repo_dir(&self, repo: &Repository) -> PathBuf {
-        self.root.join("repos").join(repo.registry()).join(repo.path())
+        self.root
+            .join("repos")
+            .join(repo.registry())
+            .join(repo.path())
     }
 
     fn manifest_marker(&self, repo: &Repository, digest: &Digest) -> PathBuf {
@@ -169,7 +176,9 @@ impl Backend for PushBackend {
             .await?
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         let Some(bytes) = self.blobs.read(&digest).await? else {
-            return Err(Error::Internal(format!("manifest {digest} of {image} is recorded but its bytes are missing")));
+            return Err(Error::Internal(format!(
+                "manifest {digest} of {image} is recorded but its bytes are missing"
+            )));
         };
         let media_type = match media_type {
             Some(m) if !m.is_empty() => m,
@@ -182,7 +191,12 @@ impl Backend for PushBackend {
         }))
     }
 
-    async fn blob_size(&self, _repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
+    async fn blob_size(
+        &self,
+        _repo: &Repository,
+        digest: &Digest,
+        _ctx: &RequestCtx,
+    ) -> Result<Option<u64>> {
         self.blobs.size(digest).await
     }
 
@@ -221,7 +235,11 @@ impl Backend for PushBackend {
                             out.push(r);
                         }
                     } else if !name.starts_with('_') {
-                        stack.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
+                        stack.push(if rel.is_empty() {
+                            name
+                        } else {
+                            format!("{rel}/{name}")
+                        });
                     }
                 }
             }
@@ -254,11 +272,23 @@ impl Registry for PushBackend {
         self.uploads.state(repo, id).await
     }
 
-    async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState> {
+    async fn append(
+        &self,
+        repo: &Repository,
+        id: &str,
+        start: Option<u64>,
+        body: ByteStream,
+    ) -> Result<UploadState> {
         self.uploads.append(repo, id, start, body).await
     }
 
-    async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64> {
+    async fn finish_upload(
+        &self,
+        repo: &Repository,
+        id: &str,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
         let (path, actual, size) = self.uploads.finish(repo, id, body).await?;
         let result = self.blobs.adopt(&path, digest, &actual).await;
         self.uploads.remove(id).await?;
@@ -294,12 +324,18 @@ impl Registry for PushBackend {
         let digest = Digest::of(&bytes);
         if let Reference::Digest(d) = reference {
             if *d != digest {
-                return Err(Error::DigestInvalid(format!("manifest hashes to {digest}, not {d}")));
+                return Err(Error::DigestInvalid(format!(
+                    "manifest hashes to {digest}, not {d}"
+                )));
             }
         }
         self.check_references(&info).await?;
         self.blobs.write_bytes(&bytes).await?;
-        write_atomic(&self.manifest_marker(repo, &digest), info.media_type.as_bytes()).await?;
+        write_atomic(
+            &self.manifest_marker(repo, &digest),
+            info.media_type.as_bytes(),
+        )
+        .await?;
         if let Some(subject) = &info.subject {
             let descriptor = Descriptor {
                 media_type: info.media_type.clone(),
@@ -310,7 +346,8 @@ impl Registry for PushBackend {
                 artifact_type: info.artifact_type.clone(),
                 platform: None,
             };
-            let json = serde_json::to_vec(&descriptor).map_err(|e| Error::Internal(e.to_string()))?;
+            let json =
+                serde_json::to_vec(&descriptor).map_err(|e| Error::Internal(e.to_string()))?;
             write_atomic(&self.referrer_path(repo, &subject.digest, &digest), &json).await?;
         }
         if let Reference::Tag(t) = reference {

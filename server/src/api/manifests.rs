@@ -1,0 +1,120 @@
+//! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use poem::http::{header, StatusCode};
+use poem::Body;
+
+use ferry_core::manifest::{media, MAX_MANIFEST_SIZE};
+use ferry_core::{Error, ImageRef, Reference};
+
+use super::error::ApiResult;
+use super::{empty, set, AppState, Call, BACKEND_HEADER};
+
+pub async fn get(call: &Call<'_>, state: &AppState, name: &str, reference: &str) -> ApiResult {
+    let image = ImageRef::new(call.repo(name)?, Reference::parse(reference)?);
+    let found = state.chain.manifest(&image, &call.ctx).await?;
+    let m = found.value;
+    if !accepts(call, &m.media_type) {
+        return Err(Error::ManifestUnknown(format!(
+            "{image} is a {}, which the request's Accept header does not list",
+            m.media_type
+        ))
+        .into());
+    }
+    let mut resp = empty(StatusCode::OK);
+    let h = resp.headers_mut();
+    set(h, "Content-Type", &m.media_type);
+    set(h, "Docker-Content-Digest", m.digest.to_string());
+    set(h, "ETag", format!("\"{}\"", m.digest));
+    set(h, "Content-Length", m.bytes.len().to_string());
+    set(h, BACKEND_HEADER, &found.backend);
+    if !call.is_head() {
+        resp.set_body(m.bytes);
+    }
+    Ok(resp)
+}
+
+/// True unless the client lists manifest media types and this one is not among them.
+fn accepts(call: &Call<'_>, media_type: &str) -> bool {
+    let listed: Vec<&str> = call
+        .req
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or(t).trim())
+        .collect();
+    let names_manifests = listed.iter().any(|t| media::MANIFEST_TYPES.contains(t));
+    !names_manifests || listed.iter().any(|t| *t == media_type || *t == "*/*")
+}
+
+pub async fn put(
+    call: &Call<'_>,
+    state: &AppState,
+    name: &str,
+    reference: &str,
+    body: Body,
+) -> ApiResult {
+    let repo = call.repo(name)?;
+    let reference = Reference::parse(reference)?;
+    let (_, registry) = state.registry()?;
+    let too_large = |size| Error::ManifestTooLarge {
+        size,
+        limit: MAX_MANIFEST_SIZE,
+    };
+    if let Some(len) = call
+        .header(header::CONTENT_LENGTH)
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > MAX_MANIFEST_SIZE {
+            return Err(too_large(len).into());
+        }
+    }
+    let bytes = read_limited(body, MAX_MANIFEST_SIZE).await?;
+    let content_type = call.header(header::CONTENT_TYPE);
+    let (manifest, subject) = registry
+        .put_manifest(&repo, &reference, content_type, bytes)
+        .await?;
+    let mut resp = empty(StatusCode::CREATED);
+    let h = resp.headers_mut();
+    set(
+        h,
+        "Location",
+        format!("/v2/{name}/manifests/{}", manifest.digest),
+    );
+    set(h, "Docker-Content-Digest", manifest.digest.to_string());
+    if let Some(s) = subject {
+        set(h, "OCI-Subject", s.to_string());
+    }
+    tracing::info!(request = %call.ctx.request_id, image = %ImageRef::new(repo, reference),
+        digest = %manifest.digest, media_type = %manifest.media_type, "manifest stored");
+    Ok(resp)
+}
+
+/// Reads a request body, failing once it passes `limit` bytes.
+async fn read_limited(body: Body, limit: u64) -> ApiResult<bytes::Bytes> {
+    use futures::StreamExt;
+    let mut stream = body.into_bytes_stream();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::io("reading manifest body", e))?;
+        buf.extend_from_slice(&chunk);
+        if buf.len() as u64 > limit {
+            return Err(Error::ManifestTooLarge {
+                size: buf.len() as u64,
+                limit,
+            }
+            .into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
+pub async fn delete(call: &Call<'_>, state: &AppState, name: &str, reference: &str) -> ApiResult {
+    let repo = call.repo(name)?;
+    let reference = Reference::parse(reference)?;
+    let (_, registry) = state.registry()?;
+    registry.delete_manifest(&repo, &reference).await?;
+    tracing::info!(request = %call.ctx.request_id, image = %ImageRef::new(repo, reference), "manifest deleted");
+    Ok(empty(StatusCode::ACCEPTED))
+}

@@ -1,0 +1,193 @@
+//! The OCI Distribution API (v1.1) over HTTP. One `/v2/*` route; [`route::parse`] turns the
+//! path into a [`route::Target`], [`dispatch`] picks the handler by target and method.
+
+mod blobs;
+pub mod error;
+mod lists;
+mod log;
+mod manifests;
+pub mod route;
+mod uploads;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use poem::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use poem::{handler, web::Data, Body, EndpointExt, IntoEndpoint, Request, Response, Route};
+use serde::Deserialize;
+
+use ferry_core::{Chain, Error, Registry, Repository, RequestCtx};
+
+use error::{ApiError, ApiResult};
+use route::Target;
+
+/// Header naming the backend that answered, for logs and for users debugging a pull.
+pub const BACKEND_HEADER: &str = "Ferry-Backend";
+
+/// What every handler shares.
+pub struct AppState {
+    pub chain: Chain,
+    next_request: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(chain: Chain) -> Self {
+        AppState {
+            chain,
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    /// The writable backend, or [`Error::Unsupported`] when the chain has none.
+    fn registry(&self) -> ApiResult<(String, Arc<dyn Registry>)> {
+        self.chain
+            .registry()
+            .ok_or_else(|| ApiError(Error::Unsupported("no push backend is configured".into())))
+    }
+}
+
+/// The query parameters any API request may carry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Query {
+    ns: Option<String>,
+    digest: Option<String>,
+    mount: Option<String>,
+    from: Option<String>,
+    n: Option<String>,
+    last: Option<String>,
+    artifact_type: Option<String>,
+}
+
+/// One request as the handlers see it.
+struct Call<'a> {
+    req: &'a Request,
+    query: Query,
+    ctx: RequestCtx,
+}
+
+impl Call<'_> {
+    fn repo(&self, name: &str) -> ApiResult<Repository> {
+        Ok(Repository::from_request(name, self.query.ns.as_deref())?)
+    }
+
+    fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.req.headers().get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn is_head(&self) -> bool {
+        self.req.method() == Method::HEAD
+    }
+}
+
+/// Builds the HTTP application: the API under `/v2`, with one log line per request.
+pub fn app(state: Arc<AppState>) -> impl poem::Endpoint {
+    Route::new()
+        .at("/v2", v2)
+        .at("/v2/*", v2)
+        .at("/healthz", healthz)
+        .data(state)
+        .around(log::log_request)
+        .into_endpoint()
+}
+
+#[handler]
+fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[handler]
+async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Response {
+    let ctx = RequestCtx {
+        request_id: format!("{:x}", state.next_request.fetch_add(1, Ordering::Relaxed)),
+        authorization: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    };
+    let call = Call {
+        req,
+        query: req.params().unwrap_or_default(),
+        ctx,
+    };
+    let mut resp = match dispatch(&call, body, state).await {
+        Ok(resp) => resp,
+        Err(e) => poem::IntoResponse::into_response(e),
+    };
+    if call.query.ns.is_some() {
+        // The spec asks a proxy to echo the namespace it served.
+        if let Some(v) = call
+            .query
+            .ns
+            .as_deref()
+            .and_then(|n| HeaderValue::from_str(n).ok())
+        {
+            resp.headers_mut().insert("OCI-Namespace", v);
+        }
+    }
+    resp.headers_mut().insert(
+        "Docker-Distribution-API-Version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
+    let path = call.req.uri().path();
+    let Some(target) = route::parse(path) else {
+        return Err(Error::NameInvalid(format!("no registry API at {path}")).into());
+    };
+    let method = call.req.method();
+    let get = method == Method::GET || method == Method::HEAD;
+    match target {
+        Target::Base if get => Ok(Response::builder()
+            .content_type("application/json")
+            .body("{}")),
+        Target::Catalog if get => lists::catalog(call, state).await,
+        Target::Tags { name } if get => lists::tags(call, state, name).await,
+        Target::Referrers { name, digest } if get => {
+            lists::referrers(call, state, name, &digest).await
+        }
+        Target::Manifest { name, reference } => match *method {
+            Method::GET | Method::HEAD => manifests::get(call, state, name, &reference).await,
+            Method::PUT => manifests::put(call, state, name, &reference, body).await,
+            Method::DELETE => manifests::delete(call, state, name, &reference).await,
+            _ => Err(not_allowed(method)),
+        },
+        Target::Blob { name, digest } => match *method {
+            Method::GET | Method::HEAD => blobs::get(call, state, name, &digest).await,
+            Method::DELETE => blobs::delete(call, state, name, &digest).await,
+            _ => Err(not_allowed(method)),
+        },
+        Target::Uploads { name } if method == Method::POST => {
+            uploads::start(call, state, name, body).await
+        }
+        Target::Upload { name, id } => match *method {
+            Method::GET => uploads::status(call, state, name, id).await,
+            Method::PATCH => uploads::patch(call, state, name, id, body).await,
+            Method::PUT => uploads::finish(call, state, name, id, body).await,
+            Method::DELETE => uploads::cancel(call, state, name, id).await,
+            _ => Err(not_allowed(method)),
+        },
+        _ => Err(not_allowed(method)),
+    }
+}
+
+fn not_allowed(method: &Method) -> ApiError {
+    ApiError(Error::Unsupported(format!(
+        "{method} is not supported on this path"
+    )))
+}
+
+/// Sets a header from a string that came from our own data (digests, names, numbers).
+fn set(headers: &mut HeaderMap, name: &'static str, value: impl AsRef<str>) {
+    if let Ok(v) = HeaderValue::from_str(value.as_ref()) {
+        headers.insert(name, v);
+    }
+}
+
+/// A response with an empty body and a status.
+fn empty(status: StatusCode) -> Response {
+    Response::builder().status(status).body(Body::empty())
+}

@@ -1,0 +1,202 @@
+//! Configuration: defaults < TOML file < environment < command-line flags, layered by figment.
+//!
+//! Unknown keys and bad values stop the start; figment's error names the key and the source
+//! it came from (file path, environment variable or flag).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use ferry_backends::push::PushConfig;
+use ferry_backends::BackendConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Backends in query order.
+    #[serde(default = "default_backends")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address; `:5000` means all interfaces, as in distribution's config.
+    #[serde(default = "default_addr", deserialize_with = "socket_addr")]
+    pub addr: SocketAddr,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// A tracing filter (`info`, `ferry=debug,poem=info`); `RUST_LOG` wins when set.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: default_addr(),
+            log_format: LogFormat::default(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Directory for everything ferry stores: pushed content and export caches.
+    #[serde(default = "default_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { dir: default_dir() }
+    }
+}
+
+fn default_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry")
+}
+fn default_backends() -> Vec<BackendConfig> {
+    let push: PushConfig =
+        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("defaults parse"));
+    vec![BackendConfig::Push(push)]
+}
+
+/// Accepts `host:port` and distribution's `:port`.
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.clone()
+    };
+    full.parse().map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}"))
+    })
+}
+
+/// Values given on the command line; each overrides every other source.
+#[derive(Debug, Default)]
+pub struct Flags {
+    pub addr: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Layers defaults, the file (when given), the environment and the flags.
+    pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
+        let mut fig = Figment::new();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(Box::new(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    file.display()
+                ))));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        fig = fig
+            // distribution's and k3d's variable names for the listen address.
+            .merge(
+                Env::raw()
+                    .only(&["registry_listen_addr"])
+                    .map(|_| "server.addr".into()),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["registry_http_addr"])
+                    .map(|_| "server.addr".into()),
+            )
+            .merge(Env::prefixed("FERRY_").ignore(&["config"]).split("__"));
+        if let Some(a) = &flags.addr {
+            fig = fig.merge(Serialized::default("server.addr", a));
+        }
+        if let Some(f) = &flags.log_format {
+            fig = fig.merge(Serialized::default("server.log_format", f));
+        }
+        if let Some(l) = &flags.log_level {
+            fig = fig.merge(Serialized::default("server.log_level", l));
+        }
+        fig.extract().map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(toml: &str, flags: &Flags) -> Result<Config, Box<figment::Error>> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path), flags)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load_toml("", &Flags::default()).unwrap();
+        assert_eq!(c.server.addr, default_addr());
+        assert_eq!(c.backends.len(), 1);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let flags = Flags {
+            addr: Some("127.0.0.1:6000".into()),
+            ..Flags::default()
+        };
+        let c = load_toml("[server]\naddr = \"127.0.0.1:7000\"\n", &flags).unwrap();
+        assert_eq!(c.server.addr.to_string(), "127.0.0.1:6000");
+        let c = load_toml("[server]\naddr = \":7000\"\n", &Flags::default()).unwrap();
+        assert_eq!(c.server.addr.to_string(), "0.0.0.0:7000");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_key_and_source() {
+        let e = load_toml("[server]\nadr = \"x\"\n", &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adr") && e.contains("ferry.toml"), "{e}");
+        let e = load_toml(
+            "[[backends]]\ntype = \"push\"\nallow_delet = true\n",
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("allow_delet") && e.contains("ferry.toml"), "{e}");
+        let e = load_toml("[[backends]]\ntype = \"nope\"\n", &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        let e = load_toml("[server]\naddr = \"nowhere\"\n", &Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.addr") && e.contains("nowhere"), "{e}");
+    }
+}
