@@ -1,0 +1,160 @@
+# Helpers that start real engines on private sockets and directories, for tests and benches.
+# Every daemon records its PID in $E2E_DIR/pids/<name>.pid and is stopped by that PID only.
+# Source this file; set E2E_DIR first (short: unix socket paths are limited to 108 bytes).
+
+set -euo pipefail
+: "${E2E_DIR:?E2E_DIR must be set}"
+mkdir -p "$E2E_DIR/pids" "$E2E_DIR/logs"
+
+e2e_log() { echo "[env] $*" >&2; }
+
+# Installs the Debian packages the tests need, once.
+e2e_install_packages() {
+    local need=()
+    command -v dockerd >/dev/null || need+=(docker.io)
+    command -v containerd >/dev/null || need+=(containerd)
+    command -v docker-registry >/dev/null || need+=(docker-registry)
+    command -v skopeo >/dev/null || need+=(skopeo)
+    command -v podman >/dev/null || need+=(podman)
+    command -v protoc >/dev/null || need+=(protobuf-compiler)
+    [ -x /bin/busybox ] || need+=(busybox-static)
+    command -v htpasswd >/dev/null || need+=(apache2-utils)
+    command -v curl >/dev/null || need+=(curl)
+    command -v jq >/dev/null || need+=(jq)
+    command -v newuidmap >/dev/null || need+=(uidmap)
+    command -v slirp4netns >/dev/null || need+=(slirp4netns)
+    if [ ${#need[@]} -gt 0 ]; then
+        e2e_log "installing ${need[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q >"$E2E_DIR/logs/apt.log" 2>&1
+        # Debian's maintainer scripts must not start the host's own daemons.
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        apt-get install -y -q --no-install-recommends "${need[@]}" >>"$E2E_DIR/logs/apt.log" 2>&1 \
+            || { tail -30 "$E2E_DIR/logs/apt.log"; return 1; }
+    fi
+}
+
+# Waits until a command succeeds, up to $2 seconds.
+e2e_wait() {
+    local what=$1 secs=$2; shift 2
+    for _ in $(seq 1 $((secs * 10))); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    e2e_log "timed out waiting for $what"
+    return 1
+}
+
+# Starts a daemon in the background, records its PID under $name.
+e2e_spawn() {
+    local name=$1; shift
+    "$@" >"$E2E_DIR/logs/$name.log" 2>&1 &
+    echo $! >"$E2E_DIR/pids/$name.pid"
+}
+
+# Stops one daemon by its recorded PID (TERM, then KILL after 10 s).
+e2e_stop() {
+    local f="$E2E_DIR/pids/$1.pid" pid
+    [ -f "$f" ] || return 0
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+}
+
+# Stops every daemon started under $E2E_DIR, newest first.
+e2e_stop_all() {
+    local f
+    for f in $(ls -t "$E2E_DIR"/pids/*.pid 2>/dev/null); do
+        e2e_stop "$(basename "$f" .pid)"
+    done
+}
+
+# containerd with its own root, state and socket: $E2E_DIR/<name>/containerd.sock
+e2e_start_containerd() {
+    local name=$1 bin=${2:-containerd} d="$E2E_DIR/$1"
+    mkdir -p "$d"
+    cat >"$d/config.toml" <<TOML
+version = 2
+root = "$d/root"
+state = "$d/state"
+[grpc]
+  address = "$d/containerd.sock"
+[ttrpc]
+  address = "$d/containerd.sock.ttrpc"
+[debug]
+  address = "$d/debug.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_cgroup = true
+TOML
+    e2e_spawn "$name" "$bin" --config "$d/config.toml"
+    e2e_wait "$name" 30 ctr -a "$d/containerd.sock" version
+}
+
+# dockerd on a private socket, using the containerd started as "$2".
+# Optional $3: a daemon.json to use. The socket is $E2E_DIR/<name>/docker.sock.
+e2e_start_dockerd() {
+    local name=$1 ctd=$2 config=${3:-} d="$E2E_DIR/$1"
+    mkdir -p "$d/root" "$d/exec"
+    [ -n "$config" ] || { config="$d/daemon.json"; echo '{}' >"$config"; }
+    e2e_spawn "$name" dockerd --config-file "$config" \
+        --containerd "$E2E_DIR/$ctd/containerd.sock" \
+        --data-root "$d/root" --exec-root "$d/exec" -H "unix://$d/docker.sock" \
+        --pidfile "$d/docker.pid" --bridge none --iptables=false --ip-masq=false
+    e2e_wait "$name" 60 docker -H "unix://$d/docker.sock" info
+}
+
+# distribution (Debian's docker-registry) on 127.0.0.1:$2, optionally with htpasswd file $3.
+e2e_start_registry() {
+    local name=$1 port=$2 htpasswd=${3:-} d="$E2E_DIR/$1"
+    mkdir -p "$d/data"
+    {
+        echo "version: 0.1"
+        echo "log: {level: warn}"
+        echo "storage: {filesystem: {rootdirectory: $d/data}, delete: {enabled: true}}"
+        echo "http: {addr: 127.0.0.1:$port}"
+        if [ -n "$htpasswd" ]; then
+            echo "auth: {htpasswd: {realm: e2e, path: $htpasswd}}"
+        fi
+    } >"$d/config.yml"
+    e2e_spawn "$name" docker-registry serve "$d/config.yml"
+    e2e_wait "$name" 30 bash -c "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/v2/ | grep -qE '200|401'"
+}
+
+# Rootful Podman's Docker-compatible API on $E2E_DIR/<name>/podman.sock, with its own storage.
+e2e_start_podman() {
+    local name=$1 d="$E2E_DIR/$1"
+    mkdir -p "$d/root" "$d/runroot"
+    cat >"$d/storage.conf" <<TOML
+[storage]
+driver = "vfs"
+graphroot = "$d/root"
+runroot = "$d/runroot"
+TOML
+    CONTAINERS_STORAGE_CONF="$d/storage.conf" e2e_spawn "$name" \
+        podman --root "$d/root" --runroot "$d/runroot" --storage-driver vfs \
+        system service --time=0 "unix://$d/podman.sock"
+    e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
+}
+
+# Builds a runnable test image FROM scratch with busybox plus generated files, one layer per
+# extra file. Usage: e2e_build_image DOCKER_HOST TAG LAYERS [SEED]
+e2e_build_image() {
+    local host=$1 tag=$2 layers=$3 seed=${4:-$2} ctx
+    ctx=$(mktemp -d "$E2E_DIR/build.XXXXXX")
+    cp /bin/busybox "$ctx/busybox"
+    {
+        echo "FROM scratch"
+        echo "COPY busybox /bin/busybox"
+        for i in $(seq 1 "$layers"); do
+            echo "$seed layer $i $(date +%s%N)" >"$ctx/file$i"
+            echo "COPY file$i /data/file$i"
+        done
+        echo "CMD [\"/bin/busybox\", \"echo\", \"hello from $tag\"]"
+    } >"$ctx/Dockerfile"
+    DOCKER_BUILDKIT=0 docker -H "$host" build -q -t "$tag" "$ctx" >/dev/null
+    rm -rf "$ctx"
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Starts the engines the end-to-end tests use and writes their addresses to $E2E_DIR/env.
+# Usage: E2E_DIR=/tmp/fe2e tests/env/start.sh
+here=$(cd "$(dirname "$0")" && pwd)
+source "$here/lib.sh"
+
+e2e_install_packages
+e2e_start_containerd ctd16
+e2e_start_dockerd docker20 ctd16
+e2e_start_registry registry 5101
+cat >"$E2E_DIR/env" <<ENV
+export E2E_DIR=$E2E_DIR
+export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
+export E2E_CONTAINERD16_SOCK=$E2E_DIR/ctd16/containerd.sock
+export E2E_REGISTRY=127.0.0.1:5101
+ENV
+e2e_log "engines up: $(docker -H "unix://$E2E_DIR/docker20/docker.sock" version -f '{{.Server.Version}}') dockerd, $(ctr -a "$E2E_DIR/ctd16/containerd.sock" version | awk '/Version/{v=$2} END{print v}') containerd"

@@ -1,0 +1,277 @@
+//! Shared helpers of the end-to-end tests: the engines `tests/env/start.sh` started, a ferry
+//! process per test on its own port and data directory, and shell commands.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// An environment variable `tests/env/start.sh` sets; the suite is run by `tests/run.sh`.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the suite with tests/run.sh, which starts the engines")
+    })
+}
+
+pub fn docker20() -> String {
+    env("E2E_DOCKER20_HOST")
+}
+
+pub fn containerd16() -> String {
+    env("E2E_CONTAINERD16_SOCK")
+}
+
+/// A scratch directory under the suite's directory, removed when dropped.
+pub fn scratch() -> tempfile::TempDir {
+    let base = PathBuf::from(env("E2E_DIR")).join("scratch");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap()
+}
+
+/// A name unique to this test run, for tags and repositories.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{:x}{}", nanos % 0xffff_ffff, std::process::id())
+}
+
+/// Runs a command line in bash; panics with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "command failed: {cmd}\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Runs a command line in bash; returns (success, stdout + stderr).
+pub fn sh_result(cmd: &str) -> (bool, String) {
+    let out = Command::new("bash").arg("-c").arg(cmd).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Builds a runnable image (busybox + `layers` generated files) in the engine at `host`.
+pub fn build_image(host: &str, tag: &str, layers: usize) {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("env/lib.sh");
+    sh(&format!(
+        "source {} && set +u && e2e_build_image {host} {tag} {layers}",
+        lib.display()
+    ));
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running ferry process.
+pub struct Ferry {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl Ferry {
+    /// Starts ferry with `[cache] dir = <dir>` and the given extra TOML (e.g. backends).
+    pub fn start(dir: &Path, extra_toml: &str) -> Ferry {
+        let config = dir.join("ferry.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cache]\ndir = \"{}\"\n{extra_toml}",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        Ferry::start_with(dir, &config, &[])
+    }
+
+    /// Starts ferry with a config file and extra environment variables.
+    pub fn start_with(dir: &Path, config: &Path, envs: &[(&str, &str)]) -> Ferry {
+        let port = free_port();
+        let log = dir.join(format!("ferry-{port}.log"));
+        let mut f = Ferry {
+            child: None,
+            port,
+            dir: dir.join("data"),
+            log,
+            config: config.to_path_buf(),
+        };
+        f.spawn(envs);
+        f
+    }
+
+    fn spawn(&mut self, envs: &[(&str, &str)]) {
+        let bin = std::env::var("FERRY_BIN_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry")
+            });
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(&bin);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(["serve", "--config"])
+            .arg(&self.config)
+            .args(["--addr", &format!("127.0.0.1:{}", self.port)])
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (build it with cargo build -p ferry-server)",
+                bin.display()
+            )
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("ferry exited with {status}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "ferry did not listen on {} in time:\n{}",
+            self.port,
+            self.logs()
+        );
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port, config and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn(&[]);
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A raw HTTP/1.1 exchange, for requests an HTTP library would normalise (`..` in paths).
+/// Returns (status, body).
+pub fn raw_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let text = String::from_utf8_lossy(&resp).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Every file under `dir` with the sha256 of its content, sorted: a snapshot to compare the
+/// store before and after a request that must change nothing.
+pub fn snapshot(dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, sha256_hex(&std::fs::read(&p).unwrap_or_default())));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Asserts an OCI error response: status and the first error's code.
+pub fn assert_oci_error(status: u16, body: &str, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "body: {body}");
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
+    assert_eq!(v["errors"][0]["code"], want_code, "body: {body}");
+}
