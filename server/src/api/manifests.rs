@@ -58,16 +58,16 @@ pub async fn put(
     let repo = call.repo(name)?;
     let reference = Reference::parse(reference)?;
     let (_, registry) = state.registry()?;
-    let too_large = |size| Error::ManifestTooLarge {
-        size,
-        limit: MAX_MANIFEST_SIZE,
-    };
     if let Some(len) = call
         .header(header::CONTENT_LENGTH)
         .and_then(|v| v.parse::<u64>().ok())
     {
-        if len > MAX_MANIFEST_SIZE {
-            return Err(too_large(len).into());
+        if len > DRAIN_LIMIT {
+            return Err(Error::ManifestTooLarge {
+                size: len,
+                limit: MAX_MANIFEST_SIZE,
+            }
+            .into());
         }
     }
     let bytes = read_limited(body, MAX_MANIFEST_SIZE).await?;
@@ -91,21 +91,27 @@ pub async fn put(
     Ok(resp)
 }
 
-/// Reads a request body, failing once it passes `limit` bytes.
+/// Bodies up to this size are read to the end even when too large, so the client gets to read
+/// the 413 instead of a connection reset; larger ones are refused before reading.
+const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Reads a request body, failing when it passes `limit` bytes.
 async fn read_limited(body: Body, limit: u64) -> ApiResult<bytes::Bytes> {
     use futures::StreamExt;
     let mut stream = body.into_bytes_stream();
     let mut buf = bytes::BytesMut::new();
+    let mut size = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| Error::io("reading manifest body", e))?;
-        buf.extend_from_slice(&chunk);
-        if buf.len() as u64 > limit {
-            return Err(Error::ManifestTooLarge {
-                size: buf.len() as u64,
-                limit,
-            }
-            .into());
+        size += chunk.len() as u64;
+        if size <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if size > DRAIN_LIMIT {
+            break;
         }
+    }
+    if size > limit {
+        return Err(Error::ManifestTooLarge { size, limit }.into());
     }
     Ok(buf.freeze())
 }
