@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: installs the Debian packages it needs, starts real engines (containerd,
+# Docker, a reference registry) on private sockets under $E2E_DIR, runs every test, and stops
+# what it started by PID. It never touches the host's own daemons or /var/run/docker.sock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export E2E_DIR=${E2E_DIR:-/tmp/fe2e-$$}
+source tests/env/lib.sh
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+e2e_install_packages
+trap 'bash tests/env/stop.sh; echo "[env] engines stopped; logs in $E2E_DIR/logs" >&2' EXIT
+bash tests/env/start.sh
+source "$E2E_DIR/env"
+
+cargo build --locked -p ferry-server
+cargo test --locked --workspace -- "$@"
