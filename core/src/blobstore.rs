@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use sha2::{Digest as _, Sha256};
 use tokio::fs::{self, File};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter};
 
 use crate::backend::BlobBody;
 use crate::digest::Digest;
@@ -90,31 +90,32 @@ impl BlobStore {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<Option<BlobBody>> {
-        let mut file = match File::open(self.path(digest)).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("opening blob {digest}"), e)),
-        };
-        let size = file
-            .metadata()
+        let path = self.path(digest);
+        let opened =
+            tokio::task::spawn_blocking(move || -> io::Result<Option<(std::fs::File, u64)>> {
+                match std::fs::File::open(&path) {
+                    Ok(f) => {
+                        let size = f.metadata()?.len();
+                        Ok(Some((f, size)))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
             .await
-            .map_err(|e| Error::io(format!("stat of blob {digest}"), e))?
-            .len();
+            .map_err(|e| Error::Internal(format!("blob open task failed: {e}")))?
+            .map_err(|e| Error::io(format!("opening blob {digest}"), e))?;
+        let Some((file, size)) = opened else {
+            return Ok(None);
+        };
         let (offset, len) = match range {
             Some(r) => r.resolve(size)?,
             None => (0, size),
         };
-        if offset > 0 {
-            file.seek(io::SeekFrom::Start(offset))
-                .await
-                .map_err(|e| Error::io(format!("seeking in blob {digest}"), e))?;
-        }
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file.take(len), READ_CHUNK).boxed();
         Ok(Some(BlobBody {
             size,
             range: range.map(|_| (offset, len)),
-            stream,
+            stream: file_stream(file, offset, len),
         }))
     }
 
@@ -226,6 +227,52 @@ impl BlobStore {
         }
         Ok(out)
     }
+}
+
+/// Streams `len` bytes of `file` from `offset`. One blocking thread reads straight into the
+/// chunks it hands on (a tokio `File` would copy every chunk once more and hop threads for
+/// each read); the bounded channel keeps at most a few chunks in memory, and the reader stops
+/// as soon as the receiver is dropped.
+pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::backend::ByteStream {
+    use std::io::{Read, Seek};
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(2);
+    tokio::task::spawn_blocking(move || {
+        if offset > 0 {
+            if let Err(e) = file.seek(io::SeekFrom::Start(offset)) {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+        let mut left = len;
+        while left > 0 {
+            let want = left.min(READ_CHUNK as u64) as usize;
+            let mut buf = bytes::BytesMut::zeroed(want);
+            let result = match file.read(&mut buf) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than its size",
+                )),
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    Ok(buf.freeze())
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            };
+            let failed = result.is_err();
+            if tx.blocking_send(result).is_err() || failed {
+                return;
+            }
+        }
+    });
+    tokio_stream_from(rx)
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+) -> crate::backend::ByteStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
 /// A blob being written: bytes go to a temp file and through sha256. Dropping it without

@@ -52,14 +52,27 @@ fn dockerfile_agrees_with_the_binary() {
     let data = dir.path().join("data");
     std::fs::write(
         &config,
-        example.replace("dir = \"/var/lib/ferry\"", &format!("dir = \"{}\"", data.display())),
+        example.replace(
+            "dir = \"/var/lib/ferry\"",
+            &format!("dir = \"{}\"", data.display()),
+        ),
     )
     .unwrap();
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let args: Vec<String> = cmd
         .iter()
-        .map(|a| if *a == config_in_image { config.display().to_string() } else { a.clone() })
+        .map(|a| {
+            if *a == config_in_image {
+                config.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
         .collect();
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
     let mut child = std::process::Command::new(&bin)
