@@ -11,12 +11,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
-use tokio::fs::{self, File};
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::fs;
 
-use crate::backend::BlobBody;
+use crate::backend::{BlobBody, ByteStream};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::range::ByteRange;
@@ -119,16 +118,15 @@ impl BlobStore {
         }))
     }
 
-    /// Starts writing a blob whose digest is computed on the way. `expected`, when given, is
+    /// Starts writing a blob whose digest is computed on the way; for blocking contexts
+    /// (the async helpers below run it on a blocking thread). `expected`, when given, is
     /// checked at [`BlobWriter::commit`].
-    pub async fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
+    pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
         let tmp = self.tmp_dir().join(uuid::Uuid::new_v4().to_string());
-        let file = File::create(&tmp)
-            .await
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         Ok(BlobWriter {
             store: self.clone(),
-            file: BufWriter::with_capacity(READ_CHUNK, file),
+            file: std::io::BufWriter::with_capacity(READ_CHUNK, file),
             hasher: Sha256::new(),
             size: 0,
             tmp: Some(tmp),
@@ -136,25 +134,28 @@ impl BlobStore {
         })
     }
 
-    /// Writes a whole stream as one blob; see [`BlobWriter`].
-    pub async fn write_stream(
-        &self,
-        expected: Option<Digest>,
-        mut body: BoxStream<'_, io::Result<Bytes>>,
-    ) -> Result<(Digest, u64)> {
-        let mut w = self.writer(expected).await?;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| Error::io("reading request body", e))?;
-            w.write(&chunk).await?;
-        }
-        w.commit().await
+    /// Writes a whole stream as one blob, never holding more than a chunk in memory.
+    pub async fn write_stream(&self, expected: Option<Digest>, body: ByteStream) -> Result<(Digest, u64)> {
+        let store = self.clone();
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+        blocking(move || {
+            let mut reader = reader;
+            let mut w = store.writer(expected)?;
+            std::io::copy(&mut reader, &mut w).map_err(|e| Error::io("reading request body", e))?;
+            w.commit()
+        })
+        .await
     }
 
     /// Writes a small blob held in memory.
-    pub async fn write_bytes(&self, data: &[u8]) -> Result<Digest> {
-        let mut w = self.writer(Some(Digest::of(data))).await?;
-        w.write(data).await?;
-        Ok(w.commit().await?.0)
+    pub async fn write_bytes(&self, data: Bytes) -> Result<Digest> {
+        let store = self.clone();
+        blocking(move || {
+            let mut w = store.writer(Some(Digest::of(&data)))?;
+            std::io::Write::write_all(&mut w, &data).map_err(|e| Error::io("writing blob", e))?;
+            Ok(w.commit()?.0)
+        })
+        .await
     }
 
     /// Moves a file that already holds content (a finished upload) into the store, after
@@ -165,28 +166,24 @@ impl BlobStore {
                 "content hashes to {actual}, not {expected}"
             )));
         }
-        let f = File::open(file)
-            .await
-            .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
-        f.sync_all()
-            .await
-            .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
-        self.place(file, expected).await
+        let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
+        blocking(move || {
+            let f = std::fs::File::open(&file).map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+            f.sync_all().map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
+            store.place(&file, &digest)
+        })
+        .await
     }
 
     /// Renames a verified temp file into its content address and syncs the directory.
-    async fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
+    fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        fs::rename(file, &dest)
-            .await
-            .map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
-        if let Ok(d) = File::open(&dir).await {
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::rename(file, &dest).map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
             // Best effort: makes the rename itself durable.
-            let _ = d.sync_all().await;
+            let _ = d.sync_all();
         }
         Ok(())
     }
@@ -275,27 +272,38 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
-/// A blob being written: bytes go to a temp file and through sha256. Dropping it without
-/// [`commit`](BlobWriter::commit) removes the temp file.
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// A blob being written (blocking I/O): bytes go to a temp file and through sha256.
+/// Dropping it without [`commit`](BlobWriter::commit) removes the temp file.
 pub struct BlobWriter {
     store: BlobStore,
-    file: BufWriter<File>,
+    file: std::io::BufWriter<std::fs::File>,
     hasher: Sha256,
     size: u64,
     tmp: Option<PathBuf>,
     expected: Option<Digest>,
 }
 
-impl BlobWriter {
-    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.hasher.update(data);
-        self.size += data.len() as u64;
-        self.file
-            .write_all(data)
-            .await
-            .map_err(|e| Error::io("writing blob temp file", e))
+impl std::io::Write for BlobWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(data)?;
+        self.hasher.update(&data[..n]);
+        self.size += n as u64;
+        Ok(n)
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter {
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
         self.size
@@ -303,26 +311,20 @@ impl BlobWriter {
 
     /// Flushes, fsyncs and checks the digest; on a match renames the blob into place.
     /// On a mismatch nothing is stored and [`Error::DigestInvalid`] is returned.
-    pub async fn commit(mut self) -> Result<(Digest, u64)> {
+    pub fn commit(mut self) -> Result<(Digest, u64)> {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if let Some(expected) = &self.expected {
             if *expected != digest {
-                return Err(Error::DigestInvalid(format!(
-                    "content hashes to {digest}, not {expected}"
-                )));
+                return Err(Error::DigestInvalid(format!("content hashes to {digest}, not {expected}")));
             }
         }
-        self.file
-            .flush()
-            .await
-            .map_err(|e| Error::io("flushing blob temp file", e))?;
+        std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
         self.file
             .get_ref()
             .sync_all()
-            .await
             .map_err(|e| Error::io("syncing blob temp file", e))?;
         if let Some(tmp) = self.tmp.take() {
-            if let Err(e) = self.store.place(&tmp, &digest).await {
+            if let Err(e) = self.store.place(&tmp, &digest) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
@@ -356,7 +358,7 @@ mod tests {
     async fn write_verify_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let d = store.write_bytes(b"hello world").await.unwrap();
+        let d = store.write_bytes(Bytes::from_static(b"hello world")).await.unwrap();
         assert_eq!(d, Digest::of(b"hello world"));
         assert_eq!(store.size(&d).await.unwrap(), Some(11));
         let body = store
@@ -376,9 +378,9 @@ mod tests {
     async fn wrong_digest_stores_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let mut w = store.writer(Some(Digest::of(b"other"))).await.unwrap();
-        w.write(b"hello").await.unwrap();
-        assert!(matches!(w.commit().await, Err(Error::DigestInvalid(_))));
+        let mut w = store.writer(Some(Digest::of(b"other"))).unwrap();
+        std::io::Write::write_all(&mut w, b"hello").unwrap();
+        assert!(matches!(w.commit(), Err(Error::DigestInvalid(_))));
         assert!(store.list().await.unwrap().is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
@@ -394,7 +396,7 @@ mod tests {
         let tasks: Vec<_> = (0..8)
             .map(|_| {
                 let (s, d) = (store.clone(), data.clone());
-                tokio::spawn(async move { s.write_bytes(&d).await })
+                tokio::spawn(async move { s.write_bytes(Bytes::from(d)).await })
             })
             .collect();
         for t in tasks {

@@ -70,6 +70,10 @@ pub struct Manifest {
     pub bytes: Bytes,
     pub media_type: String,
     pub digest: Digest,
+    /// Blobs this manifest needs that the answering backend knows it lacks (an engine export
+    /// that dropped them). The chain serves such a manifest only when a later backend holds
+    /// every one of them.
+    pub missing: Vec<Digest>,
 }
 
 impl Manifest {
@@ -81,6 +85,7 @@ impl Manifest {
             digest: Digest::of(&bytes),
             media_type: info.media_type,
             bytes,
+            missing: Vec::new(),
         })
     }
 }

@@ -188,6 +188,7 @@ impl Backend for PushBackend {
             bytes,
             media_type,
             digest,
+            missing: Vec::new(),
         }))
     }
 
@@ -330,7 +331,7 @@ impl Registry for PushBackend {
             }
         }
         self.check_references(&info).await?;
-        self.blobs.write_bytes(&bytes).await?;
+        self.blobs.write_bytes(bytes.clone()).await?;
         write_atomic(
             &self.manifest_marker(repo, &digest),
             info.media_type.as_bytes(),
@@ -359,6 +360,7 @@ impl Registry for PushBackend {
                 bytes,
                 media_type: info.media_type,
                 digest,
+                missing: Vec::new(),
             },
             subject,
         ))
