@@ -309,6 +309,11 @@ impl BlobWriter {
         self.size
     }
 
+    /// The digest of what was written so far.
+    pub fn digest_so_far(&self) -> Digest {
+        Digest::from_hasher(self.hasher.clone())
+    }
+
     /// Flushes, fsyncs and checks the digest; on a match renames the blob into place.
     /// On a mismatch nothing is stored and [`Error::DigestInvalid`] is returned.
     pub fn commit(mut self) -> Result<(Digest, u64)> {

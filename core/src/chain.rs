@@ -86,11 +86,64 @@ impl Chain {
     }
 
     /// Resolves a manifest, or [`Error::ManifestUnknown`].
+    ///
+    /// A manifest whose backend reports blobs it lacks is served only when later backends
+    /// hold each of them; otherwise the chain goes on, so a client gets a 404 it can fall back
+    /// on rather than a pull that fails half-way. An [`Error::Unauthorized`] is held back
+    /// while later backends are asked, and returned only when none has the manifest.
     pub async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Found<Manifest>> {
         let what = image.to_string();
-        self.first(&what, ctx, |h| Box::pin(h.backend.manifest(image, ctx)))
-            .await?
-            .ok_or_else(|| Error::ManifestUnknown(what.clone()))
+        let mut unauthorized = None;
+        for (i, handle) in self.backends.iter().enumerate() {
+            let name = handle.backend.name();
+            let started = Instant::now();
+            match handle.backend.manifest(image, ctx).await {
+                Ok(Some(m)) => {
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    if !m.missing.is_empty() && !self.later_hold_all(i + 1, image, &m, ctx).await {
+                        continue;
+                    }
+                    tracing::debug!(request = %ctx.request_id, backend = name, image = %what, elapsed_ms, "manifest found");
+                    return Ok(Found {
+                        backend: name.to_string(),
+                        value: m,
+                    });
+                }
+                Ok(None) => tracing::debug!(request = %ctx.request_id, backend = name, image = %what, "not here"),
+                Err(e) if e.is_not_found() => {
+                    tracing::debug!(request = %ctx.request_id, backend = name, image = %what, error = %e, "not here")
+                }
+                Err(e @ Error::Unavailable { .. }) => {
+                    tracing::warn!(request = %ctx.request_id, backend = name, image = %what, error = %e,
+                        "backend unavailable, asking the next one")
+                }
+                Err(e @ Error::Unauthorized { .. }) => unauthorized = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(unauthorized.unwrap_or(Error::ManifestUnknown(what)))
+    }
+
+    /// True when the backends from index `from` on hold every blob `m` lacks.
+    async fn later_hold_all(&self, from: usize, image: &ImageRef, m: &Manifest, ctx: &RequestCtx) -> bool {
+        let mut lacking = Vec::new();
+        'blobs: for digest in &m.missing {
+            for h in &self.backends[from..] {
+                if let Ok(Some(_)) = h.backend.blob_size(&image.repository, digest, ctx).await {
+                    continue 'blobs;
+                }
+            }
+            lacking.push(digest.to_string());
+        }
+        if lacking.is_empty() {
+            return true;
+        }
+        tracing::warn!(request = %ctx.request_id, image = %image, manifest = %m.digest, missing = ?lacking,
+            "the engine's export of this image lacks blobs and no later backend holds them \
+             (Docker 25+ with the containerd image store drops shared layers from `docker save`, \
+             moby#49473); add a containerd backend (namespace \"moby\", fetch_missing = true) after \
+             the docker backend to serve them; answering 404 so the client falls back");
+        false
     }
 
     /// A blob's size, or [`Error::BlobUnknown`].

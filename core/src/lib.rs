@@ -18,4 +18,4 @@ pub use digest::Digest;
 pub use error::{Error, Result};
 pub use manifest::{media, Descriptor, Manifest, ManifestInfo};
 pub use range::ByteRange;
-pub use reference::{ImageRef, Reference, Repository};
+pub use reference::{ImageRef, Reference, Repository, DOCKER_HUB};

@@ -1,0 +1,192 @@
+//! Reads an image archive as `docker save` streams it, in either format, without holding it
+//! in memory: every regular file goes through the blob store's hashing writer, small metadata
+//! files (`manifest.json`, `index.json`, ...) are kept, symlinks are recorded. Which file is
+//! what is decided afterwards from the metadata, because both Docker and Podman write
+//! `manifest.json` after the layers.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use ferry_core::{BlobStore, Digest, Error, Result};
+
+/// Metadata files kept in memory instead of stored as blobs.
+const METADATA: [&str; 4] = ["manifest.json", "index.json", "oci-layout", "repositories"];
+/// Bound on a metadata file's size.
+const METADATA_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// What an archive held: stored files by path, metadata, symlinks.
+#[derive(Debug, Default)]
+pub struct Archive {
+    /// Path in the archive → digest and size of the stored content.
+    pub files: HashMap<String, (Digest, u64)>,
+    pub metadata: HashMap<String, Vec<u8>>,
+    /// Symlink path → target path, resolved against the link's directory.
+    pub links: HashMap<String, String>,
+    /// Blobs this read added to the store (for cleanup when the archive proves unusable).
+    pub added: Vec<Digest>,
+}
+
+impl Archive {
+    /// The stored file at `path`, following symlinks.
+    pub fn file(&self, path: &str) -> Option<&(Digest, u64)> {
+        let mut p = normalize(path);
+        for _ in 0..16 {
+            if let Some(f) = self.files.get(&p) {
+                return Some(f);
+            }
+            p = self.links.get(&p)?.clone();
+        }
+        None
+    }
+}
+
+/// Reads a tar stream (blocking; run it on a blocking thread) into the store.
+pub fn read(reader: impl Read, store: &BlobStore) -> Result<Archive> {
+    let mut archive = Archive::default();
+    let result = read_entries(reader, store, &mut archive);
+    if let Err(e) = result {
+        remove_added(store, &archive.added);
+        return Err(e);
+    }
+    Ok(archive)
+}
+
+/// Removes blobs an unusable export added, so a failed export leaves nothing behind.
+pub fn remove_added(store: &BlobStore, added: &[Digest]) {
+    for d in added {
+        let _ = std::fs::remove_file(store.path(d));
+    }
+}
+
+fn bad(e: impl std::fmt::Display) -> Error {
+    Error::Internal(format!("engine export is not a readable tar archive: {e}"))
+}
+
+fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> Result<()> {
+    let mut tar = tar::Archive::new(reader);
+    let mut entries = 0usize;
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        entries += 1;
+        let path = normalize(&entry.path().map_err(bad)?.to_string_lossy());
+        match entry.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if METADATA.contains(&path.as_str()) {
+                    if entry.size() > METADATA_LIMIT {
+                        return Err(bad(format!("{path} is {} bytes", entry.size())));
+                    }
+                    let mut buf = Vec::with_capacity(entry.size() as usize);
+                    entry.read_to_end(&mut buf).map_err(bad)?;
+                    archive.metadata.insert(path, buf);
+                } else {
+                    let existed_before = |d: &Digest| store.path(d).exists();
+                    let mut w = store.writer(None)?;
+                    std::io::copy(&mut entry, &mut w).map_err(bad)?;
+                    let (size_written, expected) = (w.size(), entry.size());
+                    if size_written != expected {
+                        return Err(bad(format!("{path}: {size_written} of {expected} bytes")));
+                    }
+                    // Peek at the digest before commit to know whether this blob is new.
+                    let (digest, size) = commit_tracking(w, existed_before, &mut archive.added)?;
+                    archive.files.insert(path, (digest, size));
+                }
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(bad)?
+                    .ok_or_else(|| bad(format!("{path}: link without target")))?
+                    .to_string_lossy()
+                    .into_owned();
+                let resolved = if entry.header().entry_type() == tar::EntryType::Link {
+                    normalize(&target)
+                } else {
+                    let dir = path.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                    normalize(&format!("{dir}/{target}"))
+                };
+                archive.links.insert(path, resolved);
+            }
+            _ => {}
+        }
+    }
+    if entries == 0 {
+        return Err(bad("no entries"));
+    }
+    Ok(())
+}
+
+/// Commits a blob and records it as added when the store did not have it before.
+fn commit_tracking(
+    w: ferry_core::blobstore::BlobWriter,
+    existed_before: impl Fn(&Digest) -> bool,
+    added: &mut Vec<Digest>,
+) -> Result<(Digest, u64)> {
+    let digest = w.digest_so_far();
+    let new = !existed_before(&digest);
+    let out = w.commit()?;
+    if new {
+        added.push(out.0.clone());
+    }
+    Ok(out)
+}
+
+/// Resolves `.` and `..` and strips leading `./` and `/`.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for p in path.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    parts.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_paths() {
+        assert_eq!(normalize("./a/b/../c"), "a/c");
+        assert_eq!(normalize("abc/../def.tar"), "def.tar");
+        assert_eq!(normalize("/x"), "x");
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let junk = vec![0x42u8; 5000];
+        assert!(read(&junk[..], &store).is_err());
+        assert!(read(&b""[..], &store).is_err());
+        assert!(store.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn reads_files_links_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_cksum();
+        b.append_data(&mut h, "abc.tar", &b"layer"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "id/layer.tar", "../abc.tar").unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_cksum();
+        b.append_data(&mut h, "manifest.json", &b"[]"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let a = read(&data[..], &store).unwrap();
+        assert_eq!(a.file("id/layer.tar").unwrap().0, Digest::of(b"layer"));
+        assert_eq!(a.metadata["manifest.json"], b"[]");
+        assert_eq!(a.added, vec![Digest::of(b"layer")]);
+    }
+}

@@ -1,0 +1,259 @@
+//! The export cache: blobs in one content-addressed store shared by every image (a base layer
+//! of ten images is stored once), and one entry per engine image id saying what its export
+//! held. Entries are keyed by image id, so a rebuild under the same tag (a new id) is
+//! exported again on the next request. Entries are files, so they survive a restart.
+//!
+//! Exports are single-flight per image (concurrent requests wait for the one export) and
+//! bounded in number; the store has an optional size limit, enforced by dropping the least
+//! recently used entries and deleting the blobs no remaining entry references — never a
+//! blob that is being served.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, RwLock, Semaphore};
+
+use ferry_core::{BlobStore, Digest, Error, Result};
+
+use super::export::Exported;
+use crate::fsutil::{list_names, read_optional, remove_optional, write_atomic};
+
+/// What one engine image's export held.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    pub image_id: String,
+    #[serde(flatten)]
+    pub export: Exported,
+    /// Seconds since the epoch of the last request served from this entry.
+    pub last_used: u64,
+}
+
+impl Entry {
+    fn digests(&self) -> impl Iterator<Item = &Digest> {
+        self.export.manifests.iter().chain(&self.export.blobs)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn id_key(image_id: &str) -> String {
+    image_id.trim_start_matches("sha256:").to_string()
+}
+
+pub struct Cache {
+    pub store: BlobStore,
+    entries_dir: PathBuf,
+    entries: RwLock<HashMap<String, Arc<Entry>>>,
+    /// One lock per image id being exported.
+    flights: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    exports: Semaphore,
+    max_bytes: Option<u64>,
+    /// Blobs being streamed right now, with how many streams read each.
+    serving: Arc<StdMutex<HashMap<Digest, usize>>>,
+    /// Exports run since start (for logs and tests).
+    pub export_count: AtomicU64,
+}
+
+impl Cache {
+    pub async fn open(dir: PathBuf, max_parallel_exports: usize, max_bytes: Option<u64>) -> Result<Self> {
+        let store = BlobStore::open(&dir).await?;
+        let entries_dir = dir.join("entries");
+        tokio::fs::create_dir_all(&entries_dir)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", entries_dir.display()), e))?;
+        let mut entries = HashMap::new();
+        for name in list_names(&entries_dir).await? {
+            let Some(bytes) = read_optional(&entries_dir.join(&name)).await? else { continue };
+            match serde_json::from_slice::<Entry>(&bytes) {
+                Ok(e) => {
+                    entries.insert(id_key(&e.image_id), Arc::new(e));
+                }
+                Err(e) => {
+                    tracing::warn!(entry = %name, error = %e, "dropping unreadable cache entry");
+                    remove_optional(&entries_dir.join(&name)).await?;
+                }
+            }
+        }
+        Ok(Cache {
+            store,
+            entries_dir,
+            entries: RwLock::new(entries),
+            flights: Mutex::new(HashMap::new()),
+            exports: Semaphore::new(max_parallel_exports.max(1)),
+            max_bytes,
+            serving: Arc::new(StdMutex::new(HashMap::new())),
+            export_count: AtomicU64::new(0),
+        })
+    }
+
+    /// The entry of an image id when its manifests are still in the store.
+    pub async fn get(&self, image_id: &str) -> Option<Arc<Entry>> {
+        let entry = self.entries.read().await.get(&id_key(image_id)).cloned()?;
+        for d in &entry.export.manifests {
+            if !self.store.path(d).exists() {
+                return None;
+            }
+        }
+        Some(entry)
+    }
+
+    /// The entry that holds a manifest with this digest.
+    pub async fn by_manifest(&self, digest: &Digest) -> Option<Arc<Entry>> {
+        self.entries
+            .read()
+            .await
+            .values()
+            .find(|e| e.export.manifests.contains(digest))
+            .cloned()
+    }
+
+    /// Image ids whose exports held (or lacked) this blob.
+    pub async fn images_with_blob(&self, digest: &Digest) -> (Vec<String>, Vec<String>) {
+        let entries = self.entries.read().await;
+        let holding = entries
+            .values()
+            .filter(|e| e.digests().any(|d| d == digest))
+            .map(|e| e.image_id.clone())
+            .collect();
+        let lacking = entries
+            .values()
+            .filter(|e| e.export.missing.contains(digest))
+            .map(|e| e.image_id.clone())
+            .collect();
+        (holding, lacking)
+    }
+
+    /// Notes that an entry was used, for LRU eviction (persisted lazily with the entry).
+    pub async fn touch(&self, image_id: &str) {
+        let mut entries = self.entries.write().await;
+        if let Some(e) = entries.get_mut(&id_key(image_id)) {
+            if now() > e.last_used + 60 {
+                let mut updated = (**e).clone();
+                updated.last_used = now();
+                *e = Arc::new(updated);
+            }
+        }
+    }
+
+    /// Returns the entry for `image_id`, running `export` (once, however many callers ask at
+    /// the same time) when there is none.
+    pub async fn get_or_export<F, Fut>(&self, image_id: &str, export: F) -> Result<Arc<Entry>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Exported>>,
+    {
+        if let Some(e) = self.get(image_id).await {
+            return Ok(e);
+        }
+        let flight = {
+            let mut flights = self.flights.lock().await;
+            flights.entry(id_key(image_id)).or_default().clone()
+        };
+        let _guard = flight.lock().await;
+        if let Some(e) = self.get(image_id).await {
+            return Ok(e);
+        }
+        let _permit = self
+            .exports
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("export limiter closed".into()))?;
+        self.export_count.fetch_add(1, Ordering::Relaxed);
+        let result = self.record(image_id, export().await).await;
+        // Only now: a request arriving meanwhile found the flight and waited for it.
+        self.flights.lock().await.remove(&id_key(image_id));
+        let entry = result?;
+        self.evict().await?;
+        Ok(entry)
+    }
+
+    async fn record(&self, image_id: &str, exported: Result<Exported>) -> Result<Arc<Entry>> {
+        let entry = Arc::new(Entry {
+            image_id: image_id.to_string(),
+            export: exported?,
+            last_used: now(),
+        });
+        let json = serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
+        write_atomic(&self.entries_dir.join(id_key(image_id)), &json).await?;
+        self.entries.write().await.insert(id_key(image_id), entry.clone());
+        Ok(entry)
+    }
+
+    /// Marks a blob as being served until the returned guard is dropped.
+    pub fn serving(&self, digest: &Digest) -> ServingGuard {
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()).entry(digest.clone()).or_default() += 1;
+        ServingGuard {
+            digest: digest.clone(),
+            serving: self.serving.clone(),
+        }
+    }
+
+    /// Enforces the size limit: drops least recently used entries until the blobs the rest
+    /// reference fit, then deletes every blob no remaining entry references (except those
+    /// being served).
+    async fn evict(&self) -> Result<()> {
+        let Some(max) = self.max_bytes else { return Ok(()) };
+        let all = self.store.list().await?;
+        let mut sizes = HashMap::new();
+        let mut total = 0u64;
+        for d in &all {
+            let s = self.store.size(d).await?.unwrap_or(0);
+            total += s;
+            sizes.insert(d.clone(), s);
+        }
+        if total <= max {
+            return Ok(());
+        }
+        let mut entries = self.entries.write().await;
+        let mut order: Vec<Arc<Entry>> = entries.values().cloned().collect();
+        order.sort_by_key(|e| e.last_used);
+        let referenced_size = |kept: &[Arc<Entry>]| {
+            let set: HashSet<&Digest> = kept.iter().flat_map(|e| e.digests()).collect();
+            set.iter().map(|d| sizes.get(*d).copied().unwrap_or(0)).sum::<u64>()
+        };
+        let mut dropped = Vec::new();
+        while !order.is_empty() && referenced_size(&order) > max {
+            dropped.push(order.remove(0));
+        }
+        // The newest entry stays even when it alone is over the limit.
+        for e in &dropped {
+            entries.remove(&id_key(&e.image_id));
+            remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
+        }
+        let keep: HashSet<&Digest> = order.iter().flat_map(|e| e.digests()).collect();
+        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut freed = 0u64;
+        for d in &all {
+            if !keep.contains(d) && !serving.contains_key(d) && self.store.delete(d).await? {
+                freed += sizes.get(d).copied().unwrap_or(0);
+            }
+        }
+        tracing::info!(dropped_images = dropped.len(), freed_bytes = freed, limit_bytes = max,
+            "cache over its size limit: evicted least recently used images");
+        Ok(())
+    }
+}
+
+/// Keeps a blob safe from eviction while it is streamed.
+pub struct ServingGuard {
+    digest: Digest,
+    serving: Arc<StdMutex<HashMap<Digest, usize>>>,
+}
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        let mut s = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = s.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.digest);
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The connection to a Docker or Podman engine (Engine API over a socket, via bollard).
+//!
+//! The client is made lazily and dropped on a connection failure, so an engine that is down
+//! at start or goes away later makes the backend unavailable, not ferry, and the next request
+//! after the engine is back reconnects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::errors::Error as BollardError;
+use bollard::models::{ImageInspect, ImageSummary};
+use bollard::query_parameters::{CreateImageOptions, ListImagesOptions};
+use bollard::{Docker, API_DEFAULT_VERSION};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::RwLock;
+
+use ferry_core::{Error, Result};
+
+/// Time allowed for an API call to answer (headers). Exports get longer: Docker and Podman
+/// spool an image to disk before the first byte goes out.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Time allowed to connect and negotiate with an engine.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What kind of engine answers on the socket.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    pub product: String,
+    pub version: String,
+    pub api_version: String,
+    /// Docker 25+ with `containerd-snapshotter`: exports are OCI layouts and may lack blobs.
+    pub containerd_store: bool,
+}
+
+pub struct Engine {
+    backend: String,
+    socket: String,
+    client: RwLock<Option<(Docker, Arc<EngineInfo>)>>,
+}
+
+impl Engine {
+    pub fn new(backend: &str, socket: &str) -> Self {
+        Engine {
+            backend: backend.to_string(),
+            socket: socket.to_string(),
+            client: RwLock::new(None),
+        }
+    }
+
+    fn unavailable(&self, reason: impl std::fmt::Display) -> Error {
+        Error::Unavailable {
+            backend: self.backend.clone(),
+            reason: format!("engine at {}: {reason}", self.socket),
+        }
+    }
+
+    /// The connected client, connecting (and logging what answered) when there is none.
+    pub async fn client(&self) -> Result<(Docker, Arc<EngineInfo>)> {
+        if let Some(c) = self.client.read().await.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut slot = self.client.write().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| self.unavailable("no answer within 3 s"))??;
+        *slot = Some(connected.clone());
+        Ok(connected)
+    }
+
+    async fn connect(&self) -> Result<(Docker, Arc<EngineInfo>)> {
+        let s = self.socket.as_str();
+        let docker = if let Some(addr) = s.strip_prefix("tcp://").or_else(|| s.strip_prefix("http://")) {
+            Docker::connect_with_http(&format!("http://{addr}"), CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
+        } else {
+            Docker::connect_with_unix(s, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
+        }
+        .map_err(|e| self.unavailable(e))?;
+        let docker = docker.negotiate_version().await.map_err(|e| self.unavailable(e))?;
+        let version = docker.version().await.map_err(|e| self.unavailable(e))?;
+        let product = version
+            .components
+            .as_ref()
+            .and_then(|c| c.first())
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "Engine".into());
+        let product = if product.to_lowercase().contains("podman") { "Podman".to_string() } else { format!("Docker {product}") };
+        let containerd_store = match docker.info().await {
+            Ok(info) => info
+                .driver_status
+                .unwrap_or_default()
+                .iter()
+                .any(|kv| kv.iter().any(|v| v.contains("io.containerd.snapshotter"))),
+            Err(e) => return Err(self.unavailable(e)),
+        };
+        let info = EngineInfo {
+            product,
+            version: version.version.unwrap_or_default(),
+            api_version: docker.client_version().to_string(),
+            containerd_store,
+        };
+        tracing::info!(backend = %self.backend, socket = %self.socket, engine = %info.product,
+            version = %info.version, api_version = %info.api_version, containerd_store = info.containerd_store,
+            "connected to engine");
+        Ok((docker, Arc::new(info)))
+    }
+
+    /// Maps a bollard error: connection trouble drops the client and means unavailable.
+    async fn fail(&self, e: BollardError) -> Error {
+        match e {
+            BollardError::DockerResponseServerError { status_code, message } => {
+                Error::Internal(format!("engine at {} answered {status_code}: {message}", self.socket))
+            }
+            BollardError::JsonDataError { .. } | BollardError::DockerStreamError { .. } => {
+                Error::Internal(format!("engine at {}: {e}", self.socket))
+            }
+            other => {
+                let was_up = self.client.write().await.take().is_some();
+                if was_up {
+                    tracing::warn!(backend = %self.backend, socket = %self.socket, error = %other,
+                        "lost the engine; will reconnect on the next request");
+                }
+                self.unavailable(other)
+            }
+        }
+    }
+
+    /// Inspects an image by name, id or `name@digest`; `None` when the engine has no such image.
+    pub async fn inspect(&self, name: &str) -> Result<Option<ImageInspect>> {
+        let (docker, _) = self.client().await?;
+        match docker.inspect_image(name).await {
+            Ok(i) => Ok(Some(i)),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            // Podman answers 500 for some malformed references instead of 404.
+            Err(BollardError::DockerResponseServerError { status_code: 400 | 500, message })
+                if message.contains("not known") || message.contains("invalid reference") || message.contains("No such image") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    /// Every image the engine holds.
+    pub async fn list(&self) -> Result<Vec<ImageSummary>> {
+        let (docker, _) = self.client().await?;
+        let options = ListImagesOptions {
+            all: false,
+            digests: true,
+            ..Default::default()
+        };
+        match docker.list_images(Some(options)).await {
+            Ok(l) => Ok(l),
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    /// `docker save NAME` as a byte stream.
+    pub async fn export(&self, name: &str) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+        let (docker, _) = self.client().await?;
+        let docker = docker.with_timeout(EXPORT_TIMEOUT);
+        Ok(docker
+            .export_image(name)
+            .map(|r| r.map_err(std::io::Error::other)))
+    }
+
+    /// Pulls `image:tag` through the engine with optional credentials; logs progress and
+    /// returns the engine's error message on failure.
+    pub async fn pull(&self, image: &str, tag: &str, credentials: Option<bollard::auth::DockerCredentials>) -> Result<std::result::Result<(), String>> {
+        let (docker, _) = self.client().await?;
+        let options = CreateImageOptions {
+            from_image: Some(image.to_string()),
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let mut stream = docker.with_timeout(EXPORT_TIMEOUT).create_image(Some(options), None, credentials);
+        let mut last_status = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        if status != last_status {
+                            tracing::info!(backend = %self.backend, image = %format!("{image}:{tag}"),
+                                layer = info.id.as_deref().unwrap_or("-"), %status, "pull progress");
+                            last_status = status;
+                        }
+                    }
+                }
+                Err(BollardError::DockerStreamError { error }) => return Ok(Err(error)),
+                Err(BollardError::DockerResponseServerError { message, .. }) => return Ok(Err(message)),
+                Err(e) => return Err(self.fail(e).await),
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// The engine's event stream for images, to keep the blob index current.
+    pub async fn image_events(&self) -> Result<impl Stream<Item = std::result::Result<bollard::models::EventMessage, BollardError>>> {
+        let (docker, _) = self.client().await?;
+        let mut filters = std::collections::HashMap::new();
+        filters.insert("type".to_string(), vec!["image".to_string()]);
+        let options = bollard::query_parameters::EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        Ok(docker.with_timeout(Duration::from_secs(365 * 24 * 3600)).events(Some(options)))
+    }
+}

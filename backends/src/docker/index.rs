@@ -1,0 +1,103 @@
+//! Which engine image holds a blob, for blob requests that come before any manifest request
+//! (after a restart, say): the engine's image ids (a legacy export's config digest is the
+//! image id) and layer diff-ids (a legacy export's layer digest is the diff-id). Built at
+//! start and rebuilt when the engine's image events say something changed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use tokio::sync::RwLock;
+
+use ferry_core::{Digest, Result};
+
+use super::engine::Engine;
+
+#[derive(Default)]
+pub struct ImageIndex {
+    map: RwLock<HashMap<Digest, String>>,
+    /// Set by engine events and at start; the next lookup miss rebuilds.
+    stale: AtomicBool,
+}
+
+impl ImageIndex {
+    pub fn new() -> Self {
+        ImageIndex {
+            map: RwLock::new(HashMap::new()),
+            stale: AtomicBool::new(true),
+        }
+    }
+
+    /// The image id holding `digest` (as config or diff-id), rebuilding first when stale.
+    pub async fn lookup(&self, engine: &Engine, digest: &Digest) -> Result<Option<String>> {
+        if let Some(id) = self.map.read().await.get(digest) {
+            return Ok(Some(id.clone()));
+        }
+        if self.stale.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.rebuild(engine).await {
+                self.stale.store(true, Ordering::Release);
+                return Err(e);
+            }
+            return Ok(self.map.read().await.get(digest).cloned());
+        }
+        Ok(None)
+    }
+
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Release);
+    }
+
+    async fn rebuild(&self, engine: &Engine) -> Result<()> {
+        let started = Instant::now();
+        let mut map = HashMap::new();
+        let images = engine.list().await?;
+        for summary in &images {
+            let id = summary.id.clone();
+            if let Ok(d) = id.parse::<Digest>() {
+                map.insert(d, id.clone());
+            }
+            if let Some(inspect) = engine.inspect(&id).await? {
+                for layer in inspect.root_fs.and_then(|r| r.layers).unwrap_or_default() {
+                    if let Ok(d) = layer.parse::<Digest>() {
+                        map.entry(d).or_insert_with(|| id.clone());
+                    }
+                }
+            }
+        }
+        tracing::debug!(images = images.len(), digests = map.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64, "engine image index rebuilt");
+        *self.map.write().await = map;
+        Ok(())
+    }
+
+    /// Follows the engine's image events and marks the index stale on each; reconnects
+    /// after the engine goes away. Ends when the index is dropped.
+    pub fn follow(self: &Arc<Self>, engine: Arc<Engine>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(index) = weak.upgrade() else { return };
+                match engine.image_events().await {
+                    Ok(events) => {
+                        drop(index);
+                        let mut events = Box::pin(events);
+                        while let Some(ev) = events.next().await {
+                            let Some(index) = weak.upgrade() else { return };
+                            if ev.is_err() {
+                                break;
+                            }
+                            index.mark_stale();
+                        }
+                    }
+                    Err(_) => drop(index),
+                }
+                if let Some(index) = weak.upgrade() {
+                    index.mark_stale();
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+        });
+    }
+}

@@ -1,0 +1,395 @@
+//! The docker backend: serves images straight from a local Docker or Podman engine by
+//! exporting them (`docker save`) into a content-addressed cache.
+
+mod archive;
+mod cache;
+mod engine;
+mod export;
+mod index;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bollard::auth::DockerCredentials;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use ferry_core::{
+    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository,
+    RequestCtx, Result, DOCKER_HUB,
+};
+
+use cache::{Cache, Entry};
+use engine::Engine;
+use export::Exported;
+use index::ImageIndex;
+
+/// `[[backends]] type = "docker"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerConfig {
+    /// Name in logs and the `Ferry-Backend` header.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Engine API socket: `unix:///var/run/docker.sock`, a Podman socket, or `tcp://host:port`.
+    /// Unset: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// Pull images the engine lacks through the engine, with the client's credentials.
+    #[serde(default)]
+    pub pull_missing: bool,
+    /// How many different images may be exported at once.
+    #[serde(default = "default_parallel")]
+    pub max_parallel_exports: usize,
+    /// Cache size limit, e.g. "20GiB"; unset means no limit.
+    #[serde(default)]
+    pub max_cache_size: Option<String>,
+    /// Where exported blobs are cached; defaults to `<cache.dir>/docker`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+fn default_name() -> String {
+    "docker".into()
+}
+fn default_parallel() -> usize {
+    2
+}
+
+/// Parses "512MiB", "20GiB", "1G", "1000000" into bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| Error::Internal(format!("max_cache_size {s:?}: not a size like 20GiB")))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(Error::Internal(format!("max_cache_size {s:?}: unknown unit"))),
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+impl DockerConfig {
+    pub async fn build(&self, data_dir: &Path) -> Result<Arc<DockerBackend>> {
+        let socket = self
+            .socket
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let max_bytes = self.max_cache_size.as_deref().map(parse_size).transpose()?;
+        let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
+        let cache = Cache::open(dir, self.max_parallel_exports, max_bytes).await?;
+        let engine = Arc::new(Engine::new(&self.name, &socket));
+        let index = Arc::new(ImageIndex::new());
+        if let Err(e) = engine.client().await {
+            tracing::warn!(backend = %self.name, error = %e,
+                "engine not reachable now; the backend answers 'unavailable' until it is");
+        }
+        index.follow(engine.clone());
+        Ok(Arc::new(DockerBackend {
+            config: self.clone(),
+            engine,
+            cache,
+            index,
+        }))
+    }
+}
+
+pub struct DockerBackend {
+    config: DockerConfig,
+    engine: Arc<Engine>,
+    cache: Cache,
+    index: Arc<ImageIndex>,
+}
+
+/// An engine image found for a request: its id and the name it was found under.
+struct Found {
+    id: String,
+    name: String,
+}
+
+impl DockerBackend {
+    /// Names to look a tagged image up under, most specific first: Docker's short form
+    /// (`alpine:3.20`, `registry.k8s.io/pause:3.9`), the full one, and for Docker Hub names
+    /// Podman's `localhost/` for locally built images.
+    fn candidates(repo: &Repository, tag: &str) -> Vec<String> {
+        let mut names = vec![format!("{}:{tag}", repo.familiar()), format!("{}:{tag}", repo.canonical())];
+        if repo.registry() == DOCKER_HUB {
+            let short = repo.path().strip_prefix("library/").unwrap_or(repo.path());
+            names.push(format!("localhost/{short}:{tag}"));
+        }
+        names.dedup();
+        names
+    }
+
+    async fn find(&self, names: &[String]) -> Result<Option<Found>> {
+        for name in names {
+            if let Some(i) = self.engine.inspect(name).await? {
+                if let Some(id) = i.id {
+                    return Ok(Some(Found { id, name: name.clone() }));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The cache entry of an engine image, exporting it when the cache has none.
+    async fn entry(&self, found: &Found, repo: &Repository) -> Result<Arc<Entry>> {
+        let entry = self
+            .cache
+            .get_or_export(&found.id, || self.export(&found.name, &found.id, repo))
+            .await?;
+        self.cache.touch(&found.id).await;
+        Ok(entry)
+    }
+
+    /// Runs one export: streams the archive into the cache, interprets it, and removes what
+    /// it added but nothing references (or everything it added, when it is unusable).
+    async fn export(&self, name: &str, id: &str, repo: &Repository) -> Result<Exported> {
+        let started = Instant::now();
+        tracing::info!(backend = %self.config.name, image = %name, id = %id, "exporting image from the engine");
+        let stream = self.engine.export(name).await?;
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream.boxed()));
+        let store = self.cache.store.clone();
+        let archive = tokio::task::spawn_blocking(move || archive::read(reader, &store))
+            .await
+            .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
+        let archive = match archive {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export failed");
+                return Err(e);
+            }
+        };
+        let result = export::interpret(&archive, &self.cache.store, repo, name).await;
+        match &result {
+            Ok(exported) => {
+                let used: std::collections::HashSet<&Digest> =
+                    exported.blobs.iter().chain(&exported.manifests).collect();
+                let unused: Vec<Digest> = archive.added.iter().filter(|d| !used.contains(d)).cloned().collect();
+                archive::remove_added(&self.cache.store, &unused);
+                let level_warn = !exported.missing.is_empty();
+                let summary = export::describe(exported);
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                if level_warn {
+                    tracing::warn!(backend = %self.config.name, image = %name, %summary, elapsed_ms,
+                        missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
+                } else {
+                    tracing::info!(backend = %self.config.name, image = %name, %summary, elapsed_ms, "export finished");
+                }
+            }
+            Err(e) => {
+                archive::remove_added(&self.cache.store, &archive.added);
+                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export unusable");
+            }
+        }
+        result
+    }
+
+    async fn serve_manifest(&self, entry: &Entry, digest: &Digest) -> Result<Option<Manifest>> {
+        let Some(bytes) = self.cache.store.read(digest).await? else {
+            return Ok(None);
+        };
+        let media_type = if *digest == entry.export.top {
+            entry.export.media_type.clone()
+        } else {
+            ManifestInfo::parse(&bytes, None)?.media_type
+        };
+        Ok(Some(Manifest {
+            bytes,
+            media_type,
+            digest: digest.clone(),
+            missing: entry.export.missing.clone(),
+        }))
+    }
+
+    /// The client's Basic credentials, in the form the engine's pull takes.
+    fn credentials(ctx: &RequestCtx, repo: &Repository) -> Option<DockerCredentials> {
+        let b64 = ctx.authorization.as_deref()?.strip_prefix("Basic ")?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+        let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+        let server = if repo.registry() == DOCKER_HUB {
+            "https://index.docker.io/v1/".to_string()
+        } else {
+            repo.registry().to_string()
+        };
+        Some(DockerCredentials {
+            username: Some(user.to_string()),
+            password: Some(pass.to_string()),
+            serveraddress: Some(server),
+            ..Default::default()
+        })
+    }
+
+    /// Pulls a missing image through the engine. Without credentials a failure asks the
+    /// client to authenticate (kubelet then retries with its pull secret); with them it is
+    /// "not found".
+    async fn pull(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<bool> {
+        let repo = &image.repository;
+        let from = if repo.registry() == DOCKER_HUB { repo.familiar() } else { repo.canonical() };
+        let credentials = Self::credentials(ctx, repo);
+        let with_credentials = credentials.is_some();
+        let started = Instant::now();
+        tracing::info!(backend = %self.config.name, image = %image, with_credentials, "pulling missing image through the engine");
+        match self.engine.pull(&from, &image.reference.to_string(), credentials).await? {
+            Ok(()) => {
+                tracing::info!(backend = %self.config.name, image = %image,
+                    elapsed_ms = started.elapsed().as_millis() as u64, "pull finished");
+                self.index.mark_stale();
+                Ok(true)
+            }
+            Err(message) => {
+                tracing::warn!(backend = %self.config.name, image = %image, with_credentials, error = %message, "pull failed");
+                if with_credentials {
+                    Ok(false)
+                } else {
+                    Err(Error::Unauthorized {
+                        realm: "ferry".into(),
+                        message: format!("{image} is not in the engine and its pull needs credentials: {message}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Finds an image, pulling it first when it is missing and `pull_missing` is on.
+    async fn find_or_pull(&self, names: &[String], image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Found>> {
+        if let Some(f) = self.find(names).await? {
+            return Ok(Some(f));
+        }
+        if !self.config.pull_missing || !self.pull(image, ctx).await? {
+            return Ok(None);
+        }
+        self.find(names).await
+    }
+
+    /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
+    /// evicted or exporting the engine image that holds it. `false` when no image has it.
+    async fn ensure_blob(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
+        if self.cache.store.size(digest).await?.is_some() {
+            return Ok(true);
+        }
+        let (holding, lacking) = self.cache.images_with_blob(digest).await;
+        let id = match holding.into_iter().next() {
+            Some(id) => Some(id),
+            None if !lacking.is_empty() => {
+                tracing::debug!(backend = %self.config.name, %digest, images = ?lacking,
+                    "the engine's export lacks this blob");
+                return Ok(false);
+            }
+            None => self.index.lookup(&self.engine, digest).await?,
+        };
+        let Some(id) = id else { return Ok(false) };
+        let found = Found { name: id.clone(), id };
+        self.entry(&found, repo).await?;
+        Ok(self.cache.store.size(digest).await?.is_some())
+    }
+}
+
+#[async_trait]
+impl Backend for DockerBackend {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        let repo = &image.repository;
+        match &image.reference {
+            Reference::Tag(tag) => {
+                let Some(found) = self.find_or_pull(&Self::candidates(repo, tag), image, ctx).await? else {
+                    return Ok(None);
+                };
+                let entry = self.entry(&found, repo).await?;
+                self.serve_manifest(&entry, &entry.export.top).await
+            }
+            Reference::Digest(digest) => {
+                if let Some(entry) = self.cache.by_manifest(digest).await {
+                    if let Some(m) = self.serve_manifest(&entry, digest).await? {
+                        self.cache.touch(&entry.image_id).await;
+                        return Ok(Some(m));
+                    }
+                }
+                let names = [format!("{}@{digest}", repo.familiar()), format!("{}@{digest}", repo.canonical()), digest.to_string()];
+                let Some(found) = self.find_or_pull(&names, image, ctx).await? else {
+                    return Ok(None);
+                };
+                let found = Found { name: found.id.clone(), id: found.id };
+                let entry = self.entry(&found, repo).await?;
+                if entry.export.manifests.contains(digest) {
+                    return self.serve_manifest(&entry, digest).await;
+                }
+                tracing::warn!(backend = %self.config.name, image = %image, engine_image = %found.id,
+                    exported_as = %entry.export.top,
+                    "the engine knows this digest (RepoDigests) but its export yields a different manifest: \
+                     Docker's legacy image store keeps no registry manifests, so digest references cannot be \
+                     served from it (enable the containerd image store, or pull by tag); answering 404");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
+        if !self.ensure_blob(repo, digest).await? {
+            return Ok(None);
+        }
+        self.cache.store.size(digest).await
+    }
+
+    async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        _ctx: &RequestCtx,
+    ) -> Result<Option<BlobBody>> {
+        if !self.ensure_blob(repo, digest).await? {
+            return Ok(None);
+        }
+        let guard = self.cache.serving(digest);
+        let Some(mut body) = self.cache.store.open_blob(digest, range).await? else {
+            return Ok(None);
+        };
+        body.stream = body
+            .stream
+            .map(move |chunk| {
+                let _keep = &guard;
+                chunk
+            })
+            .boxed();
+        Ok(Some(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
+        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn candidate_names() {
+        let r = Repository::from_request("library/my-image", Some("docker.io")).unwrap();
+        assert_eq!(
+            DockerBackend::candidates(&r, "latest"),
+            vec!["my-image:latest", "docker.io/library/my-image:latest", "localhost/my-image:latest"]
+        );
+        let r = Repository::from_request("pause", Some("registry.k8s.io")).unwrap();
+        assert_eq!(DockerBackend::candidates(&r, "3.9"), vec!["registry.k8s.io/pause:3.9"]);
+    }
+}
