@@ -123,7 +123,8 @@ impl BlobStore {
     /// checked at [`BlobWriter::commit`].
     pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
         let tmp = self.tmp_dir().join(uuid::Uuid::new_v4().to_string());
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let file = std::fs::File::create(&tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         Ok(BlobWriter {
             store: self.clone(),
             file: std::io::BufWriter::with_capacity(READ_CHUNK, file),
@@ -135,7 +136,11 @@ impl BlobStore {
     }
 
     /// Writes a whole stream as one blob, never holding more than a chunk in memory.
-    pub async fn write_stream(&self, expected: Option<Digest>, body: ByteStream) -> Result<(Digest, u64)> {
+    pub async fn write_stream(
+        &self,
+        expected: Option<Digest>,
+        body: ByteStream,
+    ) -> Result<(Digest, u64)> {
         let store = self.clone();
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
         blocking(move || {
@@ -168,8 +173,10 @@ impl BlobStore {
         }
         let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
         blocking(move || {
-            let f = std::fs::File::open(&file).map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
-            f.sync_all().map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
+            let f = std::fs::File::open(&file)
+                .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+            f.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
             store.place(&file, &digest)
         })
         .await
@@ -179,8 +186,10 @@ impl BlobStore {
     fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        std::fs::rename(file, &dest).map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::rename(file, &dest)
+            .map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
         if let Ok(d) = std::fs::File::open(&dir) {
             // Best effort: makes the rename itself durable.
             let _ = d.sync_all();
@@ -320,10 +329,13 @@ impl BlobWriter {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if let Some(expected) = &self.expected {
             if *expected != digest {
-                return Err(Error::DigestInvalid(format!("content hashes to {digest}, not {expected}")));
+                return Err(Error::DigestInvalid(format!(
+                    "content hashes to {digest}, not {expected}"
+                )));
             }
         }
-        std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
+        std::io::Write::flush(&mut self.file)
+            .map_err(|e| Error::io("flushing blob temp file", e))?;
         self.file
             .get_ref()
             .sync_all()
@@ -363,7 +375,10 @@ mod tests {
     async fn write_verify_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let d = store.write_bytes(Bytes::from_static(b"hello world")).await.unwrap();
+        let d = store
+            .write_bytes(Bytes::from_static(b"hello world"))
+            .await
+            .unwrap();
         assert_eq!(d, Digest::of(b"hello world"));
         assert_eq!(store.size(&d).await.unwrap(), Some(11));
         let body = store

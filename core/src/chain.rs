@@ -109,7 +109,9 @@ impl Chain {
                         value: m,
                     });
                 }
-                Ok(None) => tracing::debug!(request = %ctx.request_id, backend = name, image = %what, "not here"),
+                Ok(None) => {
+                    tracing::debug!(request = %ctx.request_id, backend = name, image = %what, "not here")
+                }
                 Err(e) if e.is_not_found() => {
                     tracing::debug!(request = %ctx.request_id, backend = name, image = %what, error = %e, "not here")
                 }
@@ -125,7 +127,13 @@ impl Chain {
     }
 
     /// True when the backends from index `from` on hold every blob `m` lacks.
-    async fn later_hold_all(&self, from: usize, image: &ImageRef, m: &Manifest, ctx: &RequestCtx) -> bool {
+    async fn later_hold_all(
+        &self,
+        from: usize,
+        image: &ImageRef,
+        m: &Manifest,
+        ctx: &RequestCtx,
+    ) -> bool {
         let mut lacking = Vec::new();
         'blobs: for digest in &m.missing {
             for h in &self.backends[from..] {

@@ -7,11 +7,19 @@ source "$here/lib.sh"
 e2e_install_packages
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
+e2e_start_containerd ctd16b
+e2e_start_dockerd docker20b ctd16b
 e2e_start_registry registry 5101
+htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
+e2e_start_registry registry-auth 5102 "$E2E_DIR/htpasswd"
 cat >"$E2E_DIR/env" <<ENV
 export E2E_DIR=$E2E_DIR
 export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
 export E2E_CONTAINERD16_SOCK=$E2E_DIR/ctd16/containerd.sock
+export E2E_DOCKER20B_HOST=unix://$E2E_DIR/docker20b/docker.sock
 export E2E_REGISTRY=127.0.0.1:5101
+export E2E_REGISTRY_AUTH=127.0.0.1:5102
+export E2E_REGISTRY_USER=e2e-user
+export E2E_REGISTRY_PASS=e2e-pass
 ENV
 e2e_log "engines up: $(docker -H "unix://$E2E_DIR/docker20/docker.sock" version -f '{{.Server.Version}}') dockerd, $(ctr -a "$E2E_DIR/ctd16/containerd.sock" version | awk '/Version/{v=$2} END{print v}') containerd"

@@ -39,7 +39,10 @@ impl Entry {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn id_key(image_id: &str) -> String {
@@ -61,7 +64,11 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub async fn open(dir: PathBuf, max_parallel_exports: usize, max_bytes: Option<u64>) -> Result<Self> {
+    pub async fn open(
+        dir: PathBuf,
+        max_parallel_exports: usize,
+        max_bytes: Option<u64>,
+    ) -> Result<Self> {
         let store = BlobStore::open(&dir).await?;
         let entries_dir = dir.join("entries");
         tokio::fs::create_dir_all(&entries_dir)
@@ -69,7 +76,9 @@ impl Cache {
             .map_err(|e| Error::io(format!("creating {}", entries_dir.display()), e))?;
         let mut entries = HashMap::new();
         for name in list_names(&entries_dir).await? {
-            let Some(bytes) = read_optional(&entries_dir.join(&name)).await? else { continue };
+            let Some(bytes) = read_optional(&entries_dir.join(&name)).await? else {
+                continue;
+            };
             match serde_json::from_slice::<Entry>(&bytes) {
                 Ok(e) => {
                     entries.insert(id_key(&e.image_id), Arc::new(e));
@@ -179,15 +188,24 @@ impl Cache {
             export: exported?,
             last_used: now(),
         });
-        let json = serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(&self.entries_dir.join(id_key(image_id)), &json).await?;
-        self.entries.write().await.insert(id_key(image_id), entry.clone());
+        self.entries
+            .write()
+            .await
+            .insert(id_key(image_id), entry.clone());
         Ok(entry)
     }
 
     /// Marks a blob as being served until the returned guard is dropped.
     pub fn serving(&self, digest: &Digest) -> ServingGuard {
-        *self.serving.lock().unwrap_or_else(|p| p.into_inner()).entry(digest.clone()).or_default() += 1;
+        *self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.clone())
+            .or_default() += 1;
         ServingGuard {
             digest: digest.clone(),
             serving: self.serving.clone(),
@@ -198,7 +216,9 @@ impl Cache {
     /// reference fit, then deletes every blob no remaining entry references (except those
     /// being served).
     async fn evict(&self) -> Result<()> {
-        let Some(max) = self.max_bytes else { return Ok(()) };
+        let Some(max) = self.max_bytes else {
+            return Ok(());
+        };
         let all = self.store.list().await?;
         let mut sizes = HashMap::new();
         let mut total = 0u64;
@@ -215,7 +235,9 @@ impl Cache {
         order.sort_by_key(|e| e.last_used);
         let referenced_size = |kept: &[Arc<Entry>]| {
             let set: HashSet<&Digest> = kept.iter().flat_map(|e| e.digests()).collect();
-            set.iter().map(|d| sizes.get(*d).copied().unwrap_or(0)).sum::<u64>()
+            set.iter()
+                .map(|d| sizes.get(*d).copied().unwrap_or(0))
+                .sum::<u64>()
         };
         let mut dropped = Vec::new();
         while !order.is_empty() && referenced_size(&order) > max {
@@ -227,15 +249,23 @@ impl Cache {
             remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
         }
         let keep: HashSet<&Digest> = order.iter().flat_map(|e| e.digests()).collect();
-        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let serving = self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut freed = 0u64;
         for d in &all {
             if !keep.contains(d) && !serving.contains_key(d) && self.store.delete(d).await? {
                 freed += sizes.get(d).copied().unwrap_or(0);
             }
         }
-        tracing::info!(dropped_images = dropped.len(), freed_bytes = freed, limit_bytes = max,
-            "cache over its size limit: evicted least recently used images");
+        tracing::info!(
+            dropped_images = dropped.len(),
+            freed_bytes = freed,
+            limit_bytes = max,
+            "cache over its size limit: evicted least recently used images"
+        );
         Ok(())
     }
 }

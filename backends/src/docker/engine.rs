@@ -74,13 +74,23 @@ impl Engine {
 
     async fn connect(&self) -> Result<(Docker, Arc<EngineInfo>)> {
         let s = self.socket.as_str();
-        let docker = if let Some(addr) = s.strip_prefix("tcp://").or_else(|| s.strip_prefix("http://")) {
-            Docker::connect_with_http(&format!("http://{addr}"), CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
+        let docker = if let Some(addr) = s
+            .strip_prefix("tcp://")
+            .or_else(|| s.strip_prefix("http://"))
+        {
+            Docker::connect_with_http(
+                &format!("http://{addr}"),
+                CALL_TIMEOUT.as_secs(),
+                API_DEFAULT_VERSION,
+            )
         } else {
             Docker::connect_with_unix(s, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         }
         .map_err(|e| self.unavailable(e))?;
-        let docker = docker.negotiate_version().await.map_err(|e| self.unavailable(e))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let version = docker.version().await.map_err(|e| self.unavailable(e))?;
         let product = version
             .components
@@ -88,7 +98,11 @@ impl Engine {
             .and_then(|c| c.first())
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "Engine".into());
-        let product = if product.to_lowercase().contains("podman") { "Podman".to_string() } else { format!("Docker {product}") };
+        let product = if product.to_lowercase().contains("podman") {
+            "Podman".to_string()
+        } else {
+            format!("Docker {product}")
+        };
         let containerd_store = match docker.info().await {
             Ok(info) => info
                 .driver_status
@@ -112,9 +126,13 @@ impl Engine {
     /// Maps a bollard error: connection trouble drops the client and means unavailable.
     async fn fail(&self, e: BollardError) -> Error {
         match e {
-            BollardError::DockerResponseServerError { status_code, message } => {
-                Error::Internal(format!("engine at {} answered {status_code}: {message}", self.socket))
-            }
+            BollardError::DockerResponseServerError {
+                status_code,
+                message,
+            } => Error::Internal(format!(
+                "engine at {} answered {status_code}: {message}",
+                self.socket
+            )),
             BollardError::JsonDataError { .. } | BollardError::DockerStreamError { .. } => {
                 Error::Internal(format!("engine at {}: {e}", self.socket))
             }
@@ -134,10 +152,16 @@ impl Engine {
         let (docker, _) = self.client().await?;
         match docker.inspect_image(name).await {
             Ok(i) => Ok(Some(i)),
-            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
             // Podman answers 500 for some malformed references instead of 404.
-            Err(BollardError::DockerResponseServerError { status_code: 400 | 500, message })
-                if message.contains("not known") || message.contains("invalid reference") || message.contains("No such image") =>
+            Err(BollardError::DockerResponseServerError {
+                status_code: 400 | 500,
+                message,
+            }) if message.contains("not known")
+                || message.contains("invalid reference")
+                || message.contains("No such image") =>
             {
                 Ok(None)
             }
@@ -160,7 +184,10 @@ impl Engine {
     }
 
     /// `docker save NAME` as a byte stream.
-    pub async fn export(&self, name: &str) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+    pub async fn export(
+        &self,
+        name: &str,
+    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
         let (docker, _) = self.client().await?;
         let docker = docker.with_timeout(EXPORT_TIMEOUT);
         Ok(docker
@@ -170,14 +197,22 @@ impl Engine {
 
     /// Pulls `image:tag` through the engine with optional credentials; logs progress and
     /// returns the engine's error message on failure.
-    pub async fn pull(&self, image: &str, tag: &str, credentials: Option<bollard::auth::DockerCredentials>) -> Result<std::result::Result<(), String>> {
+    pub async fn pull(
+        &self,
+        image: &str,
+        tag: &str,
+        credentials: Option<bollard::auth::DockerCredentials>,
+    ) -> Result<std::result::Result<(), String>> {
         let (docker, _) = self.client().await?;
         let options = CreateImageOptions {
             from_image: Some(image.to_string()),
             tag: Some(tag.to_string()),
             ..Default::default()
         };
-        let mut stream = docker.with_timeout(EXPORT_TIMEOUT).create_image(Some(options), None, credentials);
+        let mut stream =
+            docker
+                .with_timeout(EXPORT_TIMEOUT)
+                .create_image(Some(options), None, credentials);
         let mut last_status = String::new();
         while let Some(item) = stream.next().await {
             match item {
@@ -191,7 +226,9 @@ impl Engine {
                     }
                 }
                 Err(BollardError::DockerStreamError { error }) => return Ok(Err(error)),
-                Err(BollardError::DockerResponseServerError { message, .. }) => return Ok(Err(message)),
+                Err(BollardError::DockerResponseServerError { message, .. }) => {
+                    return Ok(Err(message))
+                }
                 Err(e) => return Err(self.fail(e).await),
             }
         }
@@ -199,7 +236,10 @@ impl Engine {
     }
 
     /// The engine's event stream for images, to keep the blob index current.
-    pub async fn image_events(&self) -> Result<impl Stream<Item = std::result::Result<bollard::models::EventMessage, BollardError>>> {
+    pub async fn image_events(
+        &self,
+    ) -> Result<impl Stream<Item = std::result::Result<bollard::models::EventMessage, BollardError>>>
+    {
         let (docker, _) = self.client().await?;
         let mut filters = std::collections::HashMap::new();
         filters.insert("type".to_string(), vec!["image".to_string()]);
@@ -207,6 +247,8 @@ impl Engine {
             filters: Some(filters),
             ..Default::default()
         };
-        Ok(docker.with_timeout(Duration::from_secs(365 * 24 * 3600)).events(Some(options)))
+        Ok(docker
+            .with_timeout(Duration::from_secs(365 * 24 * 3600))
+            .events(Some(options)))
     }
 }

@@ -69,29 +69,42 @@ fn invalid(e: impl std::fmt::Display) -> Error {
 }
 
 /// Interprets an archive for the image `wanted` names (`name:tag`, as the engine knows it).
-pub async fn interpret(archive: &Archive, store: &BlobStore, repo: &Repository, wanted: &str) -> Result<Exported> {
+pub async fn interpret(
+    archive: &Archive,
+    store: &BlobStore,
+    repo: &Repository,
+    wanted: &str,
+) -> Result<Exported> {
     if let Some(index) = archive.metadata.get("index.json") {
         oci(archive, store, repo, index).await
     } else if let Some(manifest) = archive.metadata.get("manifest.json") {
         legacy(archive, store, manifest, wanted).await
     } else {
-        Err(invalid("the archive has neither index.json nor manifest.json"))
+        Err(invalid(
+            "the archive has neither index.json nor manifest.json",
+        ))
     }
 }
 
-async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], wanted: &str) -> Result<Exported> {
-    let entries: Vec<LegacyEntry> =
-        serde_json::from_slice(manifest_json).map_err(|e| invalid(format!("manifest.json: {e}")))?;
+async fn legacy(
+    archive: &Archive,
+    store: &BlobStore,
+    manifest_json: &[u8],
+    wanted: &str,
+) -> Result<Exported> {
+    let entries: Vec<LegacyEntry> = serde_json::from_slice(manifest_json)
+        .map_err(|e| invalid(format!("manifest.json: {e}")))?;
     let entry = entries
         .iter()
         .find(|e| e.repo_tags.iter().flatten().any(|t| t == wanted))
         .or(entries.first())
         .ok_or_else(|| invalid("manifest.json lists no image"))?;
     let file = |path: &str| {
-        archive
-            .file(path)
-            .cloned()
-            .ok_or_else(|| invalid(format!("manifest.json names {path}, which the archive lacks")))
+        archive.file(path).cloned().ok_or_else(|| {
+            invalid(format!(
+                "manifest.json names {path}, which the archive lacks"
+            ))
+        })
     };
     let (config_digest, config_size) = file(&entry.config)?;
     let mut layers = Vec::new();
@@ -136,8 +149,14 @@ struct OciIndex {
 
 const NAME_ANNOTATION: &str = "io.containerd.image.name";
 
-async fn oci(archive: &Archive, store: &BlobStore, repo: &Repository, index_json: &[u8]) -> Result<Exported> {
-    let index: OciIndex = serde_json::from_slice(index_json).map_err(|e| invalid(format!("index.json: {e}")))?;
+async fn oci(
+    archive: &Archive,
+    store: &BlobStore,
+    repo: &Repository,
+    index_json: &[u8],
+) -> Result<Exported> {
+    let index: OciIndex =
+        serde_json::from_slice(index_json).map_err(|e| invalid(format!("index.json: {e}")))?;
     let annotation = |d: &Descriptor, key: &str| {
         d.annotations
             .as_ref()
@@ -149,7 +168,11 @@ async fn oci(archive: &Archive, store: &BlobStore, repo: &Repository, index_json
     let top = index
         .manifests
         .iter()
-        .find(|d| annotation(d, NAME_ANNOTATION).is_some_and(|n| n.starts_with(&format!("{canonical}:")) || n.starts_with(&format!("{canonical}@"))))
+        .find(|d| {
+            annotation(d, NAME_ANNOTATION).is_some_and(|n| {
+                n.starts_with(&format!("{canonical}:")) || n.starts_with(&format!("{canonical}@"))
+            })
+        })
         .or(index.manifests.first())
         .ok_or_else(|| invalid("index.json lists no image"))?;
     // Every blob path is checked against the digest it names.
@@ -157,13 +180,18 @@ async fn oci(archive: &Archive, store: &BlobStore, repo: &Repository, index_json
     for (path, (digest, _)) in &archive.files {
         if let Some(hex) = path.strip_prefix("blobs/sha256/") {
             if hex != digest.hex() {
-                return Err(invalid(format!("{path} holds content with digest {digest}")));
+                return Err(invalid(format!(
+                    "{path} holds content with digest {digest}"
+                )));
             }
             present.insert(digest.clone());
         }
     }
     if !present.contains(&top.digest) {
-        return Err(invalid(format!("index.json names {}, which the archive lacks", top.digest)));
+        return Err(invalid(format!(
+            "index.json names {}, which the archive lacks",
+            top.digest
+        )));
     }
     let read = |d: Digest| async move {
         store
@@ -178,7 +206,11 @@ async fn oci(archive: &Archive, store: &BlobStore, repo: &Repository, index_json
     let mut missing = Vec::new();
     let mut images = Vec::new();
     if media::is_index(&top_info.media_type) {
-        let children: Vec<&Descriptor> = top_info.manifests.iter().filter(|c| present.contains(&c.digest)).collect();
+        let children: Vec<&Descriptor> = top_info
+            .manifests
+            .iter()
+            .filter(|c| present.contains(&c.digest))
+            .collect();
         if children.is_empty() {
             // Not one platform's manifest came along: the export is unusable as it is.
             missing.extend(top_info.manifests.iter().map(|c| c.digest.clone()));
@@ -231,10 +263,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let mut archive = Archive::default();
-        let config = store.write_bytes(bytes::Bytes::from_static(b"{\"rootfs\":{}}")).await.unwrap();
-        let layer = store.write_bytes(bytes::Bytes::from_static(b"layer")).await.unwrap();
-        archive.files.insert("abc.json".into(), (config.clone(), 13));
-        archive.files.insert("l1/layer.tar".into(), (layer.clone(), 5));
+        let config = store
+            .write_bytes(bytes::Bytes::from_static(b"{\"rootfs\":{}}"))
+            .await
+            .unwrap();
+        let layer = store
+            .write_bytes(bytes::Bytes::from_static(b"layer"))
+            .await
+            .unwrap();
+        archive
+            .files
+            .insert("abc.json".into(), (config.clone(), 13));
+        archive
+            .files
+            .insert("l1/layer.tar".into(), (layer.clone(), 5));
         archive.metadata.insert(
             "manifest.json".into(),
             br#"[{"Config":"abc.json","RepoTags":["x:1"],"Layers":["l1/layer.tar"]}]"#.to_vec(),
@@ -254,6 +296,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let repo = Repository::new("docker.io", "x").unwrap();
-        assert!(interpret(&Archive::default(), &store, &repo, "x:1").await.is_err());
+        assert!(interpret(&Archive::default(), &store, &repo, "x:1")
+            .await
+            .is_err());
     }
 }

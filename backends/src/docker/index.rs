@@ -66,8 +66,12 @@ impl ImageIndex {
                 }
             }
         }
-        tracing::debug!(images = images.len(), digests = map.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64, "engine image index rebuilt");
+        tracing::debug!(
+            images = images.len(),
+            digests = map.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "engine image index rebuilt"
+        );
         *self.map.write().await = map;
         Ok(())
     }

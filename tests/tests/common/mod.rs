@@ -275,3 +275,71 @@ pub fn assert_oci_error(status: u16, body: &str, want_status: u16, want_code: &s
         serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
     assert_eq!(v["errors"][0]["code"], want_code, "body: {body}");
 }
+
+/// Writes a containerd `hosts.toml` that mirrors `registry` to ferry, as k3s does from
+/// registries.yaml; returns the hosts directory to pass as `--hosts-dir`.
+pub fn mirror_hosts(dir: &Path, registry: &str, ferry_addr: &str) -> PathBuf {
+    let certs = dir.join("certs.d");
+    std::fs::create_dir_all(certs.join(registry)).unwrap();
+    let server = if registry == "docker.io" {
+        "https://registry-1.docker.io".to_string()
+    } else {
+        format!("https://{registry}")
+    };
+    std::fs::write(
+        certs.join(registry).join("hosts.toml"),
+        format!("server = \"{server}\"\n[host.\"http://{ferry_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
+    certs
+}
+
+/// `ctr image pull` through the mirror, then `ctr run`; returns what the container printed.
+pub fn ctr_pull_and_run(ctd: &str, ns: &str, certs: &Path, image: &str) -> String {
+    sh(&format!(
+        "ctr -a {ctd} -n {ns} image pull --hosts-dir {} {image}",
+        certs.display()
+    ));
+    let id = unique("run");
+    let out = sh(&format!("ctr -a {ctd} -n {ns} run --rm {image} {id}"));
+    sh(&format!("ctr -a {ctd} -n {ns} image rm {image}"));
+    out
+}
+
+/// Number of log lines of ferry that contain every one of `parts`.
+pub fn count_lines(logs: &str, parts: &[&str]) -> usize {
+    logs.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+/// GETs a manifest with every manifest type accepted; returns (status, digest header, body).
+pub fn get_manifest(
+    ferry: &Ferry,
+    name: &str,
+    reference: &str,
+    query: &str,
+) -> (u16, String, Vec<u8>) {
+    let r = reqwest::blocking::Client::new()
+        .get(ferry.url(&format!("/v2/{name}/manifests/{reference}{query}")))
+        .header(
+            "Accept",
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+             application/vnd.docker.distribution.manifest.list.v2+json, \
+             application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let digest = r
+        .headers()
+        .get("Docker-Content-Digest")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, digest, r.bytes().unwrap().to_vec())
+}
+
+/// Config for a chain of one docker backend on `socket` followed by the push store.
+pub fn docker_chain(socket: &str, extra: &str) -> String {
+    format!("[[backends]]\ntype = \"docker\"\nsocket = \"{socket}\"\n{extra}\n[[backends]]\ntype = \"push\"\n")
+}

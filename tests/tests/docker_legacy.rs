@@ -1,0 +1,223 @@
+//! The docker backend against Docker 20.10 (legacy docker-archive exports): containerd via a
+//! hosts.toml mirror, a second Docker and skopeo pull images that live only in the engine.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn docker20_images_reach_containerd_docker_and_skopeo() {
+    let dir = scratch();
+    let host = docker20();
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let name = unique("legacy");
+    build_image(&host, &format!("{name}:v1"), 3);
+
+    // containerd, the k3s way: docker.io/library/NAME:v1 through a mirror.
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let out = ctr_pull_and_run(
+        &containerd16(),
+        "e2e",
+        &certs,
+        &format!("docker.io/library/{name}:v1"),
+    );
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    assert!(ferry
+        .logs()
+        .contains(&format!("/v2/library/{name}/manifests/v1?ns=docker.io")));
+
+    // A second Docker.
+    let other = env("E2E_DOCKER20B_HOST");
+    let remote = format!("{}/{name}:v1", ferry.addr());
+    sh(&format!("docker -H {other} pull {remote}"));
+    let out = sh(&format!("docker -H {other} run --rm {remote}"));
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    sh(&format!("docker -H {other} rmi {remote}"));
+
+    // skopeo, with digests that match what ferry serves.
+    let (status, digest, _) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(status, 200);
+    // (`dir:` keeps the manifest as served; `oci:` would convert it to an OCI manifest.)
+    let copy = dir.path().join("copy");
+    sh(&format!(
+        "skopeo copy --src-tls-verify=false docker://{remote} dir:{}",
+        copy.display()
+    ));
+    let manifest = std::fs::read(copy.join("manifest.json")).unwrap();
+    assert_eq!(format!("sha256:{}", sha256_hex(&manifest)), digest);
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    for l in m["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        let blob = std::fs::read(copy.join(d.trim_start_matches("sha256:"))).unwrap();
+        assert_eq!(format!("sha256:{}", sha256_hex(&blob)), d);
+    }
+
+    // The digest is stable across a second export of the same image (empty cache, restart).
+    ferry.stop();
+    std::fs::remove_dir_all(ferry.dir.join("docker")).unwrap();
+    ferry.restart();
+    let (_, again, _) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(digest, again, "re-export gave another manifest digest");
+    assert_eq!(
+        count_lines(
+            &ferry.logs(),
+            &["exporting image", &format!("image={name}:v1")]
+        ),
+        2
+    );
+    // And the digest reference works (containerd resolves tags, then fetches by digest).
+    let (status, _, _) = get_manifest(&ferry, &name, &digest, "?ns=docker.io");
+    assert_eq!(status, 200);
+    sh(&format!("docker -H {host} rmi {name}:v1"));
+}
+
+#[test]
+fn rebuild_under_the_same_tag_is_served_fresh() {
+    let dir = scratch();
+    let host = docker20();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let name = unique("rebuild");
+    build_image(&host, &format!("{name}:v1"), 1);
+    let (_, first, _) = get_manifest(&ferry, &name, "v1", "");
+    build_image(&host, &format!("{name}:v1"), 2);
+    let (status, second, body) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(status, 200);
+    assert_ne!(
+        first, second,
+        "the rebuilt image must be served, not the cached one"
+    );
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        m["layers"].as_array().unwrap().len(),
+        3,
+        "busybox + 2 file layers"
+    );
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let out = ctr_pull_and_run(
+        &containerd16(),
+        "e2e",
+        &certs,
+        &format!("docker.io/library/{name}:v1"),
+    );
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    sh(&format!("docker -H {host} rmi {name}:v1"));
+}
+
+#[test]
+fn shared_base_layer_is_stored_once() {
+    let dir = scratch();
+    let host = docker20();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let (a, b) = (unique("sharea"), unique("shareb"));
+    build_image(&host, &format!("{a}:v1"), 1);
+    build_image(&host, &format!("{b}:v1"), 1);
+    let mut digests = std::collections::BTreeSet::new();
+    let mut busybox = Vec::new();
+    for n in [&a, &b] {
+        let (status, digest, body) = get_manifest(&ferry, n, "v1", "");
+        assert_eq!(status, 200);
+        digests.insert(digest);
+        let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        digests.insert(m["config"]["digest"].as_str().unwrap().to_string());
+        for l in m["layers"].as_array().unwrap() {
+            digests.insert(l["digest"].as_str().unwrap().to_string());
+        }
+        busybox.push(m["layers"][0]["digest"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        busybox[0], busybox[1],
+        "both images start with the same busybox layer"
+    );
+    // On disk: exactly one file per distinct digest, so the shared layer exists once.
+    let on_disk: std::collections::BTreeSet<String> = snapshot(&ferry.dir.join("docker/blobs"))
+        .into_iter()
+        .map(|(path, _)| format!("sha256:{}", path.rsplit('/').next().unwrap()))
+        .collect();
+    assert_eq!(on_disk, digests);
+    assert_eq!(
+        digests.len(),
+        2 * 2 + 3,
+        "2 manifests, 2 configs, 3 distinct layers"
+    );
+    sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1"));
+}
+
+#[test]
+fn concurrent_cold_pulls_export_each_image_once() {
+    let dir = scratch();
+    let host = docker20();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let names: Vec<String> = (0..4).map(|i| unique(&format!("conc{i}x"))).collect();
+    for n in &names {
+        build_image(&host, &format!("{n}:v1"), 2);
+    }
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let ctd = containerd16();
+    let pulls: Vec<_> = (0..8)
+        .map(|i| {
+            let image = format!("docker.io/library/{}:v1", names[i % 4]);
+            let (ctd, certs) = (ctd.clone(), certs.clone());
+            // Each pull into its own namespace, so containerd does not share the work.
+            std::thread::spawn(move || {
+                sh_result(&format!(
+                    "ctr -a {ctd} -n conc{i} image pull --hosts-dir {} {image}",
+                    certs.display()
+                ))
+            })
+        })
+        .collect();
+    for p in pulls {
+        let (ok, out) = p.join().unwrap();
+        assert!(ok, "pull failed: {out}");
+    }
+    let logs = ferry.logs();
+    for n in &names {
+        assert_eq!(
+            count_lines(
+                &logs,
+                &["exporting image from the engine", &format!("image={n}:v1")]
+            ),
+            1,
+            "{n} exported more than once:\n{logs}"
+        );
+    }
+    for i in 0..8 {
+        let image = format!("docker.io/library/{}:v1", names[i % 4]);
+        sh(&format!("ctr -a {ctd} -n conc{i} image rm {image}"));
+    }
+    sh(&format!(
+        "docker -H {host} rmi {}",
+        names
+            .iter()
+            .map(|n| format!("{n}:v1"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+}
+
+#[test]
+fn blobs_before_any_manifest_are_found_through_the_engine_index() {
+    let dir = scratch();
+    let host = docker20();
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let name = unique("index");
+    build_image(&host, &format!("{name}:v1"), 1);
+    let (_, _, body) = get_manifest(&ferry, &name, "v1", "");
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    // Empty cache and a restart: the blob request comes first.
+    ferry.stop();
+    std::fs::remove_dir_all(ferry.dir.join("docker")).unwrap();
+    ferry.restart();
+    for d in [
+        m["config"]["digest"].as_str().unwrap(),
+        m["layers"][1]["digest"].as_str().unwrap(),
+    ] {
+        let r = reqwest::blocking::get(ferry.url(&format!("/v2/{name}/blobs/{d}"))).unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+        assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), d);
+    }
+    let unknown = format!("sha256:{}", sha256_hex(b"nowhere"));
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{name}/blobs/{unknown}"))).unwrap();
+    assert_eq!(r.status(), 404);
+    sh(&format!("docker -H {host} rmi {name}:v1"));
+}
