@@ -1,0 +1,294 @@
+//! The docker backend's dealings with the engine itself: pulling missing images with the
+//! client's credentials, an engine that stops and comes back, and engine answers that are not
+//! usable archives.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use common::*;
+
+/// Puts an image into a registry from Docker 20 and removes it from the engine again.
+fn seed_registry(registry: &str, repo: &str, login: Option<(&str, &str)>) -> String {
+    let host = docker20();
+    let local = unique("seed");
+    build_image(&host, &format!("{local}:v1"), 1);
+    let remote = format!("{registry}/{repo}:v1");
+    let config = scratch();
+    let docker = format!("docker -H {host} --config {}", config.path().display());
+    if let Some((u, p)) = login {
+        sh(&format!("{docker} login -u {u} -p {p} {registry}"));
+    }
+    sh(&format!("{docker} tag {local}:v1 {remote} && {docker} push {remote} && {docker} rmi {remote} {local}:v1"));
+    remote
+}
+
+#[test]
+fn missing_images_are_pulled_through_the_engine() {
+    let registry = env("E2E_REGISTRY");
+    let repo = unique("pulled/img");
+    seed_registry(&registry, &repo, None);
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &docker_chain(&docker20(), "pull_missing = true"),
+    );
+    // Docker and skopeo name the origin registry in the path.
+    let name = format!("{registry}/{repo}");
+    let (status, _, _) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(status, 200, "{}", ferry.logs());
+    assert_eq!(
+        count_lines(&ferry.logs(), &["pulling missing image", &repo]),
+        1
+    );
+    // containerd with a mirror for that registry sends ns= instead.
+    let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("{name}:v1"));
+    assert!(out.starts_with("hello from"), "{out}");
+    sh(&format!("docker -H {} rmi {name}:v1", docker20()));
+
+    // Without pull_missing: 404.
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), ""));
+    let (status, _, _) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn pulls_pass_the_clients_credentials_on() {
+    let registry = env("E2E_REGISTRY_AUTH");
+    let (user, pass) = (env("E2E_REGISTRY_USER"), env("E2E_REGISTRY_PASS"));
+    let repo = unique("secret/img");
+    seed_registry(&registry, &repo, Some((&user, &pass)));
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &docker_chain(&docker20(), "pull_missing = true"),
+    );
+    let url = ferry.url(&format!("/v2/{registry}/{repo}/manifests/v1"));
+    let http = reqwest::blocking::Client::new();
+
+    // No credentials: a Basic challenge, so kubelet retries with its pull secret.
+    let r = http.get(&url).send().unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["WWW-Authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(challenge.starts_with("Basic realm="), "{challenge}");
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
+
+    // Wrong credentials: not found.
+    let r = http
+        .get(&url)
+        .basic_auth(&user, Some("wrong"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+
+    // The right ones: pulled and served.
+    let r = http
+        .get(&url)
+        .basic_auth(&user, Some(&pass))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    let logs = ferry.logs();
+    assert!(logs.contains("with_credentials=true"), "{logs}");
+    assert!(!logs.contains(&pass), "the password must never be logged");
+    sh(&format!(
+        "docker -H {} rmi {registry}/{repo}:v1",
+        docker20()
+    ));
+}
+
+fn lib() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("env/lib.sh")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn engine_down_then_back() {
+    // A Docker of this test's own, so stopping it disturbs no other test.
+    let tag = unique("down");
+    let daemon = format!("dockerd-{tag}");
+    let ctd = format!("ctd-{tag}");
+    let start = format!(
+        "source {} && set +u && e2e_start_dockerd {daemon} {ctd}",
+        lib()
+    );
+    sh(&format!(
+        "source {} && set +u && e2e_start_containerd {ctd}",
+        lib()
+    ));
+    sh(&start);
+    let socket = format!("unix://{}/{daemon}/docker.sock", env("E2E_DIR"));
+    build_image(&socket, &format!("{tag}:v1"), 1);
+
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&socket, ""));
+    // Something only the push store has.
+    let http = reqwest::blocking::Client::new();
+    let blob = b"pushed while the engine is down";
+    let digest = format!("sha256:{}", sha256_hex(blob));
+    let r = http
+        .post(ferry.url(&format!("/v2/pushed/blobs/uploads/?digest={digest}")))
+        .body(blob.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let (status, _, _) = get_manifest(&ferry, &tag, "v1", "");
+    assert_eq!(status, 200);
+    sh(&format!("source {} && set +u && e2e_stop {daemon}", lib()));
+
+    // Fresh names, so nothing comes from the cache.
+    let started = std::time::Instant::now();
+    let (status, _, body) = get_manifest(&ferry, &format!("{tag}x"), "v1", "");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 404);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let r = http
+        .get(ferry.url(&format!("/v2/pushed/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "the push store still answers");
+    assert!(ferry.logs().contains("unavailable"), "the outage is logged");
+
+    sh(&start);
+    build_image(&socket, &format!("{tag}y:v1"), 1);
+    let (status, _, _) = get_manifest(&ferry, &format!("{tag}y"), "v1", "");
+    assert_eq!(
+        status,
+        200,
+        "served again without restarting ferry:\n{}",
+        ferry.logs()
+    );
+    sh(&format!(
+        "source {} && set +u && e2e_stop {daemon} && e2e_stop {ctd}",
+        lib()
+    ));
+}
+
+/// A fake engine: this reproduces broken export answers, which no real engine gives on
+/// purpose. It answers the handful of Engine API calls the backend makes and serves `export`
+/// as the body of every `/images/.../get`.
+fn fake_engine(socket: &Path, export: Vec<u8>) {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line.split(' ').nth(1).unwrap_or("").to_string();
+            let (ctype, payload): (&str, Vec<u8>) = if path.ends_with("/version") {
+                ("application/json", br#"{"Version":"0.0-fake","ApiVersion":"1.41","Components":[{"Name":"Engine","Version":"0.0-fake"}]}"#.to_vec())
+            } else if path.ends_with("/info") {
+                ("application/json", br#"{"DriverStatus":[]}"#.to_vec())
+            } else if path.contains("/json") && path.contains("/images/") {
+                ("application/json", br#"{"Id":"sha256:1111111111111111111111111111111111111111111111111111111111111111","RootFS":{"Type":"layers","Layers":[]}}"#.to_vec())
+            } else if path.contains("/images/json") {
+                ("application/json", b"[]".to_vec())
+            } else if path.contains("/get") {
+                ("application/x-tar", export.clone())
+            } else {
+                ("application/json", b"{}".to_vec())
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                payload.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&payload);
+        }
+    });
+}
+
+fn tar_with(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn unusable_exports_are_errors_and_leave_nothing() {
+    let layer = vec![7u8; 100_000];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "not a tar",
+            b"this is not a tar archive, just text".repeat(100),
+        ),
+        (
+            "tar without manifest.json or index.json",
+            tar_with(&[("abc/layer.tar", &layer), ("abc.json", b"{}")]),
+        ),
+        (
+            "manifest.json naming a missing layer",
+            tar_with(&[
+                ("abc.json", b"{}"),
+                (
+                    "manifest.json",
+                    br#"[{"Config":"abc.json","Layers":["gone/layer.tar"]}]"#,
+                ),
+            ]),
+        ),
+    ];
+    for (what, export) in cases {
+        let dir = scratch();
+        let socket = dir.path().join("fake.sock");
+        fake_engine(&socket, export);
+        let ferry = Ferry::start(
+            dir.path(),
+            &docker_chain(&format!("unix://{}", socket.display()), ""),
+        );
+        let (status, _, body) = get_manifest(&ferry, "broken", "v1", "");
+        assert_eq!(status, 500, "{what}: {}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNKNOWN", "{what}");
+        assert!(
+            v["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("export"),
+            "{what}: {v}"
+        );
+        let left: Vec<_> = snapshot(&ferry.dir.join("docker"))
+            .into_iter()
+            .filter(|(p, _)| !p.starts_with("entries/."))
+            .collect();
+        assert!(left.is_empty(), "{what}: the cache keeps {left:?}");
+    }
+}
