@@ -73,6 +73,23 @@ e2e_stop_all() {
     done
 }
 
+# Docker 26.1 and containerd 1.7 from Debian 13's packages, unpacked (not installed) under
+# $E2E_DIR/trixie/root; their binaries run on Debian 12. Prints the unpacked root.
+e2e_fetch_trixie() {
+    local t="$E2E_DIR/trixie" uri o
+    if [ ! -x "$t/root/usr/sbin/dockerd" ]; then
+        mkdir -p "$t/lists/partial" "$t/debs" "$t/root"
+        uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+        echo "deb $uri trixie main" >"$t/sources.list"
+        o="-o Dir::Etc::sourcelist=$t/sources.list -o Dir::Etc::sourceparts=- -o Dir::State::Lists=$t/lists"
+        apt-get $o update -q >"$E2E_DIR/logs/trixie.log" 2>&1
+        (cd "$t/debs" && apt-get $o download docker.io containerd >>"$E2E_DIR/logs/trixie.log" 2>&1)
+        for f in "$t"/debs/*.deb; do dpkg -x "$f" "$t/root"; done
+    fi
+    echo "$t/root"
+}
+
 # containerd with its own root, state and socket: $E2E_DIR/<name>/containerd.sock
 e2e_start_containerd() {
     local name=$1 bin=${2:-containerd} d="$E2E_DIR/$1"
@@ -100,7 +117,7 @@ e2e_start_dockerd() {
     local name=$1 ctd=$2 config=${3:-} d="$E2E_DIR/$1"
     mkdir -p "$d/root" "$d/exec"
     [ -n "$config" ] || { config="$d/daemon.json"; echo '{}' >"$config"; }
-    e2e_spawn "$name" dockerd --config-file "$config" \
+    e2e_spawn "$name" "${DOCKERD:-dockerd}" --config-file "$config" \
         --containerd "$E2E_DIR/$ctd/containerd.sock" \
         --data-root "$d/root" --exec-root "$d/exec" -H "unix://$d/docker.sock" \
         --pidfile "$d/docker.pid" --bridge none --iptables=false --ip-masq=false

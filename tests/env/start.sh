@@ -10,6 +10,13 @@ e2e_start_dockerd docker20 ctd16
 e2e_start_containerd ctd16b
 e2e_start_dockerd docker20b ctd16b
 e2e_start_registry registry 5101
+# Docker 26 with the containerd image store, on containerd 1.7 (Debian 13's packages).
+trixie=$(e2e_fetch_trixie)
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17 "$trixie/usr/bin/containerd"
+echo '{"features": {"containerd-snapshotter": true}}' >"$E2E_DIR/docker26.json"
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
+    e2e_start_dockerd docker26 ctd17 "$E2E_DIR/docker26.json"
+e2e_start_podman podman
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
 e2e_start_registry registry-auth 5102 "$E2E_DIR/htpasswd"
 cat >"$E2E_DIR/env" <<ENV
@@ -17,6 +24,10 @@ export E2E_DIR=$E2E_DIR
 export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
 export E2E_CONTAINERD16_SOCK=$E2E_DIR/ctd16/containerd.sock
 export E2E_DOCKER20B_HOST=unix://$E2E_DIR/docker20b/docker.sock
+export E2E_DOCKER26_HOST=unix://$E2E_DIR/docker26/docker.sock
+export E2E_CONTAINERD17_SOCK=$E2E_DIR/ctd17/containerd.sock
+export E2E_TRIXIE_ROOT=$trixie
+export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
 export E2E_REGISTRY=127.0.0.1:5101
 export E2E_REGISTRY_AUTH=127.0.0.1:5102
 export E2E_REGISTRY_USER=e2e-user
