@@ -45,6 +45,15 @@ e2e_wait() {
     return 1
 }
 
+# Prints a loopback TCP port nothing listens on.
+e2e_free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 20000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
+    done
+}
+
 # Starts a daemon in the background, records its PID under $name.
 e2e_spawn() {
     local name=$1; shift

@@ -9,7 +9,8 @@ e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 e2e_start_containerd ctd16b
 e2e_start_dockerd docker20b ctd16b
-e2e_start_registry registry 5101
+registry_port=$(e2e_free_port)
+e2e_start_registry registry "$registry_port"
 # Docker 26 with the containerd image store, on containerd 1.7 (Debian 13's packages).
 trixie=$(e2e_fetch_trixie)
 PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17 "$trixie/usr/bin/containerd"
@@ -18,7 +19,8 @@ PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd"
     e2e_start_dockerd docker26 ctd17 "$E2E_DIR/docker26.json"
 e2e_start_podman podman
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
-e2e_start_registry registry-auth 5102 "$E2E_DIR/htpasswd"
+auth_port=$(e2e_free_port)
+e2e_start_registry registry-auth "$auth_port" "$E2E_DIR/htpasswd"
 cat >"$E2E_DIR/env" <<ENV
 export E2E_DIR=$E2E_DIR
 export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
@@ -28,8 +30,8 @@ export E2E_DOCKER26_HOST=unix://$E2E_DIR/docker26/docker.sock
 export E2E_CONTAINERD17_SOCK=$E2E_DIR/ctd17/containerd.sock
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
-export E2E_REGISTRY=127.0.0.1:5101
-export E2E_REGISTRY_AUTH=127.0.0.1:5102
+export E2E_REGISTRY=127.0.0.1:$registry_port
+export E2E_REGISTRY_AUTH=127.0.0.1:$auth_port
 export E2E_REGISTRY_USER=e2e-user
 export E2E_REGISTRY_PASS=e2e-pass
 ENV
