@@ -167,20 +167,27 @@ TOML
 }
 
 # Builds a runnable test image FROM scratch with busybox plus generated files, one layer per
-# extra file. Usage: e2e_build_image DOCKER_HOST TAG LAYERS [SEED]
+# extra file. --no-cache: tests build in parallel and remove their images, and a cached
+# parent removed by another test would break the build. With BASE, the image is built FROM
+# that image (sharing its layers) instead of scratch + busybox.
+# Usage: e2e_build_image DOCKER_HOST TAG LAYERS [BASE]
 e2e_build_image() {
-    local host=$1 tag=$2 layers=$3 seed=${4:-$2} ctx
+    local host=$1 tag=$2 layers=$3 base=${4:-} seed=$2 ctx
     ctx=$(mktemp -d "$E2E_DIR/build.XXXXXX")
     cp /bin/busybox "$ctx/busybox"
     {
-        echo "FROM scratch"
-        echo "COPY busybox /bin/busybox"
+        if [ -n "$base" ]; then
+            echo "FROM $base"
+        else
+            echo "FROM scratch"
+            echo "COPY busybox /bin/busybox"
+        fi
         for i in $(seq 1 "$layers"); do
             echo "$seed layer $i $(date +%s%N)" >"$ctx/file$i"
             echo "COPY file$i /data/file$i"
         done
         echo "CMD [\"/bin/busybox\", \"echo\", \"hello from $tag\"]"
     } >"$ctx/Dockerfile"
-    DOCKER_BUILDKIT=0 docker -H "$host" build -q -t "$tag" "$ctx" >/dev/null
+    DOCKER_BUILDKIT=0 docker -H "$host" build --no-cache -q -t "$tag" "$ctx" >/dev/null
     rm -rf "$ctx"
 }

@@ -108,9 +108,10 @@ fn shared_base_layer_is_stored_once() {
     let dir = scratch();
     let host = docker20();
     let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
-    let (a, b) = (unique("sharea"), unique("shareb"));
-    build_image(&host, &format!("{a}:v1"), 1);
-    build_image(&host, &format!("{b}:v1"), 1);
+    let (base, a, b) = (unique("shareb"), unique("sharea"), unique("shareb"));
+    build_image(&host, &format!("{base}:v1"), 0);
+    build_image_from(&host, &format!("{a}:v1"), 1, &format!("{base}:v1"));
+    build_image_from(&host, &format!("{b}:v1"), 1, &format!("{base}:v1"));
     let mut digests = std::collections::BTreeSet::new();
     let mut busybox = Vec::new();
     for n in [&a, &b] {
@@ -139,7 +140,7 @@ fn shared_base_layer_is_stored_once() {
         2 * 2 + 3,
         "2 manifests, 2 configs, 3 distinct layers"
     );
-    sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1"));
+    sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1 {base}:v1"));
 }
 
 #[test]

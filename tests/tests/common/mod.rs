@@ -63,9 +63,14 @@ pub fn sh_result(cmd: &str) -> (bool, String) {
 
 /// Builds a runnable image (busybox + `layers` generated files) in the engine at `host`.
 pub fn build_image(host: &str, tag: &str, layers: usize) {
+    build_image_from(host, tag, layers, "");
+}
+
+/// Builds an image of `layers` generated files on top of `base` (`""`: scratch + busybox).
+pub fn build_image_from(host: &str, tag: &str, layers: usize, base: &str) {
     let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("env/lib.sh");
     sh(&format!(
-        "source {} && set +u && e2e_build_image {host} {tag} {layers}",
+        "source {} && set +u && e2e_build_image {host} {tag} {layers} {base}",
         lib.display()
     ));
 }
