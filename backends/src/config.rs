@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use ferry_core::{BackendHandle, Result};
 
+use crate::containerd::ContainerdConfig;
 use crate::docker::DockerConfig;
 use crate::push::PushConfig;
 
@@ -15,6 +16,7 @@ use crate::push::PushConfig;
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
     Docker(DockerConfig),
+    Containerd(ContainerdConfig),
     Push(PushConfig),
 }
 
@@ -23,6 +25,7 @@ impl BackendConfig {
     pub async fn build(&self, data_dir: &Path) -> Result<BackendHandle> {
         match self {
             BackendConfig::Docker(c) => Ok(BackendHandle::read_only(c.build(data_dir).await?)),
+            BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(c.build().await?)),
             BackendConfig::Push(c) => Ok(BackendHandle::writable(c.build(data_dir).await?)),
         }
     }

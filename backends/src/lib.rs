@@ -1,6 +1,7 @@
 //! ferry's backends. Each has a serde config type and builds into a [`ferry_core::BackendHandle`].
 
 pub mod config;
+pub mod containerd;
 pub mod docker;
 mod fsutil;
 pub mod push;

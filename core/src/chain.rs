@@ -100,7 +100,7 @@ impl Chain {
             match handle.backend.manifest(image, ctx).await {
                 Ok(Some(m)) => {
                     let elapsed_ms = started.elapsed().as_millis() as u64;
-                    if !m.missing.is_empty() && !self.later_hold_all(i + 1, image, &m, ctx).await {
+                    if !m.missing.is_empty() && !self.later_hold_all(i + 1, image, &m, ctx).await? {
                         continue;
                     }
                     tracing::debug!(request = %ctx.request_id, backend = name, image = %what, elapsed_ms, "manifest found");
@@ -151,7 +151,7 @@ impl Chain {
              (Docker 25+ with the containerd image store drops shared layers from `docker save`, \
              moby#49473); add a containerd backend (namespace \"moby\", fetch_missing = true) after \
              the docker backend to serve them; answering 404 so the client falls back");
-        false
+        Ok(false)
     }
 
     /// A blob's size, or [`Error::BlobUnknown`].

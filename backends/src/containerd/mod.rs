@@ -1,0 +1,438 @@
+//! The containerd backend: serves blobs and manifests straight from containerd's content
+//! store, and heals blobs the store lacks by fetching them from the image's origin registry
+//! into the content store (what `ctr content fetch` does) while streaming them to the client.
+//!
+//! With namespace `moby` this reads the images of a Docker that uses the containerd image
+//! store without any `docker save`, and supplies the blobs that Docker's export drops when
+//! images share layers (moby#49473).
+
+mod origin;
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch, Mutex};
+
+use ferry_core::manifest::MAX_MANIFEST_SIZE;
+use ferry_core::{
+    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference,
+    Repository, RequestCtx, Result,
+};
+
+use origin::{OriginSettings, Origins};
+use store::{Store, SOURCE_LABEL};
+
+/// `[[backends]] type = "containerd"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerdConfig {
+    /// Name in logs and the `Ferry-Backend` header.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// containerd's gRPC socket.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// `moby` for Docker's containerd image store, `k8s.io` for k3s/kind nodes, `default`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Fetch blobs the content store lacks from the image's origin registry into it.
+    #[serde(default = "default_true")]
+    pub fetch_missing: bool,
+    /// Registry hosts (`host:port`) reached over plain HTTP; loopback hosts always are.
+    #[serde(default)]
+    pub plain_http: Vec<String>,
+    /// A PEM CA certificate to trust for origin registries.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_name() -> String {
+    "containerd".into()
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/containerd/containerd.sock")
+}
+fn default_namespace() -> String {
+    "moby".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Coalesce fetched bytes into writes of this size (a gRPC message each).
+const WRITE_CHUNK: usize = 1024 * 1024;
+
+impl ContainerdConfig {
+    pub async fn build(&self) -> Result<Arc<ContainerdBackend>> {
+        let store = Store::new(&self.name, self.socket.clone(), &self.namespace);
+        if let Err(e) = store.channel().await {
+            tracing::warn!(backend = %self.name, error = %e,
+                "containerd not reachable now; the backend answers 'unavailable' until it is");
+        }
+        let origins = Origins::new(OriginSettings {
+            plain_http: self.plain_http.clone(),
+            ca_file: self.ca_file.clone(),
+        })?;
+        Ok(Arc::new(ContainerdBackend {
+            config: self.clone(),
+            store: Arc::new(store),
+            origins: Arc::new(origins),
+            healing: Arc::new(Mutex::new(HashMap::new())),
+        }))
+    }
+}
+
+/// How a heal ended, for requests that waited on it.
+type HealDone = Option<std::result::Result<(), String>>;
+
+pub struct ContainerdBackend {
+    config: ContainerdConfig,
+    store: Arc<Store>,
+    origins: Arc<Origins>,
+    /// Heals in progress: later requests for the digest wait for the first one.
+    healing: Arc<Mutex<HashMap<Digest, watch::Receiver<HealDone>>>>,
+}
+
+impl ContainerdBackend {
+    /// Where a blob may come from: the request's repository first, then the origins
+    /// containerd recorded on content that names the blob.
+    async fn origins_for(&self, repo: &Repository, digest: &Digest) -> Result<Vec<Repository>> {
+        let mut out = vec![repo.clone()];
+        for r in self.store.sources_of(digest).await? {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_body(
+        &self,
+        digest: &Digest,
+        size: u64,
+        range: Option<ByteRange>,
+    ) -> Result<BlobBody> {
+        let (offset, len) = match range {
+            Some(r) => r.resolve(size)?,
+            None => (0, size),
+        };
+        Ok(BlobBody {
+            size,
+            range: range.map(|_| (offset, len)),
+            stream: self.store.read(digest, offset, len).await?,
+        })
+    }
+
+    /// Waits for a heal of `digest` already under way; `true` when there was one.
+    async fn wait_for_heal(&self, digest: &Digest) -> bool {
+        let rx = self.healing.lock().await.get(digest).cloned();
+        let Some(mut rx) = rx else { return false };
+        let _ = rx.wait_for(|done| done.is_some()).await;
+        true
+    }
+
+    /// Fetches a missing blob from its origin into the content store and streams it to the
+    /// caller as it arrives. `None` when no origin has it.
+    async fn heal(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        ctx: &RequestCtx,
+    ) -> Result<Option<BlobBody>> {
+        let (tx_done, rx_done) = watch::channel::<HealDone>(None);
+        {
+            let mut healing = self.healing.lock().await;
+            if healing.contains_key(digest) {
+                drop(healing);
+                self.wait_for_heal(digest).await;
+                return self.stored(digest, range).await;
+            }
+            healing.insert(digest.clone(), rx_done);
+        }
+        let result = self.start_heal(repo, digest, range, ctx, tx_done).await;
+        if !matches!(result, Ok(Some(_))) {
+            self.healing.lock().await.remove(digest);
+        }
+        result
+    }
+
+    async fn stored(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobBody>> {
+        match self.store.info(digest).await? {
+            Some(info) => Ok(Some(self.read_body(digest, info.size as u64, range).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn start_heal(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        ctx: &RequestCtx,
+        done: watch::Sender<HealDone>,
+    ) -> Result<Option<BlobBody>> {
+        let mut refused = None;
+        for origin in self.origins_for(repo, digest).await? {
+            let resp = match self
+                .origins
+                .blob(
+                    reqwest::Method::GET,
+                    &origin,
+                    digest,
+                    ctx.authorization.as_deref(),
+                )
+                .await
+            {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e @ Error::Unauthorized { .. }) => {
+                    tracing::warn!(backend = %self.config.name, %digest, origin = %origin, error = %e, "origin refused the fetch");
+                    refused = Some(e);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %self.config.name, %digest, origin = %origin, error = %e, "origin fetch failed");
+                    continue;
+                }
+            };
+            let Some(size) = resp.content_length() else {
+                tracing::warn!(backend = %self.config.name, %digest, origin = %origin, "origin sent no Content-Length");
+                continue;
+            };
+            let mut labels = HashMap::new();
+            labels.insert(
+                format!("{SOURCE_LABEL}{}", origin.registry()),
+                origin.path().to_string(),
+            );
+            let writer = self.store.writer(digest, size, labels).await?;
+            tracing::info!(backend = %self.config.name, %digest, origin = %origin, size,
+                "healing: fetching a blob the content store lacks from its origin");
+            let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
+            let task = HealTask {
+                backend: self.config.name.clone(),
+                digest: digest.clone(),
+                origin,
+                size,
+            };
+            let healing = self.healing.clone();
+            tokio::spawn(async move {
+                let outcome = task.run(resp, writer, tx).await;
+                healing.lock().await.remove(&task.digest);
+                let _ = done.send(Some(outcome.map_err(|e| e.to_string())));
+            });
+            if range.is_some() {
+                // A range of a blob being fetched: serve it from the store once it is there.
+                drop(rx);
+                self.wait_for_heal(digest).await;
+                return self.stored(digest, range).await;
+            }
+            let stream = futures::stream::poll_fn({
+                let mut rx = rx;
+                move |cx| rx.poll_recv(cx)
+            })
+            .boxed();
+            return Ok(Some(BlobBody {
+                size,
+                range: None,
+                stream,
+            }));
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+/// One blob being fetched from its origin into the content store and to a client.
+struct HealTask {
+    backend: String,
+    digest: Digest,
+    origin: Repository,
+    size: u64,
+}
+
+impl HealTask {
+    /// Copies the origin's body into containerd (in 1 MiB writes) and to the client channel.
+    /// The fetch goes on when the client goes away, so the store is healed regardless; on
+    /// any failure the ingest is aborted and nothing is committed.
+    async fn run(
+        &self,
+        resp: reqwest::Response,
+        mut writer: store::ContentWriter,
+        tx: mpsc::Sender<std::io::Result<Bytes>>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let mut body = resp.bytes_stream();
+        let mut pending = BytesMut::with_capacity(WRITE_CHUNK);
+        let mut client = Some(tx);
+        let mut received = 0u64;
+        let failed: Option<Error> = loop {
+            match body.next().await {
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if let Some(c) = &client {
+                        if c.send(Ok(chunk.clone())).await.is_err() {
+                            client = None; // the client went away; keep healing
+                        }
+                    }
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() >= WRITE_CHUNK {
+                        if let Err(e) = writer.write(pending.split().freeze()).await {
+                            break Some(e);
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    break Some(Error::Unavailable {
+                        backend: self.backend.clone(),
+                        reason: format!("origin {}: {e}", self.origin),
+                    })
+                }
+                None if received != self.size => {
+                    break Some(Error::Internal(format!(
+                        "origin {} sent {received} of {} bytes",
+                        self.origin, self.size
+                    )))
+                }
+                None => break None,
+            }
+        };
+        let result = match failed {
+            Some(e) => {
+                writer.abort().await;
+                Err(e)
+            }
+            None => match writer.write(pending.split().freeze()).await {
+                Ok(()) => writer.commit().await,
+                Err(e) => {
+                    writer.abort().await;
+                    Err(e)
+                }
+            },
+        };
+        match &result {
+            Ok(()) => {
+                tracing::info!(backend = %self.backend, digest = %self.digest, origin = %self.origin, size = self.size,
+                elapsed_ms = started.elapsed().as_millis() as u64, "healed: blob committed to the content store")
+            }
+            Err(e) => {
+                tracing::error!(backend = %self.backend, digest = %self.digest, origin = %self.origin, error = %e,
+                    "heal failed; nothing was committed");
+                if let Some(c) = client {
+                    let _ = c.send(Err(std::io::Error::other(e.to_string()))).await;
+                }
+            }
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl Backend for ContainerdBackend {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn manifest(&self, image: &ImageRef, _ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        let (digest, size) = match &image.reference {
+            Reference::Tag(tag) => {
+                let name = format!("{}:{tag}", image.repository.canonical());
+                let Some((digest, _)) = self.store.image_target(&name).await? else {
+                    return Ok(None);
+                };
+                let Some(info) = self.store.info(&digest).await? else {
+                    return Ok(None);
+                };
+                (digest, info.size as u64)
+            }
+            Reference::Digest(d) => match self.store.info(d).await? {
+                Some(info) => (d.clone(), info.size as u64),
+                None => return Ok(None),
+            },
+        };
+        if size > MAX_MANIFEST_SIZE {
+            return Ok(None);
+        }
+        let bytes = self.store.read_small(&digest, size).await?;
+        // containerd keeps no media types: read it from the JSON, and only serve manifests.
+        match ManifestInfo::parse(&bytes, None) {
+            Ok(info) => Ok(Some(Manifest {
+                bytes,
+                media_type: info.media_type,
+                digest,
+                missing: Vec::new(),
+            })),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn blob_size(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        ctx: &RequestCtx,
+    ) -> Result<Option<u64>> {
+        if let Some(info) = self.store.info(digest).await? {
+            return Ok(Some(info.size as u64));
+        }
+        if !self.config.fetch_missing {
+            return Ok(None);
+        }
+        let mut refused = None;
+        for origin in self.origins_for(repo, digest).await? {
+            match self
+                .origins
+                .blob(
+                    reqwest::Method::HEAD,
+                    &origin,
+                    digest,
+                    ctx.authorization.as_deref(),
+                )
+                .await
+            {
+                Ok(Some(resp)) => {
+                    if let Some(len) = resp.content_length() {
+                        return Ok(Some(len));
+                    }
+                }
+                Ok(None) => {}
+                Err(e @ Error::Unauthorized { .. }) => refused = Some(e),
+                Err(e) => {
+                    tracing::debug!(backend = %self.config.name, %digest, origin = %origin, error = %e, "origin HEAD failed")
+                }
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+
+    async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        ctx: &RequestCtx,
+    ) -> Result<Option<BlobBody>> {
+        if let Some(body) = self.stored(digest, range).await? {
+            return Ok(Some(body));
+        }
+        if !self.config.fetch_missing {
+            return Ok(None);
+        }
+        if self.wait_for_heal(digest).await {
+            return self.stored(digest, range).await;
+        }
+        self.heal(repo, digest, range, ctx).await
+    }
+}

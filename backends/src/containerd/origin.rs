@@ -1,0 +1,301 @@
+//! A minimal registry client for fetching one blob from an image's origin registry, with the
+//! anonymous, Basic and Bearer-token flows of the distribution spec, using the credentials the
+//! client sent to ferry.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+use tokio::sync::Mutex;
+
+use ferry_core::{Digest, Error, Repository, Result, DOCKER_HUB};
+
+/// Settings for reaching origin registries.
+#[derive(Clone, Debug, Default)]
+pub struct OriginSettings {
+    /// Hosts reached over plain HTTP (loopback hosts always are).
+    pub plain_http: Vec<String>,
+    /// Extra CA certificate (PEM) to trust.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// (registry, scope, client credentials): what a Bearer token was issued for.
+type TokenKey = (String, String, Option<String>);
+
+pub struct Origins {
+    http: reqwest::Client,
+    settings: OriginSettings,
+    /// Bearer tokens, reused until they are refused.
+    tokens: Mutex<HashMap<TokenKey, String>>,
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq)]
+enum Challenge {
+    Basic {
+        realm: String,
+    },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let (scheme, params) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+    let mut map = HashMap::new();
+    // key="value" pairs separated by commas; values may contain commas inside quotes.
+    let mut rest = params.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+            let end = quoted.find('"')?;
+            (&quoted[..end], &quoted[end + 1..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        map.insert(key.trim().to_ascii_lowercase(), value.to_string());
+        rest = tail.trim_start_matches([',', ' ']);
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "basic" => Some(Challenge::Basic {
+            realm: map.remove("realm").unwrap_or_default(),
+        }),
+        "bearer" => Some(Challenge::Bearer {
+            realm: map.remove("realm")?,
+            service: map.remove("service"),
+            scope: map.remove("scope"),
+        }),
+        _ => None,
+    }
+}
+
+impl Origins {
+    pub fn new(settings: OriginSettings) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Internal(format!("CA file {}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        Ok(Origins {
+            http,
+            settings,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Where a registry's API lives.
+    fn base_url(&self, registry: &str) -> String {
+        if registry == DOCKER_HUB {
+            return "https://registry-1.docker.io".into();
+        }
+        let host = registry
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(registry);
+        let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
+        let plain = loopback
+            || self
+                .settings
+                .plain_http
+                .iter()
+                .any(|h| h == registry || h == host);
+        format!("{}://{registry}", if plain { "http" } else { "https" })
+    }
+
+    fn unavailable(registry: &str, e: impl std::fmt::Display) -> Error {
+        Error::Unavailable {
+            backend: "origin".into(),
+            reason: format!("registry {registry}: {e}"),
+        }
+    }
+
+    /// `GET` (or `HEAD`) of a blob at its origin. `None` when the registry does not have it.
+    /// `authorization` is the client's own header, passed on for Basic challenges and token
+    /// requests; a refusal becomes [`Error::Unauthorized`].
+    pub async fn blob(
+        &self,
+        method: Method,
+        repo: &Repository,
+        digest: &Digest,
+        authorization: Option<&str>,
+    ) -> Result<Option<Response>> {
+        let registry = repo.registry();
+        let url = format!(
+            "{}/v2/{}/blobs/{digest}",
+            self.base_url(registry),
+            repo.path()
+        );
+        let scope = format!("repository:{}:pull", repo.path());
+        let key = (
+            registry.to_string(),
+            scope.clone(),
+            authorization.map(str::to_string),
+        );
+        let cached = self.tokens.lock().await.get(&key).cloned();
+        let mut auth = cached.map(|t| format!("Bearer {t}"));
+        for attempt in 0..3 {
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(a) = &auth {
+                req = req.header(AUTHORIZATION, a);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Self::unavailable(registry, e))?;
+            match resp.status() {
+                s if s.is_success() => return Ok(Some(resp)),
+                StatusCode::NOT_FOUND => return Ok(None),
+                StatusCode::UNAUTHORIZED if attempt < 2 => {
+                    let challenge = resp
+                        .headers()
+                        .get(WWW_AUTHENTICATE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_challenge);
+                    auth = match challenge {
+                        Some(Challenge::Basic { realm }) => match authorization {
+                            Some(a) if auth.as_deref() != Some(a) => Some(a.to_string()),
+                            _ => return Err(refused(registry, &realm, authorization.is_some())),
+                        },
+                        Some(Challenge::Bearer {
+                            realm,
+                            service,
+                            scope: s,
+                        }) => {
+                            let token = self
+                                .token(
+                                    registry,
+                                    &realm,
+                                    service.as_deref(),
+                                    s.as_deref().unwrap_or(&scope),
+                                    authorization,
+                                )
+                                .await?;
+                            self.tokens.lock().await.insert(key.clone(), token.clone());
+                            Some(format!("Bearer {token}"))
+                        }
+                        None => return Err(refused(registry, registry, authorization.is_some())),
+                    };
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    self.tokens.lock().await.remove(&key);
+                    return Err(refused(registry, registry, authorization.is_some()));
+                }
+                s => {
+                    return Err(Self::unavailable(
+                        registry,
+                        format!("{method} {url} answered {s}"),
+                    ))
+                }
+            }
+        }
+        Err(refused(registry, registry, authorization.is_some()))
+    }
+
+    /// Fetches a Bearer token from the realm, with the client's credentials when it sent any.
+    async fn token(
+        &self,
+        registry: &str,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        authorization: Option<&str>,
+    ) -> Result<String> {
+        let mut req = self.http.get(realm).query(&[("scope", scope)]);
+        if let Some(s) = service {
+            req = req.query(&[("service", s)]);
+        }
+        if let Some(a) = authorization {
+            req = req.header(AUTHORIZATION, a);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Self::unavailable(registry, e))?;
+        if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+            return Err(refused(registry, realm, authorization.is_some()));
+        }
+        if !resp.status().is_success() {
+            return Err(Self::unavailable(
+                registry,
+                format!("token endpoint {realm} answered {}", resp.status()),
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let t: Token = resp
+            .json()
+            .await
+            .map_err(|e| Self::unavailable(registry, format!("token answer: {e}")))?;
+        t.token
+            .or(t.access_token)
+            .ok_or_else(|| Self::unavailable(registry, "token answer without a token"))
+    }
+}
+
+fn refused(registry: &str, realm: &str, had_credentials: bool) -> Error {
+    Error::Unauthorized {
+        realm: realm.to_string(),
+        message: if had_credentials {
+            format!("registry {registry} refused the credentials")
+        } else {
+            format!("registry {registry} needs credentials")
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/alpine:pull".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="e2e""#),
+            Some(Challenge::Basic {
+                realm: "e2e".into()
+            })
+        );
+        assert_eq!(parse_challenge("Negotiate"), None);
+    }
+
+    #[test]
+    fn loopback_is_plain_http() {
+        let o = Origins::new(OriginSettings {
+            plain_http: vec!["reg.lan:5000".into()],
+            ca_file: None,
+        })
+        .unwrap();
+        assert_eq!(o.base_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        assert_eq!(o.base_url("localhost:5000"), "http://localhost:5000");
+        assert_eq!(o.base_url("reg.lan:5000"), "http://reg.lan:5000");
+        assert_eq!(o.base_url("ghcr.io"), "https://ghcr.io");
+        assert_eq!(o.base_url("docker.io"), "https://registry-1.docker.io");
+    }
+}
