@@ -57,12 +57,7 @@ pub trait Backend: Send + Sync {
     async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Manifest>>;
 
     /// The size of a blob, without opening it (for `HEAD`).
-    async fn blob_size(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        ctx: &RequestCtx,
-    ) -> Result<Option<u64>>;
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>>;
 
     /// Opens a blob, whole or one range of it.
     async fn blob(
@@ -107,23 +102,11 @@ pub trait Registry: Backend {
 
     /// Appends a chunk. `start` is the chunk's first byte as the client's `Content-Range`
     /// says; when it is not the upload's current size, [`crate::Error::UploadOutOfOrder`].
-    async fn append(
-        &self,
-        repo: &Repository,
-        id: &str,
-        start: Option<u64>,
-        body: ByteStream,
-    ) -> Result<UploadState>;
+    async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState>;
 
     /// Appends a last chunk (possibly empty) and stores the blob when it hashes to `digest`.
     /// On a mismatch nothing is stored and the session is discarded.
-    async fn finish_upload(
-        &self,
-        repo: &Repository,
-        id: &str,
-        digest: &Digest,
-        body: ByteStream,
-    ) -> Result<u64>;
+    async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64>;
 
     /// Discards an upload session.
     async fn cancel_upload(&self, repo: &Repository, id: &str) -> Result<()>;

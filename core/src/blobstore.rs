@@ -84,26 +84,21 @@ impl BlobStore {
 
     /// Opens a blob (or one range of it) as a stream, or `None` when absent. The file stays
     /// readable while it is streamed even if it is deleted meanwhile.
-    pub async fn open_blob(
-        &self,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<Option<BlobBody>> {
+    pub async fn open_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobBody>> {
         let path = self.path(digest);
-        let opened =
-            tokio::task::spawn_blocking(move || -> io::Result<Option<(std::fs::File, u64)>> {
-                match std::fs::File::open(&path) {
-                    Ok(f) => {
-                        let size = f.metadata()?.len();
-                        Ok(Some((f, size)))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(e),
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<Option<(std::fs::File, u64)>> {
+            match std::fs::File::open(&path) {
+                Ok(f) => {
+                    let size = f.metadata()?.len();
+                    Ok(Some((f, size)))
                 }
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("blob open task failed: {e}")))?
-            .map_err(|e| Error::io(format!("opening blob {digest}"), e))?;
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("blob open task failed: {e}")))?
+        .map_err(|e| Error::io(format!("opening blob {digest}"), e))?;
         let Some((file, size)) = opened else {
             return Ok(None);
         };
@@ -123,8 +118,7 @@ impl BlobStore {
     /// checked at [`BlobWriter::commit`].
     pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
         let tmp = self.tmp_dir().join(uuid::Uuid::new_v4().to_string());
-        let file = std::fs::File::create(&tmp)
-            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         Ok(BlobWriter {
             store: self.clone(),
             file: std::io::BufWriter::with_capacity(READ_CHUNK, file),
@@ -136,11 +130,7 @@ impl BlobStore {
     }
 
     /// Writes a whole stream as one blob, never holding more than a chunk in memory.
-    pub async fn write_stream(
-        &self,
-        expected: Option<Digest>,
-        body: ByteStream,
-    ) -> Result<(Digest, u64)> {
+    pub async fn write_stream(&self, expected: Option<Digest>, body: ByteStream) -> Result<(Digest, u64)> {
         let store = self.clone();
         let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
         blocking(move || {
@@ -173,8 +163,7 @@ impl BlobStore {
         }
         let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
         blocking(move || {
-            let f = std::fs::File::open(&file)
-                .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+            let f = std::fs::File::open(&file).map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
             f.sync_all()
                 .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
             store.place(&file, &digest)
@@ -186,10 +175,8 @@ impl BlobStore {
     fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        std::fs::rename(file, &dest)
-            .map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::rename(file, &dest).map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
         if let Ok(d) = std::fs::File::open(&dir) {
             // Best effort: makes the rename itself durable.
             let _ = d.sync_all();
@@ -213,19 +200,11 @@ impl BlobStore {
         let mut dirs = fs::read_dir(&base)
             .await
             .map_err(|e| Error::io(format!("listing {}", base.display()), e))?;
-        while let Some(d) = dirs
-            .next_entry()
-            .await
-            .map_err(|e| Error::io("listing blobs", e))?
-        {
+        while let Some(d) = dirs.next_entry().await.map_err(|e| Error::io("listing blobs", e))? {
             let mut files = fs::read_dir(d.path())
                 .await
                 .map_err(|e| Error::io("listing blobs", e))?;
-            while let Some(f) = files
-                .next_entry()
-                .await
-                .map_err(|e| Error::io("listing blobs", e))?
-            {
+            while let Some(f) = files.next_entry().await.map_err(|e| Error::io("listing blobs", e))? {
                 if let Ok(digest) = format!("sha256:{}", f.file_name().to_string_lossy()).parse() {
                     out.push(digest);
                 }
@@ -275,9 +254,7 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
     tokio_stream_from(rx)
 }
 
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-) -> crate::backend::ByteStream {
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> crate::backend::ByteStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
 }
 
@@ -334,8 +311,7 @@ impl BlobWriter {
                 )));
             }
         }
-        std::io::Write::flush(&mut self.file)
-            .map_err(|e| Error::io("flushing blob temp file", e))?;
+        std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
         self.file
             .get_ref()
             .sync_all()
@@ -375,10 +351,7 @@ mod tests {
     async fn write_verify_read() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let d = store
-            .write_bytes(Bytes::from_static(b"hello world"))
-            .await
-            .unwrap();
+        let d = store.write_bytes(Bytes::from_static(b"hello world")).await.unwrap();
         assert_eq!(d, Digest::of(b"hello world"));
         assert_eq!(store.size(&d).await.unwrap(), Some(11));
         let body = store
@@ -402,10 +375,7 @@ mod tests {
         std::io::Write::write_all(&mut w, b"hello").unwrap();
         assert!(matches!(w.commit(), Err(Error::DigestInvalid(_))));
         assert!(store.list().await.unwrap().is_empty());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
@@ -433,9 +403,6 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("tmp/partial"), b"half").unwrap();
         BlobStore::open(dir.path()).await.unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }

@@ -32,28 +32,18 @@ impl Chain {
 
     /// Names of the backends in query order.
     pub fn names(&self) -> Vec<String> {
-        self.backends
-            .iter()
-            .map(|b| b.backend.name().to_string())
-            .collect()
+        self.backends.iter().map(|b| b.backend.name().to_string()).collect()
     }
 
     /// The first writable backend: where pushes go.
     pub fn registry(&self) -> Option<(String, Arc<dyn Registry>)> {
-        self.backends.iter().find_map(|b| {
-            b.registry
-                .clone()
-                .map(|r| (b.backend.name().to_string(), r))
-        })
+        self.backends
+            .iter()
+            .find_map(|b| b.registry.clone().map(|r| (b.backend.name().to_string(), r)))
     }
 
     /// Asks each backend in turn with `ask` until one answers `Some`.
-    async fn first<'s, T, F>(
-        &'s self,
-        what: &str,
-        ctx: &RequestCtx,
-        ask: F,
-    ) -> Result<Option<Found<T>>>
+    async fn first<'s, T, F>(&'s self, what: &str, ctx: &RequestCtx, ask: F) -> Result<Option<Found<T>>>
     where
         F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
     {
@@ -126,25 +116,27 @@ impl Chain {
         Err(unauthorized.unwrap_or(Error::ManifestUnknown(what)))
     }
 
-    /// True when the backends from index `from` on hold every blob `m` lacks.
-    async fn later_hold_all(
-        &self,
-        from: usize,
-        image: &ImageRef,
-        m: &Manifest,
-        ctx: &RequestCtx,
-    ) -> bool {
+    /// True when the backends from index `from` on hold every blob `m` lacks. When one of
+    /// them could fetch a blob but needs the client's credentials, that is the answer, so the
+    /// client authenticates and asks again.
+    async fn later_hold_all(&self, from: usize, image: &ImageRef, m: &Manifest, ctx: &RequestCtx) -> Result<bool> {
         let mut lacking = Vec::new();
+        let mut unauthorized = None;
         'blobs: for digest in &m.missing {
             for h in &self.backends[from..] {
-                if let Ok(Some(_)) = h.backend.blob_size(&image.repository, digest, ctx).await {
-                    continue 'blobs;
+                match h.backend.blob_size(&image.repository, digest, ctx).await {
+                    Ok(Some(_)) => continue 'blobs,
+                    Err(e @ Error::Unauthorized { .. }) => unauthorized = Some(e),
+                    Ok(None) | Err(_) => {}
                 }
             }
             lacking.push(digest.to_string());
         }
         if lacking.is_empty() {
-            return true;
+            return Ok(true);
+        }
+        if let Some(e) = unauthorized {
+            return Err(e);
         }
         tracing::warn!(request = %ctx.request_id, image = %image, manifest = %m.digest, missing = ?lacking,
             "the engine's export of this image lacks blobs and no later backend holds them \
@@ -155,18 +147,11 @@ impl Chain {
     }
 
     /// A blob's size, or [`Error::BlobUnknown`].
-    pub async fn blob_size(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        ctx: &RequestCtx,
-    ) -> Result<Found<u64>> {
+    pub async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Found<u64>> {
         let what = format!("{repo}@{digest}");
-        self.first(&what, ctx, |h| {
-            Box::pin(h.backend.blob_size(repo, digest, ctx))
-        })
-        .await?
-        .ok_or(Error::BlobUnknown(what))
+        self.first(&what, ctx, |h| Box::pin(h.backend.blob_size(repo, digest, ctx)))
+            .await?
+            .ok_or(Error::BlobUnknown(what))
     }
 
     /// Opens a blob, or [`Error::BlobUnknown`].
@@ -178,11 +163,9 @@ impl Chain {
         ctx: &RequestCtx,
     ) -> Result<Found<BlobBody>> {
         let what = format!("{repo}@{digest}");
-        self.first(&what, ctx, |h| {
-            Box::pin(h.backend.blob(repo, digest, range, ctx))
-        })
-        .await?
-        .ok_or(Error::BlobUnknown(what))
+        self.first(&what, ctx, |h| Box::pin(h.backend.blob(repo, digest, range, ctx)))
+            .await?
+            .ok_or(Error::BlobUnknown(what))
     }
 
     /// The union of every backend's tags, sorted; [`Error::NameUnknown`] when none knows

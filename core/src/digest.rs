@@ -42,9 +42,9 @@ impl FromStr for Digest {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let (algo, encoded) = s.split_once(':').ok_or_else(|| {
-            Error::DigestInvalid(format!("{s:?} is not of the form algorithm:hex"))
-        })?;
+        let (algo, encoded) = s
+            .split_once(':')
+            .ok_or_else(|| Error::DigestInvalid(format!("{s:?} is not of the form algorithm:hex")))?;
         if algo.is_empty()
             || !algo
                 .bytes()
@@ -55,11 +55,7 @@ impl FromStr for Digest {
         if algo != "sha256" {
             return Err(Error::DigestUnsupported(algo.to_string()));
         }
-        if encoded.len() != 64
-            || !encoded
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if encoded.len() != 64 || !encoded.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(Error::DigestInvalid(format!(
                 "{s:?}: sha256 needs 64 lowercase hex characters"
             )));
@@ -119,10 +115,7 @@ mod tests {
             ":abc",
             "sha256:zzf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
         ] {
-            assert!(
-                matches!(bad.parse::<Digest>(), Err(Error::DigestInvalid(_))),
-                "{bad}"
-            );
+            assert!(matches!(bad.parse::<Digest>(), Err(Error::DigestInvalid(_))), "{bad}");
         }
         assert!(matches!(
             "sha512:abcd".parse::<Digest>(),

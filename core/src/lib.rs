@@ -9,9 +9,7 @@ pub mod manifest;
 pub mod range;
 pub mod reference;
 
-pub use backend::{
-    Backend, BackendHandle, BlobBody, ByteStream, Registry, RequestCtx, UploadState,
-};
+pub use backend::{Backend, BackendHandle, BlobBody, ByteStream, Registry, RequestCtx, UploadState};
 pub use blobstore::BlobStore;
 pub use chain::{Chain, Found};
 pub use digest::Digest;

@@ -142,9 +142,7 @@ impl ManifestInfo {
         let mut manifests = Vec::new();
         if media::is_index(&media_type) {
             if p.config.is_some() || !p.layers.is_empty() {
-                return Err(Error::ManifestInvalid(
-                    "an index has no config or layers".into(),
-                ));
+                return Err(Error::ManifestInvalid("an index has no config or layers".into()));
             }
             manifests = p.manifests;
         } else {
@@ -193,10 +191,7 @@ mod tests {
     #[test]
     fn rejects_garbage() {
         for bad in [&b"not json"[..], b"{}", b"[]", br#"{"schemaVersion":1}"#] {
-            assert!(matches!(
-                ManifestInfo::parse(bad, None),
-                Err(Error::ManifestInvalid(_))
-            ));
+            assert!(matches!(ManifestInfo::parse(bad, None), Err(Error::ManifestInvalid(_))));
         }
     }
 }

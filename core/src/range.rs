@@ -69,29 +69,14 @@ mod tests {
 
     #[test]
     fn parse_and_resolve() {
+        assert_eq!(ByteRange::parse("bytes=0-9").unwrap().resolve(100).unwrap(), (0, 10));
+        assert_eq!(ByteRange::parse("bytes=90-").unwrap().resolve(100).unwrap(), (90, 10));
+        assert_eq!(ByteRange::parse("bytes=-5").unwrap().resolve(100).unwrap(), (95, 5));
         assert_eq!(
-            ByteRange::parse("bytes=0-9").unwrap().resolve(100).unwrap(),
-            (0, 10)
-        );
-        assert_eq!(
-            ByteRange::parse("bytes=90-").unwrap().resolve(100).unwrap(),
-            (90, 10)
-        );
-        assert_eq!(
-            ByteRange::parse("bytes=-5").unwrap().resolve(100).unwrap(),
-            (95, 5)
-        );
-        assert_eq!(
-            ByteRange::parse("bytes=50-500")
-                .unwrap()
-                .resolve(100)
-                .unwrap(),
+            ByteRange::parse("bytes=50-500").unwrap().resolve(100).unwrap(),
             (50, 50)
         );
-        assert!(ByteRange::parse("bytes=100-")
-            .unwrap()
-            .resolve(100)
-            .is_err());
+        assert!(ByteRange::parse("bytes=100-").unwrap().resolve(100).is_err());
         assert!(ByteRange::parse("bytes=0-1,3-4").is_none());
         assert!(ByteRange::parse("items=0-1").is_none());
         assert!(ByteRange::parse("bytes=5-1").is_none());

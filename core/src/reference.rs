@@ -38,9 +38,7 @@ impl Repository {
         let (registry, path) = match ns {
             Some(ns) => (normalize_registry(ns)?, name),
             None => match name.split_once('/') {
-                Some((first, rest)) if is_host_component(first) => {
-                    (normalize_registry(first)?, rest)
-                }
+                Some((first, rest)) if is_host_component(first) => (normalize_registry(first)?, rest),
                 _ => (DOCKER_HUB.to_string(), name),
             },
         };
@@ -79,10 +77,7 @@ impl Repository {
     /// images, `user/app` for other Hub images, `registry.k8s.io/pause` elsewhere.
     pub fn familiar(&self) -> String {
         if self.registry == DOCKER_HUB {
-            self.path
-                .strip_prefix("library/")
-                .unwrap_or(&self.path)
-                .to_string()
+            self.path.strip_prefix("library/").unwrap_or(&self.path).to_string()
         } else {
             self.canonical()
         }
@@ -155,10 +150,7 @@ pub struct ImageRef {
 
 impl ImageRef {
     pub fn new(repository: Repository, reference: Reference) -> Self {
-        ImageRef {
-            repository,
-            reference,
-        }
+        ImageRef { repository, reference }
     }
 }
 
@@ -257,12 +249,9 @@ fn normalize_registry(host: &str) -> Result<String> {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
         && !name.starts_with(['.', '-'])
         && !name.contains("..");
-    let port_ok =
-        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     if !name_ok || !port_ok {
-        return Err(Error::NameInvalid(format!(
-            "{host:?} is not a registry host"
-        )));
+        return Err(Error::NameInvalid(format!("{host:?} is not a registry host")));
     }
     Ok(match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.into(),
@@ -327,10 +316,7 @@ mod tests {
             "/a",
             long.as_str(),
         ] {
-            assert!(
-                matches!(repo(bad, None), Err(Error::NameInvalid(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(repo(bad, None), Err(Error::NameInvalid(_))), "{bad:?}");
         }
         assert!(repo("a", Some("bad host!")).is_err());
         for good in ["a", "a-b", "a--b", "a__b", "a_b.c", "a0/b1/c2", "x/y-z.w"] {
@@ -340,22 +326,10 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(
-            Reference::parse("v1.0").unwrap(),
-            Reference::Tag("v1.0".into())
-        );
-        assert!(matches!(
-            Reference::parse(".bad"),
-            Err(Error::TagInvalid(_))
-        ));
-        assert!(matches!(
-            Reference::parse(&"a".repeat(129)),
-            Err(Error::TagInvalid(_))
-        ));
+        assert_eq!(Reference::parse("v1.0").unwrap(), Reference::Tag("v1.0".into()));
+        assert!(matches!(Reference::parse(".bad"), Err(Error::TagInvalid(_))));
+        assert!(matches!(Reference::parse(&"a".repeat(129)), Err(Error::TagInvalid(_))));
         assert!(Reference::parse(&"a".repeat(128)).is_ok());
-        assert!(matches!(
-            Reference::parse("sha256:00"),
-            Err(Error::DigestInvalid(_))
-        ));
+        assert!(matches!(Reference::parse("sha256:00"), Err(Error::DigestInvalid(_))));
     }
 }

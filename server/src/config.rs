@@ -82,8 +82,7 @@ fn default_dir() -> PathBuf {
     PathBuf::from("/var/lib/ferry")
 }
 fn default_backends() -> Vec<BackendConfig> {
-    let push: PushConfig =
-        serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("defaults parse"));
+    let push: PushConfig = serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("defaults parse"));
     vec![BackendConfig::Push(push)]
 }
 
@@ -95,9 +94,8 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
     } else {
         s.clone()
     };
-    full.parse().map_err(|e| {
-        serde::de::Error::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}"))
-    })
+    full.parse()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}")))
 }
 
 /// Values given on the command line; each overrides every other source.
@@ -123,16 +121,8 @@ impl Config {
         }
         fig = fig
             // distribution's and k3d's variable names for the listen address.
-            .merge(
-                Env::raw()
-                    .only(&["registry_listen_addr"])
-                    .map(|_| "server.addr".into()),
-            )
-            .merge(
-                Env::raw()
-                    .only(&["registry_http_addr"])
-                    .map(|_| "server.addr".into()),
-            )
+            .merge(Env::raw().only(&["registry_listen_addr"]).map(|_| "server.addr".into()))
+            .merge(Env::raw().only(&["registry_http_addr"]).map(|_| "server.addr".into()))
             .merge(Env::prefixed("FERRY_").ignore(&["config"]).split("__"));
         if let Some(a) = &flags.addr {
             fig = fig.merge(Serialized::default("server.addr", a));
@@ -183,12 +173,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("adr") && e.contains("ferry.toml"), "{e}");
-        let e = load_toml(
-            "[[backends]]\ntype = \"push\"\nallow_delet = true\n",
-            &Flags::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = load_toml("[[backends]]\ntype = \"push\"\nallow_delet = true\n", &Flags::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("allow_delet") && e.contains("ferry.toml"), "{e}");
         let e = load_toml("[[backends]]\ntype = \"nope\"\n", &Flags::default())
             .unwrap_err()

@@ -95,11 +95,7 @@ async fn serve(config: Config) -> Result<(), String> {
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
     let app = api::app(Arc::new(api::AppState::new(chain)));
     poem::Server::new(TcpListener::bind(config.server.addr))
-        .run_with_graceful_shutdown(
-            app,
-            shutdown_signal(),
-            Some(std::time::Duration::from_secs(5)),
-        )
+        .run_with_graceful_shutdown(app, shutdown_signal(), Some(std::time::Duration::from_secs(5)))
         .await
         .map_err(|e| format!("cannot serve on {}: {e}", config.server.addr))
 }
@@ -108,9 +104,7 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             tokio::select! {
                 _ = ctrl_c => {},
                 _ = term.recv() => {},

@@ -93,10 +93,7 @@ fn base_endpoint() {
     let api = Api::start("");
     let r = api.http.get(api.url("/v2/")).send().unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        header(&r, "Docker-Distribution-API-Version"),
-        "registry/2.0"
-    );
+    assert_eq!(header(&r, "Docker-Distribution-API-Version"), "registry/2.0");
 }
 
 #[test]
@@ -104,11 +101,7 @@ fn chunked_upload_status_out_of_order_and_cancel() {
     let api = Api::start("");
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let digest = format!("sha256:{}", sha256_hex(&data));
-    let r = api
-        .http
-        .post(api.url("/v2/up/load/blobs/uploads/"))
-        .send()
-        .unwrap();
+    let r = api.http.post(api.url("/v2/up/load/blobs/uploads/")).send().unwrap();
     assert_eq!(r.status(), 202);
     let location = header(&r, "Location");
     assert!(!header(&r, "Docker-Upload-UUID").is_empty());
@@ -143,12 +136,7 @@ fn chunked_upload_status_out_of_order_and_cancel() {
 
     // Streamed PATCH without Content-Range continues, then PUT completes with the digest.
     let (b1, b2) = b.split_at(150_000);
-    let r = api
-        .http
-        .patch(api.url(&location))
-        .body(b1.to_vec())
-        .send()
-        .unwrap();
+    let r = api.http.patch(api.url(&location)).body(b1.to_vec()).send().unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(header(&r, "Range"), "0-249999");
     let r = api
@@ -170,16 +158,9 @@ fn chunked_upload_status_out_of_order_and_cancel() {
     assert_oci_error(s, &body, 404, "BLOB_UPLOAD_UNKNOWN");
 
     // Cancel.
-    let r = api
-        .http
-        .post(api.url("/v2/up/load/blobs/uploads/"))
-        .send()
-        .unwrap();
+    let r = api.http.post(api.url("/v2/up/load/blobs/uploads/")).send().unwrap();
     let location = header(&r, "Location");
-    assert_eq!(
-        api.http.delete(api.url(&location)).send().unwrap().status(),
-        204
-    );
+    assert_eq!(api.http.delete(api.url(&location)).send().unwrap().status(), 204);
     let (s, body) = error_of(api.http.get(api.url(&location)).send().unwrap());
     assert_oci_error(s, &body, 404, "BLOB_UPLOAD_UNKNOWN");
     assert!(std::fs::read_dir(api.ferry.dir.join("push/uploads"))
@@ -203,11 +184,7 @@ fn wrong_digest_on_put_stores_nothing() {
     assert_oci_error(s, &body, 400, "DIGEST_INVALID");
     assert_eq!(api.store(), before);
 
-    let r = api
-        .http
-        .post(api.url("/v2/x/blobs/uploads/"))
-        .send()
-        .unwrap();
+    let r = api.http.post(api.url("/v2/x/blobs/uploads/")).send().unwrap();
     let location = header(&r, "Location");
     let r = api
         .http
@@ -217,11 +194,7 @@ fn wrong_digest_on_put_stores_nothing() {
         .unwrap();
     let (s, body) = error_of(r);
     assert_oci_error(s, &body, 400, "DIGEST_INVALID");
-    assert_eq!(
-        api.store(),
-        before,
-        "a failed upload leaves neither blob nor session"
-    );
+    assert_eq!(api.store(), before, "a failed upload leaves neither blob nor session");
 }
 
 #[test]
@@ -238,11 +211,7 @@ fn unknown_upload_ids() {
         assert_oci_error(s, &b, 404, "BLOB_UPLOAD_UNKNOWN");
     }
     // A session belongs to the repository it was opened for.
-    let r = api
-        .http
-        .post(api.url("/v2/x/blobs/uploads/"))
-        .send()
-        .unwrap();
+    let r = api.http.post(api.url("/v2/x/blobs/uploads/")).send().unwrap();
     let id = header(&r, "Docker-Upload-UUID");
     let (s, b) = error_of(
         api.http
@@ -259,9 +228,7 @@ fn cross_repository_mount() {
     let d = api.put_blob("src/repo", b"shared layer");
     let r = api
         .http
-        .post(api.url(&format!(
-            "/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo"
-        )))
+        .post(api.url(&format!("/v2/dst/repo/blobs/uploads/?mount={d}&from=src/repo")))
         .send()
         .unwrap();
     assert_eq!(r.status(), 201);
@@ -269,9 +236,7 @@ fn cross_repository_mount() {
     let unknown = format!("sha256:{}", sha256_hex(b"never pushed"));
     let r = api
         .http
-        .post(api.url(&format!(
-            "/v2/dst/repo/blobs/uploads/?mount={unknown}&from=src/repo"
-        )))
+        .post(api.url(&format!("/v2/dst/repo/blobs/uploads/?mount={unknown}&from=src/repo")))
         .send()
         .unwrap();
     assert_eq!(r.status(), 202, "unknown blob: an upload session instead");
@@ -284,29 +249,14 @@ fn range_reads() {
     let data: Vec<u8> = (0..1000u32).map(|i| (i % 256) as u8).collect();
     let d = api.put_blob("r", &data);
     let url = api.url(&format!("/v2/r/blobs/{d}"));
-    let r = api
-        .http
-        .get(&url)
-        .header("Range", "bytes=10-19")
-        .send()
-        .unwrap();
+    let r = api.http.get(&url).header("Range", "bytes=10-19").send().unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(header(&r, "Content-Range"), "bytes 10-19/1000");
     assert_eq!(header(&r, "Content-Length"), "10");
     assert_eq!(r.bytes().unwrap().to_vec(), data[10..20].to_vec());
-    let r = api
-        .http
-        .get(&url)
-        .header("Range", "bytes=-5")
-        .send()
-        .unwrap();
+    let r = api.http.get(&url).header("Range", "bytes=-5").send().unwrap();
     assert_eq!(r.bytes().unwrap().to_vec(), data[995..].to_vec());
-    let r = api
-        .http
-        .get(&url)
-        .header("Range", "bytes=1000-")
-        .send()
-        .unwrap();
+    let r = api.http.get(&url).header("Range", "bytes=1000-").send().unwrap();
     assert_eq!(header(&r, "Content-Range"), "bytes */1000");
     let (s, b) = error_of(r);
     assert_oci_error(s, &b, 416, "SIZE_INVALID");
@@ -327,12 +277,7 @@ fn manifest_get_head_and_accept() {
         assert_eq!(header(&r, "Docker-Content-Digest"), digest);
         assert_eq!(header(&r, "Content-Length"), bytes.len().to_string());
         assert_eq!(header(&r, "Content-Type"), OCI_MANIFEST);
-        let r = api
-            .http
-            .get(&url)
-            .header("Accept", OCI_MANIFEST)
-            .send()
-            .unwrap();
+        let r = api.http.get(&url).header("Accept", OCI_MANIFEST).send().unwrap();
         assert_eq!(header(&r, "ETag"), format!("\"{digest}\""));
         assert_eq!(r.bytes().unwrap().to_vec(), bytes);
     }
@@ -340,10 +285,7 @@ fn manifest_get_head_and_accept() {
     let r = api
         .http
         .get(api.url("/v2/m/img/manifests/v1"))
-        .header(
-            "Accept",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
         .send()
         .unwrap();
     let (s, b) = error_of(r);
@@ -358,15 +300,8 @@ fn tags_pagination_and_catalog() {
         assert_eq!(api.put_manifest("pag/one", t, &m).status(), 201);
     }
     api.put_image("pag/two", "x", "q");
-    let r = api
-        .http
-        .get(api.url("/v2/pag/one/tags/list?n=2"))
-        .send()
-        .unwrap();
-    assert_eq!(
-        header(&r, "Link"),
-        "</v2/pag/one/tags/list?n=2&last=b>; rel=\"next\""
-    );
+    let r = api.http.get(api.url("/v2/pag/one/tags/list?n=2")).send().unwrap();
+    assert_eq!(header(&r, "Link"), "</v2/pag/one/tags/list?n=2&last=b>; rel=\"next\"");
     let v: Value = r.json().unwrap();
     assert_eq!(v, json!({"name": "pag/one", "tags": ["a", "b"]}));
     let r = api
@@ -376,47 +311,18 @@ fn tags_pagination_and_catalog() {
         .unwrap();
     assert_eq!(header(&r, "Link"), "");
     assert_eq!(r.json::<Value>().unwrap()["tags"], json!(["c", "d"]));
-    let r = api
-        .http
-        .get(api.url("/v2/pag/one/tags/list"))
-        .send()
-        .unwrap();
-    assert_eq!(
-        r.json::<Value>().unwrap()["tags"],
-        json!(["a", "b", "c", "d"])
-    );
-    let (s, b) = error_of(
-        api.http
-            .get(api.url("/v2/pag/none/tags/list"))
-            .send()
-            .unwrap(),
-    );
+    let r = api.http.get(api.url("/v2/pag/one/tags/list")).send().unwrap();
+    assert_eq!(r.json::<Value>().unwrap()["tags"], json!(["a", "b", "c", "d"]));
+    let (s, b) = error_of(api.http.get(api.url("/v2/pag/none/tags/list")).send().unwrap());
     assert_oci_error(s, &b, 404, "NAME_UNKNOWN");
-    let (s, b) = error_of(
-        api.http
-            .get(api.url("/v2/pag/one/tags/list?n=x"))
-            .send()
-            .unwrap(),
-    );
+    let (s, b) = error_of(api.http.get(api.url("/v2/pag/one/tags/list?n=x")).send().unwrap());
     assert_eq!(s, 400, "{b}");
 
-    let v: Value = api
-        .http
-        .get(api.url("/v2/_catalog"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v: Value = api.http.get(api.url("/v2/_catalog")).send().unwrap().json().unwrap();
     assert_eq!(v, json!({"repositories": ["pag/one", "pag/two"]}));
     let r = api.http.get(api.url("/v2/_catalog?n=1")).send().unwrap();
-    assert_eq!(
-        header(&r, "Link"),
-        "</v2/_catalog?n=1&last=pag/one>; rel=\"next\""
-    );
-    assert_eq!(
-        r.json::<Value>().unwrap(),
-        json!({"repositories": ["pag/one"]})
-    );
+    assert_eq!(header(&r, "Link"), "</v2/_catalog?n=1&last=pag/one>; rel=\"next\"");
+    assert_eq!(r.json::<Value>().unwrap(), json!({"repositories": ["pag/one"]}));
 }
 
 #[test]
@@ -511,17 +417,11 @@ fn referrers() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        header(&r, "Content-Type"),
-        "application/vnd.oci.image.index.v1+json"
-    );
+    assert_eq!(header(&r, "Content-Type"), "application/vnd.oci.image.index.v1+json");
     let v: Value = r.json().unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(v["manifests"][0]["digest"], sig_digest);
-    assert_eq!(
-        v["manifests"][0]["artifactType"],
-        "application/vnd.example.sig"
-    );
+    assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.example.sig");
     assert_eq!(v["manifests"][0]["annotations"]["org.example"], "yes");
 
     let r = api
@@ -574,19 +474,10 @@ fn bad_input_gets_spec_errors_and_changes_nothing() {
             ("GET", format!("/v2/{name}/manifests/latest")),
             ("PUT", format!("/v2/{name}/manifests/latest")),
             ("POST", format!("/v2/{name}/blobs/uploads/")),
-            (
-                "POST",
-                format!("/v2/{name}/blobs/uploads/?digest={blob_digest}"),
-            ),
+            ("POST", format!("/v2/{name}/blobs/uploads/?digest={blob_digest}")),
             ("GET", format!("/v2/{name}/tags/list")),
         ] {
-            let (s, b) = raw_request(
-                &addr,
-                method,
-                &path,
-                &[("Content-Type", OCI_MANIFEST)],
-                &good_manifest,
-            );
+            let (s, b) = raw_request(&addr, method, &path, &[("Content-Type", OCI_MANIFEST)], &good_manifest);
             assert_oci_error(s, &b, 400, "NAME_INVALID");
         }
     }
@@ -639,8 +530,7 @@ fn bad_input_gets_spec_errors_and_changes_nothing() {
     let huge = vec![b' '; 4 * 1024 * 1024 + 1];
     let (s, b) = error_of(api.put_manifest("good/img", "huge", &huge));
     assert_oci_error(s, &b, 413, "SIZE_INVALID");
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
-        huge.chunks(65536).map(|c| Ok(c.to_vec())).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = huge.chunks(65536).map(|c| Ok(c.to_vec())).collect();
     let r = api
         .http
         .put(api.url("/v2/good/img/manifests/huge"))

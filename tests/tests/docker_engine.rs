@@ -21,7 +21,9 @@ fn seed_registry(registry: &str, repo: &str, login: Option<(&str, &str)>) -> Str
     if let Some((u, p)) = login {
         sh(&format!("{docker} login -u {u} -p {p} {registry}"));
     }
-    sh(&format!("{docker} tag {local}:v1 {remote} && {docker} push {remote} && {docker} rmi {remote} {local}:v1"));
+    sh(&format!(
+        "{docker} tag {local}:v1 {remote} && {docker} push {remote} && {docker} rmi {remote} {local}:v1"
+    ));
     remote
 }
 
@@ -31,18 +33,12 @@ fn missing_images_are_pulled_through_the_engine() {
     let repo = unique("pulled/img");
     seed_registry(&registry, &repo, None);
     let dir = scratch();
-    let ferry = Ferry::start(
-        dir.path(),
-        &docker_chain(&docker20(), "pull_missing = true"),
-    );
+    let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), "pull_missing = true"));
     // Docker and skopeo name the origin registry in the path.
     let name = format!("{registry}/{repo}");
     let (status, _, _) = get_manifest(&ferry, &name, "v1", "");
     assert_eq!(status, 200, "{}", ferry.logs());
-    assert_eq!(
-        count_lines(&ferry.logs(), &["pulling missing image", &repo]),
-        1
-    );
+    assert_eq!(count_lines(&ferry.logs(), &["pulling missing image", &repo]), 1);
     // containerd with a mirror for that registry sends ns= instead.
     let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
     let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("{name}:v1"));
@@ -63,48 +59,31 @@ fn pulls_pass_the_clients_credentials_on() {
     let repo = unique("secret/img");
     seed_registry(&registry, &repo, Some((&user, &pass)));
     let dir = scratch();
-    let ferry = Ferry::start(
-        dir.path(),
-        &docker_chain(&docker20(), "pull_missing = true"),
-    );
+    let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), "pull_missing = true"));
     let url = ferry.url(&format!("/v2/{registry}/{repo}/manifests/v1"));
     let http = reqwest::blocking::Client::new();
 
     // No credentials: a Basic challenge, so kubelet retries with its pull secret.
     let r = http.get(&url).send().unwrap();
     assert_eq!(r.status(), 401);
-    let challenge = r.headers()["WWW-Authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let challenge = r.headers()["WWW-Authenticate"].to_str().unwrap().to_string();
     assert!(challenge.starts_with("Basic realm="), "{challenge}");
     let body: serde_json::Value = r.json().unwrap();
     assert_eq!(body["errors"][0]["code"], "UNAUTHORIZED");
 
     // Wrong credentials: not found.
-    let r = http
-        .get(&url)
-        .basic_auth(&user, Some("wrong"))
-        .send()
-        .unwrap();
+    let r = http.get(&url).basic_auth(&user, Some("wrong")).send().unwrap();
     assert_eq!(r.status(), 404);
     let body: serde_json::Value = r.json().unwrap();
     assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
 
     // The right ones: pulled and served.
-    let r = http
-        .get(&url)
-        .basic_auth(&user, Some(&pass))
-        .send()
-        .unwrap();
+    let r = http.get(&url).basic_auth(&user, Some(&pass)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", ferry.logs());
     let logs = ferry.logs();
     assert!(logs.contains("with_credentials=true"), "{logs}");
     assert!(!logs.contains(&pass), "the password must never be logged");
-    sh(&format!(
-        "docker -H {} rmi {registry}/{repo}:v1",
-        docker20()
-    ));
+    sh(&format!("docker -H {} rmi {registry}/{repo}:v1", docker20()));
 }
 
 fn lib() -> String {
@@ -120,14 +99,8 @@ fn engine_down_then_back() {
     let tag = unique("down");
     let daemon = format!("dockerd-{tag}");
     let ctd = format!("ctd-{tag}");
-    let start = format!(
-        "source {} && set +u && e2e_start_dockerd {daemon} {ctd}",
-        lib()
-    );
-    sh(&format!(
-        "source {} && set +u && e2e_start_containerd {ctd}",
-        lib()
-    ));
+    let start = format!("source {} && set +u && e2e_start_dockerd {daemon} {ctd}", lib());
+    sh(&format!("source {} && set +u && e2e_start_containerd {ctd}", lib()));
     sh(&start);
     let socket = format!("unix://{}/{daemon}/docker.sock", env("E2E_DIR"));
     build_image(&socket, &format!("{tag}:v1"), 1);
@@ -170,12 +143,7 @@ fn engine_down_then_back() {
     sh(&start);
     build_image(&socket, &format!("{tag}y:v1"), 1);
     let (status, _, _) = get_manifest(&ferry, &format!("{tag}y"), "v1", "");
-    assert_eq!(
-        status,
-        200,
-        "served again without restarting ferry:\n{}",
-        ferry.logs()
-    );
+    assert_eq!(status, 200, "served again without restarting ferry:\n{}", ferry.logs());
     sh(&format!(
         "source {} && set +u && e2e_stop {daemon} && e2e_stop {ctd}",
         lib()
@@ -247,10 +215,7 @@ fn tar_with(files: &[(&str, &[u8])]) -> Vec<u8> {
 fn unusable_exports_are_errors_and_leave_nothing() {
     let layer = vec![7u8; 100_000];
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "not a tar",
-            b"this is not a tar archive, just text".repeat(100),
-        ),
+        ("not a tar", b"this is not a tar archive, just text".repeat(100)),
         (
             "tar without manifest.json or index.json",
             tar_with(&[("abc/layer.tar", &layer), ("abc.json", b"{}")]),
@@ -270,19 +235,13 @@ fn unusable_exports_are_errors_and_leave_nothing() {
         let dir = scratch();
         let socket = dir.path().join("fake.sock");
         fake_engine(&socket, export);
-        let ferry = Ferry::start(
-            dir.path(),
-            &docker_chain(&format!("unix://{}", socket.display()), ""),
-        );
+        let ferry = Ferry::start(dir.path(), &docker_chain(&format!("unix://{}", socket.display()), ""));
         let (status, _, body) = get_manifest(&ferry, "broken", "v1", "");
         assert_eq!(status, 500, "{what}: {}", String::from_utf8_lossy(&body));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["errors"][0]["code"], "UNKNOWN", "{what}");
         assert!(
-            v["errors"][0]["message"]
-                .as_str()
-                .unwrap()
-                .contains("export"),
+            v["errors"][0]["message"].as_str().unwrap().contains("export"),
             "{what}: {v}"
         );
         let left: Vec<_> = snapshot(&ferry.dir.join("docker"))

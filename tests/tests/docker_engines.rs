@@ -68,9 +68,7 @@ fn docker26_digest_reference_on_a_cold_cache() {
     let name = unique("d26dig");
     build_image(&engine, &format!("{name}:v1"), 1);
     // The image id of the containerd store is its manifest digest.
-    let id = sh(&format!(
-        "docker -H {engine} inspect -f '{{{{.Id}}}}' {name}:v1"
-    ));
+    let id = sh(&format!("docker -H {engine} inspect -f '{{{{.Id}}}}' {name}:v1"));
     let (status, digest, _) = get_manifest(&ferry, &name, id.trim(), "?ns=docker.io");
     assert_eq!(status, 200, "{}", ferry.logs());
     assert_eq!(digest, id.trim());

@@ -15,12 +15,7 @@ fn docker20_images_reach_containerd_docker_and_skopeo() {
 
     // containerd, the k3s way: docker.io/library/NAME:v1 through a mirror.
     let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
-    let out = ctr_pull_and_run(
-        &containerd16(),
-        "e2e",
-        &certs,
-        &format!("docker.io/library/{name}:v1"),
-    );
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
     assert_eq!(out.trim(), format!("hello from {name}:v1"));
     assert!(ferry
         .logs()
@@ -59,10 +54,7 @@ fn docker20_images_reach_containerd_docker_and_skopeo() {
     let (_, again, _) = get_manifest(&ferry, &name, "v1", "");
     assert_eq!(digest, again, "re-export gave another manifest digest");
     assert_eq!(
-        count_lines(
-            &ferry.logs(),
-            &["exporting image", &format!("image={name}:v1")]
-        ),
+        count_lines(&ferry.logs(), &["exporting image", &format!("image={name}:v1")]),
         2
     );
     // And the digest reference works (containerd resolves tags, then fetches by digest).
@@ -82,23 +74,11 @@ fn rebuild_under_the_same_tag_is_served_fresh() {
     build_image(&host, &format!("{name}:v1"), 2);
     let (status, second, body) = get_manifest(&ferry, &name, "v1", "");
     assert_eq!(status, 200);
-    assert_ne!(
-        first, second,
-        "the rebuilt image must be served, not the cached one"
-    );
+    assert_ne!(first, second, "the rebuilt image must be served, not the cached one");
     let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(
-        m["layers"].as_array().unwrap().len(),
-        3,
-        "busybox + 2 file layers"
-    );
+    assert_eq!(m["layers"].as_array().unwrap().len(), 3, "busybox + 2 file layers");
     let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
-    let out = ctr_pull_and_run(
-        &containerd16(),
-        "e2e",
-        &certs,
-        &format!("docker.io/library/{name}:v1"),
-    );
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
     assert_eq!(out.trim(), format!("hello from {name}:v1"));
     sh(&format!("docker -H {host} rmi {name}:v1"));
 }
@@ -125,21 +105,14 @@ fn shared_base_layer_is_stored_once() {
         }
         busybox.push(m["layers"][0]["digest"].as_str().unwrap().to_string());
     }
-    assert_eq!(
-        busybox[0], busybox[1],
-        "both images start with the same busybox layer"
-    );
+    assert_eq!(busybox[0], busybox[1], "both images start with the same busybox layer");
     // On disk: exactly one file per distinct digest, so the shared layer exists once.
     let on_disk: std::collections::BTreeSet<String> = snapshot(&ferry.dir.join("docker/blobs"))
         .into_iter()
         .map(|(path, _)| format!("sha256:{}", path.rsplit('/').next().unwrap()))
         .collect();
     assert_eq!(on_disk, digests);
-    assert_eq!(
-        digests.len(),
-        2 * 2 + 3,
-        "2 manifests, 2 configs, 3 distinct layers"
-    );
+    assert_eq!(digests.len(), 2 * 2 + 3, "2 manifests, 2 configs, 3 distinct layers");
     sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1 {base}:v1"));
 }
 
@@ -174,10 +147,7 @@ fn concurrent_cold_pulls_export_each_image_once() {
     let logs = ferry.logs();
     for n in &names {
         assert_eq!(
-            count_lines(
-                &logs,
-                &["exporting image from the engine", &format!("image={n}:v1")]
-            ),
+            count_lines(&logs, &["exporting image from the engine", &format!("image={n}:v1")]),
             1,
             "{n} exported more than once:\n{logs}"
         );
@@ -188,11 +158,7 @@ fn concurrent_cold_pulls_export_each_image_once() {
     }
     sh(&format!(
         "docker -H {host} rmi {}",
-        names
-            .iter()
-            .map(|n| format!("{n}:v1"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        names.iter().map(|n| format!("{n}:v1")).collect::<Vec<_>>().join(" ")
     ));
 }
 

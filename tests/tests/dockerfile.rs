@@ -52,10 +52,7 @@ fn dockerfile_agrees_with_the_binary() {
     let data = dir.path().join("data");
     std::fs::write(
         &config,
-        example.replace(
-            "dir = \"/var/lib/ferry\"",
-            &format!("dir = \"{}\"", data.display()),
-        ),
+        example.replace("dir = \"/var/lib/ferry\"", &format!("dir = \"{}\"", data.display())),
     )
     .unwrap();
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry");

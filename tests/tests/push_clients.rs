@@ -27,10 +27,7 @@ fn docker_push_rmi_pull_run_and_restart() {
     // Everything pushed survives a restart byte for byte.
     let manifest_before = reqwest::blocking::Client::new()
         .get(ferry.url(&format!("/v2/e2e/{local}/manifests/v1")))
-        .header(
-            "Accept",
-            "application/vnd.docker.distribution.manifest.v2+json",
-        )
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
         .send()
         .unwrap();
     assert_eq!(manifest_before.status(), 200);

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::{
-    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference,
-    Repository, RequestCtx, Result,
+    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
+    Result,
 };
 
 use origin::{OriginSettings, Origins};
@@ -113,12 +113,7 @@ impl ContainerdBackend {
         Ok(out)
     }
 
-    async fn read_body(
-        &self,
-        digest: &Digest,
-        size: u64,
-        range: Option<ByteRange>,
-    ) -> Result<BlobBody> {
+    async fn read_body(&self, digest: &Digest, size: u64, range: Option<ByteRange>) -> Result<BlobBody> {
         let (offset, len) = match range {
             Some(r) => r.resolve(size)?,
             None => (0, size),
@@ -183,12 +178,7 @@ impl ContainerdBackend {
         for origin in self.origins_for(repo, digest).await? {
             let resp = match self
                 .origins
-                .blob(
-                    reqwest::Method::GET,
-                    &origin,
-                    digest,
-                    ctx.authorization.as_deref(),
-                )
+                .blob(reqwest::Method::GET, &origin, digest, ctx.authorization.as_deref())
                 .await
             {
                 Ok(Some(r)) => r,
@@ -375,12 +365,7 @@ impl Backend for ContainerdBackend {
         }
     }
 
-    async fn blob_size(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        ctx: &RequestCtx,
-    ) -> Result<Option<u64>> {
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {
         if let Some(info) = self.store.info(digest).await? {
             return Ok(Some(info.size as u64));
         }
@@ -391,12 +376,7 @@ impl Backend for ContainerdBackend {
         for origin in self.origins_for(repo, digest).await? {
             match self
                 .origins
-                .blob(
-                    reqwest::Method::HEAD,
-                    &origin,
-                    digest,
-                    ctx.authorization.as_deref(),
-                )
+                .blob(reqwest::Method::HEAD, &origin, digest, ctx.authorization.as_deref())
                 .await
             {
                 Ok(Some(resp)) => {

@@ -81,8 +81,7 @@ impl Origins {
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
         if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
+            let pem = std::fs::read(ca).map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| Error::Internal(format!("CA file {}: {e}", ca.display())))?;
             builder = builder.add_root_certificate(cert);
@@ -102,17 +101,9 @@ impl Origins {
         if registry == DOCKER_HUB {
             return "https://registry-1.docker.io".into();
         }
-        let host = registry
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(registry);
+        let host = registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry);
         let loopback = host == "localhost" || host.starts_with("127.") || host == "[::1]";
-        let plain = loopback
-            || self
-                .settings
-                .plain_http
-                .iter()
-                .any(|h| h == registry || h == host);
+        let plain = loopback || self.settings.plain_http.iter().any(|h| h == registry || h == host);
         format!("{}://{registry}", if plain { "http" } else { "https" })
     }
 
@@ -134,17 +125,9 @@ impl Origins {
         authorization: Option<&str>,
     ) -> Result<Option<Response>> {
         let registry = repo.registry();
-        let url = format!(
-            "{}/v2/{}/blobs/{digest}",
-            self.base_url(registry),
-            repo.path()
-        );
+        let url = format!("{}/v2/{}/blobs/{digest}", self.base_url(registry), repo.path());
         let scope = format!("repository:{}:pull", repo.path());
-        let key = (
-            registry.to_string(),
-            scope.clone(),
-            authorization.map(str::to_string),
-        );
+        let key = (registry.to_string(), scope.clone(), authorization.map(str::to_string));
         let cached = self.tokens.lock().await.get(&key).cloned();
         let mut auth = cached.map(|t| format!("Bearer {t}"));
         for attempt in 0..3 {
@@ -152,10 +135,7 @@ impl Origins {
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| Self::unavailable(registry, e))?;
+            let resp = req.send().await.map_err(|e| Self::unavailable(registry, e))?;
             match resp.status() {
                 s if s.is_success() => return Ok(Some(resp)),
                 StatusCode::NOT_FOUND => return Ok(None),
@@ -194,12 +174,7 @@ impl Origins {
                     self.tokens.lock().await.remove(&key);
                     return Err(refused(registry, registry, authorization.is_some()));
                 }
-                s => {
-                    return Err(Self::unavailable(
-                        registry,
-                        format!("{method} {url} answered {s}"),
-                    ))
-                }
+                s => return Err(Self::unavailable(registry, format!("{method} {url} answered {s}"))),
             }
         }
         Err(refused(registry, registry, authorization.is_some()))
@@ -221,10 +196,7 @@ impl Origins {
         if let Some(a) = authorization {
             req = req.header(AUTHORIZATION, a);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| Self::unavailable(registry, e))?;
+        let resp = req.send().await.map_err(|e| Self::unavailable(registry, e))?;
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
             return Err(refused(registry, realm, authorization.is_some()));
         }
@@ -278,9 +250,7 @@ mod tests {
         );
         assert_eq!(
             parse_challenge(r#"Basic realm="e2e""#),
-            Some(Challenge::Basic {
-                realm: "e2e".into()
-            })
+            Some(Challenge::Basic { realm: "e2e".into() })
         );
         assert_eq!(parse_challenge("Negotiate"), None);
     }

@@ -12,8 +12,8 @@ use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::{
-    AbortRequest, CreateRequest, DeleteRequest, GetImageRequest, Info, InfoRequest,
-    ListContentRequest, ReadContentRequest, WriteAction, WriteContentRequest,
+    AbortRequest, CreateRequest, DeleteRequest, GetImageRequest, Info, InfoRequest, ListContentRequest,
+    ReadContentRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
@@ -92,11 +92,7 @@ impl Store {
                 }
                 self.unavailable(status.message())
             }
-            _ => Error::Internal(format!(
-                "containerd: {}: {}",
-                status.code(),
-                status.message()
-            )),
+            _ => Error::Internal(format!("containerd: {}: {}", status.code(), status.message())),
         }
     }
 
@@ -141,10 +137,7 @@ impl Store {
             Err(s) => return Err(self.fail(s).await),
         };
         Ok(stream
-            .map(|r| {
-                r.map(|m| Bytes::from(m.data))
-                    .map_err(std::io::Error::other)
-            })
+            .map(|r| r.map(|m| Bytes::from(m.data)).map_err(std::io::Error::other))
             .boxed())
     }
 
@@ -153,9 +146,7 @@ impl Store {
         let mut stream = self.read(digest, 0, size).await?;
         let mut buf = bytes::BytesMut::with_capacity(size as usize);
         while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(
-                &chunk.map_err(|e| Error::io(format!("reading {digest} from containerd"), e))?,
-            );
+            buf.extend_from_slice(&chunk.map_err(|e| Error::io(format!("reading {digest} from containerd"), e))?);
         }
         Ok(buf.freeze())
     }
@@ -163,12 +154,7 @@ impl Store {
     /// The target (digest, media type) of an image record, by its full name.
     pub async fn image_target(&self, name: &str) -> Result<Option<(Digest, String)>> {
         let mut client = ImagesClient::new(self.channel().await?);
-        let req = self.req(
-            GetImageRequest {
-                name: name.to_string(),
-            },
-            None,
-        );
+        let req = self.req(GetImageRequest { name: name.to_string() }, None);
         match self.timed(client.get(req)).await? {
             Ok(r) => Ok(r
                 .into_inner()
@@ -184,12 +170,7 @@ impl Store {
     /// labels containerd put on the manifests (and configs) that name it.
     pub async fn sources_of(&self, digest: &Digest) -> Result<Vec<Repository>> {
         let mut client = ContentClient::new(self.channel().await?);
-        let req = self.req(
-            ListContentRequest {
-                filters: Vec::new(),
-            },
-            None,
-        );
+        let req = self.req(ListContentRequest { filters: Vec::new() }, None);
         let mut stream = match self.timed(client.list(req)).await? {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(self.fail(s).await),
@@ -223,12 +204,7 @@ impl Store {
     }
 
     /// Starts writing a blob into the content store under a fresh lease.
-    pub async fn writer(
-        &self,
-        digest: &Digest,
-        total: u64,
-        labels: HashMap<String, String>,
-    ) -> Result<ContentWriter> {
+    pub async fn writer(&self, digest: &Digest, total: u64, labels: HashMap<String, String>) -> Result<ContentWriter> {
         let channel = self.channel().await?;
         let lease_id = format!("ferry-heal-{}", uuid::Uuid::new_v4());
         let mut lease_labels = HashMap::new();
@@ -293,9 +269,7 @@ impl Store {
     }
 }
 
-fn tokio_stream_of(
-    mut rx: mpsc::Receiver<WriteContentRequest>,
-) -> impl futures::Stream<Item = WriteContentRequest> {
+fn tokio_stream_of(mut rx: mpsc::Receiver<WriteContentRequest>) -> impl futures::Stream<Item = WriteContentRequest> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -402,10 +376,7 @@ impl ContentWriter {
 
 /// Formats a time as RFC 3339 in UTC (for containerd's gc.expire label).
 fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = ((secs / 86400) as i64, secs % 86400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;

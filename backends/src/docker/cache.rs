@@ -64,11 +64,7 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub async fn open(
-        dir: PathBuf,
-        max_parallel_exports: usize,
-        max_bytes: Option<u64>,
-    ) -> Result<Self> {
+    pub async fn open(dir: PathBuf, max_parallel_exports: usize, max_bytes: Option<u64>) -> Result<Self> {
         let store = BlobStore::open(&dir).await?;
         let entries_dir = dir.join("entries");
         tokio::fs::create_dir_all(&entries_dir)
@@ -188,13 +184,9 @@ impl Cache {
             export: exported?,
             last_used: now(),
         });
-        let json =
-            serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(&self.entries_dir.join(id_key(image_id)), &json).await?;
-        self.entries
-            .write()
-            .await
-            .insert(id_key(image_id), entry.clone());
+        self.entries.write().await.insert(id_key(image_id), entry.clone());
         Ok(entry)
     }
 
@@ -235,9 +227,7 @@ impl Cache {
         order.sort_by_key(|e| e.last_used);
         let referenced_size = |kept: &[Arc<Entry>]| {
             let set: HashSet<&Digest> = kept.iter().flat_map(|e| e.digests()).collect();
-            set.iter()
-                .map(|d| sizes.get(*d).copied().unwrap_or(0))
-                .sum::<u64>()
+            set.iter().map(|d| sizes.get(*d).copied().unwrap_or(0)).sum::<u64>()
         };
         let mut dropped = Vec::new();
         while !order.is_empty() && referenced_size(&order) > max {
@@ -249,11 +239,7 @@ impl Cache {
             remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
         }
         let keep: HashSet<&Digest> = order.iter().flat_map(|e| e.digests()).collect();
-        let serving = self
-            .serving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut freed = 0u64;
         for d in &all {
             if !keep.contains(d) && !serving.contains_key(d) && self.store.delete(d).await? {

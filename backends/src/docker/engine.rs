@@ -74,23 +74,13 @@ impl Engine {
 
     async fn connect(&self) -> Result<(Docker, Arc<EngineInfo>)> {
         let s = self.socket.as_str();
-        let docker = if let Some(addr) = s
-            .strip_prefix("tcp://")
-            .or_else(|| s.strip_prefix("http://"))
-        {
-            Docker::connect_with_http(
-                &format!("http://{addr}"),
-                CALL_TIMEOUT.as_secs(),
-                API_DEFAULT_VERSION,
-            )
+        let docker = if let Some(addr) = s.strip_prefix("tcp://").or_else(|| s.strip_prefix("http://")) {
+            Docker::connect_with_http(&format!("http://{addr}"), CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         } else {
             Docker::connect_with_unix(s, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         }
         .map_err(|e| self.unavailable(e))?;
-        let docker = docker
-            .negotiate_version()
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let docker = docker.negotiate_version().await.map_err(|e| self.unavailable(e))?;
         let version = docker.version().await.map_err(|e| self.unavailable(e))?;
         let product = version
             .components
@@ -126,13 +116,9 @@ impl Engine {
     /// Maps a bollard error: connection trouble drops the client and means unavailable.
     async fn fail(&self, e: BollardError) -> Error {
         match e {
-            BollardError::DockerResponseServerError {
-                status_code,
-                message,
-            } => Error::Internal(format!(
-                "engine at {} answered {status_code}: {message}",
-                self.socket
-            )),
+            BollardError::DockerResponseServerError { status_code, message } => {
+                Error::Internal(format!("engine at {} answered {status_code}: {message}", self.socket))
+            }
             BollardError::JsonDataError { .. } | BollardError::DockerStreamError { .. } => {
                 Error::Internal(format!("engine at {}: {e}", self.socket))
             }
@@ -152,9 +138,7 @@ impl Engine {
         let (docker, _) = self.client().await?;
         match docker.inspect_image(name).await {
             Ok(i) => Ok(Some(i)),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Ok(None),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             // Podman answers 500 for some malformed references instead of 404.
             Err(BollardError::DockerResponseServerError {
                 status_code: 400 | 500,
@@ -184,15 +168,10 @@ impl Engine {
     }
 
     /// `docker save NAME` as a byte stream.
-    pub async fn export(
-        &self,
-        name: &str,
-    ) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+    pub async fn export(&self, name: &str) -> Result<impl Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
         let (docker, _) = self.client().await?;
         let docker = docker.with_timeout(EXPORT_TIMEOUT);
-        Ok(docker
-            .export_image(name)
-            .map(|r| r.map_err(std::io::Error::other)))
+        Ok(docker.export_image(name).map(|r| r.map_err(std::io::Error::other)))
     }
 
     /// Pulls `image:tag` through the engine with optional credentials; logs progress and
@@ -209,10 +188,9 @@ impl Engine {
             tag: Some(tag.to_string()),
             ..Default::default()
         };
-        let mut stream =
-            docker
-                .with_timeout(EXPORT_TIMEOUT)
-                .create_image(Some(options), None, credentials);
+        let mut stream = docker
+            .with_timeout(EXPORT_TIMEOUT)
+            .create_image(Some(options), None, credentials);
         let mut last_status = String::new();
         while let Some(item) = stream.next().await {
             match item {
@@ -226,9 +204,7 @@ impl Engine {
                     }
                 }
                 Err(BollardError::DockerStreamError { error }) => return Ok(Err(error)),
-                Err(BollardError::DockerResponseServerError { message, .. }) => {
-                    return Ok(Err(message))
-                }
+                Err(BollardError::DockerResponseServerError { message, .. }) => return Ok(Err(message)),
                 Err(e) => return Err(self.fail(e).await),
             }
         }
@@ -238,8 +214,7 @@ impl Engine {
     /// The engine's event stream for images, to keep the blob index current.
     pub async fn image_events(
         &self,
-    ) -> Result<impl Stream<Item = std::result::Result<bollard::models::EventMessage, BollardError>>>
-    {
+    ) -> Result<impl Stream<Item = std::result::Result<bollard::models::EventMessage, BollardError>>> {
         let (docker, _) = self.client().await?;
         let mut filters = std::collections::HashMap::new();
         filters.insert("type".to_string(), vec!["image".to_string()]);

@@ -69,42 +69,29 @@ fn invalid(e: impl std::fmt::Display) -> Error {
 }
 
 /// Interprets an archive for the image `wanted` names (`name:tag`, as the engine knows it).
-pub async fn interpret(
-    archive: &Archive,
-    store: &BlobStore,
-    repo: &Repository,
-    wanted: &str,
-) -> Result<Exported> {
+pub async fn interpret(archive: &Archive, store: &BlobStore, repo: &Repository, wanted: &str) -> Result<Exported> {
     if let Some(index) = archive.metadata.get("index.json") {
         oci(archive, store, repo, index).await
     } else if let Some(manifest) = archive.metadata.get("manifest.json") {
         legacy(archive, store, manifest, wanted).await
     } else {
-        Err(invalid(
-            "the archive has neither index.json nor manifest.json",
-        ))
+        Err(invalid("the archive has neither index.json nor manifest.json"))
     }
 }
 
-async fn legacy(
-    archive: &Archive,
-    store: &BlobStore,
-    manifest_json: &[u8],
-    wanted: &str,
-) -> Result<Exported> {
-    let entries: Vec<LegacyEntry> = serde_json::from_slice(manifest_json)
-        .map_err(|e| invalid(format!("manifest.json: {e}")))?;
+async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], wanted: &str) -> Result<Exported> {
+    let entries: Vec<LegacyEntry> =
+        serde_json::from_slice(manifest_json).map_err(|e| invalid(format!("manifest.json: {e}")))?;
     let entry = entries
         .iter()
         .find(|e| e.repo_tags.iter().flatten().any(|t| t == wanted))
         .or(entries.first())
         .ok_or_else(|| invalid("manifest.json lists no image"))?;
     let file = |path: &str| {
-        archive.file(path).cloned().ok_or_else(|| {
-            invalid(format!(
-                "manifest.json names {path}, which the archive lacks"
-            ))
-        })
+        archive
+            .file(path)
+            .cloned()
+            .ok_or_else(|| invalid(format!("manifest.json names {path}, which the archive lacks")))
     };
     let (config_digest, config_size) = file(&entry.config)?;
     let mut layers = Vec::new();
@@ -149,14 +136,8 @@ struct OciIndex {
 
 const NAME_ANNOTATION: &str = "io.containerd.image.name";
 
-async fn oci(
-    archive: &Archive,
-    store: &BlobStore,
-    repo: &Repository,
-    index_json: &[u8],
-) -> Result<Exported> {
-    let index: OciIndex =
-        serde_json::from_slice(index_json).map_err(|e| invalid(format!("index.json: {e}")))?;
+async fn oci(archive: &Archive, store: &BlobStore, repo: &Repository, index_json: &[u8]) -> Result<Exported> {
+    let index: OciIndex = serde_json::from_slice(index_json).map_err(|e| invalid(format!("index.json: {e}")))?;
     let annotation = |d: &Descriptor, key: &str| {
         d.annotations
             .as_ref()
@@ -169,9 +150,8 @@ async fn oci(
         .manifests
         .iter()
         .find(|d| {
-            annotation(d, NAME_ANNOTATION).is_some_and(|n| {
-                n.starts_with(&format!("{canonical}:")) || n.starts_with(&format!("{canonical}@"))
-            })
+            annotation(d, NAME_ANNOTATION)
+                .is_some_and(|n| n.starts_with(&format!("{canonical}:")) || n.starts_with(&format!("{canonical}@")))
         })
         .or(index.manifests.first())
         .ok_or_else(|| invalid("index.json lists no image"))?;
@@ -180,9 +160,7 @@ async fn oci(
     for (path, (digest, _)) in &archive.files {
         if let Some(hex) = path.strip_prefix("blobs/sha256/") {
             if hex != digest.hex() {
-                return Err(invalid(format!(
-                    "{path} holds content with digest {digest}"
-                )));
+                return Err(invalid(format!("{path} holds content with digest {digest}")));
             }
             present.insert(digest.clone());
         }
@@ -267,16 +245,9 @@ mod tests {
             .write_bytes(bytes::Bytes::from_static(b"{\"rootfs\":{}}"))
             .await
             .unwrap();
-        let layer = store
-            .write_bytes(bytes::Bytes::from_static(b"layer"))
-            .await
-            .unwrap();
-        archive
-            .files
-            .insert("abc.json".into(), (config.clone(), 13));
-        archive
-            .files
-            .insert("l1/layer.tar".into(), (layer.clone(), 5));
+        let layer = store.write_bytes(bytes::Bytes::from_static(b"layer")).await.unwrap();
+        archive.files.insert("abc.json".into(), (config.clone(), 13));
+        archive.files.insert("l1/layer.tar".into(), (layer.clone(), 5));
         archive.metadata.insert(
             "manifest.json".into(),
             br#"[{"Config":"abc.json","RepoTags":["x:1"],"Layers":["l1/layer.tar"]}]"#.to_vec(),
@@ -296,8 +267,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let repo = Repository::new("docker.io", "x").unwrap();
-        assert!(interpret(&Archive::default(), &store, &repo, "x:1")
-            .await
-            .is_err());
+        assert!(interpret(&Archive::default(), &store, &repo, "x:1").await.is_err());
     }
 }

@@ -18,8 +18,8 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use ferry_core::{
-    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference,
-    Repository, RequestCtx, Result, DOCKER_HUB,
+    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
+    Result, DOCKER_HUB,
 };
 
 use cache::{Cache, Entry};
@@ -62,9 +62,7 @@ fn default_parallel() -> usize {
 /// Parses "512MiB", "20GiB", "1G", "1000000" into bytes.
 fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let num: f64 = num
         .parse()
@@ -75,11 +73,7 @@ fn parse_size(s: &str) -> Result<u64> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => {
-            return Err(Error::Internal(format!(
-                "max_cache_size {s:?}: unknown unit"
-            )))
-        }
+        _ => return Err(Error::Internal(format!("max_cache_size {s:?}: unknown unit"))),
     };
     Ok((num * mult as f64) as u64)
 }
@@ -144,10 +138,7 @@ impl DockerBackend {
         for name in names {
             if let Some(i) = self.engine.inspect(name).await? {
                 if let Some(id) = i.id {
-                    return Ok(Some(Found {
-                        id,
-                        name: name.clone(),
-                    }));
+                    return Ok(Some(Found { id, name: name.clone() }));
                 }
             }
         }
@@ -170,8 +161,7 @@ impl DockerBackend {
         let started = Instant::now();
         tracing::info!(backend = %self.config.name, image = %name, id = %id, "exporting image from the engine");
         let stream = self.engine.export(name).await?;
-        let reader =
-            tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream.boxed()));
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream.boxed()));
         let store = self.cache.store.clone();
         let archive = tokio::task::spawn_blocking(move || archive::read(reader, &store))
             .await
@@ -188,12 +178,7 @@ impl DockerBackend {
             Ok(exported) => {
                 let used: std::collections::HashSet<&Digest> =
                     exported.blobs.iter().chain(&exported.manifests).collect();
-                let unused: Vec<Digest> = archive
-                    .added
-                    .iter()
-                    .filter(|d| !used.contains(d))
-                    .cloned()
-                    .collect();
+                let unused: Vec<Digest> = archive.added.iter().filter(|d| !used.contains(d)).cloned().collect();
                 archive::remove_added(&self.cache.store, &unused);
                 let level_warn = !exported.missing.is_empty();
                 let summary = export::describe(exported);
@@ -234,9 +219,7 @@ impl DockerBackend {
     /// The client's Basic credentials, in the form the engine's pull takes.
     fn credentials(ctx: &RequestCtx, repo: &Repository) -> Option<DockerCredentials> {
         let b64 = ctx.authorization.as_deref()?.strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(b64.trim())
-            .ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
         let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
         let server = if repo.registry() == DOCKER_HUB {
             "https://index.docker.io/v1/".to_string()
@@ -291,12 +274,7 @@ impl DockerBackend {
     }
 
     /// Finds an image, pulling it first when it is missing and `pull_missing` is on.
-    async fn find_or_pull(
-        &self,
-        names: &[String],
-        image: &ImageRef,
-        ctx: &RequestCtx,
-    ) -> Result<Option<Found>> {
+    async fn find_or_pull(&self, names: &[String], image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Found>> {
         if let Some(f) = self.find(names).await? {
             return Ok(Some(f));
         }
@@ -323,10 +301,7 @@ impl DockerBackend {
             None => self.index.lookup(&self.engine, digest).await?,
         };
         let Some(id) = id else { return Ok(false) };
-        let found = Found {
-            name: id.clone(),
-            id,
-        };
+        let found = Found { name: id.clone(), id };
         self.entry(&found, repo).await?;
         Ok(self.cache.store.size(digest).await?.is_some())
     }
@@ -342,10 +317,7 @@ impl Backend for DockerBackend {
         let repo = &image.repository;
         match &image.reference {
             Reference::Tag(tag) => {
-                let Some(found) = self
-                    .find_or_pull(&Self::candidates(repo, tag), image, ctx)
-                    .await?
-                else {
+                let Some(found) = self.find_or_pull(&Self::candidates(repo, tag), image, ctx).await? else {
                     return Ok(None);
                 };
                 let entry = self.entry(&found, repo).await?;
@@ -384,12 +356,7 @@ impl Backend for DockerBackend {
         }
     }
 
-    async fn blob_size(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        _ctx: &RequestCtx,
-    ) -> Result<Option<u64>> {
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
         if !self.ensure_blob(repo, digest).await? {
             return Ok(None);
         }
@@ -445,9 +412,6 @@ mod tests {
             ]
         );
         let r = Repository::from_request("pause", Some("registry.k8s.io")).unwrap();
-        assert_eq!(
-            DockerBackend::candidates(&r, "3.9"),
-            vec!["registry.k8s.io/pause:3.9"]
-        );
+        assert_eq!(DockerBackend::candidates(&r, "3.9"), vec!["registry.k8s.io/pause:3.9"]);
     }
 }

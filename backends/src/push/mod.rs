@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::{
-    Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef,
-    Manifest, ManifestInfo, Reference, Registry, Repository, RequestCtx, Result, UploadState,
+    Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef, Manifest, ManifestInfo,
+    Reference, Registry, Repository, RequestCtx, Result, UploadState,
 };
 
 use crate::fsutil::{list_names, read_optional, remove_optional, write_atomic};
@@ -83,11 +83,7 @@ pub struct PushBackend {
 impl PushBackend {
     pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
         let blobs = BlobStore::open(&root).await?;
-        let uploads = Uploads::open(
-            root.join("uploads"),
-            Duration::from_secs(config.upload_ttl_secs),
-        )
-        .await?;
+        let uploads = Uploads::open(root.join("uploads"), Duration::from_secs(config.upload_ttl_secs)).await?;
         tracing::info!(backend = %config.name, dir = %root.display(), "push store ready");
         Ok(PushBackend {
             config,
@@ -98,10 +94,7 @@ impl PushBackend {
     }
 
     fn repo_dir(&self, repo: &Repository) -> PathBuf {
-        self.root
-            .join("repos")
-            .join(repo.registry())
-            .join(repo.path())
+        self.root.join("repos").join(repo.registry()).join(repo.path())
     }
 
     fn manifest_marker(&self, repo: &Repository, digest: &Digest) -> PathBuf {
@@ -192,12 +185,7 @@ impl Backend for PushBackend {
         }))
     }
 
-    async fn blob_size(
-        &self,
-        _repo: &Repository,
-        digest: &Digest,
-        _ctx: &RequestCtx,
-    ) -> Result<Option<u64>> {
+    async fn blob_size(&self, _repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
         self.blobs.size(digest).await
     }
 
@@ -236,11 +224,7 @@ impl Backend for PushBackend {
                             out.push(r);
                         }
                     } else if !name.starts_with('_') {
-                        stack.push(if rel.is_empty() {
-                            name
-                        } else {
-                            format!("{rel}/{name}")
-                        });
+                        stack.push(if rel.is_empty() { name } else { format!("{rel}/{name}") });
                     }
                 }
             }
@@ -273,23 +257,11 @@ impl Registry for PushBackend {
         self.uploads.state(repo, id).await
     }
 
-    async fn append(
-        &self,
-        repo: &Repository,
-        id: &str,
-        start: Option<u64>,
-        body: ByteStream,
-    ) -> Result<UploadState> {
+    async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState> {
         self.uploads.append(repo, id, start, body).await
     }
 
-    async fn finish_upload(
-        &self,
-        repo: &Repository,
-        id: &str,
-        digest: &Digest,
-        body: ByteStream,
-    ) -> Result<u64> {
+    async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64> {
         let (path, actual, size) = self.uploads.finish(repo, id, body).await?;
         let result = self.blobs.adopt(&path, digest, &actual).await;
         self.uploads.remove(id).await?;
@@ -325,18 +297,12 @@ impl Registry for PushBackend {
         let digest = Digest::of(&bytes);
         if let Reference::Digest(d) = reference {
             if *d != digest {
-                return Err(Error::DigestInvalid(format!(
-                    "manifest hashes to {digest}, not {d}"
-                )));
+                return Err(Error::DigestInvalid(format!("manifest hashes to {digest}, not {d}")));
             }
         }
         self.check_references(&info).await?;
         self.blobs.write_bytes(bytes.clone()).await?;
-        write_atomic(
-            &self.manifest_marker(repo, &digest),
-            info.media_type.as_bytes(),
-        )
-        .await?;
+        write_atomic(&self.manifest_marker(repo, &digest), info.media_type.as_bytes()).await?;
         if let Some(subject) = &info.subject {
             let descriptor = Descriptor {
                 media_type: info.media_type.clone(),
@@ -347,8 +313,7 @@ impl Registry for PushBackend {
                 artifact_type: info.artifact_type.clone(),
                 platform: None,
             };
-            let json =
-                serde_json::to_vec(&descriptor).map_err(|e| Error::Internal(e.to_string()))?;
+            let json = serde_json::to_vec(&descriptor).map_err(|e| Error::Internal(e.to_string()))?;
             write_atomic(&self.referrer_path(repo, &subject.digest, &digest), &json).await?;
         }
         if let Reference::Tag(t) = reference {

@@ -58,16 +58,9 @@ impl Uploads {
         let mut rd = fs::read_dir(&self.dir)
             .await
             .map_err(|e| Error::io(format!("listing {}", self.dir.display()), e))?;
-        while let Some(entry) = rd
-            .next_entry()
-            .await
-            .map_err(|e| Error::io("listing uploads", e))?
-        {
+        while let Some(entry) = rd.next_entry().await.map_err(|e| Error::io("listing uploads", e))? {
             let path = entry.path();
-            let stale = match fs::metadata(path.join("data"))
-                .await
-                .and_then(|m| m.modified())
-            {
+            let stale = match fs::metadata(path.join("data")).await.and_then(|m| m.modified()) {
                 Ok(modified) => SystemTime::now()
                     .duration_since(modified)
                     .is_ok_and(|idle| idle > self.ttl),
@@ -77,9 +70,9 @@ impl Uploads {
             if stale || !complete {
                 let id = entry.file_name().to_string_lossy().into_owned();
                 self.sessions.lock().await.remove(&id);
-                fs::remove_dir_all(&path).await.map_err(|e| {
-                    Error::io(format!("removing expired upload {}", path.display()), e)
-                })?;
+                fs::remove_dir_all(&path)
+                    .await
+                    .map_err(|e| Error::io(format!("removing expired upload {}", path.display()), e))?;
                 tracing::info!(upload = %id, "removed expired upload session");
                 removed += 1;
             }
@@ -95,9 +88,7 @@ impl Uploads {
         let io = |e| Error::io(format!("creating upload {}", dir.display()), e);
         fs::create_dir(&dir).await.map_err(io)?;
         fs::File::create(dir.join("data")).await.map_err(io)?;
-        fs::write(dir.join("repo"), repo.canonical())
-            .await
-            .map_err(io)?;
+        fs::write(dir.join("repo"), repo.canonical()).await.map_err(io)?;
         self.sessions.lock().await.insert(
             id.clone(),
             Arc::new(Mutex::new(Some(Hashing {
@@ -194,9 +185,7 @@ impl Uploads {
                 }
                 written += chunk.len() as u64;
             }
-            file.flush()
-                .await
-                .map_err(|e| Error::io("flushing upload", e))
+            file.flush().await.map_err(|e| Error::io("flushing upload", e))
         }
         .await;
         if let Err(e) = result {
@@ -212,12 +201,7 @@ impl Uploads {
 
     /// Appends the last chunk and returns the data file's digest and size. The session stays
     /// locked by the caller's guard until it is removed.
-    pub async fn finish(
-        &self,
-        repo: &Repository,
-        id: &str,
-        body: ByteStream,
-    ) -> Result<(PathBuf, Digest, u64)> {
+    pub async fn finish(&self, repo: &Repository, id: &str, body: ByteStream) -> Result<(PathBuf, Digest, u64)> {
         let lock = self.session(repo, id).await?;
         let mut hashing = lock.lock().await;
         let size = self.append_locked(id, None, body, &mut hashing).await?;

@@ -56,8 +56,7 @@ impl IntoResponse for ApiError {
             Error::ManifestTooLarge { size, limit } => json!({ "size": size, "limit": limit }),
             _ => json!({}),
         };
-        let body = json!({ "errors": [{ "code": code, "message": self.0.to_string(), "detail": detail }] })
-            .to_string();
+        let body = json!({ "errors": [{ "code": code, "message": self.0.to_string(), "detail": detail }] }).to_string();
         let mut resp = Response::builder()
             .status(status)
             .content_type("application/json")

@@ -35,11 +35,7 @@ fn page_response(body: serde_json::Value, next: Option<String>) -> Response {
         .content_type("application/json")
         .body(body.to_string());
     if let Some(next) = next {
-        set(
-            resp.headers_mut(),
-            "Link",
-            format!("<{next}>; rel=\"next\""),
-        );
+        set(resp.headers_mut(), "Link", format!("<{next}>; rel=\"next\""));
     }
     resp
 }
@@ -61,10 +57,7 @@ pub async fn catalog(call: &Call<'_>, state: &AppState) -> ApiResult {
 
 fn next_link(path: &str, call: &Call<'_>, last: Option<&String>) -> String {
     let n = call.query.n.as_deref().unwrap_or_default();
-    let mut link = format!(
-        "{path}?n={n}&last={}",
-        last.map(String::as_str).unwrap_or_default()
-    );
+    let mut link = format!("{path}?n={n}&last={}", last.map(String::as_str).unwrap_or_default());
     if let Some(ns) = &call.query.ns {
         link.push_str(&format!("&ns={ns}"));
     }

@@ -48,20 +48,11 @@ fn accepts(call: &Call<'_>, media_type: &str) -> bool {
     !names_manifests || listed.iter().any(|t| *t == media_type || *t == "*/*")
 }
 
-pub async fn put(
-    call: &Call<'_>,
-    state: &AppState,
-    name: &str,
-    reference: &str,
-    body: Body,
-) -> ApiResult {
+pub async fn put(call: &Call<'_>, state: &AppState, name: &str, reference: &str, body: Body) -> ApiResult {
     let repo = call.repo(name)?;
     let reference = Reference::parse(reference)?;
     let (_, registry) = state.registry()?;
-    if let Some(len) = call
-        .header(header::CONTENT_LENGTH)
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(len) = call.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
         if len > DRAIN_LIMIT {
             return Err(Error::ManifestTooLarge {
                 size: len,
@@ -72,16 +63,10 @@ pub async fn put(
     }
     let bytes = read_limited(body, MAX_MANIFEST_SIZE).await?;
     let content_type = call.header(header::CONTENT_TYPE);
-    let (manifest, subject) = registry
-        .put_manifest(&repo, &reference, content_type, bytes)
-        .await?;
+    let (manifest, subject) = registry.put_manifest(&repo, &reference, content_type, bytes).await?;
     let mut resp = empty(StatusCode::CREATED);
     let h = resp.headers_mut();
-    set(
-        h,
-        "Location",
-        format!("/v2/{name}/manifests/{}", manifest.digest),
-    );
+    set(h, "Location", format!("/v2/{name}/manifests/{}", manifest.digest));
     set(h, "Docker-Content-Digest", manifest.digest.to_string());
     if let Some(s) = subject {
         set(h, "OCI-Subject", s.to_string());

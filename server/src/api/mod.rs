@@ -117,12 +117,7 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
     };
     if call.query.ns.is_some() {
         // The spec asks a proxy to echo the namespace it served.
-        if let Some(v) = call
-            .query
-            .ns
-            .as_deref()
-            .and_then(|n| HeaderValue::from_str(n).ok())
-        {
+        if let Some(v) = call.query.ns.as_deref().and_then(|n| HeaderValue::from_str(n).ok()) {
             resp.headers_mut().insert("OCI-Namespace", v);
         }
     }
@@ -141,14 +136,10 @@ async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
     let method = call.req.method();
     let get = method == Method::GET || method == Method::HEAD;
     match target {
-        Target::Base if get => Ok(Response::builder()
-            .content_type("application/json")
-            .body("{}")),
+        Target::Base if get => Ok(Response::builder().content_type("application/json").body("{}")),
         Target::Catalog if get => lists::catalog(call, state).await,
         Target::Tags { name } if get => lists::tags(call, state, name).await,
-        Target::Referrers { name, digest } if get => {
-            lists::referrers(call, state, name, &digest).await
-        }
+        Target::Referrers { name, digest } if get => lists::referrers(call, state, name, &digest).await,
         Target::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => manifests::get(call, state, name, &reference).await,
             Method::PUT => manifests::put(call, state, name, &reference, body).await,
@@ -160,9 +151,7 @@ async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
             Method::DELETE => blobs::delete(call, state, name, &digest).await,
             _ => Err(not_allowed(method)),
         },
-        Target::Uploads { name } if method == Method::POST => {
-            uploads::start(call, state, name, body).await
-        }
+        Target::Uploads { name } if method == Method::POST => uploads::start(call, state, name, body).await,
         Target::Upload { name, id } => match *method {
             Method::GET => uploads::status(call, state, name, id).await,
             Method::PATCH => uploads::patch(call, state, name, id, body).await,
@@ -175,9 +164,7 @@ async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
 }
 
 fn not_allowed(method: &Method) -> ApiError {
-    ApiError(Error::Unsupported(format!(
-        "{method} is not supported on this path"
-    )))
+    ApiError(Error::Unsupported(format!("{method} is not supported on this path")))
 }
 
 /// Sets a header from a string that came from our own data (digests, names, numbers).

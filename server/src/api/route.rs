@@ -55,10 +55,7 @@ pub fn parse(path: &str) -> Option<Target<'_>> {
     // Some clients percent-encode the `:` of a digest.
     let last = last.replace("%3A", ":").replace("%3a", ":");
     match op {
-        "manifests" => Some(Target::Manifest {
-            name,
-            reference: last,
-        }),
+        "manifests" => Some(Target::Manifest { name, reference: last }),
         "blobs" => Some(Target::Blob { name, digest: last }),
         "referrers" => Some(Target::Referrers { name, digest: last }),
         _ => None,
@@ -74,10 +71,7 @@ mod tests {
         assert_eq!(parse("/v2/"), Some(Target::Base));
         assert_eq!(parse("/v2"), Some(Target::Base));
         assert_eq!(parse("/v2/_catalog"), Some(Target::Catalog));
-        assert_eq!(
-            parse("/v2/a/b/tags/list"),
-            Some(Target::Tags { name: "a/b" })
-        );
+        assert_eq!(parse("/v2/a/b/tags/list"), Some(Target::Tags { name: "a/b" }));
         assert_eq!(
             parse("/v2/a/manifests/x/manifests/latest"),
             Some(Target::Manifest {
@@ -92,16 +86,10 @@ mod tests {
                 digest: "sha256:ab".into()
             })
         );
-        assert_eq!(
-            parse("/v2/a/b/blobs/uploads/"),
-            Some(Target::Uploads { name: "a/b" })
-        );
+        assert_eq!(parse("/v2/a/b/blobs/uploads/"), Some(Target::Uploads { name: "a/b" }));
         assert_eq!(
             parse("/v2/a/blobs/uploads/123"),
-            Some(Target::Upload {
-                name: "a",
-                id: "123"
-            })
+            Some(Target::Upload { name: "a", id: "123" })
         );
         assert_eq!(
             parse("/v2/registry.k8s.io/pause/referrers/sha256:1"),

@@ -36,11 +36,7 @@ fn created(name: &str, digest: &Digest) -> Response {
 fn in_progress(status: StatusCode, name: &str, state: &UploadState) -> Response {
     let mut resp = empty(status);
     let h = resp.headers_mut();
-    set(
-        h,
-        "Location",
-        format!("/v2/{name}/blobs/uploads/{}", state.id),
-    );
+    set(h, "Location", format!("/v2/{name}/blobs/uploads/{}", state.id));
     set(h, "Docker-Upload-UUID", &state.id);
     set(h, "Range", format!("0-{}", state.offset.saturating_sub(1)));
     resp
@@ -91,13 +87,7 @@ fn content_range_start(call: &Call<'_>) -> ApiResult<Option<u64>> {
     }
 }
 
-pub async fn patch(
-    call: &Call<'_>,
-    state: &AppState,
-    name: &str,
-    id: &str,
-    body: Body,
-) -> ApiResult {
+pub async fn patch(call: &Call<'_>, state: &AppState, name: &str, id: &str, body: Body) -> ApiResult {
     let repo = call.repo(name)?;
     let (_, registry) = state.registry()?;
     let start = content_range_start(call)?;
@@ -105,19 +95,11 @@ pub async fn patch(
     Ok(in_progress(StatusCode::ACCEPTED, name, &upload))
 }
 
-pub async fn finish(
-    call: &Call<'_>,
-    state: &AppState,
-    name: &str,
-    id: &str,
-    body: Body,
-) -> ApiResult {
+pub async fn finish(call: &Call<'_>, state: &AppState, name: &str, id: &str, body: Body) -> ApiResult {
     let repo = call.repo(name)?;
     let (_, registry) = state.registry()?;
     let digest = digest_param(call)?;
-    let size = registry
-        .finish_upload(&repo, id, &digest, stream(body))
-        .await?;
+    let size = registry.finish_upload(&repo, id, &digest, stream(body)).await?;
     tracing::info!(request = %call.ctx.request_id, repository = %repo, %digest, size, "blob upload finished");
     Ok(created(name, &digest))
 }

@@ -12,9 +12,8 @@ use sha2::{Digest, Sha256};
 
 /// An environment variable `tests/env/start.sh` sets; the suite is run by `tests/run.sh`.
 pub fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the suite with tests/run.sh, which starts the engines")
-    })
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the suite with tests/run.sh, which starts the engines"))
 }
 
 pub fn docker20() -> String {
@@ -80,11 +79,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A running ferry process.
@@ -102,10 +97,7 @@ impl Ferry {
         let config = dir.join("ferry.toml");
         std::fs::write(
             &config,
-            format!(
-                "[cache]\ndir = \"{}\"\n{extra_toml}",
-                dir.join("data").display()
-            ),
+            format!("[cache]\ndir = \"{}\"\n{extra_toml}", dir.join("data").display()),
         )
         .unwrap();
         Ferry::start_with(dir, &config, &[])
@@ -129,9 +121,7 @@ impl Ferry {
     fn spawn(&mut self, envs: &[(&str, &str)]) {
         let bin = std::env::var("FERRY_BIN_PATH")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry")
-            });
+            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -166,11 +156,7 @@ impl Ferry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "ferry did not listen on {} in time:\n{}",
-            self.port,
-            self.logs()
-        );
+        panic!("ferry did not listen on {} in time:\n{}", self.port, self.logs());
     }
 
     pub fn addr(&self) -> String {
@@ -216,13 +202,7 @@ impl Drop for Ferry {
 
 /// A raw HTTP/1.1 exchange, for requests an HTTP library would normalise (`..` in paths).
 /// Returns (status, body).
-pub fn raw_request(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, String) {
+pub fn raw_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut req = format!(
@@ -276,8 +256,7 @@ pub fn snapshot(dir: &Path) -> Vec<(String, String)> {
 /// Asserts an OCI error response: status and the first error's code.
 pub fn assert_oci_error(status: u16, body: &str, want_status: u16, want_code: &str) {
     assert_eq!(status, want_status, "body: {body}");
-    let v: serde_json::Value =
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
     assert_eq!(v["errors"][0]["code"], want_code, "body: {body}");
 }
 
@@ -313,18 +292,11 @@ pub fn ctr_pull_and_run(ctd: &str, ns: &str, certs: &Path, image: &str) -> Strin
 
 /// Number of log lines of ferry that contain every one of `parts`.
 pub fn count_lines(logs: &str, parts: &[&str]) -> usize {
-    logs.lines()
-        .filter(|l| parts.iter().all(|p| l.contains(p)))
-        .count()
+    logs.lines().filter(|l| parts.iter().all(|p| l.contains(p))).count()
 }
 
 /// GETs a manifest with every manifest type accepted; returns (status, digest header, body).
-pub fn get_manifest(
-    ferry: &Ferry,
-    name: &str,
-    reference: &str,
-    query: &str,
-) -> (u16, String, Vec<u8>) {
+pub fn get_manifest(ferry: &Ferry, name: &str, reference: &str, query: &str) -> (u16, String, Vec<u8>) {
     let r = reqwest::blocking::Client::new()
         .get(ferry.url(&format!("/v2/{name}/manifests/{reference}{query}")))
         .header(
