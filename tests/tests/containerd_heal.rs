@@ -1,0 +1,337 @@
+//! The containerd backend: the moby#49473 repair for real (Docker 26 + containerd 1.7 with
+//! the containerd image store), the fast path with no export, Range reads, heals with the
+//! client's credentials, and containerd going away and coming back.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::new()
+}
+
+/// Uploads a blob to a distribution registry (POST, then PUT with the digest).
+fn upload(registry: &str, repo: &str, file: &Path, auth: Option<(&str, &str)>) -> String {
+    let data = std::fs::read(file).unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let with_auth = |req: reqwest::blocking::RequestBuilder| match auth {
+        Some((u, p)) => req.basic_auth(u, Some(p)),
+        None => req,
+    };
+    let r = with_auth(http().post(format!("http://{registry}/v2/{repo}/blobs/uploads/")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["Location"].to_str().unwrap().to_string();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        format!("http://{registry}{location}")
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = with_auth(http().put(format!("{location}{sep}digest={digest}")).body(data))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap());
+    digest
+}
+
+/// Pushes image A from Docker 20 to the registry, then B: A's config and A's layers
+/// recompressed with `gzip -1` — the same diff-ids under different layer digests.
+/// Returns (A's name, B's name, B's manifest).
+fn push_a_and_b(registry: &str, work: &Path) -> (String, String, Value) {
+    let host = docker20();
+    let u = unique("");
+    let (a, b) = (format!("{registry}/heal/a{u}:1"), format!("{registry}/heal/b{u}:1"));
+    build_image(&host, &format!("a{u}:1"), 1);
+    sh(&format!(
+        "docker -H {host} tag a{u}:1 {a} && docker -H {host} push {a} && docker -H {host} rmi {a} a{u}:1"
+    ));
+    let m: Value = http()
+        .get(format!("http://{registry}/v2/heal/a{u}/manifests/1"))
+        .header("Accept", DOCKER_MANIFEST)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let mut mb = m.clone();
+    let config = m["config"]["digest"].as_str().unwrap();
+    let cfile = work.join("config");
+    sh(&format!(
+        "curl -sf http://{registry}/v2/heal/a{u}/blobs/{config} -o {}",
+        cfile.display()
+    ));
+    upload(registry, &format!("heal/b{u}"), &cfile, None);
+    for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+        let d = l["digest"].as_str().unwrap();
+        let f = work.join(format!("layer{i}.gz"));
+        sh(&format!(
+            "curl -sf http://{registry}/v2/heal/a{u}/blobs/{d} | gunzip | gzip -1 -n > {}",
+            f.display()
+        ));
+        let nd = upload(registry, &format!("heal/b{u}"), &f, None);
+        assert_ne!(nd, d, "recompression must change the digest");
+        mb["layers"][i]["digest"] = Value::String(nd);
+        mb["layers"][i]["size"] = Value::from(std::fs::metadata(&f).unwrap().len());
+    }
+    let r = http()
+        .put(format!("http://{registry}/v2/heal/b{u}/manifests/1"))
+        .header("Content-Type", DOCKER_MANIFEST)
+        .body(mb.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    (a, b, mb)
+}
+
+fn content_ls(ctd: &str) -> String {
+    sh(&format!("ctr -a {ctd} -n moby content ls -q"))
+}
+
+#[test]
+fn moby_49473_missing_blobs_are_healed_from_the_origin() {
+    let registry = env("E2E_REGISTRY");
+    let d26 = env("E2E_DOCKER26_HOST");
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    let work = scratch();
+    let (a, b, mb) = push_a_and_b(&registry, work.path());
+    sh(&format!("docker -H {d26} pull {a} && docker -H {d26} pull {b}"));
+    let layer = mb["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert!(
+        !content_ls(&ctd17).contains(&layer),
+        "B's layer was never fetched (the bug's precondition)"
+    );
+
+    // The bug for real: B's export lacks its config and layers.
+    let save = work.path().join("b.tar");
+    sh(&format!("docker -H {d26} save {b} -o {}", save.display()));
+    let listing = sh(&format!("tar -tf {}", save.display()));
+    assert!(
+        !listing.contains(layer.trim_start_matches("sha256:")),
+        "docker save B unexpectedly has the layer"
+    );
+
+    let b_ref = b.trim_start_matches(&format!("{registry}/"));
+    let (b_name, b_tag) = b_ref.split_once(':').unwrap();
+
+    // Without containerd in the chain: 404, and a log line naming the bug and the fix.
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"docker\"\nsocket = \"{d26}\"\n"),
+    );
+    let (status, _, _) = get_manifest(&ferry, b_name, b_tag, &format!("?ns={registry}"));
+    assert_eq!(status, 404);
+    let logs = ferry.logs();
+    assert!(
+        logs.contains("moby#49473") && logs.contains("containerd backend"),
+        "{logs}"
+    );
+    drop(ferry);
+
+    // docker → containerd: the manifest from the export, the config from the content store,
+    // the layer fetched from the origin into the content store.
+    let dir = scratch();
+    let config = format!(
+        "[[backends]]\ntype = \"docker\"\nsocket = \"{d26}\"\n[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n"
+    );
+    let ferry = Ferry::start(dir.path(), &config);
+    let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &b);
+    assert!(out.starts_with("hello from"), "{out}");
+    assert!(
+        content_ls(&ctd17).contains(&layer),
+        "B's layer is now in containerd's content store"
+    );
+    let logs = ferry.logs();
+    assert!(logs.contains("healed: blob committed"), "{logs}");
+    assert!(
+        count_lines(&logs, &["backend=\"docker\"", &format!("/v2/{b_name}/manifests/")]) >= 1,
+        "the manifest comes from the export:\n{logs}"
+    );
+    sh(&format!("docker -H {d26} rmi {a} {b}"));
+}
+
+#[test]
+fn fast_path_serves_docker26_images_without_an_export() {
+    let d26 = env("E2E_DOCKER26_HOST");
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    let name = unique("fast");
+    build_image(&d26, &format!("{name}:v1"), 2);
+    let dir = scratch();
+    let config = format!(
+        "[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n[[backends]]\ntype = \"docker\"\nsocket = \"{d26}\"\n"
+    );
+    let ferry = Ferry::start(dir.path(), &config);
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    let logs = ferry.logs();
+    assert!(
+        !logs.contains("exporting image"),
+        "the fast path made an export:\n{logs}"
+    );
+    assert!(logs.contains("backend=\"containerd\""));
+
+    // The digests equal those of `docker save`.
+    let save = dir.path().join("save");
+    std::fs::create_dir_all(&save).unwrap();
+    sh(&format!(
+        "docker -H {d26} save {name}:v1 | tar -x -C {}",
+        save.display()
+    ));
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(save.join("index.json")).unwrap()).unwrap();
+    let saved = index["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let (status, served, body) = get_manifest(&ferry, &name, "v1", "?ns=docker.io");
+    assert_eq!(status, 200);
+    assert_eq!(served, saved);
+    let m: Value = serde_json::from_slice(&body).unwrap();
+    for l in m["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        assert!(
+            save.join("blobs/sha256").join(d.trim_start_matches("sha256:")).exists(),
+            "{d}"
+        );
+    }
+
+    // Range reads come from containerd too.
+    let d = m["layers"][0]["digest"].as_str().unwrap();
+    let whole = http()
+        .get(ferry.url(&format!("/v2/{name}/blobs/{d}")))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    let r = http()
+        .get(ferry.url(&format!("/v2/{name}/blobs/{d}")))
+        .header("Range", "bytes=100-199")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["Ferry-Backend"], "containerd");
+    assert_eq!(r.bytes().unwrap(), whole.slice(100..200));
+    // Absent everywhere: 404 BLOB_UNKNOWN.
+    let nowhere = format!("sha256:{}", sha256_hex(b"absent everywhere"));
+    let r = http()
+        .get(ferry.url(&format!("/v2/{name}/blobs/{nowhere}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<Value>().unwrap()["errors"][0]["code"], "BLOB_UNKNOWN");
+    sh(&format!("docker -H {d26} rmi {name}:v1"));
+}
+
+#[test]
+fn heal_uses_the_clients_credentials() {
+    let registry = env("E2E_REGISTRY_AUTH");
+    let (user, pass) = (env("E2E_REGISTRY_USER"), env("E2E_REGISTRY_PASS"));
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    let work = scratch();
+    let blob = work.path().join("blob");
+    std::fs::write(&blob, format!("private layer {}", unique("")).repeat(1000)).unwrap();
+    let repo = unique("private/heal");
+    let digest = upload(&registry, &repo, &blob, Some((&user, &pass)));
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n"),
+    );
+    let url = ferry.url(&format!("/v2/{registry}/{repo}/blobs/{digest}"));
+    let r = http().get(&url).send().unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers()["WWW-Authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic realm="));
+    let r = http().get(&url).basic_auth(&user, Some("wrong")).send().unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        !content_ls(&ctd17).contains(&digest),
+        "nothing written on refused credentials"
+    );
+
+    let r = http().get(&url).basic_auth(&user, Some(&pass)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
+    // The commit lands just after the last byte went out.
+    let mut found = false;
+    for _ in 0..50 {
+        if content_ls(&ctd17).contains(&digest) {
+            found = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(found, "the healed blob is in the content store");
+    // Now served from the store, without credentials.
+    let r = http().get(&url).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let labels = sh(&format!("ctr -a {ctd17} -n moby content ls | grep {digest}"));
+    assert!(
+        labels.contains(&format!("containerd.io/distribution.source.{registry}={repo}")),
+        "{labels}"
+    );
+}
+
+#[test]
+fn containerd_down_then_back() {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("env/lib.sh")
+        .display()
+        .to_string();
+    let name = unique("ctd-");
+    sh(&format!("source {lib} && set +u && e2e_start_containerd {name}"));
+    let sock = format!("{}/{name}/containerd.sock", env("E2E_DIR"));
+    let work = scratch();
+    let file = work.path().join("blob");
+    std::fs::write(&file, b"content held by containerd").unwrap();
+    let digest = format!("sha256:{}", sha256_hex(&std::fs::read(&file).unwrap()));
+    let ingest = |sock: &str| {
+        sh(&format!(
+            "ctr -a {sock} -n moby content ingest --expected-digest {digest} --expected-size 26 ref{name} < {}",
+            file.display()
+        ))
+    };
+    ingest(&sock);
+    // A GC root, so containerd's collection at its restart keeps it.
+    sh(&format!(
+        "ctr -a {sock} -n moby content label {digest} containerd.io/gc.root=e2e"
+    ));
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{sock}\"\nnamespace = \"moby\"\nfetch_missing = false\n[[backends]]\ntype = \"push\"\n"),
+    );
+    let pushed = b"in the push store";
+    let pushed_digest = format!("sha256:{}", sha256_hex(pushed));
+    let r = http()
+        .post(ferry.url(&format!("/v2/x/blobs/uploads/?digest={pushed_digest}")))
+        .body(pushed.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let get = |d: &str| http().get(ferry.url(&format!("/v2/x/blobs/{d}"))).send().unwrap();
+    assert_eq!(get(&digest).status(), 200);
+
+    sh(&format!("source {lib} && set +u && e2e_stop {name}"));
+    let started = std::time::Instant::now();
+    let r = get(&pushed_digest);
+    assert_eq!(r.status(), 200, "the chain goes on to the push store");
+    assert_eq!(r.headers()["Ferry-Backend"], "push");
+    assert_eq!(get(&digest).status(), 404);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(ferry.logs().contains("unavailable"), "{}", ferry.logs());
+
+    sh(&format!("source {lib} && set +u && e2e_start_containerd {name}"));
+    let r = get(&digest);
+    assert_eq!(r.status(), 200, "recovered without a restart:\n{}", ferry.logs());
+    assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&file).unwrap());
+    sh(&format!("source {lib} && set +u && e2e_stop {name}"));
+}
