@@ -10,7 +10,6 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use ferry_backends::push::PushConfig;
 use ferry_backends::BackendConfig;
 
 /// The whole configuration file.
@@ -82,8 +81,7 @@ fn default_dir() -> PathBuf {
     PathBuf::from("/var/lib/ferry")
 }
 fn default_backends() -> Vec<BackendConfig> {
-    let push: PushConfig = serde_json::from_str("{}").unwrap_or_else(|_| unreachable!("defaults parse"));
-    vec![BackendConfig::Push(push)]
+    serde_json::from_str(r#"[{"type": "docker"}, {"type": "push"}]"#).unwrap_or_else(|_| unreachable!("defaults parse"))
 }
 
 /// Accepts `host:port` and distribution's `:port`.
@@ -152,7 +150,29 @@ mod tests {
     fn defaults() {
         let c = load_toml("", &Flags::default()).unwrap();
         assert_eq!(c.server.addr, default_addr());
-        assert_eq!(c.backends.len(), 1);
+        assert!(matches!(
+            c.backends.as_slice(),
+            [BackendConfig::Docker(_), BackendConfig::Push(_)]
+        ));
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");
+        let c = Config::load(Some(Path::new(example)), &Flags::default()).unwrap();
+        assert_eq!(c.backends.len(), 2);
+        // Its commented-out containerd table is valid too.
+        let text = std::fs::read_to_string(example).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with([' ', '#']) && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load_toml(&uncommented, &Flags::default()).unwrap();
+        assert_eq!(c.backends.len(), 3, "{uncommented}");
     }
 
     #[test]
