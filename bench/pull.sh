@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Pull benchmarks of the docker and containerd backends, side by side with distribution
+# (Debian's docker-registry 2.8) in one run, through the k3s path: containerd's `ctr image pull`
+# with a hosts.toml mirror. Prints a markdown table.
+#
+#  docker backend (Docker 20.10, legacy export), an image of SIZE MiB in 8 layers:
+#   - floor: `docker save > /dev/null` + a pull of the same image from a warm registry
+#   - today: `docker push` into the registry + the pull
+#   - ferry cold (empty cache) and warm; the registry pull; ferry's peak RSS
+#  containerd backend (Docker 26.1 + containerd 1.7, containerd image store):
+#   - fast path: ferry with containerd first (namespace moby) vs the registry pull
+#   - heal: a missing 256 MiB layer served through ferry vs fetched straight from the registry
+#
+# Usage: bench/pull.sh [SIZE_MIB]   (root; installs what it needs; about 5 minutes at 512)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export E2E_DIR=${E2E_DIR:-/tmp/fpull-$$}
+source tests/env/lib.sh
+size_mib=${1:-512}
+layers=8
+e2e_install_packages
+command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
+trap 'e2e_stop_all' EXIT
+
+cargo build --release -q -p ferry-server
+# The client: containerd 1.6 with isolated content per namespace, so every pull fetches.
+e2e_start_containerd client
+sed -i 's/^\[plugins."io.containerd.grpc.v1.cri"\]/[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n&/' "$E2E_DIR/client/config.toml"
+e2e_stop client && e2e_start_containerd client
+client="$E2E_DIR/client/containerd.sock"
+e2e_start_containerd ctd16
+e2e_start_dockerd docker20 ctd16
+d20="unix://$E2E_DIR/docker20/docker.sock"
+trixie=$(e2e_fetch_trixie)
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17 "$trixie/usr/bin/containerd"
+echo '{"features": {"containerd-snapshotter": true}}' >"$E2E_DIR/docker26.json"
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
+    e2e_start_dockerd docker26 ctd17 "$E2E_DIR/docker26.json"
+d26="unix://$E2E_DIR/docker26/docker.sock"
+reg_port=$(e2e_free_port)
+e2e_start_registry registry "$reg_port"
+reg="127.0.0.1:$reg_port"
+
+# The image: busybox + 8 layers of random (incompressible) data.
+ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
+{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
+  for i in $(seq 1 $layers); do
+      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
+  done
+  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t benchimg:1 "$ctx" >/dev/null
+rm -rf "$ctx"
+
+now() { date +%s.%N; }
+secs() { echo "$2 - $1" | bc -l; }
+ns=0
+# ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or plain HTTP).
+pull() {
+    ns=$((ns + 1))
+    if [ -n "${2:-}" ]; then
+        ctr -a "$client" -n "b$ns" image pull --hosts-dir "$2" "$1" >/dev/null
+    else
+        ctr -a "$client" -n "b$ns" image pull --plain-http "$1" >/dev/null
+    fi
+}
+hosts() { # dir registry target
+    mkdir -p "$1/$2"
+    printf 'server = "https://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$2" "$3" >"$1/$2/hosts.toml"
+}
+start_ferry() { # name config-body
+    local port; port=$(e2e_free_port)
+    mkdir -p "$E2E_DIR/$1"
+    printf '[cache]\ndir = "%s/%s/data"\n%s\n' "$E2E_DIR" "$1" "$2" >"$E2E_DIR/$1/config.toml"
+    e2e_spawn "$1" target/release/ferry serve --config "$E2E_DIR/$1/config.toml" --addr "127.0.0.1:$port" --log-level warn
+    e2e_wait "$1" 30 curl -sf "http://127.0.0.1:$port/v2/"
+    echo "127.0.0.1:$port"
+}
+rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/$1.pid")/status"; }
+
+# --- docker backend ---
+t0=$(now); docker -H "$d20" save benchimg:1 >/dev/null; t1=$(now); save=$(secs "$t0" "$t1")
+t0=$(now); docker -H "$d20" tag benchimg:1 "$reg/bench/img:1" && docker -H "$d20" push -q "$reg/bench/img:1" >/dev/null; t1=$(now)
+push=$(secs "$t0" "$t1")
+pull "$reg/bench/img:1"                            # warm the registry's disk cache
+t0=$(now); pull "$reg/bench/img:1"; t1=$(now); reg_pull=$(secs "$t0" "$t1")
+
+f=$(start_ferry ferry-docker "[[backends]]
+type = \"docker\"
+socket = \"$d20\"")
+hosts "$E2E_DIR/hosts-docker" docker.io "$f"
+t0=$(now); pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker"; t1=$(now); cold=$(secs "$t0" "$t1")
+t0=$(now); pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker"; t1=$(now); warm=$(secs "$t0" "$t1")
+docker_rss=$(rss ferry-docker)
+floor=$(echo "$save + $reg_pull" | bc -l)
+today=$(echo "$push + $reg_pull" | bc -l)
+
+# --- containerd backend: fast path ---
+docker -H "$d26" pull -q "$reg/bench/img:1" >/dev/null
+f=$(start_ferry ferry-fast "[[backends]]
+type = \"containerd\"
+socket = \"$E2E_DIR/ctd17/containerd.sock\"
+namespace = \"moby\"
+[[backends]]
+type = \"docker\"
+socket = \"$d26\"")
+hosts "$E2E_DIR/hosts-fast" "$reg" "$f"
+t0=$(now); pull "$reg/bench/img:1" "$E2E_DIR/hosts-fast"; t1=$(now); fast=$(secs "$t0" "$t1")
+t0=$(now); pull "$reg/bench/img:1"; t1=$(now); reg_pull2=$(secs "$t0" "$t1")
+fast_rss=$(rss ferry-fast)
+
+# --- containerd backend: heal of a missing 256 MiB layer ---
+head -c $((256 * 1024 * 1024)) /dev/urandom >"$E2E_DIR/missing"
+dg="sha256:$(sha256sum "$E2E_DIR/missing" | cut -d' ' -f1)"
+loc=$(curl -sf -X POST -D - -o /dev/null "http://$reg/v2/bench/heal/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
+case "$loc" in http*) ;; *) loc="http://$reg$loc" ;; esac
+case "$loc" in *\?*) loc="$loc&digest=$dg" ;; *) loc="$loc?digest=$dg" ;; esac
+curl -sf -X PUT -T "$E2E_DIR/missing" "$loc" -o /dev/null
+rm -f "$E2E_DIR/missing"
+curl -sf -o /dev/null "http://$reg/v2/bench/heal/blobs/$dg"  # warm
+t0=$(now); curl -sf -o /dev/null "http://$reg/v2/bench/heal/blobs/$dg"; t1=$(now); direct=$(secs "$t0" "$t1")
+t0=$(now); curl -sf -o /dev/null "http://$f/v2/bench/heal/blobs/$dg?ns=$reg"; t1=$(now); heal=$(secs "$t0" "$t1")
+heal_rss=$(rss ferry-fast)
+
+ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
+echo
+echo "| measurement (${size_mib} MiB, $layers layers) | seconds | ratio |"
+echo "|---|---|---|"
+printf '| docker save > /dev/null | %.2f | |\n' "$save"
+printf '| docker push into distribution | %.2f | |\n' "$push"
+printf '| pull from warm distribution | %.2f | |\n' "$reg_pull"
+printf '| floor = save + pull | %.2f | |\n' "$floor"
+printf '| today = push + pull | %.2f | |\n' "$today"
+printf '| ferry cold pull (docker backend, Docker 20) | %.2f | %s× floor, %s× today |\n' "$cold" "$(ratio "$cold" "$floor")" "$(ratio "$cold" "$today")"
+printf '| ferry warm pull | %.2f | %s× distribution |\n' "$warm" "$(ratio "$warm" "$reg_pull")"
+printf '| ferry fast path cold pull (containerd first, Docker 26) | %.2f | %s× distribution (%.2f s) |\n' "$fast" "$(ratio "$fast" "$reg_pull2")" "$reg_pull2"
+printf '| 256 MiB blob straight from distribution | %.3f | |\n' "$direct"
+printf '| 256 MiB missing blob healed through ferry | %.3f | %s× direct |\n' "$heal" "$(ratio "$heal" "$direct")"
+echo
+echo "| ferry peak RSS (MiB) | |"
+echo "|---|---|"
+echo "| docker backend, cold + warm pull | $docker_rss |"
+echo "| containerd backend, fast path + heal | $heal_rss |"
