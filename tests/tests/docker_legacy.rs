@@ -188,3 +188,51 @@ fn blobs_before_any_manifest_are_found_through_the_engine_index() {
     assert_eq!(r.status(), 404);
     sh(&format!("docker -H {host} rmi {name}:v1"));
 }
+
+#[test]
+fn cache_size_limit_evicts_least_recently_used_images() {
+    let dir = scratch();
+    let host = docker20();
+    // Each test image is about 2 MiB (busybox plus a file): two do not fit in 3 MiB.
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "max_cache_size = \"3MiB\""));
+    let (a, b) = (unique("evicta"), unique("evictb"));
+    build_image(&host, &format!("{a}:v1"), 1);
+    build_image(&host, &format!("{b}:v1"), 1);
+    let layers_of = |body: &[u8]| -> Vec<String> {
+        let m: serde_json::Value = serde_json::from_slice(body).unwrap();
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let blob_path = |d: &str| {
+        let hex = d.trim_start_matches("sha256:");
+        ferry.dir.join("docker/blobs/sha256").join(&hex[..2]).join(hex)
+    };
+    let (_, _, body_a) = get_manifest(&ferry, &a, "v1", "");
+    let layers_a = layers_of(&body_a);
+    assert!(layers_a.iter().all(|d| blob_path(d).exists()));
+    let (_, _, body_b) = get_manifest(&ferry, &b, "v1", "");
+    // A was used least recently: its blobs went, B's stayed.
+    assert!(
+        layers_a.iter().all(|d| !blob_path(d).exists()),
+        "A's layers are evicted"
+    );
+    assert!(
+        layers_of(&body_b).iter().all(|d| blob_path(d).exists()),
+        "B's layers stay"
+    );
+    assert!(ferry.logs().contains("evicted least recently used"));
+    // A is exported again when asked for, and its blobs are served.
+    let (status, _, _) = get_manifest(&ferry, &a, "v1", "");
+    assert_eq!(status, 200);
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{a}/blobs/{}", layers_a[0]))).unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        count_lines(&ferry.logs(), &["exporting image", &format!("image={a}:v1")]),
+        2
+    );
+    sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1"));
+}
