@@ -17,4 +17,4 @@ bash tests/env/start.sh
 source "$E2E_DIR/env"
 
 cargo build --locked -p ferry-server
-cargo test --locked --workspace -- "$@"
+cargo test --locked --workspace --no-fail-fast -- "$@"
