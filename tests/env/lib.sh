@@ -166,6 +166,23 @@ TOML
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
 }
 
+# Rootless Podman: the API service runs as an unprivileged user (created if needed, with a
+# subuid range) on $E2E_DIR/<name>/podman.sock. setpriv execs, so the recorded PID is podman's.
+e2e_start_podman_rootless() {
+    local name=$1 user=ferry-e2e d="$E2E_DIR/$1" uid gid run
+    id "$user" >/dev/null 2>&1 || useradd -m "$user"
+    grep -q "^$user:" /etc/subuid || usermod --add-subuids 300000-365535 --add-subgids 300000-365535 "$user"
+    uid=$(id -u "$user"); gid=$(id -g "$user")
+    run="/run/user/$uid"
+    mkdir -p "$run" "$d" && chown "$user:" "$run" "$d" && chmod 700 "$run"
+    # The socket directory must be reachable by root (ferry) and writable by the user.
+    chmod 755 "$E2E_DIR" "$d"
+    e2e_spawn "$name" setpriv --reuid="$uid" --regid="$gid" --init-groups \
+        env HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" XDG_RUNTIME_DIR="$run" \
+        podman --storage-driver vfs system service --time=0 "unix://$d/podman.sock"
+    e2e_wait "$name" 60 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
+}
+
 # Builds a runnable test image FROM scratch with busybox plus generated files, one layer per
 # extra file. --no-cache: tests build in parallel and remove their images, and a cached
 # parent removed by another test would break the build. With BASE, the image is built FROM

@@ -18,6 +18,7 @@ echo '{"features": {"containerd-snapshotter": true}}' >"$E2E_DIR/docker26.json"
 PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
     e2e_start_dockerd docker26 ctd17 "$E2E_DIR/docker26.json"
 e2e_start_podman podman
+e2e_start_podman_rootless podman-rootless
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
 auth_port=$(e2e_free_port)
 e2e_start_registry registry-auth "$auth_port" "$E2E_DIR/htpasswd"
@@ -30,6 +31,7 @@ export E2E_DOCKER26_HOST=unix://$E2E_DIR/docker26/docker.sock
 export E2E_CONTAINERD17_SOCK=$E2E_DIR/ctd17/containerd.sock
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
+export E2E_PODMAN_ROOTLESS_HOST=unix://$E2E_DIR/podman-rootless/podman.sock
 export E2E_REGISTRY=127.0.0.1:$registry_port
 export E2E_REGISTRY_AUTH=127.0.0.1:$auth_port
 export E2E_REGISTRY_USER=e2e-user

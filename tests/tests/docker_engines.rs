@@ -1,5 +1,5 @@
 //! The docker backend against Docker 26.1 with the containerd image store (OCI-layout exports)
-//! and against Podman 4.3 (its Docker-compatible API): the same pulls as for Docker 20, by tag
+//! and against Podman 4.3, rootful and rootless (its Docker-compatible API): the same pulls as for Docker 20, by tag
 //! and by digest.
 
 mod common;
@@ -79,4 +79,9 @@ fn docker26_digest_reference_on_a_cold_cache() {
 #[test]
 fn podman_compat_api() {
     serves_images_of(&env("E2E_PODMAN_HOST"), "pod");
+}
+
+#[test]
+fn rootless_podman() {
+    serves_images_of(&env("E2E_PODMAN_ROOTLESS_HOST"), "rootless");
 }
