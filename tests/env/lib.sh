@@ -121,7 +121,8 @@ TOML
 }
 
 # dockerd on a private socket, using the containerd started as "$2".
-# Optional $3: a daemon.json to use. The socket is $E2E_DIR/<name>/docker.sock.
+# Optional $3: a daemon.json to use; $DOCKERD_ARGS: more flags (e.g. a TLS tcp listener).
+# The socket is $E2E_DIR/<name>/docker.sock.
 e2e_start_dockerd() {
     local name=$1 ctd=$2 config=${3:-} d="$E2E_DIR/$1"
     mkdir -p "$d/root" "$d/exec"
@@ -129,7 +130,7 @@ e2e_start_dockerd() {
     e2e_spawn "$name" "${DOCKERD:-dockerd}" --config-file "$config" \
         --containerd "$E2E_DIR/$ctd/containerd.sock" \
         --data-root "$d/root" --exec-root "$d/exec" -H "unix://$d/docker.sock" \
-        --pidfile "$d/docker.pid" --bridge none --iptables=false --ip-masq=false
+        --pidfile "$d/docker.pid" --bridge none --iptables=false --ip-masq=false ${DOCKERD_ARGS:-}
     e2e_wait "$name" 60 docker -H "unix://$d/docker.sock" info
 }
 

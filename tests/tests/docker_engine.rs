@@ -251,3 +251,57 @@ fn unusable_exports_are_errors_and_leave_nothing() {
         assert!(left.is_empty(), "{what}: the cache keeps {left:?}");
     }
 }
+
+#[test]
+fn remote_engine_over_tcp_with_tls() {
+    let tag = unique("tls");
+    let (daemon, ctd) = (format!("dockerd-{tag}"), format!("ctd-{tag}"));
+    let certs = scratch();
+    let c = certs.path().display().to_string();
+    // A CA, a server certificate for 127.0.0.1 and a client certificate, as Docker's docs make them.
+    sh(&format!(
+        "cd {c} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
+         && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null \
+         && printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext \
+         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 1 -extfile server.ext 2>/dev/null \
+         && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out client.csr -subj /CN=ferry 2>/dev/null \
+         && printf 'extendedKeyUsage=clientAuth\\n' > client.ext \
+         && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile client.ext 2>/dev/null"
+    ));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tls = format!(
+        "-H tcp://127.0.0.1:{port} --tlsverify --tlscacert {c}/ca.pem --tlscert {c}/server-cert.pem --tlskey {c}/server-key.pem"
+    );
+    sh(&format!("source {} && set +u && e2e_start_containerd {ctd}", lib()));
+    sh(&format!(
+        "source {} && set +u && DOCKERD_ARGS='{tls}' e2e_start_dockerd {daemon} {ctd}",
+        lib()
+    ));
+    let socket = format!("unix://{}/{daemon}/docker.sock", env("E2E_DIR"));
+    build_image(&socket, &format!("{tag}:v1"), 1);
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"docker\"\nsocket = \"tcp://127.0.0.1:{port}\"\ntls_dir = \"{c}\"\n"),
+    );
+    let (status, _, _) = get_manifest(&ferry, &tag, "v1", "");
+    assert_eq!(status, 200, "{}", ferry.logs());
+    assert!(ferry.logs().contains("tls=true"));
+    // Without the client certificate the engine refuses: the backend is unavailable, not ferry.
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"docker\"\nsocket = \"tcp://127.0.0.1:{port}\"\n"),
+    );
+    let (status, _, _) = get_manifest(&ferry, &tag, "v1", "");
+    assert_eq!(status, 404);
+    sh(&format!(
+        "source {} && set +u && e2e_stop {daemon} && e2e_stop {ctd}",
+        lib()
+    ));
+}

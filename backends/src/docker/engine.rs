@@ -37,14 +37,17 @@ pub struct EngineInfo {
 pub struct Engine {
     backend: String,
     socket: String,
+    /// `ca.pem`, `cert.pem`, `key.pem` for a TLS `tcp://` engine.
+    tls_dir: Option<std::path::PathBuf>,
     client: RwLock<Option<(Docker, Arc<EngineInfo>)>>,
 }
 
 impl Engine {
-    pub fn new(backend: &str, socket: &str) -> Self {
+    pub fn new(backend: &str, socket: &str, tls_dir: Option<std::path::PathBuf>) -> Self {
         Engine {
             backend: backend.to_string(),
             socket: socket.to_string(),
+            tls_dir,
             client: RwLock::new(None),
         }
     }
@@ -74,7 +77,20 @@ impl Engine {
 
     async fn connect(&self) -> Result<(Docker, Arc<EngineInfo>)> {
         let s = self.socket.as_str();
-        let docker = if let Some(addr) = s.strip_prefix("tcp://").or_else(|| s.strip_prefix("http://")) {
+        let tcp = s
+            .strip_prefix("tcp://")
+            .or_else(|| s.strip_prefix("http://"))
+            .or_else(|| s.strip_prefix("https://"));
+        let docker = if let (Some(addr), Some(tls)) = (tcp, &self.tls_dir) {
+            Docker::connect_with_ssl(
+                addr,
+                &tls.join("key.pem"),
+                &tls.join("cert.pem"),
+                &tls.join("ca.pem"),
+                CALL_TIMEOUT.as_secs(),
+                API_DEFAULT_VERSION,
+            )
+        } else if let Some(addr) = tcp {
             Docker::connect_with_http(&format!("http://{addr}"), CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         } else {
             Docker::connect_with_unix(s, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
@@ -107,7 +123,7 @@ impl Engine {
             api_version: docker.client_version().to_string(),
             containerd_store,
         };
-        tracing::info!(backend = %self.backend, socket = %self.socket, engine = %info.product,
+        tracing::info!(backend = %self.backend, socket = %self.socket, tls = self.tls_dir.is_some(), engine = %info.product,
             version = %info.version, api_version = %info.api_version, containerd_store = info.containerd_store,
             "connected to engine");
         Ok((docker, Arc::new(info)))

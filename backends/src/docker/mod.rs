@@ -38,6 +38,10 @@ pub struct DockerConfig {
     /// Unset: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
     #[serde(default)]
     pub socket: Option<String>,
+    /// For a `tcp://` engine behind TLS: a directory with `ca.pem`, `cert.pem` and `key.pem`
+    /// (as `DOCKER_CERT_PATH`). Unset: `DOCKER_CERT_PATH` when `DOCKER_TLS_VERIFY` is set.
+    #[serde(default)]
+    pub tls_dir: Option<PathBuf>,
     /// Pull images the engine lacks through the engine, with the client's credentials.
     #[serde(default)]
     pub pull_missing: bool,
@@ -88,7 +92,14 @@ impl DockerConfig {
         let max_bytes = self.max_cache_size.as_deref().map(parse_size).transpose()?;
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
         let cache = Cache::open(dir, self.max_parallel_exports, max_bytes).await?;
-        let engine = Arc::new(Engine::new(&self.name, &socket));
+        let tls_dir = self.tls_dir.clone().or_else(|| {
+            let verify = std::env::var("DOCKER_TLS_VERIFY").is_ok_and(|v| !v.is_empty() && v != "0");
+            verify
+                .then(|| std::env::var("DOCKER_CERT_PATH").ok())
+                .flatten()
+                .map(PathBuf::from)
+        });
+        let engine = Arc::new(Engine::new(&self.name, &socket, tls_dir));
         let index = Arc::new(ImageIndex::new());
         if let Err(e) = engine.client().await {
             tracing::warn!(backend = %self.name, error = %e,
