@@ -28,8 +28,8 @@ pub struct Entry {
     pub image_id: String,
     #[serde(flatten)]
     pub export: Exported,
-    /// Seconds since the epoch of the last request served from this entry.
-    pub last_used: u64,
+    /// Milliseconds since the epoch of the last request served from this entry.
+    pub last_used_ms: u64,
 }
 
 impl Entry {
@@ -38,10 +38,10 @@ impl Entry {
     }
 }
 
-fn now() -> u64 {
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -138,9 +138,9 @@ impl Cache {
     pub async fn touch(&self, image_id: &str) {
         let mut entries = self.entries.write().await;
         if let Some(e) = entries.get_mut(&id_key(image_id)) {
-            if now() > e.last_used + 60 {
+            if now_ms() > e.last_used_ms + 1000 {
                 let mut updated = (**e).clone();
-                updated.last_used = now();
+                updated.last_used_ms = now_ms();
                 *e = Arc::new(updated);
             }
         }
@@ -174,7 +174,7 @@ impl Cache {
         // Only now: a request arriving meanwhile found the flight and waited for it.
         self.flights.lock().await.remove(&id_key(image_id));
         let entry = result?;
-        self.evict().await?;
+        self.evict(image_id).await?;
         Ok(entry)
     }
 
@@ -182,7 +182,7 @@ impl Cache {
         let entry = Arc::new(Entry {
             image_id: image_id.to_string(),
             export: exported?,
-            last_used: now(),
+            last_used_ms: now_ms(),
         });
         let json = serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(&self.entries_dir.join(id_key(image_id)), &json).await?;
@@ -204,10 +204,10 @@ impl Cache {
         }
     }
 
-    /// Enforces the size limit: drops least recently used entries until the blobs the rest
-    /// reference fit, then deletes every blob no remaining entry references (except those
-    /// being served).
-    async fn evict(&self) -> Result<()> {
+    /// Enforces the size limit: drops least recently used entries (never `fresh`, the one
+    /// just exported) until the blobs the rest reference fit, then deletes every blob no
+    /// remaining entry references (except those being served).
+    async fn evict(&self, fresh: &str) -> Result<()> {
         let Some(max) = self.max_bytes else {
             return Ok(());
         };
@@ -224,16 +224,17 @@ impl Cache {
         }
         let mut entries = self.entries.write().await;
         let mut order: Vec<Arc<Entry>> = entries.values().cloned().collect();
-        order.sort_by_key(|e| e.last_used);
+        // Least recently used first; the fresh entry last, whatever its clock says.
+        order.sort_by_key(|e| (id_key(&e.image_id) == id_key(fresh), e.last_used_ms));
         let referenced_size = |kept: &[Arc<Entry>]| {
             let set: HashSet<&Digest> = kept.iter().flat_map(|e| e.digests()).collect();
             set.iter().map(|d| sizes.get(*d).copied().unwrap_or(0)).sum::<u64>()
         };
         let mut dropped = Vec::new();
-        while !order.is_empty() && referenced_size(&order) > max {
+        // The fresh entry stays even when it alone is over the limit.
+        while order.len() > 1 && referenced_size(&order) > max {
             dropped.push(order.remove(0));
         }
-        // The newest entry stays even when it alone is over the limit.
         for e in &dropped {
             entries.remove(&id_key(&e.image_id));
             remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
