@@ -45,11 +45,36 @@ fn missing_images_are_pulled_through_the_engine() {
     assert!(out.starts_with("hello from"), "{out}");
     sh(&format!("docker -H {} rmi {name}:v1", docker20()));
 
+    // A digest reference the legacy store cannot serve: Docker 20 knows the registry's
+    // manifest digest (RepoDigests) but its export yields a manifest of ferry's own making.
+    let registry_digest = http_digest(&registry, &repo);
+    let dir2 = scratch();
+    let fresh = Ferry::start(dir2.path(), &docker_chain(&docker20(), ""));
+    sh(&format!("docker -H {} pull {name}:v1", docker20()));
+    let (status, _, _) = get_manifest(&fresh, &name, &registry_digest, "");
+    assert_eq!(status, 404);
+    assert!(
+        fresh.logs().contains("legacy image store keeps no registry manifests"),
+        "{}",
+        fresh.logs()
+    );
+    sh(&format!("docker -H {} rmi {name}:v1", docker20()));
+
     // Without pull_missing: 404.
     let dir = scratch();
     let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), ""));
     let (status, _, _) = get_manifest(&ferry, &name, "v1", "");
     assert_eq!(status, 404);
+}
+
+/// The digest a registry serves for `repo:v1`.
+fn http_digest(registry: &str, repo: &str) -> String {
+    let r = reqwest::blocking::Client::new()
+        .head(format!("http://{registry}/v2/{repo}/manifests/v1"))
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .unwrap();
+    r.headers()["Docker-Content-Digest"].to_str().unwrap().to_string()
 }
 
 #[test]
