@@ -53,6 +53,7 @@ fn bad_configuration_names_the_key_and_its_source() {
 fn environment_overrides_file_and_flags_override_environment() {
     let dir = scratch();
     // The file says text logs; the environment says JSON: every line is then a JSON object.
+    // The environment also names an address, which the --addr flag overrides.
     let mut ferry = Ferry::start_with(
         dir.path(),
         &{
@@ -67,7 +68,11 @@ fn environment_overrides_file_and_flags_override_environment() {
             .unwrap();
             f
         },
-        &[("FERRY_SERVER__LOG_FORMAT", "json")],
+        // The harness passes --addr with a free port: the flag must win over this.
+        &[
+            ("FERRY_SERVER__LOG_FORMAT", "json"),
+            ("FERRY_SERVER__ADDR", "127.0.0.1:1"),
+        ],
     );
     let r = reqwest::blocking::get(ferry.url("/v2/nothing/manifests/latest")).unwrap();
     assert_eq!(r.status(), 404);
