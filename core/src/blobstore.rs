@@ -230,19 +230,15 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
         }
         let mut left = len;
         while left > 0 {
-            let want = left.min(READ_CHUNK as u64) as usize;
-            let mut buf = bytes::BytesMut::zeroed(want);
-            let result = match file.read(&mut buf) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file is shorter than its size",
-                )),
+            let want = left.min(READ_CHUNK as u64);
+            // read_to_end fills spare capacity without zeroing it first.
+            let mut buf = Vec::with_capacity(want as usize);
+            let result = match (&mut file).take(want).read_to_end(&mut buf) {
+                Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file is shorter than its size")),
                 Ok(n) => {
-                    buf.truncate(n);
                     left -= n as u64;
-                    Ok(buf.freeze())
+                    Ok(Bytes::from(buf))
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(e),
             };
             let failed = result.is_err();
