@@ -298,27 +298,68 @@ impl BlobWriter {
 
     /// Flushes, fsyncs and checks the digest; on a match renames the blob into place.
     /// On a mismatch nothing is stored and [`Error::DigestInvalid`] is returned.
-    pub fn commit(mut self) -> Result<(Digest, u64)> {
+    pub fn commit(self) -> Result<(Digest, u64)> {
+        let sealed = self.seal()?;
+        let out = (sealed.digest.clone(), sealed.size);
+        sealed.persist()?;
+        Ok(out)
+    }
+
+    /// The first half of [`commit`](BlobWriter::commit): flushes and checks the digest, and
+    /// hands back the blob to [`persist`](SealedBlob::persist), possibly on another thread
+    /// while the caller goes on writing the next one.
+    pub fn seal(mut self) -> Result<SealedBlob> {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if let Some(expected) = &self.expected {
             if *expected != digest {
-                return Err(Error::DigestInvalid(format!(
-                    "content hashes to {digest}, not {expected}"
-                )));
+                return Err(Error::DigestInvalid(format!("content hashes to {digest}, not {expected}")));
             }
         }
         std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
-        self.file
+        let file = self
+            .file
             .get_ref()
-            .sync_all()
-            .map_err(|e| Error::io("syncing blob temp file", e))?;
+            .try_clone()
+            .map_err(|e| Error::io("reopening blob temp file", e))?;
+        Ok(SealedBlob {
+            store: self.store.clone(),
+            file,
+            tmp: self.tmp.take(),
+            digest,
+            size: self.size,
+        })
+    }
+}
+
+/// A fully written blob with a verified digest, not yet durable nor in place. Dropping it
+/// without [`persist`](SealedBlob::persist) removes it.
+pub struct SealedBlob {
+    store: BlobStore,
+    file: std::fs::File,
+    tmp: Option<PathBuf>,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+impl SealedBlob {
+    /// fsyncs the content, then renames it into its content address.
+    pub fn persist(mut self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io("syncing blob temp file", e))?;
         if let Some(tmp) = self.tmp.take() {
-            if let Err(e) = self.store.place(&tmp, &digest) {
+            if let Err(e) = self.store.place(&tmp, &self.digest) {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
         }
-        Ok((digest, self.size))
+        Ok(())
+    }
+}
+
+impl Drop for SealedBlob {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 

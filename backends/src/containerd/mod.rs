@@ -410,9 +410,6 @@ impl Backend for ContainerdBackend {
         if !self.config.fetch_missing {
             return Ok(None);
         }
-        if self.wait_for_heal(digest).await {
-            return self.stored(digest, range).await;
-        }
         self.heal(repo, digest, range, ctx).await
     }
 }

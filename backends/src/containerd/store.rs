@@ -59,7 +59,7 @@ impl Store {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let channel = tokio::time::timeout(CALL_TIMEOUT, containerd_client::connect(&self.socket))
+        let channel = tokio::time::timeout(CALL_TIMEOUT, connect(self.socket.clone()))
             .await
             .map_err(|_| self.unavailable("no answer within 5 s"))?
             .map_err(|e| self.unavailable(e))?;
@@ -267,6 +267,23 @@ impl Store {
             namespace: self.namespace.clone(),
         })
     }
+}
+
+/// Connects to containerd's socket. Unlike `containerd_client::connect`, with HTTP/2 windows
+/// large enough that streaming a healed blob into the content store is not held to 64 KiB per
+/// round trip.
+async fn connect(socket: PathBuf) -> std::result::Result<Channel, containerd_client::tonic::transport::Error> {
+    const WINDOW: u32 = 8 * 1024 * 1024;
+    containerd_client::tonic::transport::Endpoint::from_static("http://[::]")
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(WINDOW))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+            }
+        }))
+        .await
 }
 
 fn tokio_stream_of(mut rx: mpsc::Receiver<WriteContentRequest>) -> impl futures::Stream<Item = WriteContentRequest> {

@@ -62,7 +62,53 @@ fn bad(e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("engine export is not a readable tar archive: {e}"))
 }
 
+/// Blobs being made durable on other threads while the archive is read on: an fsync of one
+/// layer then overlaps the engine streaming the next.
+#[derive(Default)]
+struct Persisting {
+    pending: std::collections::VecDeque<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Persisting {
+    const MAX_PENDING: usize = 4;
+
+    fn push(&mut self, blob: ferry_core::blobstore::SealedBlob) -> Result<()> {
+        if self.pending.len() >= Self::MAX_PENDING {
+            self.join_one()?;
+        }
+        self.pending.push_back(std::thread::spawn(move || blob.persist()));
+        Ok(())
+    }
+
+    fn join_one(&mut self) -> Result<()> {
+        match self.pending.pop_front() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::Internal("blob persist thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    fn join_all(&mut self) -> Result<()> {
+        let mut first_error = None;
+        while !self.pending.is_empty() {
+            if let Err(e) = self.join_one() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
 fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> Result<()> {
+    let mut persisting = Persisting::default();
+    let result = read_entries_into(reader, store, archive, &mut persisting);
+    // Every blob is durable (or the read failed) before the archive is interpreted.
+    let persisted = persisting.join_all();
+    result.and(persisted)
+}
+
+fn read_entries_into(reader: impl Read, store: &BlobStore, archive: &mut Archive, persisting: &mut Persisting) -> Result<()> {
     let mut tar = tar::Archive::new(reader);
     let mut entries = 0usize;
     for entry in tar.entries().map_err(bad)? {
@@ -79,15 +125,18 @@ fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> 
                     entry.read_to_end(&mut buf).map_err(bad)?;
                     archive.metadata.insert(path, buf);
                 } else {
-                    let existed_before = |d: &Digest| store.path(d).exists();
                     let mut w = store.writer(None)?;
-                    std::io::copy(&mut entry, &mut w).map_err(bad)?;
+                    copy_large(&mut entry, &mut w).map_err(bad)?;
                     let (size_written, expected) = (w.size(), entry.size());
                     if size_written != expected {
                         return Err(bad(format!("{path}: {size_written} of {expected} bytes")));
                     }
-                    // Peek at the digest before commit to know whether this blob is new.
-                    let (digest, size) = commit_tracking(w, existed_before, &mut archive.added)?;
+                    let sealed = w.seal()?;
+                    let (digest, size) = (sealed.digest.clone(), sealed.size);
+                    if !store.path(&digest).exists() {
+                        archive.added.push(digest.clone());
+                    }
+                    persisting.push(sealed)?;
                     archive.files.insert(path, (digest, size));
                 }
             }
@@ -115,19 +164,21 @@ fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> 
     Ok(())
 }
 
-/// Commits a blob and records it as added when the store did not have it before.
-fn commit_tracking(
-    w: ferry_core::blobstore::BlobWriter,
-    existed_before: impl Fn(&Digest) -> bool,
-    added: &mut Vec<Digest>,
-) -> Result<(Digest, u64)> {
-    let digest = w.digest_so_far();
-    let new = !existed_before(&digest);
-    let out = w.commit()?;
-    if new {
-        added.push(out.0.clone());
+/// Copies with a large buffer: `io::copy`'s 8 KiB would mean one trip through the async
+/// bridge per 8 KiB of a layer.
+fn copy_large(from: &mut impl Read, to: &mut impl std::io::Write) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
     }
-    Ok(out)
 }
 
 /// Resolves `.` and `..` and strips leading `./` and `/`.
