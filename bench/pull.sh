@@ -53,16 +53,26 @@ rm -rf "$ctx"
 
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc -l; }
-ns=0
-# ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or plain HTTP).
-pull() {
-    ns=$((ns + 1))
-    if [ -n "${2:-}" ]; then
-        ctr -a "$client" -n "b$ns" image pull --hosts-dir "$2" "$1" >/dev/null
+# Times one ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or
+# plain HTTP when $2 is empty), appending the seconds to file $3. Dirty pages are flushed
+# before, and the namespace's image, content and snapshots removed after, so one pull's
+# writeback does not slow the next.
+timed_pull() { # image hosts-dir times-file
+    local ns t0 t1; ns="b$(date +%s%N)"
+    sync
+    t0=$(now)
+    if [ -n "$2" ]; then
+        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
     else
-        ctr -a "$client" -n "b$ns" image pull --plain-http "$1" >/dev/null
+        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
     fi
+    t1=$(now)
+    secs "$t0" "$t1" >>"$3"
+    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
+    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
+    sync
 }
+best() { sort -n "$1" | head -1; }
 hosts() { # dir registry target
     mkdir -p "$1/$2"
     printf 'server = "https://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$2" "$3" >"$1/$2/hosts.toml"
@@ -77,49 +87,49 @@ start_ferry() { # name config-body
 }
 rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/$1.pid")/status"; }
 
-# Best (smallest) of N timings of a shell function; stdout of the function is discarded.
-best_of() { # n fn args...
-    local n=$1 best="" t0 t1 t; shift
-    for _ in $(seq 1 "$n"); do
-        t0=$(now); "$@" >/dev/null; t1=$(now); t=$(secs "$t0" "$t1")
-        if [ -z "$best" ] || [ "$(echo "$t < $best" | bc -l)" = 1 ]; then best=$t; fi
-    done
-    echo "$best"
-}
 runs=3
+T="$E2E_DIR/times"; mkdir -p "$T"
 
 # --- docker backend ---
-save() { docker -H "$d20" save benchimg:1 >/dev/null; }
-push_n=0
-push() { push_n=$((push_n + 1)); docker -H "$d20" tag benchimg:1 "$reg/bench/img$push_n:1" && docker -H "$d20" push -q "$reg/bench/img$push_n:1" >/dev/null; }
-save=$(best_of $runs save)
-push=$(best_of $runs push)
-pull "$reg/bench/img1:1"                           # warm the registry's page cache
-reg_pull=$(best_of $runs pull "$reg/bench/img1:1")
+for _ in $(seq 1 $runs); do
+    sync; t0=$(now); docker -H "$d20" save benchimg:1 >/dev/null; t1=$(now); secs "$t0" "$t1" >>"$T/save"
+done
+# Each push goes to an empty registry of its own, so no layer is there already.
+for _ in $(seq 1 $runs); do
+    name="push$(date +%s%N)"; port=$(e2e_free_port)
+    e2e_start_registry "$name" "$port" >/dev/null
+    docker -H "$d20" tag benchimg:1 "127.0.0.1:$port/bench/img:1"
+    sync; t0=$(now); docker -H "$d20" push -q "127.0.0.1:$port/bench/img:1" >/dev/null; t1=$(now)
+    secs "$t0" "$t1" >>"$T/push"
+    docker -H "$d20" rmi "127.0.0.1:$port/bench/img:1" >/dev/null
+    e2e_stop "$name"; rm -rf "${E2E_DIR:?}/$name"
+done
+docker -H "$d20" tag benchimg:1 "$reg/bench/img:1" && docker -H "$d20" push -q "$reg/bench/img:1" >/dev/null
+timed_pull "$reg/bench/img:1" "" "$T/warmup"        # the registry's page cache is warm from here on
+for _ in $(seq 1 $runs); do timed_pull "$reg/bench/img:1" "" "$T/reg"; done
 
-docker_backend="[[backends]]
+f=$(start_ferry ferry-docker "[[backends]]
 type = \"docker\"
-socket = \"$d20\""
-f=$(start_ferry ferry-docker "$docker_backend")
+socket = \"$d20\"")
 hosts "$E2E_DIR/hosts-docker" docker.io "$f"
 docker_rss=0
-cold_run() { # a cold pull: ferry restarted on an empty cache
+for _ in $(seq 1 $runs); do
+    # Cold: ferry restarted on an empty cache.
     e2e_stop ferry-docker; rm -rf "$E2E_DIR/ferry-docker/data"
     e2e_spawn ferry-docker target/release/ferry serve --config "$E2E_DIR/ferry-docker/config.toml" --addr "$f" --log-level warn
     e2e_wait ferry-docker 30 curl -sf "http://$f/v2/"
-    local t0 t1; t0=$(now); pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker"; t1=$(now)
+    timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker" "$T/cold"
     docker_rss=$(echo "r=$(rss ferry-docker); if (r > $docker_rss) r else $docker_rss" | bc -l)
-    secs "$t0" "$t1" >>"$E2E_DIR/cold.times"
-}
-for _ in $(seq 1 $runs); do cold_run; done
-cold=$(sort -n "$E2E_DIR/cold.times" | head -1)
-warm=$(best_of $runs pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker")
+done
+for _ in $(seq 1 $runs); do timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker" "$T/warm"; done
 docker_rss=$(echo "r=$(rss ferry-docker); if (r > $docker_rss) r else $docker_rss" | bc -l)
+save=$(best "$T/save"); push=$(best "$T/push"); reg_pull=$(best "$T/reg")
+cold=$(best "$T/cold"); warm=$(best "$T/warm")
 floor=$(echo "$save + $reg_pull" | bc -l)
 today=$(echo "$push + $reg_pull" | bc -l)
 
-# --- containerd backend: fast path (no cache: every pull is cold for ferry) ---
-docker -H "$d26" pull -q "$reg/bench/img1:1" >/dev/null
+# --- containerd backend: fast path (ferry keeps no cache here: every pull is cold) ---
+docker -H "$d26" pull -q "$reg/bench/img:1" >/dev/null
 f=$(start_ferry ferry-fast "[[backends]]
 type = \"containerd\"
 socket = \"$E2E_DIR/ctd17/containerd.sock\"
@@ -128,8 +138,11 @@ namespace = \"moby\"
 type = \"docker\"
 socket = \"$d26\"")
 hosts "$E2E_DIR/hosts-fast" "$reg" "$f"
-fast=$(best_of $runs pull "$reg/bench/img1:1" "$E2E_DIR/hosts-fast")
-reg_pull2=$(best_of $runs pull "$reg/bench/img1:1")
+for _ in $(seq 1 $runs); do
+    timed_pull "$reg/bench/img:1" "$E2E_DIR/hosts-fast" "$T/fast"
+    timed_pull "$reg/bench/img:1" "" "$T/reg2"
+done
+fast=$(best "$T/fast"); reg_pull2=$(best "$T/reg2")
 
 # --- containerd backend: heal of a missing 256 MiB layer (a new one each run) ---
 heal_times="$E2E_DIR/heal.times"; direct_times="$E2E_DIR/direct.times"
