@@ -234,7 +234,10 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
             // read_to_end fills spare capacity without zeroing it first.
             let mut buf = Vec::with_capacity(want as usize);
             let result = match (&mut file).take(want).read_to_end(&mut buf) {
-                Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob file is shorter than its size")),
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file is shorter than its size",
+                )),
                 Ok(n) => {
                     left -= n as u64;
                     Ok(Bytes::from(buf))
@@ -312,7 +315,9 @@ impl BlobWriter {
         let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
         if let Some(expected) = &self.expected {
             if *expected != digest {
-                return Err(Error::DigestInvalid(format!("content hashes to {digest}, not {expected}")));
+                return Err(Error::DigestInvalid(format!(
+                    "content hashes to {digest}, not {expected}"
+                )));
             }
         }
         std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
@@ -344,7 +349,9 @@ pub struct SealedBlob {
 impl SealedBlob {
     /// fsyncs the content, then renames it into its content address.
     pub fn persist(mut self) -> Result<()> {
-        self.file.sync_all().map_err(|e| Error::io("syncing blob temp file", e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("syncing blob temp file", e))?;
         if let Some(tmp) = self.tmp.take() {
             if let Err(e) = self.store.place(&tmp, &self.digest) {
                 let _ = std::fs::remove_file(&tmp);

@@ -280,7 +280,9 @@ async fn connect(socket: PathBuf) -> std::result::Result<Channel, containerd_cli
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
             }
         }))
         .await

@@ -108,7 +108,12 @@ fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> 
     result.and(persisted)
 }
 
-fn read_entries_into(reader: impl Read, store: &BlobStore, archive: &mut Archive, persisting: &mut Persisting) -> Result<()> {
+fn read_entries_into(
+    reader: impl Read,
+    store: &BlobStore,
+    archive: &mut Archive,
+    persisting: &mut Persisting,
+) -> Result<()> {
     let mut tar = tar::Archive::new(reader);
     let mut entries = 0usize;
     for entry in tar.entries().map_err(bad)? {
