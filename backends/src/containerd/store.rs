@@ -208,7 +208,7 @@ impl Store {
         let channel = self.channel().await?;
         let lease_id = format!("ferry-heal-{}", uuid::Uuid::new_v4());
         let mut lease_labels = HashMap::new();
-        // If ferry dies mid-write, containerd drops the lease (and what it protects) by itself.
+        // containerd drops the lease by itself after an hour, also when ferry dies mid-write.
         lease_labels.insert(
             "containerd.io/gc.expire".to_string(),
             rfc3339(SystemTime::now() + Duration::from_secs(3600)),
@@ -373,16 +373,19 @@ impl ContentWriter {
         self.finish(true).await;
     }
 
+    /// On a failed write, aborts the ingest and drops the lease at once. On success the lease
+    /// is left to expire by itself (an hour): the blob stays protected meanwhile, and is kept
+    /// for good by the gc.ref labels of a manifest that names it (the moby#49473 case).
     async fn finish(&self, abort: bool) {
-        if abort {
-            let mut client = ContentClient::new(self.channel.clone());
-            let _ = client
-                .abort(self.req(AbortRequest {
-                    r#ref: self.reference.clone(),
-                }))
-                .await;
+        if !abort {
+            return;
         }
-        // The committed blob is kept by the gc.ref labels of the manifest that names it.
+        let mut client = ContentClient::new(self.channel.clone());
+        let _ = client
+            .abort(self.req(AbortRequest {
+                r#ref: self.reference.clone(),
+            }))
+            .await;
         let mut leases = LeasesClient::new(self.channel.clone());
         let _ = leases
             .delete(self.req(DeleteRequest {
