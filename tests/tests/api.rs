@@ -90,7 +90,7 @@ fn error_of(r: Response) -> (u16, String) {
 
 #[test]
 fn base_endpoint() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let r = api.http.get(api.url("/v2/")).send().unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "Docker-Distribution-API-Version"), "registry/2.0");
@@ -98,7 +98,7 @@ fn base_endpoint() {
 
 #[test]
 fn chunked_upload_status_out_of_order_and_cancel() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let digest = format!("sha256:{}", sha256_hex(&data));
     let r = api.http.post(api.url("/v2/up/load/blobs/uploads/")).send().unwrap();
@@ -171,7 +171,7 @@ fn chunked_upload_status_out_of_order_and_cancel() {
 
 #[test]
 fn wrong_digest_on_put_stores_nothing() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let before = api.store();
     let wrong = format!("sha256:{}", sha256_hex(b"something else"));
     let r = api
@@ -199,7 +199,7 @@ fn wrong_digest_on_put_stores_nothing() {
 
 #[test]
 fn unknown_upload_ids() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     for id in ["00000000-0000-0000-0000-000000000000", "not-a-uuid"] {
         let path = format!("/v2/x/blobs/uploads/{id}");
         let (s, b) = error_of(api.http.get(api.url(&path)).send().unwrap());
@@ -224,7 +224,7 @@ fn unknown_upload_ids() {
 
 #[test]
 fn cross_repository_mount() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let d = api.put_blob("src/repo", b"shared layer");
     let r = api
         .http
@@ -245,7 +245,7 @@ fn cross_repository_mount() {
 
 #[test]
 fn range_reads() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let data: Vec<u8> = (0..1000u32).map(|i| (i % 256) as u8).collect();
     let d = api.put_blob("r", &data);
     let url = api.url(&format!("/v2/r/blobs/{d}"));
@@ -268,7 +268,7 @@ fn range_reads() {
 
 #[test]
 fn manifest_get_head_and_accept() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let (digest, bytes) = api.put_image("m/img", "v1", "m");
     for reference in ["v1", digest.as_str()] {
         let url = api.url(&format!("/v2/m/img/manifests/{reference}"));
@@ -294,7 +294,7 @@ fn manifest_get_head_and_accept() {
 
 #[test]
 fn tags_pagination_and_catalog() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let (_, m) = api.put_image("pag/one", "a", "p");
     for t in ["d", "b", "c"] {
         assert_eq!(api.put_manifest("pag/one", t, &m).status(), 201);
@@ -327,7 +327,7 @@ fn tags_pagination_and_catalog() {
 
 #[test]
 fn deletes() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let (digest, m) = api.put_image("del/img", "v1", "del");
     assert_eq!(api.put_manifest("del/img", "v2", &m).status(), 201);
     // Deleting a tag leaves the manifest and the other tag.
@@ -393,7 +393,7 @@ fn deletes() {
 
 #[test]
 fn referrers() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let (subject, subject_bytes) = api.put_image("ref/img", "v1", "subject");
     let empty = api.put_blob("ref/img", b"{}");
     let sig = json!({
@@ -461,7 +461,7 @@ fn referrers() {
 
 #[test]
 fn bad_input_gets_spec_errors_and_changes_nothing() {
-    let api = Api::start("");
+    let api = Api::start(PUSH_ONLY);
     let (_, good_manifest) = api.put_image("good/img", "v1", "good");
     let before = api.store();
     let addr = api.ferry.addr();

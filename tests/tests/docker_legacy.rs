@@ -84,6 +84,39 @@ fn rebuild_under_the_same_tag_is_served_fresh() {
 }
 
 #[test]
+fn engine_images_are_listed_in_tags_and_catalog() {
+    let dir = scratch();
+    let host = docker20();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let name = unique("listed");
+    build_image(&host, &format!("{name}:v1"), 0);
+    sh(&format!("docker -H {host} tag {name}:v1 {name}:v2"));
+    let tags: serde_json::Value = reqwest::blocking::get(ferry.url(&format!("/v2/{name}/tags/list")))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["v1", "v2"]));
+    let catalog: serde_json::Value = reqwest::blocking::get(ferry.url("/v2/_catalog"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(
+        catalog["repositories"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(format!("library/{name}"))),
+        "{catalog}"
+    );
+    // skopeo sees the same list.
+    let listed = sh(&format!(
+        "skopeo list-tags --tls-verify=false docker://{}/{name} | jq -c .Tags",
+        ferry.addr()
+    ));
+    assert_eq!(listed.trim(), r#"["v1","v2"]"#);
+    sh(&format!("docker -H {host} rmi {name}:v1 {name}:v2"));
+}
+
+#[test]
 fn shared_base_layer_is_stored_once() {
     let dir = scratch();
     let host = docker20();

@@ -8,7 +8,7 @@ use common::*;
 #[test]
 fn docker_push_rmi_pull_run_and_restart() {
     let dir = scratch();
-    let mut ferry = Ferry::start(dir.path(), "");
+    let mut ferry = Ferry::start(dir.path(), PUSH_ONLY);
     let host = docker20();
     let local = unique("pushsrc");
     build_image(&host, &format!("{local}:v1"), 3);
@@ -80,7 +80,7 @@ fn docker_push_rmi_pull_run_and_restart() {
 #[test]
 fn skopeo_copy_in_and_out_keeps_digests() {
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), "");
+    let ferry = Ferry::start(dir.path(), PUSH_ONLY);
     let host = docker20();
     let local = unique("skopeo");
     build_image(&host, &format!("{local}:v1"), 2);
@@ -118,7 +118,7 @@ fn skopeo_copy_in_and_out_keeps_digests() {
 #[test]
 fn containerd_pulls_through_a_docker_io_mirror() {
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), "");
+    let ferry = Ferry::start(dir.path(), PUSH_ONLY);
     let host = docker20();
     let name = unique("mirror");
     build_image(&host, &format!("{name}:v1"), 2);

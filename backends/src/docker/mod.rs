@@ -295,6 +295,29 @@ impl DockerBackend {
         self.find(names).await
     }
 
+    /// The engine's tagged images as (repository, tag). Podman's `localhost/NAME` (its
+    /// locally built images) also counts as Docker Hub's `library/NAME`, as in [`Self::candidates`].
+    async fn engine_tags(&self) -> Result<Vec<(Repository, String)>> {
+        let mut out = Vec::new();
+        for image in self.engine.list().await? {
+            for repo_tag in &image.repo_tags {
+                let Some((name, tag)) = repo_tag.rsplit_once(':').filter(|(n, _)| !n.ends_with('/')) else {
+                    continue;
+                };
+                let Ok(repo) = Repository::from_request(name, None) else {
+                    continue;
+                };
+                if repo.registry() == "localhost" {
+                    if let Ok(hub) = Repository::new(DOCKER_HUB, repo.path()) {
+                        out.push((hub, tag.to_string()));
+                    }
+                }
+                out.push((repo, tag.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
     /// evicted or exporting the engine image that holds it. `false` when no image has it.
     async fn ensure_blob(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
@@ -365,6 +388,21 @@ impl Backend for DockerBackend {
                 Ok(None)
             }
         }
+    }
+
+    async fn tags(&self, repo: &Repository) -> Result<Option<Vec<String>>> {
+        let tags: Vec<String> = self
+            .engine_tags()
+            .await?
+            .into_iter()
+            .filter(|(r, _)| r == repo)
+            .map(|(_, t)| t)
+            .collect();
+        Ok((!tags.is_empty()).then_some(tags))
+    }
+
+    async fn catalog(&self) -> Result<Vec<Repository>> {
+        Ok(self.engine_tags().await?.into_iter().map(|(r, _)| r).collect())
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {

@@ -129,7 +129,7 @@ impl Ferry {
             .unwrap();
         let mut cmd = Command::new(&bin);
         for (k, _) in std::env::vars() {
-            if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k == "RUST_LOG" {
+            if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k.starts_with("DOCKER_") || k == "RUST_LOG" {
                 cmd.env_remove(k);
             }
         }
@@ -315,6 +315,9 @@ pub fn get_manifest(ferry: &Ferry, name: &str, reference: &str, query: &str) -> 
         .unwrap_or_default();
     (status, digest, r.bytes().unwrap().to_vec())
 }
+
+/// Config for the push store alone.
+pub const PUSH_ONLY: &str = "[[backends]]\ntype = \"push\"\n";
 
 /// Config for a chain of one docker backend on `socket` followed by the push store.
 pub fn docker_chain(socket: &str, extra: &str) -> String {
