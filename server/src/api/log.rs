@@ -30,7 +30,7 @@ struct Line {
 impl Line {
     fn emit(&self) {
         let bytes = self.bytes.load(Ordering::Relaxed);
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let backend = self.backend.as_deref().unwrap_or("-");
         if let Some(error) = &self.error {
             tracing::warn!(target: "ferry::request", method = %self.method, path = %self.path,
