@@ -307,7 +307,8 @@ fn containerd_down_then_back() {
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),
-        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{sock}\"\nnamespace = \"moby\"\nfetch_missing = false\n[[backends]]\ntype = \"push\"\n"),
+        // Through the Read API, as in a container that has only containerd's socket.
+        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{sock}\"\nnamespace = \"moby\"\nfetch_missing = false\ndirect_reads = false\n[[backends]]\ntype = \"push\"\n"),
     );
     let pushed = b"in the push store";
     let pushed_digest = format!("sha256:{}", sha256_hex(pushed));
@@ -319,6 +320,14 @@ fn containerd_down_then_back() {
     assert_eq!(r.status(), 201);
     let get = |d: &str| http().get(ferry.url(&format!("/v2/x/blobs/{d}"))).send().unwrap();
     assert_eq!(get(&digest).status(), 200);
+    let r = http()
+        .get(ferry.url(&format!("/v2/x/blobs/{digest}")))
+        .header("Range", "bytes=8-15")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap().to_vec(), b"held by ".to_vec());
+    assert!(ferry.logs().contains("not readable here"), "the Read API is in use");
 
     sh(&format!("source {lib} && set +u && e2e_stop {name}"));
     let started = std::time::Instant::now();

@@ -51,6 +51,10 @@ pub struct ContainerdConfig {
     /// A PEM CA certificate to trust for origin registries.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Read committed blobs straight from containerd's content directory when this process
+    /// can (same machine, enough permissions), instead of through the Read API.
+    #[serde(default = "default_true")]
+    pub direct_reads: bool,
 }
 
 fn default_name() -> String {
@@ -71,7 +75,7 @@ const WRITE_CHUNK: usize = 1024 * 1024;
 
 impl ContainerdConfig {
     pub async fn build(&self) -> Result<Arc<ContainerdBackend>> {
-        let store = Store::new(&self.name, self.socket.clone(), &self.namespace);
+        let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
         if let Err(e) = store.channel().await {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");

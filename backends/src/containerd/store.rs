@@ -32,15 +32,21 @@ pub struct Store {
     socket: PathBuf,
     namespace: String,
     channel: RwLock<Option<Channel>>,
+    /// containerd's content directory, when this process can read it: committed blobs are
+    /// immutable files there, served without a trip through the Read API.
+    content_root: RwLock<Option<PathBuf>>,
+    direct_reads: bool,
 }
 
 impl Store {
-    pub fn new(backend: &str, socket: PathBuf, namespace: &str) -> Self {
+    pub fn new(backend: &str, socket: PathBuf, namespace: &str, direct_reads: bool) -> Self {
         Store {
             backend: backend.to_string(),
             socket,
             namespace: namespace.to_string(),
             channel: RwLock::new(None),
+            content_root: RwLock::new(None),
+            direct_reads,
         }
     }
 
@@ -63,8 +69,15 @@ impl Store {
             .await
             .map_err(|_| self.unavailable("no answer within 5 s"))?
             .map_err(|e| self.unavailable(e))?;
+        let root = if self.direct_reads {
+            content_root(&channel).await
+        } else {
+            None
+        };
         tracing::info!(backend = %self.backend, socket = %self.socket.display(), namespace = %self.namespace,
+            content_dir = %root.as_ref().map_or("not readable here: blobs go through the Read API".to_string(), |r| r.display().to_string()),
             "connected to containerd");
+        *self.content_root.write().await = root;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -121,8 +134,15 @@ impl Store {
         }
     }
 
-    /// Streams `len` bytes of a blob from `offset`.
+    /// Streams `len` bytes of a blob from `offset`: from containerd's content directory when
+    /// it is readable here, else through the Read API.
     pub async fn read(&self, digest: &Digest, offset: u64, len: u64) -> Result<ByteStream> {
+        let root = self.content_root.read().await.clone();
+        if let Some(path) = root.map(|r| r.join("blobs/sha256").join(digest.hex())) {
+            if let Ok(Ok(file)) = tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+                return Ok(ferry_core::blobstore::file_stream(file, offset, len));
+            }
+        }
         let mut client = ContentClient::new(self.channel().await?);
         let req = self.req(
             ReadContentRequest {
@@ -267,6 +287,25 @@ impl Store {
             namespace: self.namespace.clone(),
         })
     }
+}
+
+/// containerd's content directory as its content plugin reports it, if this process can read
+/// it (same machine, enough permissions; not so in a container with only the socket mounted).
+async fn content_root(channel: &Channel) -> Option<PathBuf> {
+    use containerd_client::services::v1::introspection_client::IntrospectionClient;
+    use containerd_client::services::v1::PluginsRequest;
+    let mut client = IntrospectionClient::new(channel.clone());
+    let req = Request::new(PluginsRequest {
+        filters: vec!["type==io.containerd.content.v1".to_string()],
+    });
+    let plugins = tokio::time::timeout(CALL_TIMEOUT, client.plugins(req))
+        .await
+        .ok()?
+        .ok()?
+        .into_inner()
+        .plugins;
+    let root = PathBuf::from(plugins.into_iter().find_map(|p| p.exports.get("root").cloned())?);
+    std::fs::read_dir(root.join("blobs/sha256")).ok().map(|_| root)
 }
 
 /// Connects to containerd's socket. Unlike `containerd_client::connect`, with HTTP/2 windows
