@@ -219,7 +219,27 @@ fn blobs_before_any_manifest_are_found_through_the_engine_index() {
     let unknown = format!("sha256:{}", sha256_hex(b"nowhere"));
     let r = reqwest::blocking::get(ferry.url(&format!("/v2/{name}/blobs/{unknown}"))).unwrap();
     assert_eq!(r.status(), 404);
-    sh(&format!("docker -H {host} rmi {name}:v1"));
+    // An image built while ferry runs: the engine's events bring it into the index.
+    let later = unique("later");
+    build_image(&host, &format!("{later}:v1"), 1);
+    let id = sh(&format!("docker -H {host} inspect -f '{{{{.Id}}}}' {later}:v1"));
+    let mut status = 0;
+    for _ in 0..30 {
+        status = reqwest::blocking::get(ferry.url(&format!("/v2/{later}/blobs/{}", id.trim())))
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(status, 200, "the config of an image built after start is found");
+    assert_eq!(
+        count_lines(&ferry.logs(), &["exporting image", &format!("id={}", id.trim())]),
+        1
+    );
+    sh(&format!("docker -H {host} rmi {name}:v1 {later}:v1"));
 }
 
 /// Builds busybox plus 1.5 MiB of random data: an image whose last layer is its own.

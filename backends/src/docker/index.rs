@@ -45,6 +45,17 @@ impl ImageIndex {
         Ok(None)
     }
 
+    /// Builds the index now if it is stale (at start, in the background).
+    pub async fn refresh(&self, engine: &Engine) -> Result<()> {
+        if self.stale.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.rebuild(engine).await {
+                self.stale.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     pub fn mark_stale(&self) {
         self.stale.store(true, Ordering::Release);
     }

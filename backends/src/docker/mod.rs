@@ -106,6 +106,12 @@ impl DockerConfig {
                 "engine not reachable now; the backend answers 'unavailable' until it is");
         }
         index.follow(engine.clone());
+        let (i, e, name) = (index.clone(), engine.clone(), self.name.clone());
+        tokio::spawn(async move {
+            if let Err(err) = i.refresh(&e).await {
+                tracing::debug!(backend = %name, error = %err, "engine image index not built at start");
+            }
+        });
         Ok(Arc::new(DockerBackend {
             config: self.clone(),
             engine,
