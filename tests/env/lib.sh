@@ -27,10 +27,17 @@ e2e_install_packages() {
         e2e_log "installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -q >"$E2E_DIR/logs/apt.log" 2>&1
-        # Debian's maintainer scripts must not start the host's own daemons.
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        apt-get install -y -q --no-install-recommends "${need[@]}" >>"$E2E_DIR/logs/apt.log" 2>&1 \
-            || { tail -30 "$E2E_DIR/logs/apt.log"; return 1; }
+        # Debian's maintainer scripts must not start the host's own daemons: a policy-rc.d
+        # for the install only (unless the host has one of its own).
+        local policy=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            policy=/usr/sbin/policy-rc.d
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+        fi
+        local rc=0
+        apt-get install -y -q --no-install-recommends "${need[@]}" >>"$E2E_DIR/logs/apt.log" 2>&1 || rc=$?
+        [ -z "$policy" ] || rm -f "$policy"
+        if [ "$rc" != 0 ]; then tail -30 "$E2E_DIR/logs/apt.log"; return 1; fi
     fi
 }
 
