@@ -35,7 +35,7 @@ e2e_install_packages() {
             printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
         fi
         local rc=0
-        apt-get install -y -q --no-install-recommends "${need[@]}" >>"$E2E_DIR/logs/apt.log" 2>&1 || rc=$?
+        apt-get install -y -q "${need[@]}" >>"$E2E_DIR/logs/apt.log" 2>&1 || rc=$?
         [ -z "$policy" ] || rm -f "$policy"
         if [ "$rc" != 0 ]; then tail -30 "$E2E_DIR/logs/apt.log"; return 1; fi
     fi
