@@ -21,6 +21,7 @@ e2e_install_packages() {
     command -v htpasswd >/dev/null || need+=(apache2-utils)
     command -v curl >/dev/null || need+=(curl)
     command -v jq >/dev/null || need+=(jq)
+    command -v openssl >/dev/null || need+=(openssl)
     command -v newuidmap >/dev/null || need+=(uidmap)
     command -v slirp4netns >/dev/null || need+=(slirp4netns)
     if [ ${#need[@]} -gt 0 ]; then
