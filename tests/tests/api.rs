@@ -281,6 +281,15 @@ fn manifest_get_head_and_accept() {
         assert_eq!(header(&r, "ETag"), format!("\"{digest}\""));
         assert_eq!(r.bytes().unwrap().to_vec(), bytes);
     }
+    // A proxy echoes the namespace it served (containerd mirrors send ?ns=).
+    let r = api
+        .http
+        .head(api.url("/v2/m/img/manifests/v1?ns=docker.io"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "OCI-Namespace"), "docker.io");
+    assert_eq!(header(&r, "Docker-Content-Digest"), digest);
     // A client that lists only other manifest types does not get this one.
     let r = api
         .http
