@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 
 use ferry_core::{Digest, Result};
 
@@ -20,6 +20,8 @@ pub struct ImageIndex {
     map: RwLock<HashMap<Digest, String>>,
     /// Set by engine events and at start; the next lookup miss rebuilds.
     stale: AtomicBool,
+    /// Held while rebuilding, so a lookup waits for a rebuild under way instead of missing.
+    rebuilding: Mutex<()>,
 }
 
 impl ImageIndex {
@@ -27,6 +29,7 @@ impl ImageIndex {
         ImageIndex {
             map: RwLock::new(HashMap::new()),
             stale: AtomicBool::new(true),
+            rebuilding: Mutex::new(()),
         }
     }
 
@@ -35,18 +38,13 @@ impl ImageIndex {
         if let Some(id) = self.map.read().await.get(digest) {
             return Ok(Some(id.clone()));
         }
-        if self.stale.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.rebuild(engine).await {
-                self.stale.store(true, Ordering::Release);
-                return Err(e);
-            }
-            return Ok(self.map.read().await.get(digest).cloned());
-        }
-        Ok(None)
+        self.refresh(engine).await?;
+        Ok(self.map.read().await.get(digest).cloned())
     }
 
-    /// Builds the index now if it is stale (at start, in the background).
+    /// Rebuilds the index if it is stale; waits for a rebuild already under way.
     pub async fn refresh(&self, engine: &Engine) -> Result<()> {
+        let _guard = self.rebuilding.lock().await;
         if self.stale.swap(false, Ordering::AcqRel) {
             if let Err(e) = self.rebuild(engine).await {
                 self.stale.store(true, Ordering::Release);
