@@ -325,10 +325,11 @@ impl DockerBackend {
     }
 
     /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
-    /// evicted or exporting the engine image that holds it. `false` when no image has it.
-    async fn ensure_blob(&self, repo: &Repository, digest: &Digest) -> Result<bool> {
-        if self.cache.store.size(digest).await?.is_some() {
-            return Ok(true);
+    /// evicted or exporting the engine image that holds it. Its size, or `None` when no image
+    /// has it.
+    async fn ensure_blob(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
+        if let Some(size) = self.cache.store.size(digest).await? {
+            return Ok(Some(size));
         }
         let (holding, lacking) = self.cache.images_with_blob(digest).await;
         let id = match holding.into_iter().next() {
@@ -336,14 +337,14 @@ impl DockerBackend {
             None if !lacking.is_empty() => {
                 tracing::debug!(backend = %self.config.name, %digest, images = ?lacking,
                     "the engine's export lacks this blob");
-                return Ok(false);
+                return Ok(None);
             }
             None => self.index.lookup(&self.engine, digest).await?,
         };
-        let Some(id) = id else { return Ok(false) };
+        let Some(id) = id else { return Ok(None) };
         let found = Found { name: id.clone(), id };
         self.entry(&found, repo).await?;
-        Ok(self.cache.store.size(digest).await?.is_some())
+        self.cache.store.size(digest).await
     }
 }
 
@@ -412,10 +413,7 @@ impl Backend for DockerBackend {
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
-        if !self.ensure_blob(repo, digest).await? {
-            return Ok(None);
-        }
-        self.cache.store.size(digest).await
+        self.ensure_blob(repo, digest).await
     }
 
     async fn blob(
@@ -425,7 +423,7 @@ impl Backend for DockerBackend {
         range: Option<ByteRange>,
         _ctx: &RequestCtx,
     ) -> Result<Option<BlobBody>> {
-        if !self.ensure_blob(repo, digest).await? {
+        if self.ensure_blob(repo, digest).await?.is_none() {
             return Ok(None);
         }
         let guard = self.cache.serving(digest);

@@ -112,8 +112,9 @@ impl PushBackend {
             .join(digest.hex())
     }
 
-    /// The digest a reference names in this repository, if the repository holds it.
-    async fn resolve(&self, repo: &Repository, reference: &Reference) -> Result<Option<Digest>> {
+    /// The digest a reference names in this repository and the manifest's media type (from
+    /// its marker), if the repository holds it.
+    async fn resolve(&self, repo: &Repository, reference: &Reference) -> Result<Option<(Digest, String)>> {
         let digest = match reference {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(t) => match read_optional(&self.tag_path(repo, t)).await? {
@@ -124,10 +125,8 @@ impl PushBackend {
                 None => return Ok(None),
             },
         };
-        let known = tokio::fs::try_exists(self.manifest_marker(repo, &digest))
-            .await
-            .unwrap_or(false);
-        Ok(known.then_some(digest))
+        let marker = read_optional(&self.manifest_marker(repo, &digest)).await?;
+        Ok(marker.map(|m| (digest, String::from_utf8_lossy(&m).into_owned())))
     }
 
     fn check_delete_allowed(&self) -> Result<()> {
@@ -162,20 +161,18 @@ impl Backend for PushBackend {
     }
 
     async fn manifest(&self, image: &ImageRef, _ctx: &RequestCtx) -> Result<Option<Manifest>> {
-        let Some(digest) = self.resolve(&image.repository, &image.reference).await? else {
+        let Some((digest, media_type)) = self.resolve(&image.repository, &image.reference).await? else {
             return Ok(None);
         };
-        let media_type = read_optional(&self.manifest_marker(&image.repository, &digest))
-            .await?
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
         let Some(bytes) = self.blobs.read(&digest).await? else {
             return Err(Error::Internal(format!(
                 "manifest {digest} of {image} is recorded but its bytes are missing"
             )));
         };
-        let media_type = match media_type {
-            Some(m) if !m.is_empty() => m,
-            _ => ManifestInfo::parse(&bytes, None)?.media_type,
+        let media_type = if media_type.is_empty() {
+            ManifestInfo::parse(&bytes, None)?.media_type
+        } else {
+            media_type
         };
         Ok(Some(Manifest {
             bytes,
@@ -333,7 +330,7 @@ impl Registry for PushBackend {
 
     async fn delete_manifest(&self, repo: &Repository, reference: &Reference) -> Result<()> {
         self.check_delete_allowed()?;
-        let Some(digest) = self.resolve(repo, reference).await? else {
+        let Some((digest, _)) = self.resolve(repo, reference).await? else {
             return Err(Error::ManifestUnknown(format!("{repo}:{reference}")));
         };
         if let Reference::Tag(t) = reference {
