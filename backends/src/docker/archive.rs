@@ -122,6 +122,11 @@ fn read_entries_into(
         let path = normalize(&entry.path().map_err(bad)?.to_string_lossy());
         match entry.header().entry_type() {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if is_legacy_v1_metadata(&path) {
+                    // `<layer>/json` and `<layer>/VERSION` of the legacy format: nothing
+                    // ferry serves; skipped rather than stored and removed again.
+                    continue;
+                }
                 if METADATA.contains(&path.as_str()) {
                     if entry.size() > METADATA_LIMIT {
                         return Err(bad(format!("{path} is {} bytes", entry.size())));
@@ -169,6 +174,11 @@ fn read_entries_into(
     Ok(())
 }
 
+/// The per-layer v1 metadata files of a legacy docker-archive (`<dir>/json`, `<dir>/VERSION`).
+fn is_legacy_v1_metadata(path: &str) -> bool {
+    matches!(path.split_once('/'), Some((dir, name)) if dir != "blobs" && !name.contains('/') && (name == "json" || name == "VERSION"))
+}
+
 /// Copies with a large buffer: `io::copy`'s 8 KiB would mean one trip through the async
 /// bridge per 8 KiB of a layer.
 fn copy_large(from: &mut impl Read, to: &mut impl std::io::Write) -> std::io::Result<u64> {
@@ -204,6 +214,15 @@ fn normalize(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_v1_metadata() {
+        assert!(is_legacy_v1_metadata("abc/json"));
+        assert!(is_legacy_v1_metadata("abc/VERSION"));
+        assert!(!is_legacy_v1_metadata("abc/layer.tar"));
+        assert!(!is_legacy_v1_metadata("abc.json"));
+        assert!(!is_legacy_v1_metadata("blobs/json"));
+    }
 
     #[test]
     fn normalizes_paths() {
