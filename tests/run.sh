@@ -4,7 +4,8 @@
 # what it started by PID. It never touches the host's own daemons or /var/run/docker.sock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fe2e-$$}
+# Always a directory of its own: the daemons in it are stopped at the end.
+export E2E_DIR=/tmp/fe2e-$$
 source tests/env/lib.sh
 
 if ! command -v cargo >/dev/null; then
