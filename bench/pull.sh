@@ -9,7 +9,8 @@
 #   - ferry cold (empty cache) and warm; the registry pull; ferry's peak RSS
 #  containerd backend (Docker 26.1 + containerd 1.7, containerd image store):
 #   - fast path: ferry with containerd first (namespace moby) vs the registry pull
-#   - heal: a missing 256 MiB layer served through ferry vs fetched straight from the registry
+#   - heal: a missing 256 MiB layer served through ferry vs fetched straight from the registry,
+#     on loopback and behind a 100 MB/s link (bench/throttle.py)
 #
 # Every figure is the best of 3 runs. Usage: bench/pull.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
@@ -20,6 +21,7 @@ size_mib=${1:-512}
 layers=8
 e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
+command -v python3 >/dev/null || apt-get install -y -q python3 >/dev/null
 trap 'e2e_stop_all' EXIT
 
 cargo build --release -q -p ferry-server
@@ -160,6 +162,25 @@ for run in $(seq 1 $runs); do
 done
 direct=$(sort -n "$direct_times" | head -1)
 heal=$(sort -n "$heal_times" | head -1)
+
+# The same through a 100 MB/s link to the origin (bench/throttle.py in front of the registry),
+# as a registry across a network would be.
+slow_port=$(e2e_free_port)
+e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
+e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
+slow="127.0.0.1:$slow_port"
+for run in $(seq 1 $runs); do
+    head -c $((256 * 1024 * 1024)) /dev/urandom >"$E2E_DIR/missing"
+    dg="sha256:$(sha256sum "$E2E_DIR/missing" | cut -d' ' -f1)"
+    loc=$(curl -sf -X POST -D - -o /dev/null "http://$reg/v2/bench/slow/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
+    case "$loc" in http*) ;; *) loc="http://$reg$loc" ;; esac
+    case "$loc" in *\?*) loc="$loc&digest=$dg" ;; *) loc="$loc?digest=$dg" ;; esac
+    curl -sf -X PUT -T "$E2E_DIR/missing" "$loc" -o /dev/null
+    rm -f "$E2E_DIR/missing"
+    t0=$(now); curl -sf -o /dev/null "http://$slow/v2/bench/slow/blobs/$dg"; t1=$(now); secs "$t0" "$t1" >>"$T/slow-direct"
+    t0=$(now); curl -sf -o /dev/null "http://$f/v2/bench/slow/blobs/$dg?ns=$slow"; t1=$(now); secs "$t0" "$t1" >>"$T/slow-heal"
+done
+slow_direct=$(best "$T/slow-direct"); slow_heal=$(best "$T/slow-heal")
 heal_rss=$(rss ferry-fast)
 
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
@@ -176,6 +197,8 @@ printf '| ferry warm pull | %.2f | %s× distribution |\n' "$warm" "$(ratio "$war
 printf '| ferry fast path cold pull (containerd first, Docker 26) | %.2f | %s× distribution (%.2f s) |\n' "$fast" "$(ratio "$fast" "$reg_pull2")" "$reg_pull2"
 printf '| 256 MiB blob straight from distribution | %.3f | |\n' "$direct"
 printf '| 256 MiB missing blob healed through ferry | %.3f | %s× direct |\n' "$heal" "$(ratio "$heal" "$direct")"
+printf '| 256 MiB blob from distribution behind a 100 MB/s link | %.3f | |\n' "$slow_direct"
+printf '| 256 MiB missing blob healed through ferry, origin behind that link | %.3f | %s× direct |\n' "$slow_heal" "$(ratio "$slow_heal" "$slow_direct")"
 echo
 echo "| ferry peak RSS (MiB) | |"
 echo "|---|---|"
