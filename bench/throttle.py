@@ -13,16 +13,18 @@ CHUNK = 64 * 1024
 
 
 async def pipe(reader, writer, limit):
-    start, sent = time.monotonic(), 0
+    # When the next chunk may go: idle time earns no credit, so a kept-alive connection
+    # cannot burst.
+    next_send = time.monotonic()
     try:
         while data := await reader.read(CHUNK):
+            if limit:
+                next_send = max(next_send, time.monotonic()) + len(data) / RATE
+                wait = next_send - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
-            sent += len(data)
-            if limit:
-                ahead = sent / RATE - (time.monotonic() - start)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
     except (ConnectionError, asyncio.CancelledError):
         pass
     finally:
