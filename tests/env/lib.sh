@@ -190,6 +190,11 @@ e2e_start_podman_rootless() {
         env HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" XDG_RUNTIME_DIR="$run" \
         podman --storage-driver vfs system service --time=0 "unix://$d/podman.sock"
     e2e_wait "$name" 60 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
+    # Rootless Podman keeps a pause process that holds its user namespace; it records the PID,
+    # so it is stopped with the rest.
+    if [ -s "$run/libpod/tmp/pause.pid" ]; then
+        cp "$run/libpod/tmp/pause.pid" "$E2E_DIR/pids/$name-pause.pid"
+    fi
 }
 
 # Builds a runnable test image FROM scratch with busybox plus generated files, one layer per
