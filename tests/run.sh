@@ -13,7 +13,10 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 e2e_install_packages
-trap 'bash tests/env/stop.sh; echo "[env] engines stopped; logs in $E2E_DIR/logs" >&2' EXIT
+# At the end: stop what was started, and keep only the logs.
+trap 'bash tests/env/stop.sh
+      find "$E2E_DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf --one-file-system {} + 2>/dev/null
+      echo "[env] engines stopped; logs in $E2E_DIR/logs" >&2' EXIT
 bash tests/env/start.sh
 source "$E2E_DIR/env"
 
