@@ -147,39 +147,28 @@ done
 fast=$(best "$T/fast"); reg_pull2=$(best "$T/reg2")
 
 # --- containerd backend: heal of a missing 256 MiB layer (a new one each run) ---
-heal_times="$E2E_DIR/heal.times"; direct_times="$E2E_DIR/direct.times"
-for run in $(seq 1 $runs); do
-    head -c $((256 * 1024 * 1024)) /dev/urandom >"$E2E_DIR/missing"
-    dg="sha256:$(sha256sum "$E2E_DIR/missing" | cut -d' ' -f1)"
-    loc=$(curl -sf -X POST -D - -o /dev/null "http://$reg/v2/bench/heal/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
-    case "$loc" in http*) ;; *) loc="http://$reg$loc" ;; esac
-    case "$loc" in *\?*) loc="$loc&digest=$dg" ;; *) loc="$loc?digest=$dg" ;; esac
-    curl -sf -X PUT -T "$E2E_DIR/missing" "$loc" -o /dev/null
-    rm -f "$E2E_DIR/missing"
-    curl -sf -o /dev/null "http://$reg/v2/bench/heal/blobs/$dg"  # warm the registry's page cache
-    t0=$(now); curl -sf -o /dev/null "http://$reg/v2/bench/heal/blobs/$dg"; t1=$(now); secs "$t0" "$t1" >>"$direct_times"
-    t0=$(now); curl -sf -o /dev/null "http://$f/v2/bench/heal/blobs/$dg?ns=$reg"; t1=$(now); secs "$t0" "$t1" >>"$heal_times"
-done
-direct=$(sort -n "$direct_times" | head -1)
-heal=$(sort -n "$heal_times" | head -1)
+# Times, $runs times, a fresh 256 MiB blob fetched from ORIGIN directly and healed through
+# ferry from it; appends to $T/NAME-direct and $T/NAME-heal.
+measure_heal() { # name origin (host:port in front of the registry)
+    local dg t0 t1
+    for _ in $(seq 1 $runs); do
+        head -c $((256 * 1024 * 1024)) /dev/urandom >"$E2E_DIR/missing"
+        dg=$(e2e_upload_blob "$reg" "bench/$1" "$E2E_DIR/missing")
+        rm -f "$E2E_DIR/missing"
+        curl -sf -o /dev/null "http://$reg/v2/bench/$1/blobs/$dg"  # warm the registry's page cache
+        t0=$(now); curl -sf -o /dev/null "http://$2/v2/bench/$1/blobs/$dg"; t1=$(now); secs "$t0" "$t1" >>"$T/$1-direct"
+        t0=$(now); curl -sf -o /dev/null "http://$f/v2/bench/$1/blobs/$dg?ns=$2"; t1=$(now); secs "$t0" "$t1" >>"$T/$1-heal"
+    done
+}
+measure_heal heal "$reg"
+direct=$(best "$T/heal-direct"); heal=$(best "$T/heal-heal")
 
 # The same through a throttled link to the origin (bench/throttle.py in front of the registry,
 # capped at 100 MiB/s; Python's own overhead brings it lower), as across a network.
 slow_port=$(e2e_free_port)
 e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
 e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
-slow="127.0.0.1:$slow_port"
-for run in $(seq 1 $runs); do
-    head -c $((256 * 1024 * 1024)) /dev/urandom >"$E2E_DIR/missing"
-    dg="sha256:$(sha256sum "$E2E_DIR/missing" | cut -d' ' -f1)"
-    loc=$(curl -sf -X POST -D - -o /dev/null "http://$reg/v2/bench/slow/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
-    case "$loc" in http*) ;; *) loc="http://$reg$loc" ;; esac
-    case "$loc" in *\?*) loc="$loc&digest=$dg" ;; *) loc="$loc?digest=$dg" ;; esac
-    curl -sf -X PUT -T "$E2E_DIR/missing" "$loc" -o /dev/null
-    rm -f "$E2E_DIR/missing"
-    t0=$(now); curl -sf -o /dev/null "http://$slow/v2/bench/slow/blobs/$dg"; t1=$(now); secs "$t0" "$t1" >>"$T/slow-direct"
-    t0=$(now); curl -sf -o /dev/null "http://$f/v2/bench/slow/blobs/$dg?ns=$slow"; t1=$(now); secs "$t0" "$t1" >>"$T/slow-heal"
-done
+measure_heal slow "127.0.0.1:$slow_port"
 slow_direct=$(best "$T/slow-direct"); slow_heal=$(best "$T/slow-heal")
 heal_rss=$(rss ferry-fast)
 

@@ -30,16 +30,9 @@ cat >"$E2E_DIR/manifest" <<JSON
 {"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"$cdigest","size":$(stat -c %s "$E2E_DIR/config")},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"$digest","size":$(stat -c %s "$blob")}]}
 JSON
 
-upload() { # port file digest
-    local loc
-    loc=$(curl -sf -X POST -D - -o /dev/null "http://127.0.0.1:$1/v2/bench/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
-    case "$loc" in http*) ;; *) loc="http://127.0.0.1:$1$loc" ;; esac
-    case "$loc" in *\?*) loc="$loc&digest=$3" ;; *) loc="$loc?digest=$3" ;; esac
-    curl -sf -X PUT -H 'Content-Type: application/octet-stream' -T "$2" "$loc" -o /dev/null
-}
 for port in $ferry_port $registry_port; do
-    upload "$port" "$blob" "$digest"
-    upload "$port" "$E2E_DIR/config" "$cdigest"
+    e2e_upload_blob "127.0.0.1:$port" bench "$blob" >/dev/null
+    e2e_upload_blob "127.0.0.1:$port" bench "$E2E_DIR/config" >/dev/null
     curl -sf -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
         --data-binary @"$E2E_DIR/manifest" "http://127.0.0.1:$port/v2/bench/manifests/v1" -o /dev/null
 done

@@ -175,6 +175,18 @@ TOML
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
 }
 
+# Uploads FILE as a blob of REPO to the registry at HOST:PORT (POST, then PUT with the
+# digest, as distribution takes it); prints the digest.
+e2e_upload_blob() { # host:port repo file
+    local digest loc
+    digest="sha256:$(sha256sum "$3" | cut -d' ' -f1)"
+    loc=$(curl -sf -X POST -D - -o /dev/null "http://$1/v2/$2/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
+    case "$loc" in http*) ;; *) loc="http://$1$loc" ;; esac
+    case "$loc" in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
+    curl -sf -X PUT -H 'Content-Type: application/octet-stream' -T "$3" "$loc" -o /dev/null
+    echo "$digest"
+}
+
 # Rootless Podman: the API service runs as an unprivileged user (created if needed, with a
 # subuid range) on $E2E_DIR/<name>/podman.sock. setpriv execs, so the recorded PID is podman's.
 e2e_start_podman_rootless() {
