@@ -22,6 +22,9 @@ use crate::range::ByteRange;
 
 /// Read buffer for serving blobs: large enough to keep syscalls off the profile.
 const READ_CHUNK: usize = 256 * 1024;
+/// Chunks of a request body read ahead of the hashing writer (hyper's chunks are at most its
+/// read buffer, so this bounds memory to a few MiB per upload).
+const BODY_PREFETCH_CHUNKS: usize = 16;
 
 /// A directory of blobs keyed by digest.
 #[derive(Clone, Debug)]
@@ -132,7 +135,7 @@ impl BlobStore {
     /// Writes a whole stream as one blob, never holding more than a chunk in memory.
     pub async fn write_stream(&self, expected: Option<Digest>, body: ByteStream) -> Result<(Digest, u64)> {
         let store = self.clone();
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+        let reader = crate::prefetch::Prefetched::spawn(body, BODY_PREFETCH_CHUNKS);
         blocking(move || {
             let mut reader = reader;
             let mut w = store.writer(expected)?;

@@ -6,6 +6,7 @@ pub mod chain;
 pub mod digest;
 pub mod error;
 pub mod manifest;
+pub mod prefetch;
 pub mod range;
 pub mod reference;
 

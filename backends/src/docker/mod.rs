@@ -27,6 +27,10 @@ use engine::Engine;
 use export::Exported;
 use index::ImageIndex;
 
+/// How many chunks of an export are read from the engine ahead of the tar reader (hyper's
+/// chunks are at most its read buffer, some hundred KiB, so this bounds memory to a few MiB).
+const EXPORT_PREFETCH_CHUNKS: usize = 16;
+
 /// `[[backends]] type = "docker"`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +182,7 @@ impl DockerBackend {
         let started = Instant::now();
         tracing::info!(backend = %self.config.name, image = %name, id = %id, "exporting image from the engine");
         let stream = self.engine.export(name).await?;
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream.boxed()));
+        let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
         let store = self.cache.store.clone();
         let archive = tokio::task::spawn_blocking(move || archive::read(reader, &store))
             .await
