@@ -9,24 +9,46 @@ use std::io::Read;
 
 use ferry_core::{BlobStore, Digest, Error, Result};
 
+use super::pins::{Pin, Pins};
+
 /// Metadata files kept in memory instead of stored as blobs.
 const METADATA: [&str; 4] = ["manifest.json", "index.json", "oci-layout", "repositories"];
 /// Bound on a metadata file's size.
 const METADATA_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// What an archive held: stored files by path, metadata, symlinks.
-#[derive(Debug, Default)]
 pub struct Archive {
     /// Path in the archive → digest and size of the stored content.
     pub files: HashMap<String, (Digest, u64)>,
     pub metadata: HashMap<String, Vec<u8>>,
     /// Symlink path → target path, resolved against the link's directory.
     pub links: HashMap<String, String>,
-    /// Blobs this read added to the store (for cleanup when the archive proves unusable).
-    pub added: Vec<Digest>,
+    /// A pin on every blob this read stored, taken before the blob was put in place, so no
+    /// eviction or other export's clean-up removes it before the export is recorded.
+    pub pins: HashMap<Digest, Pin>,
+    pinning: Pins,
 }
 
 impl Archive {
+    /// An empty archive whose blobs will be pinned in `pins`.
+    pub fn new(pins: &Pins) -> Self {
+        Archive {
+            files: HashMap::new(),
+            metadata: HashMap::new(),
+            links: HashMap::new(),
+            pins: HashMap::new(),
+            pinning: pins.clone(),
+        }
+    }
+
+    /// Pins a blob this export stores (once per digest); call before it is put in place.
+    pub fn pin(&mut self, digest: &Digest) {
+        if !self.pins.contains_key(digest) {
+            let pin = self.pinning.pin(digest);
+            self.pins.insert(digest.clone(), pin);
+        }
+    }
+
     /// The stored file at `path`, following symlinks.
     pub fn file(&self, path: &str) -> Option<&(Digest, u64)> {
         let mut p = normalize(path);
@@ -40,22 +62,14 @@ impl Archive {
     }
 }
 
-/// Reads a tar stream (blocking; run it on a blocking thread) into the store.
-pub fn read(reader: impl Read, store: &BlobStore) -> Result<Archive> {
-    let mut archive = Archive::default();
-    let result = read_entries(reader, store, &mut archive);
-    if let Err(e) = result {
-        remove_added(store, &archive.added);
-        return Err(e);
-    }
-    Ok(archive)
-}
-
-/// Removes blobs an unusable export added, so a failed export leaves nothing behind.
-pub fn remove_added(store: &BlobStore, added: &[Digest]) {
-    for d in added {
-        let _ = std::fs::remove_file(store.path(d));
-    }
+/// Reads a tar stream (blocking; run it on a blocking thread) into the store and `archive`.
+/// On an error, `archive.pins` still names what was stored, for the caller to discard.
+pub fn read(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> Result<()> {
+    let mut persisting = Persisting::default();
+    let result = read_entries(reader, store, archive, &mut persisting);
+    // Every blob is durable (or the read failed) before the archive is interpreted.
+    let persisted = persisting.join_all();
+    result.and(persisted)
 }
 
 fn bad(e: impl std::fmt::Display) -> Error {
@@ -100,15 +114,7 @@ impl Persisting {
     }
 }
 
-fn read_entries(reader: impl Read, store: &BlobStore, archive: &mut Archive) -> Result<()> {
-    let mut persisting = Persisting::default();
-    let result = read_entries_into(reader, store, archive, &mut persisting);
-    // Every blob is durable (or the read failed) before the archive is interpreted.
-    let persisted = persisting.join_all();
-    result.and(persisted)
-}
-
-fn read_entries_into(
+fn read_entries(
     reader: impl Read,
     store: &BlobStore,
     archive: &mut Archive,
@@ -143,9 +149,7 @@ fn read_entries_into(
                     }
                     let sealed = w.seal()?;
                     let (digest, size) = (sealed.digest.clone(), sealed.size);
-                    if !store.path(&digest).exists() {
-                        archive.added.push(digest.clone());
-                    }
+                    archive.pin(&digest);
                     persisting.push(sealed)?;
                     archive.files.insert(path, (digest, size));
                 }
@@ -236,8 +240,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let junk = vec![0x42u8; 5000];
-        assert!(read(&junk[..], &store).is_err());
-        assert!(read(&b""[..], &store).is_err());
+        let pins = Pins::default();
+        assert!(read(&junk[..], &store, &mut Archive::new(&pins)).is_err());
+        assert!(read(&b""[..], &store, &mut Archive::new(&pins)).is_err());
         assert!(store.list().await.unwrap().is_empty());
     }
 
@@ -259,9 +264,10 @@ mod tests {
         h.set_cksum();
         b.append_data(&mut h, "manifest.json", &b"[]"[..]).unwrap();
         let data = b.into_inner().unwrap();
-        let a = read(&data[..], &store).unwrap();
+        let mut a = Archive::new(&Pins::default());
+        read(&data[..], &store, &mut a).unwrap();
         assert_eq!(a.file("id/layer.tar").unwrap().0, Digest::of(b"layer"));
         assert_eq!(a.metadata["manifest.json"], b"[]");
-        assert_eq!(a.added, vec![Digest::of(b"layer")]);
+        assert_eq!(a.pins.keys().collect::<Vec<_>>(), vec![&Digest::of(b"layer")]);
     }
 }

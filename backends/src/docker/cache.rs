@@ -6,12 +6,12 @@
 //! Exports are single-flight per image (concurrent requests wait for the one export) and
 //! bounded in number; the store has an optional size limit, enforced by dropping the least
 //! recently used entries and deleting the blobs no remaining entry references — never a
-//! blob that is being served.
+//! blob that is pinned (being served, or stored by an export not recorded yet).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, RwLock, Semaphore};
 use ferry_core::{BlobStore, Digest, Error, Result};
 
 use super::export::Exported;
+use super::pins::{Pin, Pins};
 use crate::fsutil::{list_names, read_optional, remove_optional, write_atomic};
 
 /// What one engine image's export held.
@@ -57,8 +58,8 @@ pub struct Cache {
     flights: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     exports: Semaphore,
     max_bytes: Option<u64>,
-    /// Blobs being streamed right now, with how many streams read each.
-    serving: Arc<StdMutex<HashMap<Digest, usize>>>,
+    /// Blobs that must stay: being streamed, or stored by an export not yet recorded.
+    pub pins: Pins,
     /// Exports run since start (for logs and tests).
     pub export_count: AtomicU64,
 }
@@ -92,7 +93,7 @@ impl Cache {
             flights: Mutex::new(HashMap::new()),
             exports: Semaphore::new(max_parallel_exports.max(1)),
             max_bytes,
-            serving: Arc::new(StdMutex::new(HashMap::new())),
+            pins: Pins::default(),
             export_count: AtomicU64::new(0),
         })
     }
@@ -147,11 +148,12 @@ impl Cache {
     }
 
     /// Returns the entry for `image_id`, running `export` (once, however many callers ask at
-    /// the same time) when there is none.
+    /// the same time) when there is none. The export hands back pins on what it stored,
+    /// released once the entry is recorded.
     pub async fn get_or_export<F, Fut>(&self, image_id: &str, export: F) -> Result<Arc<Entry>>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Exported>>,
+        Fut: std::future::Future<Output = Result<(Exported, Vec<Pin>)>>,
     {
         if let Some(e) = self.get(image_id).await {
             return Ok(e);
@@ -170,7 +172,11 @@ impl Cache {
             .await
             .map_err(|_| Error::Internal("export limiter closed".into()))?;
         self.export_count.fetch_add(1, Ordering::Relaxed);
-        let result = self.record(image_id, export().await).await;
+        let (result, pins) = match export().await {
+            Ok((exported, pins)) => (self.record(image_id, exported).await, pins),
+            Err(e) => (Err(e), Vec::new()),
+        };
+        drop(pins);
         // Only now: a request arriving meanwhile found the flight and waited for it.
         self.flights.lock().await.remove(&id_key(image_id));
         let entry = result?;
@@ -178,30 +184,28 @@ impl Cache {
         Ok(entry)
     }
 
-    async fn record(&self, image_id: &str, exported: Result<Exported>) -> Result<Arc<Entry>> {
+    /// Deletes blobs an export stored but does not use (or all it stored, when it failed),
+    /// except those a recorded entry references or somebody else pins.
+    pub async fn discard(&self, pins: impl IntoIterator<Item = Pin>) {
+        let entries = self.entries.read().await;
+        let referenced: HashSet<&Digest> = entries.values().flat_map(|e| e.digests()).collect();
+        for pin in pins {
+            if !referenced.contains(&pin.digest) {
+                self.pins.remove_if_sole(&self.store, pin);
+            }
+        }
+    }
+
+    async fn record(&self, image_id: &str, exported: Exported) -> Result<Arc<Entry>> {
         let entry = Arc::new(Entry {
             image_id: image_id.to_string(),
-            export: exported?,
+            export: exported,
             last_used_ms: now_ms(),
         });
         let json = serde_json::to_vec_pretty(&*entry).map_err(|e| Error::Internal(e.to_string()))?;
         write_atomic(&self.entries_dir.join(id_key(image_id)), &json).await?;
         self.entries.write().await.insert(id_key(image_id), entry.clone());
         Ok(entry)
-    }
-
-    /// Marks a blob as being served until the returned guard is dropped.
-    pub fn serving(&self, digest: &Digest) -> ServingGuard {
-        *self
-            .serving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(digest.clone())
-            .or_default() += 1;
-        ServingGuard {
-            digest: digest.clone(),
-            serving: self.serving.clone(),
-        }
     }
 
     /// Enforces the size limit: drops least recently used entries (never `fresh`, the one
@@ -240,10 +244,9 @@ impl Cache {
             remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
         }
         let keep: HashSet<&Digest> = order.iter().flat_map(|e| e.digests()).collect();
-        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut freed = 0u64;
         for d in &all {
-            if !keep.contains(d) && !serving.contains_key(d) && self.store.delete(d).await? {
+            if !keep.contains(d) && self.pins.remove_unpinned(&self.store, d) {
                 freed += sizes.get(d).copied().unwrap_or(0);
             }
         }
@@ -257,20 +260,75 @@ impl Cache {
     }
 }
 
-/// Keeps a blob safe from eviction while it is streamed.
-pub struct ServingGuard {
-    digest: Digest,
-    serving: Arc<StdMutex<HashMap<Digest, usize>>>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::export::Format;
 
-impl Drop for ServingGuard {
-    fn drop(&mut self) {
-        let mut s = self.serving.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = s.get_mut(&self.digest) {
-            *n -= 1;
-            if *n == 0 {
-                s.remove(&self.digest);
-            }
+    async fn blob(cache: &Cache, data: &'static [u8]) -> Digest {
+        cache.store.write_bytes(bytes::Bytes::from_static(data)).await.unwrap()
+    }
+
+    fn exported(manifest: &Digest, blobs: &[&Digest]) -> Exported {
+        Exported {
+            format: Format::Oci,
+            top: manifest.clone(),
+            media_type: ferry_core::media::OCI_MANIFEST.to_string(),
+            manifests: vec![manifest.clone()],
+            blobs: blobs.iter().map(|d| (*d).clone()).collect(),
+            missing: Vec::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn discarding_spares_blobs_another_export_holds_or_an_entry_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().to_path_buf(), 2, None).await.unwrap();
+        let (m, shared, own) = (
+            blob(&cache, b"m").await,
+            blob(&cache, b"shared").await,
+            blob(&cache, b"own").await,
+        );
+
+        // Export A is still running and has stored `shared`; export B stored it too and failed.
+        let held_by_a = cache.pins.pin(&shared);
+        cache.discard([cache.pins.pin(&shared), cache.pins.pin(&own)]).await;
+        assert!(cache.store.path(&shared).exists(), "A still needs it");
+        assert!(!cache.store.path(&own).exists(), "only B had it");
+
+        // A is recorded: its blobs stay referenced after its pins are gone.
+        let pins = vec![held_by_a, cache.pins.pin(&m)];
+        cache
+            .get_or_export("sha256:a", || async { Ok((exported(&m, &[&shared]), pins)) })
+            .await
+            .unwrap();
+        cache.discard([cache.pins.pin(&shared)]).await;
+        assert!(cache.store.path(&shared).exists(), "entry A references it");
+    }
+
+    #[tokio::test]
+    async fn eviction_spares_blobs_of_an_export_not_yet_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path().to_path_buf(), 2, Some(1)).await.unwrap();
+        let in_flight = blob(&cache, b"stored by an export still running").await;
+        let pin = cache.pins.pin(&in_flight);
+        let (m, layer) = (blob(&cache, b"m").await, blob(&cache, b"layer").await);
+        let pins = vec![cache.pins.pin(&m), cache.pins.pin(&layer)];
+        // Over the 1-byte limit: eviction runs after this entry is recorded.
+        cache
+            .get_or_export("sha256:b", || async { Ok((exported(&m, &[&layer]), pins)) })
+            .await
+            .unwrap();
+        assert!(cache.store.path(&in_flight).exists(), "pinned by the running export");
+        drop(pin);
+        let (m2, layer2) = (blob(&cache, b"m2").await, blob(&cache, b"layer2").await);
+        cache
+            .get_or_export("sha256:c", || async { Ok((exported(&m2, &[&layer2]), Vec::new())) })
+            .await
+            .unwrap();
+        assert!(
+            !cache.store.path(&in_flight).exists(),
+            "unpinned and unreferenced: evicted"
+        );
     }
 }

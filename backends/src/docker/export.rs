@@ -69,17 +69,18 @@ fn invalid(e: impl std::fmt::Display) -> Error {
 }
 
 /// Interprets an archive for the image `wanted` names (`name:tag`, as the engine knows it).
-pub async fn interpret(archive: &Archive, store: &BlobStore, repo: &Repository, wanted: &str) -> Result<Exported> {
+/// A manifest ferry builds is pinned in `archive` with the blobs the export stored.
+pub async fn interpret(archive: &mut Archive, store: &BlobStore, repo: &Repository, wanted: &str) -> Result<Exported> {
     if let Some(index) = archive.metadata.get("index.json") {
         oci(archive, store, repo, index).await
-    } else if let Some(manifest) = archive.metadata.get("manifest.json") {
-        legacy(archive, store, manifest, wanted).await
+    } else if let Some(manifest) = archive.metadata.get("manifest.json").cloned() {
+        legacy(archive, store, &manifest, wanted).await
     } else {
         Err(invalid("the archive has neither index.json nor manifest.json"))
     }
 }
 
-async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], wanted: &str) -> Result<Exported> {
+async fn legacy(archive: &mut Archive, store: &BlobStore, manifest_json: &[u8], wanted: &str) -> Result<Exported> {
     let entries: Vec<LegacyEntry> =
         serde_json::from_slice(manifest_json).map_err(|e| invalid(format!("manifest.json: {e}")))?;
     let entry = entries
@@ -95,6 +96,7 @@ async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], want
     };
     let (config_digest, config_size) = file(&entry.config)?;
     let mut layers = Vec::new();
+    let mut blobs = vec![config_digest.clone()];
     for l in &entry.layers {
         let (digest, size) = file(l)?;
         layers.push(BuiltDescriptor {
@@ -102,6 +104,7 @@ async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], want
             size,
             digest: digest.to_string(),
         });
+        blobs.push(digest);
     }
     let built = BuiltManifest {
         schema_version: 2,
@@ -114,11 +117,8 @@ async fn legacy(archive: &Archive, store: &BlobStore, manifest_json: &[u8], want
         layers,
     };
     let bytes = serde_json::to_vec_pretty(&built).map_err(|e| Error::Internal(e.to_string()))?;
+    archive.pin(&Digest::of(&bytes));
     let top = store.write_bytes(bytes.into()).await?;
-    let mut blobs = vec![config_digest];
-    for l in &entry.layers {
-        blobs.push(file(l)?.0);
-    }
     Ok(Exported {
         format: Format::Legacy,
         top: top.clone(),
@@ -234,13 +234,14 @@ pub fn describe(e: &Exported) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::pins::Pins;
     use super::*;
 
     #[tokio::test]
     async fn legacy_manifest_is_deterministic() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let mut archive = Archive::default();
+        let mut archive = Archive::new(&Pins::default());
         let config = store
             .write_bytes(bytes::Bytes::from_static(b"{\"rootfs\":{}}"))
             .await
@@ -253,8 +254,9 @@ mod tests {
             br#"[{"Config":"abc.json","RepoTags":["x:1"],"Layers":["l1/layer.tar"]}]"#.to_vec(),
         );
         let repo = Repository::new("docker.io", "x").unwrap();
-        let a = interpret(&archive, &store, &repo, "x:1").await.unwrap();
-        let b = interpret(&archive, &store, &repo, "x:1").await.unwrap();
+        let a = interpret(&mut archive, &store, &repo, "x:1").await.unwrap();
+        let b = interpret(&mut archive, &store, &repo, "x:1").await.unwrap();
+        assert!(archive.pins.contains_key(&a.top), "the built manifest is pinned");
         assert_eq!(a.top, b.top);
         assert_eq!(a.blobs, vec![config, layer]);
         let bytes = store.read(&a.top).await.unwrap().unwrap();
@@ -267,6 +269,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let repo = Repository::new("docker.io", "x").unwrap();
-        assert!(interpret(&Archive::default(), &store, &repo, "x:1").await.is_err());
+        let mut archive = Archive::new(&Pins::default());
+        assert!(interpret(&mut archive, &store, &repo, "x:1").await.is_err());
     }
 }

@@ -6,6 +6,7 @@ mod cache;
 mod engine;
 mod export;
 mod index;
+mod pins;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,48 +177,56 @@ impl DockerBackend {
         Ok(entry)
     }
 
-    /// Runs one export: streams the archive into the cache, interprets it, and removes what
-    /// it added but nothing references (or everything it added, when it is unusable).
-    async fn export(&self, name: &str, id: &str, repo: &Repository) -> Result<Exported> {
+    /// Runs one export: streams the archive into the cache and interprets it. Blobs it stored
+    /// but nothing references (all of them, when the archive is unusable) are discarded; the
+    /// rest come back pinned until the cache records the entry.
+    async fn export(&self, name: &str, id: &str, repo: &Repository) -> Result<(Exported, Vec<pins::Pin>)> {
         let started = Instant::now();
         tracing::info!(backend = %self.config.name, image = %name, id = %id, "exporting image from the engine");
         let stream = self.engine.export(name).await?;
         let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
         let store = self.cache.store.clone();
-        let archive = tokio::task::spawn_blocking(move || archive::read(reader, &store))
-            .await
-            .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
-        let archive = match archive {
-            Ok(a) => a,
+        let mut archive = archive::Archive::new(&self.cache.pins);
+        let (mut archive, read) = tokio::task::spawn_blocking(move || {
+            let read = archive::read(reader, &store, &mut archive);
+            (archive, read)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
+        if let Err(e) = read {
+            self.cache
+                .discard(std::mem::take(&mut archive.pins).into_values())
+                .await;
+            tracing::error!(backend = %self.config.name, image = %name, error = %e, "export failed");
+            return Err(e);
+        }
+        let result = export::interpret(&mut archive, &self.cache.store, repo, name).await;
+        let mut pinned = std::mem::take(&mut archive.pins);
+        let exported = match result {
+            Ok(exported) => exported,
             Err(e) => {
-                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export failed");
+                self.cache.discard(pinned.into_values()).await;
+                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export unusable");
                 return Err(e);
             }
         };
-        let result = export::interpret(&archive, &self.cache.store, repo, name).await;
-        match &result {
-            Ok(exported) => {
-                let used: std::collections::HashSet<&Digest> =
-                    exported.blobs.iter().chain(&exported.manifests).collect();
-                let unused: Vec<Digest> = archive.added.iter().filter(|d| !used.contains(d)).cloned().collect();
-                archive::remove_added(&self.cache.store, &unused);
-                let level_warn = !exported.missing.is_empty();
-                let summary = export::describe(exported);
-                let elapsed_ms = started.elapsed().as_millis() as u64;
-                if level_warn {
-                    tracing::warn!(backend = %self.config.name, image = %name, %summary, elapsed_ms,
-                        missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                        "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
-                } else {
-                    tracing::info!(backend = %self.config.name, image = %name, %summary, elapsed_ms, "export finished");
-                }
-            }
-            Err(e) => {
-                archive::remove_added(&self.cache.store, &archive.added);
-                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export unusable");
-            }
+        let used: Vec<pins::Pin> = exported
+            .blobs
+            .iter()
+            .chain(&exported.manifests)
+            .filter_map(|d| pinned.remove(d))
+            .collect();
+        self.cache.discard(pinned.into_values()).await;
+        let summary = export::describe(&exported);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if exported.missing.is_empty() {
+            tracing::info!(backend = %self.config.name, image = %name, %summary, elapsed_ms, "export finished");
+        } else {
+            tracing::warn!(backend = %self.config.name, image = %name, %summary, elapsed_ms,
+                missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
         }
-        result
+        Ok((exported, used))
     }
 
     async fn serve_manifest(&self, entry: &Entry, digest: &Digest) -> Result<Option<Manifest>> {
@@ -430,7 +439,7 @@ impl Backend for DockerBackend {
         if self.ensure_blob(repo, digest).await?.is_none() {
             return Ok(None);
         }
-        let guard = self.cache.serving(digest);
+        let guard = self.cache.pins.pin(digest);
         let Some(mut body) = self.cache.store.open_blob(digest, range).await? else {
             return Ok(None);
         };
