@@ -1,9 +1,10 @@
 //! Which engine image holds a blob, for blob requests that come before any manifest request
 //! (after a restart, say): the engine's image ids (a legacy export's config digest is the
 //! image id) and layer diff-ids (a legacy export's layer digest is the diff-id). Built at
-//! start and rebuilt when the engine's image events say something changed.
+//! start and rebuilt when the engine's image events say something changed. An image id
+//! names immutable content, so a rebuild inspects only the images it has not seen before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,9 +16,14 @@ use ferry_core::{Digest, Result};
 
 use super::engine::Engine;
 
+/// Images inspected at once during a rebuild.
+const PARALLEL_INSPECTS: usize = 8;
+
 #[derive(Default)]
 pub struct ImageIndex {
     map: RwLock<HashMap<Digest, String>>,
+    /// Layer diff-ids by image id, from earlier inspections (only used while rebuilding).
+    layers: Mutex<HashMap<String, Vec<Digest>>>,
     /// Set by engine events and at start; the next lookup miss rebuilds.
     stale: AtomicBool,
     /// Held while rebuilding, so a lookup waits for a rebuild under way instead of missing.
@@ -28,6 +34,7 @@ impl ImageIndex {
     pub fn new() -> Self {
         ImageIndex {
             map: RwLock::new(HashMap::new()),
+            layers: Mutex::new(HashMap::new()),
             stale: AtomicBool::new(true),
             rebuilding: Mutex::new(()),
         }
@@ -60,23 +67,43 @@ impl ImageIndex {
 
     async fn rebuild(&self, engine: &Engine) -> Result<()> {
         let started = Instant::now();
+        let ids: Vec<String> = engine.list().await?.into_iter().map(|s| s.id).collect();
+        let mut known = self.layers.lock().await;
+        let new: Vec<String> = ids.iter().filter(|id| !known.contains_key(*id)).cloned().collect();
+        let inspected: Vec<(String, Option<Vec<Digest>>)> =
+            futures::stream::iter(new.into_iter().map(|id| async move {
+                let layers = engine.inspect(&id).await?.map(|i| {
+                    let diff_ids = i.root_fs.and_then(|r| r.layers).unwrap_or_default();
+                    diff_ids.iter().filter_map(|l| l.parse::<Digest>().ok()).collect()
+                });
+                Ok::<_, ferry_core::Error>((id, layers))
+            }))
+            .buffer_unordered(PARALLEL_INSPECTS)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        let inspected_count = inspected.len();
+        for (id, layers) in inspected {
+            // An image removed between list and inspect is simply not indexed.
+            if let Some(layers) = layers {
+                known.insert(id, layers);
+            }
+        }
+        let listed: HashSet<&String> = ids.iter().collect();
+        known.retain(|id, _| listed.contains(id));
         let mut map = HashMap::new();
-        let images = engine.list().await?;
-        for summary in &images {
-            let id = summary.id.clone();
+        for id in &ids {
             if let Ok(d) = id.parse::<Digest>() {
                 map.insert(d, id.clone());
             }
-            if let Some(inspect) = engine.inspect(&id).await? {
-                for layer in inspect.root_fs.and_then(|r| r.layers).unwrap_or_default() {
-                    if let Ok(d) = layer.parse::<Digest>() {
-                        map.entry(d).or_insert_with(|| id.clone());
-                    }
-                }
+            for d in known.get(id).into_iter().flatten() {
+                map.entry(d.clone()).or_insert_with(|| id.clone());
             }
         }
         tracing::debug!(
-            images = images.len(),
+            images = ids.len(),
+            inspected = inspected_count,
             digests = map.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "engine image index rebuilt"
