@@ -55,7 +55,7 @@ fn dockerfile_agrees_with_the_binary() {
         example.replace("dir = \"/var/lib/ferry\"", &format!("dir = \"{}\"", data.display())),
     )
     .unwrap();
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry");
+    let bin = ferry_bin();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

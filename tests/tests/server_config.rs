@@ -7,10 +7,6 @@ use std::process::Command;
 
 use common::*;
 
-fn ferry_bin() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry")
-}
-
 /// Runs `ferry serve` expecting it to refuse to start; returns its stderr.
 fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(ferry_bin());

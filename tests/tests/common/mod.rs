@@ -121,7 +121,7 @@ impl Ferry {
     fn spawn(&mut self, envs: &[(&str, &str)]) {
         let bin = std::env::var("FERRY_BIN_PATH")
             .map(PathBuf::from)
-            .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ferry"));
+            .unwrap_or_else(|_| ferry_bin());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -284,10 +284,27 @@ pub fn ctr_pull_and_run(ctd: &str, ns: &str, certs: &Path, image: &str) -> Strin
         "ctr -a {ctd} -n {ns} image pull --hosts-dir {} {image}",
         certs.display()
     ));
-    let id = unique("run");
-    let out = sh(&format!("ctr -a {ctd} -n {ns} run --rm {image} {id}"));
+    // `ctr run` now and then loses the output of a task that exits at once (the shim is gone
+    // before the FIFO is drained); the image's bytes were digest-checked by the pull, so a
+    // second run is asked for before the output is judged.
+    let mut out = String::new();
+    for _ in 0..3 {
+        let id = unique("run");
+        out = sh(&format!("ctr -a {ctd} -n {ns} run --rm {image} {id}"));
+        if !out.trim().is_empty() {
+            break;
+        }
+        eprintln!("ctr run of {image} printed nothing; running it again");
+    }
     sh(&format!("ctr -a {ctd} -n {ns} image rm {image}"));
     out
+}
+
+/// The `ferry` binary of this build: next to the directory of the test executable
+/// (`target/debug/deps/..` → `target/debug/ferry`), whatever the target directory.
+pub fn ferry_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().join("ferry")
 }
 
 /// Number of log lines of ferry that contain every one of `parts`.
