@@ -1,7 +1,10 @@
 //! The chain: backends asked in configured order. For a manifest the first backend that
 //! resolves the reference wins; for a blob the first that holds the digest. A backend that
-//! is unavailable is skipped with a warning; any other error stops the chain, so an I/O
-//! failure never turns into "not found".
+//! is unavailable is skipped with a warning. A backend that fails otherwise is skipped too
+//! when what is asked for is content-addressed (a blob, a manifest by digest: any backend
+//! that holds it has the same bytes), and its error is the answer when no later backend has
+//! it, so a failure never turns into "not found". For a tag, a failure stops the chain: a
+//! later backend's image under the same tag may be another one.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +14,15 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{Descriptor, Manifest};
 use crate::range::ByteRange;
-use crate::reference::{ImageRef, Repository};
+use crate::reference::{ImageRef, Reference, Repository};
+
+/// Keeps the first failure of a content-addressed lookup, to answer with when no later
+/// backend has the content.
+fn held_back(failed: &mut Option<Error>, e: Error, ctx: &RequestCtx, backend: &str, what: &str) {
+    tracing::warn!(request = %ctx.request_id, backend, what, error = %e,
+        "backend failed; asking the next one (this error is the answer if none has it)");
+    failed.get_or_insert(e);
+}
 
 /// Something a backend answered, with the backend's name for logs and headers.
 pub struct Found<T> {
@@ -42,11 +53,13 @@ impl Chain {
             .find_map(|b| b.registry.clone().map(|r| (b.backend.name().to_string(), r)))
     }
 
-    /// Asks each backend in turn with `ask` until one answers `Some`.
+    /// Asks each backend in turn with `ask` until one answers `Some` (for content-addressed
+    /// lookups: a failure is held back while later backends are asked).
     async fn first<'s, T, F>(&'s self, what: &str, ctx: &RequestCtx, ask: F) -> Result<Option<Found<T>>>
     where
         F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
     {
+        let mut failed = None;
         for handle in &self.backends {
             let name = handle.backend.name();
             let started = Instant::now();
@@ -69,21 +82,25 @@ impl Chain {
                     tracing::warn!(request = %ctx.request_id, backend = name, what, error = %e,
                         "backend unavailable, asking the next one");
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    held_back(&mut failed, e, ctx, name, what);
+                }
             }
         }
-        Ok(None)
+        failed.map_or(Ok(None), Err)
     }
 
     /// Resolves a manifest, or [`Error::ManifestUnknown`].
     ///
     /// A manifest whose backend reports blobs it lacks is served only when later backends
     /// hold each of them; otherwise the chain goes on, so a client gets a 404 it can fall back
-    /// on rather than a pull that fails half-way. An [`Error::Unauthorized`] is held back
-    /// while later backends are asked, and returned only when none has the manifest.
+    /// on rather than a pull that fails half-way. An [`Error::Unauthorized`] (and, for a
+    /// digest, any failure) is held back while later backends are asked, and returned only
+    /// when none has the manifest.
     pub async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Found<Manifest>> {
         let what = image.to_string();
-        let mut unauthorized = None;
+        let by_digest = matches!(image.reference, Reference::Digest(_));
+        let mut failed = None;
         for (i, handle) in self.backends.iter().enumerate() {
             let name = handle.backend.name();
             let started = Instant::now();
@@ -109,11 +126,14 @@ impl Chain {
                     tracing::warn!(request = %ctx.request_id, backend = name, image = %what, error = %e,
                         "backend unavailable, asking the next one")
                 }
-                Err(e @ Error::Unauthorized { .. }) => unauthorized = Some(e),
+                Err(e @ Error::Unauthorized { .. }) => {
+                    failed.get_or_insert(e);
+                }
+                Err(e) if by_digest => held_back(&mut failed, e, ctx, name, &what),
                 Err(e) => return Err(e),
             }
         }
-        Err(unauthorized.unwrap_or(Error::ManifestUnknown(what)))
+        Err(failed.unwrap_or(Error::ManifestUnknown(what)))
     }
 
     /// True when the backends from index `from` on hold every blob `m` lacks. When one of
@@ -212,5 +232,123 @@ impl Chain {
             all.extend(h.backend.referrers(repo, digest).await?);
         }
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    /// A backend that either fails every lookup or holds one manifest and one blob.
+    struct Stub {
+        name: &'static str,
+        fails: bool,
+        manifest: Manifest,
+    }
+
+    impl Stub {
+        fn answer<T>(&self, found: bool, value: impl FnOnce() -> T) -> Result<Option<T>> {
+            if self.fails {
+                return Err(Error::Internal(format!("{} broke", self.name)));
+            }
+            Ok(found.then(value))
+        }
+    }
+
+    #[async_trait]
+    impl crate::Backend for Stub {
+        fn name(&self) -> &str {
+            self.name
+        }
+        async fn manifest(&self, image: &ImageRef, _: &RequestCtx) -> Result<Option<Manifest>> {
+            let found = match &image.reference {
+                Reference::Tag(t) => t == "v1",
+                Reference::Digest(d) => *d == self.manifest.digest,
+            };
+            self.answer(found, || self.manifest.clone())
+        }
+        async fn blob_size(&self, _: &Repository, d: &Digest, _: &RequestCtx) -> Result<Option<u64>> {
+            self.answer(*d == blob_digest(), || 4)
+        }
+        async fn blob(
+            &self,
+            _: &Repository,
+            d: &Digest,
+            _: Option<ByteRange>,
+            _: &RequestCtx,
+        ) -> Result<Option<BlobBody>> {
+            self.answer(*d == blob_digest(), || BlobBody {
+                size: 4,
+                range: None,
+                stream: Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"blob"))])),
+            })
+        }
+    }
+
+    fn blob_digest() -> Digest {
+        Digest::of(b"blob")
+    }
+
+    fn chain(backends: &[(&'static str, bool)]) -> Chain {
+        let manifest = Manifest {
+            bytes: Bytes::from_static(b"{}"),
+            media_type: crate::media::OCI_MANIFEST.into(),
+            digest: Digest::of(b"{}"),
+            missing: Vec::new(),
+        };
+        Chain::new(
+            backends
+                .iter()
+                .map(|&(name, fails)| {
+                    let stub = Stub {
+                        name,
+                        fails,
+                        manifest: manifest.clone(),
+                    };
+                    BackendHandle::read_only(Arc::new(stub))
+                })
+                .collect(),
+        )
+    }
+
+    fn image(reference: Reference) -> ImageRef {
+        ImageRef::new(Repository::new("docker.io", "library/x").unwrap(), reference)
+    }
+
+    #[tokio::test]
+    async fn a_failing_backend_does_not_hide_content_a_later_one_holds() {
+        let ctx = RequestCtx::default();
+        let c = chain(&[("broken", true), ("push", false)]);
+        let repo = Repository::new("docker.io", "library/x").unwrap();
+        assert_eq!(c.blob(&repo, &blob_digest(), None, &ctx).await.unwrap().backend, "push");
+        assert_eq!(c.blob_size(&repo, &blob_digest(), &ctx).await.unwrap().backend, "push");
+        let by_digest = image(Reference::Digest(Digest::of(b"{}")));
+        assert_eq!(c.manifest(&by_digest, &ctx).await.unwrap().backend, "push");
+    }
+
+    #[tokio::test]
+    async fn the_failure_is_the_answer_when_nobody_has_it() {
+        let ctx = RequestCtx::default();
+        let c = chain(&[("broken", true), ("push", false)]);
+        let repo = Repository::new("docker.io", "library/x").unwrap();
+        let absent = Digest::of(b"absent");
+        let err = c.blob(&repo, &absent, None, &ctx).await.err().unwrap();
+        assert!(matches!(err, Error::Internal(ref m) if m == "broken broke"), "{err}");
+        let err = c.manifest(&image(Reference::Digest(absent)), &ctx).await.err().unwrap();
+        assert!(matches!(err, Error::Internal(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failure_on_a_tag_stops_the_chain() {
+        let ctx = RequestCtx::default();
+        let c = chain(&[("broken", true), ("push", false)]);
+        let err = c
+            .manifest(&image(Reference::Tag("v1".into())), &ctx)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Internal(_)), "{err}");
     }
 }

@@ -177,8 +177,8 @@ fn engine_down_then_back() {
 
 /// A fake engine: this reproduces broken export answers, which no real engine gives on
 /// purpose. It answers the handful of Engine API calls the backend makes and serves `export`
-/// as the body of every `/images/.../get`.
-fn fake_engine(socket: &Path, export: Vec<u8>) {
+/// as the body of every `/images/.../get`, and `images` (JSON) as its image list.
+fn fake_engine(socket: &Path, export: Vec<u8>, images: String) {
     let listener = UnixListener::bind(socket).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
@@ -205,10 +205,10 @@ fn fake_engine(socket: &Path, export: Vec<u8>) {
                 ("application/json", br#"{"Version":"0.0-fake","ApiVersion":"1.41","Components":[{"Name":"Engine","Version":"0.0-fake"}]}"#.to_vec())
             } else if path.ends_with("/info") {
                 ("application/json", br#"{"DriverStatus":[]}"#.to_vec())
+            } else if path.contains("/images/json") {
+                ("application/json", images.clone().into_bytes())
             } else if path.contains("/json") && path.contains("/images/") {
                 ("application/json", br#"{"Id":"sha256:1111111111111111111111111111111111111111111111111111111111111111","RootFS":{"Type":"layers","Layers":[]}}"#.to_vec())
-            } else if path.contains("/images/json") {
-                ("application/json", b"[]".to_vec())
             } else if path.contains("/get") {
                 ("application/x-tar", export.clone())
             } else {
@@ -259,7 +259,7 @@ fn unusable_exports_are_errors_and_leave_nothing() {
     for (what, export) in cases {
         let dir = scratch();
         let socket = dir.path().join("fake.sock");
-        fake_engine(&socket, export);
+        fake_engine(&socket, export, "[]".into());
         let ferry = Ferry::start(dir.path(), &docker_chain(&format!("unix://{}", socket.display()), ""));
         let (status, _, body) = get_manifest(&ferry, "broken", "v1", "");
         assert_eq!(status, 500, "{what}: {}", String::from_utf8_lossy(&body));
@@ -275,6 +275,55 @@ fn unusable_exports_are_errors_and_leave_nothing() {
             .collect();
         assert!(left.is_empty(), "{what}: the cache keeps {left:?}");
     }
+}
+
+/// A blob is content-addressed: when the docker backend fails on it (its export is
+/// unusable), the push store's copy is served; the failure is the answer only when no later
+/// backend holds the blob.
+#[test]
+fn a_failing_export_does_not_hide_a_blob_the_push_store_holds() {
+    let dir = scratch();
+    let socket = dir.path().join("fake.sock");
+    let pushed = b"pushed blob ".repeat(1000);
+    let digest = format!("sha256:{}", sha256_hex(&pushed));
+    let absent = format!("sha256:{}", sha256_hex(b"held by nobody"));
+    // The engine lists images whose ids are these digests, so the docker backend exports
+    // (and fails) for each of them.
+    let image = |id: &str| {
+        format!(
+            r#"{{"Id":"{id}","ParentId":"","RepoTags":[],"RepoDigests":[],"Created":0,"Size":0,"SharedSize":-1,"Labels":{{}},"Containers":-1}}"#
+        )
+    };
+    let images = format!("[{},{}]", image(&digest), image(&absent));
+    fake_engine(&socket, b"this is not a tar archive".repeat(100), images);
+    let ferry = Ferry::start(dir.path(), &docker_chain(&format!("unix://{}", socket.display()), ""));
+    let (status, body) = raw_request(
+        &ferry.addr(),
+        "POST",
+        &format!("/v2/e2e/pushed/blobs/uploads/?digest={digest}"),
+        &[("Content-Type", "application/octet-stream")],
+        &pushed,
+    );
+    assert_eq!(status, 201, "{body}");
+
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/e2e/pushed/blobs/{digest}"))).unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    assert_eq!(r.headers()["ferry-backend"], "push");
+    assert_eq!(r.bytes().unwrap(), pushed);
+    assert_eq!(
+        count_lines(&ferry.logs(), &["backend failed; asking the next one", &digest]),
+        1
+    );
+
+    let (status, body) = raw_request(
+        &ferry.addr(),
+        "GET",
+        &format!("/v2/e2e/pushed/blobs/{absent}"),
+        &[],
+        b"",
+    );
+    assert_oci_error(status, &body, 500, "UNKNOWN");
+    assert!(body.contains("export"), "{body}");
 }
 
 #[test]
