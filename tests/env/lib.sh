@@ -69,9 +69,10 @@ e2e_spawn() {
     echo $! >"$E2E_DIR/pids/$name.pid"
 }
 
-# Stops one daemon by its recorded PID (TERM, then KILL after 10 s).
+# Stops one daemon by its recorded PID (TERM, then KILL after 10 s), then the processes
+# recorded as its companions (NAME+WHAT.pid: ones it started that may outlive it).
 e2e_stop() {
-    local f="$E2E_DIR/pids/$1.pid" pid
+    local f="$E2E_DIR/pids/$1.pid" pid c
     [ -f "$f" ] || return 0
     pid=$(cat "$f")
     if kill -0 "$pid" 2>/dev/null; then
@@ -80,12 +81,17 @@ e2e_stop() {
         kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$f"
+    for c in "$E2E_DIR/pids/$1+"*.pid; do
+        [ -f "$c" ] && e2e_stop "$(basename "$c" .pid)"
+    done
+    return 0
 }
 
-# Stops every daemon started under $E2E_DIR, newest first.
+# Stops every daemon started under $E2E_DIR, newest first (companions with their owner).
 e2e_stop_all() {
     local f
     for f in $(ls -t "$E2E_DIR"/pids/*.pid 2>/dev/null); do
+        case "$(basename "$f")" in *+*) continue ;; esac
         e2e_stop "$(basename "$f" .pid)"
     done
 }
@@ -202,10 +208,14 @@ e2e_start_podman_rootless() {
         env HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" XDG_RUNTIME_DIR="$run" \
         podman --storage-driver vfs system service --time=0 "unix://$d/podman.sock"
     e2e_wait "$name" 60 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
-    # Rootless Podman keeps a pause process that holds its user namespace; it records the PID,
-    # so it is stopped with the rest.
+    # The recorded podman re-executes itself inside a user namespace and waits for that child,
+    # which outlives it when the parent has to be killed; and Podman keeps a pause process
+    # that holds the namespace (it records its PID). Both are stopped after the parent.
+    local child
+    child=$(ps -o pid= --ppid "$(cat "$E2E_DIR/pids/$name.pid")" | head -1 | tr -d ' ')
+    [ -n "$child" ] && echo "$child" >"$E2E_DIR/pids/$name+userns.pid"
     if [ -s "$run/libpod/tmp/pause.pid" ]; then
-        cp "$run/libpod/tmp/pause.pid" "$E2E_DIR/pids/$name-pause.pid"
+        cp "$run/libpod/tmp/pause.pid" "$E2E_DIR/pids/$name+pause.pid"
     fi
 }
 
