@@ -2,6 +2,7 @@
 
 mod api;
 mod config;
+mod listen;
 mod logging;
 
 use std::path::PathBuf;
@@ -9,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use poem::listener::TcpListener;
 
 use ferry_core::Chain;
 
@@ -94,10 +94,14 @@ async fn serve(config: Config) -> Result<(), String> {
     tracing::info!(addr = %config.server.addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
     let app = api::app(Arc::new(api::AppState::new(chain)));
-    poem::Server::new(TcpListener::bind(config.server.addr))
-        .run_with_graceful_shutdown(app, shutdown_signal(), Some(std::time::Duration::from_secs(5)))
-        .await
-        .map_err(|e| format!("cannot serve on {}: {e}", config.server.addr))
+    listen::serve(
+        config.server.addr,
+        app,
+        shutdown_signal(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| format!("cannot serve on {}: {e}", config.server.addr))
 }
 
 async fn shutdown_signal() {
