@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,15 +23,14 @@ use tokio::net::TcpListener;
 /// say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `endpoint` on `addr` until `shutdown` resolves, then lets open connections finish
-/// their requests for up to `grace`.
+/// Serves `endpoint` on `listener` until `shutdown` resolves, then lets open connections
+/// finish their requests for up to `grace`.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     endpoint: impl Endpoint + 'static,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
     let local = LocalAddr(Addr::SocketAddr(listener.local_addr()?));
     let endpoint: Arc<BoxEndpoint<'static, Response>> = Arc::new(endpoint.map_to_response().boxed());
     let builder = auto::Builder::new(TokioExecutor::new());

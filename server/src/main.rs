@@ -91,17 +91,16 @@ async fn serve(config: Config) -> Result<(), String> {
         return Err(format!("cannot start backends: {}", failures.join("; ")));
     }
     let chain = Chain::new(handles);
-    tracing::info!(addr = %config.server.addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
+    let listener = tokio::net::TcpListener::bind(config.server.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.addr))?;
+    let addr = listener.local_addr().unwrap_or(config.server.addr);
+    tracing::info!(%addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
     let app = api::app(Arc::new(api::AppState::new(chain)));
-    listen::serve(
-        config.server.addr,
-        app,
-        shutdown_signal(),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    .map_err(|e| format!("cannot serve on {}: {e}", config.server.addr))
+    listen::serve(listener, app, shutdown_signal(), std::time::Duration::from_secs(5))
+        .await
+        .map_err(|e| format!("cannot serve on {addr}: {e}"))
 }
 
 async fn shutdown_signal() {

@@ -20,6 +20,37 @@ fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A port another process holds: ferry says which address and why, and exits non-zero.
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let dir = scratch();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let config = dir.path().join("ferry.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!("[cache]\ndir = \"{}\"\n[[backends]]\ntype = \"push\"\n", data.display()),
+    )
+    .unwrap();
+    let out = Command::new(ferry_bin())
+        .args(["serve", "--config", config.to_str().unwrap(), "--addr", &addr])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let logs = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        logs.contains(&format!("cannot listen on {addr}")) && logs.contains("in use"),
+        "{logs}"
+    );
+    assert!(!logs.contains("ferry listening"), "{logs}");
+}
+
 #[test]
 fn bad_configuration_names_the_key_and_its_source() {
     let dir = scratch();
