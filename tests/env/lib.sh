@@ -42,11 +42,20 @@ e2e_install_packages() {
     fi
 }
 
-# Waits until a command succeeds, up to $2 seconds.
+# Waits until a command succeeds, up to $2 seconds of wall time (each try is cut off after
+# 5 s, as a client can hang on a socket nobody serves). When $1 names a daemon that e2e_spawn
+# started and it has exited, gives up at once and shows the end of its log.
 e2e_wait() {
-    local what=$1 secs=$2; shift 2
-    for _ in $(seq 1 $((secs * 10))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
+    local what=$1 secs=$2 deadline pidfile; shift 2
+    deadline=$((SECONDS + secs))
+    pidfile="$E2E_DIR/pids/$what.pid"
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if timeout 5 "$@" >/dev/null 2>&1; then return 0; fi
+        if [ -f "$pidfile" ] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            e2e_log "$what exited while starting; the end of its log:"
+            tail -n 20 "$E2E_DIR/logs/$what.log" >&2 2>/dev/null || true
+            return 1
+        fi
         sleep 0.1
     done
     e2e_log "timed out waiting for $what"
@@ -101,7 +110,7 @@ e2e_stop_all() {
 e2e_fetch_trixie() {
     local t="$E2E_DIR/trixie" uri o
     if [ ! -x "$t/root/usr/sbin/dockerd" ]; then
-        mkdir -p "$t/lists/partial" "$t/debs" "$t/root"
+        mkdir -p "$t/lists/partial" "$t/debs" "$t/root" "$E2E_DIR/logs"
         uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
         [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
         echo "deb $uri trixie main" >"$t/sources.list"
@@ -109,6 +118,10 @@ e2e_fetch_trixie() {
         apt-get $o update -q >"$E2E_DIR/logs/trixie.log" 2>&1
         (cd "$t/debs" && apt-get $o download docker.io containerd >>"$E2E_DIR/logs/trixie.log" 2>&1)
         for f in "$t"/debs/*.deb; do dpkg -x "$f" "$t/root"; done
+        if [ ! -x "$t/root/usr/sbin/dockerd" ]; then
+            e2e_log "could not fetch Debian 13's docker.io and containerd; see $E2E_DIR/logs/trixie.log"
+            return 1
+        fi
     fi
     echo "$t/root"
 }

@@ -17,6 +17,11 @@ PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17 "$trixi
 echo '{"features": {"containerd-snapshotter": true}}' >"$E2E_DIR/docker26.json"
 PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
     e2e_start_dockerd docker26 ctd17 "$E2E_DIR/docker26.json"
+# Docker 26 on its graph driver (overlay2), the default of Docker 25 to 28: its `docker save`
+# writes the OCI layout too, from the graph driver's layers.
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17g "$trixie/usr/bin/containerd"
+PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
+    e2e_start_dockerd docker26g ctd17g
 e2e_start_podman podman
 e2e_start_podman_rootless podman-rootless
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
@@ -28,6 +33,7 @@ export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
 export E2E_CONTAINERD16_SOCK=$E2E_DIR/ctd16/containerd.sock
 export E2E_DOCKER20B_HOST=unix://$E2E_DIR/docker20b/docker.sock
 export E2E_DOCKER26_HOST=unix://$E2E_DIR/docker26/docker.sock
+export E2E_DOCKER26G_HOST=unix://$E2E_DIR/docker26g/docker.sock
 export E2E_CONTAINERD17_SOCK=$E2E_DIR/ctd17/containerd.sock
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock

@@ -1,6 +1,6 @@
-//! The docker backend against Docker 26.1 with the containerd image store (OCI-layout exports)
-//! and against Podman 4.3, rootful and rootless (its Docker-compatible API): the same pulls as for Docker 20, by tag
-//! and by digest.
+//! The docker backend against Docker 26.1 with the containerd image store and with its graph
+//! driver (OCI-layout exports both), and against Podman 4.3, rootful and rootless (its
+//! Docker-compatible API): the same pulls as for Docker 20, by tag and by digest.
 
 mod common;
 
@@ -58,6 +58,13 @@ fn serves_images_of(engine: &str, label: &str) {
 #[test]
 fn docker26_containerd_store() {
     serves_images_of(&env("E2E_DOCKER26_HOST"), "d26");
+}
+
+/// Docker 25+ on its graph driver (overlay2), the default until the containerd image store is
+/// turned on: `docker save` writes the OCI layout there too, with uncompressed layers.
+#[test]
+fn docker26_graph_driver() {
+    serves_images_of(&env("E2E_DOCKER26G_HOST"), "d26g");
 }
 
 #[test]
