@@ -303,3 +303,46 @@ fn cache_size_limit_evicts_least_recently_used_images() {
     );
     sh(&format!("docker -H {host} rmi {a}:v1 {b}:v1"));
 }
+
+/// A cluster that mirrors every registry to ferry (`"*"` in k3s's registries.yaml, which is a
+/// `_default` hosts.toml for containerd): an engine image named after another registry
+/// (`registry.k8s.io/...`, asked for with `ns=registry.k8s.io`) and a locally built one asked
+/// for as `docker.io/library/...` both come from the engine and run.
+#[test]
+fn a_mirror_for_every_registry_serves_engine_images_under_any_registry() {
+    let engine = docker20();
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let name = unique("star");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let k8s = format!("registry.k8s.io/{name}:3.9");
+    sh(&format!("docker -H {engine} tag {name}:v1 {k8s}"));
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs.join("_default")).unwrap();
+    std::fs::write(
+        certs.join("_default/hosts.toml"),
+        format!(
+            "[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            ferry.addr()
+        ),
+    )
+    .unwrap();
+    let ctd = containerd16();
+    for image in [k8s.clone(), format!("docker.io/library/{name}:v1")] {
+        let out = ctr_pull_and_run(&ctd, "e2e", &certs, &image);
+        assert_eq!(out.trim(), format!("hello from {name}:v1"), "{image}");
+    }
+    let logs = ferry.logs();
+    assert!(
+        count_lines(
+            &logs,
+            &[
+                &format!("/v2/{name}/manifests/3.9?ns=registry.k8s.io"),
+                "status=200",
+                "docker"
+            ]
+        ) >= 1,
+        "{logs}"
+    );
+    sh(&format!("docker -H {engine} rmi {k8s} {name}:v1"));
+}
