@@ -15,15 +15,26 @@ fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::new()
 }
 
-/// Uploads a blob to a distribution registry (POST, then PUT with the digest).
+/// Uploads a blob to a distribution registry over plain HTTP (POST, then PUT with the digest).
 fn upload(registry: &str, repo: &str, file: &Path, auth: Option<(&str, &str)>) -> String {
+    upload_to(&http(), &format!("http://{registry}"), repo, file, auth)
+}
+
+/// Uploads a blob to the registry at `base` (`http://...` or `https://...`) with `client`.
+fn upload_to(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    repo: &str,
+    file: &Path,
+    auth: Option<(&str, &str)>,
+) -> String {
     let data = std::fs::read(file).unwrap();
     let digest = format!("sha256:{}", sha256_hex(&data));
     let with_auth = |req: reqwest::blocking::RequestBuilder| match auth {
         Some((u, p)) => req.basic_auth(u, Some(p)),
         None => req,
     };
-    let r = with_auth(http().post(format!("http://{registry}/v2/{repo}/blobs/uploads/")))
+    let r = with_auth(client.post(format!("{base}/v2/{repo}/blobs/uploads/")))
         .send()
         .unwrap();
     assert_eq!(r.status(), 202);
@@ -31,10 +42,10 @@ fn upload(registry: &str, repo: &str, file: &Path, auth: Option<(&str, &str)>) -
     let location = if location.starts_with("http") {
         location
     } else {
-        format!("http://{registry}{location}")
+        format!("{base}{location}")
     };
     let sep = if location.contains('?') { '&' } else { '?' };
-    let r = with_auth(http().put(format!("{location}{sep}digest={digest}")).body(data))
+    let r = with_auth(client.put(format!("{location}{sep}digest={digest}")).body(data))
         .send()
         .unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().unwrap());
@@ -277,6 +288,95 @@ fn heal_uses_the_clients_credentials() {
         labels.contains(&format!("containerd.io/distribution.source.{registry}={repo}")),
         "{labels}"
     );
+}
+
+/// An origin behind TLS with a private CA (distribution on this machine's own non-loopback
+/// address, so ferry speaks HTTPS to it): without `ca_file` the certificate is refused — 404,
+/// a log line saying why, nothing written; with it the blob is healed and served.
+#[test]
+fn heal_from_a_tls_origin_trusts_the_configured_ca() {
+    let ip = sh("hostname -I | tr ' ' '\\n' | grep -m1 -E '^[0-9]+[.]'")
+        .trim()
+        .to_string();
+    assert!(
+        !ip.is_empty() && !ip.starts_with("127."),
+        "no non-loopback address: {ip:?}"
+    );
+    let work = scratch();
+    let w = work.path().display().to_string();
+    sh(&format!(
+        "cd {w} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
+         && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
+         && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
+         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile server.ext 2>/dev/null"
+    ));
+    let port = std::net::TcpListener::bind(format!("{ip}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let origin = format!("{ip}:{port}");
+    std::fs::write(
+        work.path().join("config.yml"),
+        format!(
+            "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {w}/data}}}}\n\
+             http: {{addr: \"{origin}\", tls: {{certificate: {w}/cert.pem, key: {w}/key.pem}}}}\n"
+        ),
+    )
+    .unwrap();
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("env/lib.sh")
+        .display()
+        .to_string();
+    let daemon = unique("tlsreg");
+    sh(&format!(
+        "source {lib} && e2e_spawn {daemon} docker-registry serve {w}/config.yml \
+         && e2e_wait {daemon} 30 curl -sf --cacert {w}/ca.pem https://{origin}/v2/"
+    ));
+    let ca = std::fs::read(work.path().join("ca.pem")).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let blob = work.path().join("blob");
+    std::fs::write(&blob, format!("layer behind tls {}", unique("")).repeat(1000)).unwrap();
+    let repo = unique("tls/heal");
+    let digest = upload_to(&client, &format!("https://{origin}"), &repo, &blob, None);
+
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    let backend = |ca_file: &str| {
+        format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"tls-e2e\"\n{ca_file}")
+    };
+    let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
+    let stored = || sh(&format!("ctr -a {ctd17} -n tls-e2e content ls -q")).contains(&digest);
+
+    let dir = scratch();
+    let untrusting = Ferry::start(dir.path(), &backend(""));
+    let r = http().get(url(&untrusting)).send().unwrap();
+    assert_eq!(r.status(), 404, "{}", untrusting.logs());
+    let logs = untrusting.logs();
+    assert!(
+        count_lines(&logs, &["origin fetch failed", &origin]) >= 1 && logs.to_lowercase().contains("certificate"),
+        "{logs}"
+    );
+    assert!(!stored(), "nothing written when the origin is not trusted");
+
+    let dir = scratch();
+    let ca_file = format!("ca_file = \"{w}/ca.pem\"\n");
+    let trusting = Ferry::start(dir.path(), &backend(&ca_file));
+    let r = http().get(url(&trusting)).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", trusting.logs());
+    assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
+    let mut found = false;
+    for _ in 0..50 {
+        if stored() {
+            found = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(found, "the healed blob is in the content store");
+    sh(&format!("source {lib} && e2e_stop {daemon}"));
 }
 
 #[test]
