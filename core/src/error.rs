@@ -98,3 +98,39 @@ impl Error {
         )
     }
 }
+
+/// An error with its causes, `outer: cause: root cause`: HTTP clients say "error sending
+/// request" and keep the reason (refused, a certificate no CA vouches for) in the sources.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] io::Error);
+
+    #[test]
+    fn causes_follow_the_message_once() {
+        let e = Outer(io::Error::other("invalid peer certificate: UnknownIssuer"));
+        assert_eq!(
+            with_causes(&e),
+            "error sending request: invalid peer certificate: UnknownIssuer"
+        );
+        let plain = io::Error::other("refused");
+        assert_eq!(with_causes(&plain), "refused");
+    }
+}

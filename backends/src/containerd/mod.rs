@@ -288,7 +288,7 @@ impl HealTask {
                 Some(Err(e)) => {
                     break Some(Error::Unavailable {
                         backend: self.backend.clone(),
-                        reason: format!("origin {}: {e}", self.origin),
+                        reason: format!("origin {}: {}", self.origin, ferry_core::error::with_causes(&e)),
                     })
                 }
                 None if received != self.size => {

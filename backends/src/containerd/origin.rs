@@ -9,6 +9,7 @@ use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use tokio::sync::Mutex;
 
+use ferry_core::error::with_causes;
 use ferry_core::{Digest, Error, Repository, Result, DOCKER_HUB};
 
 /// Settings for reaching origin registries.
@@ -135,7 +136,10 @@ impl Origins {
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
             }
-            let resp = req.send().await.map_err(|e| Self::unavailable(registry, e))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| Self::unavailable(registry, with_causes(&e)))?;
             match resp.status() {
                 s if s.is_success() => return Ok(Some(resp)),
                 StatusCode::NOT_FOUND => return Ok(None),
@@ -196,7 +200,10 @@ impl Origins {
         if let Some(a) = authorization {
             req = req.header(AUTHORIZATION, a);
         }
-        let resp = req.send().await.map_err(|e| Self::unavailable(registry, e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| Self::unavailable(registry, with_causes(&e)))?;
         if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
             return Err(refused(registry, realm, authorization.is_some()));
         }
