@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::RwLock;
 
+use ferry_core::error::with_causes;
 use ferry_core::{Error, Result};
 
 /// Time allowed for an API call to answer (headers). Exports get longer: Docker and Podman
@@ -95,9 +96,12 @@ impl Engine {
         } else {
             Docker::connect_with_unix(s, CALL_TIMEOUT.as_secs(), API_DEFAULT_VERSION)
         }
-        .map_err(|e| self.unavailable(e))?;
-        let docker = docker.negotiate_version().await.map_err(|e| self.unavailable(e))?;
-        let version = docker.version().await.map_err(|e| self.unavailable(e))?;
+        .map_err(|e| self.unavailable(with_causes(&e)))?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| self.unavailable(with_causes(&e)))?;
+        let version = docker.version().await.map_err(|e| self.unavailable(with_causes(&e)))?;
         let product = version
             .components
             .as_ref()
@@ -115,7 +119,7 @@ impl Engine {
                 .unwrap_or_default()
                 .iter()
                 .any(|kv| kv.iter().any(|v| v.contains("io.containerd.snapshotter"))),
-            Err(e) => return Err(self.unavailable(e)),
+            Err(e) => return Err(self.unavailable(with_causes(&e))),
         };
         let info = EngineInfo {
             product,
@@ -141,10 +145,10 @@ impl Engine {
             other => {
                 let was_up = self.client.write().await.take().is_some();
                 if was_up {
-                    tracing::warn!(backend = %self.backend, socket = %self.socket, error = %other,
+                    tracing::warn!(backend = %self.backend, socket = %self.socket, error = %with_causes(&other),
                         "lost the engine; will reconnect on the next request");
                 }
-                self.unavailable(other)
+                self.unavailable(with_causes(&other))
             }
         }
     }
