@@ -270,16 +270,10 @@ fn heal_uses_the_clients_credentials() {
     let r = http().get(&url).basic_auth(&user, Some(&pass)).send().unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
-    // The commit lands just after the last byte went out.
-    let mut found = false;
-    for _ in 0..50 {
-        if content_ls(&ctd17).contains(&digest) {
-            found = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(found, "the healed blob is in the content store");
+    assert!(
+        stored_eventually("moby", &digest),
+        "the healed blob is in the content store"
+    );
     // Now served from the store, without credentials.
     let r = http().get(&url).send().unwrap();
     assert_eq!(r.status(), 200);
@@ -290,11 +284,10 @@ fn heal_uses_the_clients_credentials() {
     );
 }
 
-/// An origin behind TLS with a private CA (distribution on this machine's own non-loopback
-/// address, so ferry speaks HTTPS to it): without `ca_file` the certificate is refused — 404,
-/// a log line saying why, nothing written; with it the blob is healed and served.
-#[test]
-fn heal_from_a_tls_origin_trusts_the_configured_ca() {
+/// Starts distribution on this machine's first non-loopback IPv4 address (so ferry does not
+/// take it for a loopback registry), with TLS when `tls` (a CA and a certificate for that
+/// address, made by openssl in `work`). Returns the daemon's name (for e2e_stop) and host:port.
+fn registry_on_host_address(work: &Path, tls: bool) -> (String, String) {
     let ip = sh("hostname -I | tr ' ' '\\n' | grep -m1 -E '^[0-9]+[.]'")
         .trim()
         .to_string();
@@ -302,37 +295,79 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
         !ip.is_empty() && !ip.starts_with("127."),
         "no non-loopback address: {ip:?}"
     );
-    let work = scratch();
-    let w = work.path().display().to_string();
-    sh(&format!(
-        "cd {w} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
-         && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
-         && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
-         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile server.ext 2>/dev/null"
-    ));
+    let w = work.display().to_string();
     let port = std::net::TcpListener::bind(format!("{ip}:0"))
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let origin = format!("{ip}:{port}");
+    let mut http = format!("addr: \"{origin}\"");
+    if tls {
+        sh(&format!(
+            "cd {w} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
+             && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
+             && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
+             && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile server.ext 2>/dev/null"
+        ));
+        http.push_str(&format!(", tls: {{certificate: {w}/cert.pem, key: {w}/key.pem}}"));
+    }
     std::fs::write(
-        work.path().join("config.yml"),
-        format!(
-            "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {w}/data}}}}\n\
-             http: {{addr: \"{origin}\", tls: {{certificate: {w}/cert.pem, key: {w}/key.pem}}}}\n"
-        ),
+        work.join("config.yml"),
+        format!("version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {w}/data}}}}\nhttp: {{{http}}}\n"),
     )
     .unwrap();
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let (scheme, cacert) = if tls {
+        ("https", format!("--cacert {w}/ca.pem"))
+    } else {
+        ("http", String::new())
+    };
+    let daemon = unique("hostreg");
+    sh(&format!(
+        "source {} && e2e_spawn {daemon} docker-registry serve {w}/config.yml \
+         && e2e_wait {daemon} 30 curl -sf {cacert} {scheme}://{origin}/v2/",
+        lib()
+    ));
+    (daemon, origin)
+}
+
+fn lib() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("env/lib.sh")
         .display()
-        .to_string();
-    let daemon = unique("tlsreg");
-    sh(&format!(
-        "source {lib} && e2e_spawn {daemon} docker-registry serve {w}/config.yml \
-         && e2e_wait {daemon} 30 curl -sf --cacert {w}/ca.pem https://{origin}/v2/"
-    ));
+        .to_string()
+}
+
+/// Whether containerd 1.7's namespace `ns` holds `digest`.
+fn stored(ns: &str, digest: &str) -> bool {
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    sh(&format!("ctr -a {ctd17} -n {ns} content ls -q")).contains(digest)
+}
+
+/// [`stored`], waiting up to 5 s for it (a heal commits just after the last byte went out).
+fn stored_eventually(ns: &str, digest: &str) -> bool {
+    for _ in 0..50 {
+        if stored(ns, digest) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// A containerd backend on containerd 1.7, namespace `ns`, with `extra` settings.
+fn containerd_backend(ns: &str, extra: &str) -> String {
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"{ns}\"\n{extra}")
+}
+
+/// An origin behind TLS with a private CA: without `ca_file` the certificate is refused — 404,
+/// a log line saying why, nothing written; with it the blob is healed and served.
+#[test]
+fn heal_from_a_tls_origin_trusts_the_configured_ca() {
+    let work = scratch();
+    let (daemon, origin) = registry_on_host_address(work.path(), true);
+    let w = work.path().display().to_string();
     let ca = std::fs::read(work.path().join("ca.pem")).unwrap();
     let client = reqwest::blocking::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
@@ -342,16 +377,10 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     std::fs::write(&blob, format!("layer behind tls {}", unique("")).repeat(1000)).unwrap();
     let repo = unique("tls/heal");
     let digest = upload_to(&client, &format!("https://{origin}"), &repo, &blob, None);
-
-    let ctd17 = env("E2E_CONTAINERD17_SOCK");
-    let backend = |ca_file: &str| {
-        format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"tls-e2e\"\n{ca_file}")
-    };
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
-    let stored = || sh(&format!("ctr -a {ctd17} -n tls-e2e content ls -q")).contains(&digest);
 
     let dir = scratch();
-    let untrusting = Ferry::start(dir.path(), &backend(""));
+    let untrusting = Ferry::start(dir.path(), &containerd_backend("tls-e2e", ""));
     let r = http().get(url(&untrusting)).send().unwrap();
     assert_eq!(r.status(), 404, "{}", untrusting.logs());
     let logs = untrusting.logs();
@@ -359,32 +388,67 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
         count_lines(&logs, &["origin fetch failed", &origin]) >= 1 && logs.to_lowercase().contains("certificate"),
         "{logs}"
     );
-    assert!(!stored(), "nothing written when the origin is not trusted");
+    assert!(
+        !stored_eventually("tls-e2e", &digest),
+        "nothing written when the origin is not trusted"
+    );
 
     let dir = scratch();
-    let ca_file = format!("ca_file = \"{w}/ca.pem\"\n");
-    let trusting = Ferry::start(dir.path(), &backend(&ca_file));
+    let trusting = Ferry::start(
+        dir.path(),
+        &containerd_backend("tls-e2e", &format!("ca_file = \"{w}/ca.pem\"\n")),
+    );
     let r = http().get(url(&trusting)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", trusting.logs());
     assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
-    let mut found = false;
-    for _ in 0..50 {
-        if stored() {
-            found = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(found, "the healed blob is in the content store");
-    sh(&format!("source {lib} && e2e_stop {daemon}"));
+    assert!(
+        stored_eventually("tls-e2e", &digest),
+        "the healed blob is in the content store"
+    );
+    sh(&format!("source {} && e2e_stop {daemon}", lib()));
+}
+
+/// An origin on a LAN address that speaks plain HTTP: ferry uses HTTPS for it (and fails,
+/// saying why) until `plain_http` names it; then the blob is healed.
+#[test]
+fn heal_from_a_plain_http_origin_named_in_plain_http() {
+    let work = scratch();
+    let (daemon, origin) = registry_on_host_address(work.path(), false);
+    let blob = work.path().join("blob");
+    std::fs::write(&blob, format!("layer over plain http {}", unique("")).repeat(1000)).unwrap();
+    let repo = unique("plain/heal");
+    let digest = upload_to(&http(), &format!("http://{origin}"), &repo, &blob, None);
+    let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
+
+    let dir = scratch();
+    let https_only = Ferry::start(dir.path(), &containerd_backend("plain-e2e", ""));
+    let r = http().get(url(&https_only)).send().unwrap();
+    assert_eq!(r.status(), 404, "{}", https_only.logs());
+    let logs = https_only.logs();
+    assert!(
+        count_lines(&logs, &["origin fetch failed", &format!("https://{origin}")]) >= 1,
+        "{logs}"
+    );
+    assert!(!stored("plain-e2e", &digest), "nothing written");
+
+    let dir = scratch();
+    let plain = Ferry::start(
+        dir.path(),
+        &containerd_backend("plain-e2e", &format!("plain_http = [\"{origin}\"]\n")),
+    );
+    let r = http().get(url(&plain)).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", plain.logs());
+    assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
+    assert!(
+        stored_eventually("plain-e2e", &digest),
+        "the healed blob is in the content store"
+    );
+    sh(&format!("source {} && e2e_stop {daemon}", lib()));
 }
 
 #[test]
 fn containerd_down_then_back() {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("env/lib.sh")
-        .display()
-        .to_string();
+    let lib = lib();
     let name = unique("ctd-");
     sh(&format!("source {lib} && set +u && e2e_start_containerd {name}"));
     let sock = format!("{}/{name}/containerd.sock", env("E2E_DIR"));
