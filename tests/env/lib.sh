@@ -161,21 +161,29 @@ e2e_start_dockerd() {
     e2e_wait "$name" 60 docker -H "unix://$d/docker.sock" info
 }
 
-# distribution (Debian's docker-registry) on 127.0.0.1:$2, optionally with htpasswd file $3.
-e2e_start_registry() {
-    local name=$1 port=$2 htpasswd=${3:-} d="$E2E_DIR/$1"
+# distribution (Debian's docker-registry) on $4:$2 (default 127.0.0.1), optionally with
+# htpasswd file $3, and with TLS when $5 is a directory holding ca.pem, server-cert.pem and
+# server-key.pem (see make_server_cert in the tests).
+e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir]
+    local name=$1 port=$2 htpasswd=${3:-} ip=${4:-127.0.0.1} tls=${5:-} d="$E2E_DIR/$1" url curl_tls=()
     mkdir -p "$d/data"
     {
         echo "version: 0.1"
         echo "log: {level: warn}"
         echo "storage: {filesystem: {rootdirectory: $d/data}, delete: {enabled: true}}"
-        echo "http: {addr: 127.0.0.1:$port}"
+        if [ -n "$tls" ]; then
+            echo "http: {addr: \"$ip:$port\", tls: {certificate: $tls/server-cert.pem, key: $tls/server-key.pem}}"
+        else
+            echo "http: {addr: \"$ip:$port\"}"
+        fi
         if [ -n "$htpasswd" ]; then
             echo "auth: {htpasswd: {realm: e2e, path: $htpasswd}}"
         fi
     } >"$d/config.yml"
+    url="http://$ip:$port/v2/"
+    [ -z "$tls" ] || { url="https://$ip:$port/v2/"; curl_tls=(--cacert "$tls/ca.pem"); }
     e2e_spawn "$name" docker-registry serve "$d/config.yml"
-    e2e_wait "$name" 30 bash -c "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$port/v2/ | grep -qE '200|401'"
+    e2e_wait "$name" 30 bash -c "curl -s ${curl_tls[*]} -o /dev/null -w '%{http_code}' $url | grep -qE '200|401'"
 }
 
 # Rootful Podman's Docker-compatible API on $E2E_DIR/<name>/podman.sock, with its own storage.

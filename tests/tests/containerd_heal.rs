@@ -100,10 +100,6 @@ fn push_a_and_b(registry: &str, work: &Path) -> (String, String, Value) {
     (a, b, mb)
 }
 
-fn content_ls(ctd: &str) -> String {
-    sh(&format!("ctr -a {ctd} -n moby content ls -q"))
-}
-
 #[test]
 fn moby_49473_missing_blobs_are_healed_from_the_origin() {
     let registry = env("E2E_REGISTRY");
@@ -114,7 +110,7 @@ fn moby_49473_missing_blobs_are_healed_from_the_origin() {
     sh(&format!("docker -H {d26} pull {a} && docker -H {d26} pull {b}"));
     let layer = mb["layers"][0]["digest"].as_str().unwrap().to_string();
     assert!(
-        !content_ls(&ctd17).contains(&layer),
+        !stored("moby", &layer),
         "B's layer was never fetched (the bug's precondition)"
     );
 
@@ -155,10 +151,7 @@ fn moby_49473_missing_blobs_are_healed_from_the_origin() {
     let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
     let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &b);
     assert!(out.starts_with("hello from"), "{out}");
-    assert!(
-        content_ls(&ctd17).contains(&layer),
-        "B's layer is now in containerd's content store"
-    );
+    assert!(stored("moby", &layer), "B's layer is now in containerd's content store");
     let logs = ferry.logs();
     assert!(logs.contains("healed: blob committed"), "{logs}");
     assert!(
@@ -262,10 +255,7 @@ fn heal_uses_the_clients_credentials() {
         .starts_with("Basic realm="));
     let r = http().get(&url).basic_auth(&user, Some("wrong")).send().unwrap();
     assert_eq!(r.status(), 401);
-    assert!(
-        !content_ls(&ctd17).contains(&digest),
-        "nothing written on refused credentials"
-    );
+    assert!(!stored("moby", &digest), "nothing written on refused credentials");
 
     let r = http().get(&url).basic_auth(&user, Some(&pass)).send().unwrap();
     assert_eq!(r.status(), 200);
@@ -286,7 +276,7 @@ fn heal_uses_the_clients_credentials() {
 
 /// Starts distribution on this machine's first non-loopback IPv4 address (so ferry does not
 /// take it for a loopback registry), with TLS when `tls` (a CA and a certificate for that
-/// address, made by openssl in `work`). Returns the daemon's name (for e2e_stop) and host:port.
+/// address, made in `work`). Returns the daemon's name (for e2e_stop) and host:port.
 fn registry_on_host_address(work: &Path, tls: bool) -> (String, String) {
     let ip = sh("hostname -I | tr ' ' '\\n' | grep -m1 -E '^[0-9]+[.]'")
         .trim()
@@ -295,47 +285,23 @@ fn registry_on_host_address(work: &Path, tls: bool) -> (String, String) {
         !ip.is_empty() && !ip.starts_with("127."),
         "no non-loopback address: {ip:?}"
     );
-    let w = work.display().to_string();
     let port = std::net::TcpListener::bind(format!("{ip}:0"))
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let origin = format!("{ip}:{port}");
-    let mut http = format!("addr: \"{origin}\"");
-    if tls {
-        sh(&format!(
-            "cd {w} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
-             && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
-             && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
-             && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile server.ext 2>/dev/null"
-        ));
-        http.push_str(&format!(", tls: {{certificate: {w}/cert.pem, key: {w}/key.pem}}"));
-    }
-    std::fs::write(
-        work.join("config.yml"),
-        format!("version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {w}/data}}}}\nhttp: {{{http}}}\n"),
-    )
-    .unwrap();
-    let (scheme, cacert) = if tls {
-        ("https", format!("--cacert {w}/ca.pem"))
+    let tls_dir = if tls {
+        make_server_cert(work, &ip);
+        work.display().to_string()
     } else {
-        ("http", String::new())
+        String::new()
     };
     let daemon = unique("hostreg");
     sh(&format!(
-        "source {} && e2e_spawn {daemon} docker-registry serve {w}/config.yml \
-         && e2e_wait {daemon} 30 curl -sf {cacert} {scheme}://{origin}/v2/",
+        "source {} && e2e_start_registry {daemon} {port} '' {ip} '{tls_dir}'",
         lib()
     ));
-    (daemon, origin)
-}
-
-fn lib() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("env/lib.sh")
-        .display()
-        .to_string()
+    (daemon, format!("{ip}:{port}"))
 }
 
 /// Whether containerd 1.7's namespace `ns` holds `digest`.

@@ -111,13 +111,6 @@ fn pulls_pass_the_clients_credentials_on() {
     sh(&format!("docker -H {} rmi {registry}/{repo}:v1", docker20()));
 }
 
-fn lib() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("env/lib.sh")
-        .display()
-        .to_string()
-}
-
 #[test]
 fn engine_down_then_back() {
     // A Docker of this test's own, so stopping it disturbs no other test.
@@ -333,12 +326,9 @@ fn remote_engine_over_tcp_with_tls() {
     let certs = scratch();
     let c = certs.path().display().to_string();
     // A CA, a server certificate for 127.0.0.1 and a client certificate, as Docker's docs make them.
+    make_server_cert(certs.path(), "127.0.0.1");
     sh(&format!(
-        "cd {c} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
-         && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN=127.0.0.1 2>/dev/null \
-         && printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext \
-         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 1 -extfile server.ext 2>/dev/null \
-         && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out client.csr -subj /CN=ferry 2>/dev/null \
+        "cd {c} && openssl req -newkey rsa:2048 -nodes -keyout key.pem -out client.csr -subj /CN=ferry 2>/dev/null \
          && printf 'extendedKeyUsage=clientAuth\\n' > client.ext \
          && openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out cert.pem -days 1 -extfile client.ext 2>/dev/null"
     ));

@@ -317,16 +317,7 @@ fn a_mirror_for_every_registry_serves_engine_images_under_any_registry() {
     build_image(&engine, &format!("{name}:v1"), 1);
     let k8s = format!("registry.k8s.io/{name}:3.9");
     sh(&format!("docker -H {engine} tag {name}:v1 {k8s}"));
-    let certs = dir.path().join("certs.d");
-    std::fs::create_dir_all(certs.join("_default")).unwrap();
-    std::fs::write(
-        certs.join("_default/hosts.toml"),
-        format!(
-            "[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            ferry.addr()
-        ),
-    )
-    .unwrap();
+    let certs = mirror_hosts(dir.path(), "_default", &ferry.addr());
     let ctd = containerd16();
     for image in [k8s.clone(), format!("docker.io/library/{name}:v1")] {
         let out = ctr_pull_and_run(&ctd, "e2e", &certs, &image);

@@ -128,16 +128,7 @@ fn containerd_pulls_through_a_docker_io_mirror() {
     ));
     sh(&format!("docker -H {host} rmi {remote} {name}:v1"));
 
-    let certs = dir.path().join("certs.d");
-    std::fs::create_dir_all(certs.join("docker.io")).unwrap();
-    std::fs::write(
-        certs.join("docker.io/hosts.toml"),
-        format!(
-            "server = \"https://registry-1.docker.io\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            ferry.addr()
-        ),
-    )
-    .unwrap();
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
     let ctd = containerd16();
     let image = format!("docker.io/library/{name}:v1");
     sh(&format!(

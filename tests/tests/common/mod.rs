@@ -67,10 +67,29 @@ pub fn build_image(host: &str, tag: &str, layers: usize) {
 
 /// Builds an image of `layers` generated files on top of `base` (`""`: scratch + busybox).
 pub fn build_image_from(host: &str, tag: &str, layers: usize, base: &str) {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("env/lib.sh");
     sh(&format!(
         "source {} && set +u && e2e_build_image {host} {tag} {layers} {base}",
-        lib.display()
+        lib()
+    ));
+}
+
+/// The test environment's shell library (tests/env/lib.sh), to `source` in `sh` commands.
+pub fn lib() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("env/lib.sh")
+        .display()
+        .to_string()
+}
+
+/// Makes, in `dir`, a CA (`ca.pem`, `ca-key.pem`) and a server certificate for the address
+/// `ip` signed by it (`server-cert.pem`, `server-key.pem`).
+pub fn make_server_cert(dir: &Path, ip: &str) {
+    sh(&format!(
+        "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
+         && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
+         && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
+         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 1 -extfile server.ext 2>/dev/null",
+        dir.display()
     ));
 }
 
@@ -260,19 +279,21 @@ pub fn assert_oci_error(status: u16, body: &str, want_status: u16, want_code: &s
     assert_eq!(v["errors"][0]["code"], want_code, "body: {body}");
 }
 
-/// Writes a containerd `hosts.toml` that mirrors `registry` to ferry, as k3s does from
-/// registries.yaml; returns the hosts directory to pass as `--hosts-dir`.
+/// Writes a containerd `hosts.toml` that mirrors `registry` (or, as `_default`, every
+/// registry) to ferry, as k3s does from registries.yaml; returns the hosts directory to pass
+/// as `--hosts-dir`.
 pub fn mirror_hosts(dir: &Path, registry: &str, ferry_addr: &str) -> PathBuf {
     let certs = dir.join("certs.d");
     std::fs::create_dir_all(certs.join(registry)).unwrap();
-    let server = if registry == "docker.io" {
-        "https://registry-1.docker.io".to_string()
-    } else {
-        format!("https://{registry}")
+    // `_default` stands for every registry without a directory of its own: no server there.
+    let server = match registry {
+        "_default" => String::new(),
+        "docker.io" => "server = \"https://registry-1.docker.io\"\n".to_string(),
+        other => format!("server = \"https://{other}\"\n"),
     };
     std::fs::write(
         certs.join(registry).join("hosts.toml"),
-        format!("server = \"{server}\"\n[host.\"http://{ferry_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        format!("{server}[host.\"http://{ferry_addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
     )
     .unwrap();
     certs
