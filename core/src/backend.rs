@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use crate::blobstore::BlobStore;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::manifest::{Descriptor, Manifest};
@@ -82,6 +83,12 @@ pub trait Backend: Send + Sync {
     async fn referrers(&self, _repo: &Repository, _digest: &Digest) -> Result<Vec<Descriptor>> {
         Ok(Vec::new())
     }
+
+    /// The ferry blob store this backend's blobs are files in, if any: lets the push store
+    /// take a blob in as a hard link instead of a copy.
+    fn blob_store(&self) -> Option<&BlobStore> {
+        None
+    }
 }
 
 /// Where an upload stands: its id and how many bytes it holds.
@@ -113,6 +120,10 @@ pub trait Registry: Backend {
 
     /// Stores a whole blob sent in one request.
     async fn put_blob(&self, repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64>;
+
+    /// Takes in a blob another ferry store holds, as a hard link; `false` when it cannot
+    /// (absent there, another file system), so the caller copies it with [`Registry::put_blob`].
+    async fn link_blob(&self, repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool>;
 
     /// Makes a blob known in `repo` when the store holds it already (cross-repository
     /// mount); `false` when it does not.

@@ -120,7 +120,7 @@ impl BlobStore {
     /// (the async helpers below run it on a blocking thread). `expected`, when given, is
     /// checked at [`BlobWriter::commit`].
     pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
-        let tmp = self.tmp_dir().join(uuid::Uuid::new_v4().to_string());
+        let tmp = self.tmp_path();
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         Ok(BlobWriter {
             store: self.clone(),
@@ -157,7 +157,9 @@ impl BlobStore {
     }
 
     /// Moves a file that already holds content (a finished upload) into the store, after
-    /// checking it hashes to `expected`. The file must live on the store's file system.
+    /// checking it hashes to `expected`. The file must live on the store's file system. It is
+    /// first renamed into the store's temp dir, so nothing holding its old path (a late chunk
+    /// of the upload) can write to what becomes the blob.
     pub async fn adopt(&self, file: &Path, expected: &Digest, actual: &Digest) -> Result<()> {
         if expected != actual {
             return Err(Error::DigestInvalid(format!(
@@ -166,22 +168,71 @@ impl BlobStore {
         }
         let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
         blocking(move || {
-            let f = std::fs::File::open(&file).map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
-            f.sync_all()
-                .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
-            store.place(&file, &digest)
+            let tmp = store.tmp_path();
+            std::fs::rename(&file, &tmp).map_err(|e| Error::io(format!("moving {} into the store", file.display()), e))?;
+            let placed = std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))
+                .and_then(|()| store.place(&tmp, &digest));
+            if placed.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            placed
         })
         .await
     }
 
-    /// Renames a verified temp file into its content address and syncs the directory.
+    /// Takes a blob from another store on the same file system in as a hard link (the other
+    /// store verified it when it wrote it; neither ever changes a blob in place). `false`,
+    /// with nothing changed, when the other store lacks it or the link cannot be made
+    /// (another file system): the caller copies it instead.
+    pub async fn link_from(&self, other: &BlobStore, digest: &Digest) -> Result<bool> {
+        let (store, src, digest) = (self.clone(), other.path(digest), digest.clone());
+        blocking(move || {
+            let tmp = store.tmp_path();
+            if let Err(e) = std::fs::hard_link(&src, &tmp) {
+                tracing::debug!(%digest, from = %src.display(), error = %e, "cannot link blob; it will be copied");
+                return Ok(false);
+            }
+            let placed = store.place(&tmp, &digest);
+            if placed.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            placed.map(|()| true)
+        })
+        .await
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.tmp_dir().join(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Puts a verified temp file at its content address and syncs the directory. A blob
+    /// already there is never replaced (it holds the same bytes, verified when it was
+    /// written): the temp file is dropped instead. A hard link makes "create unless it
+    /// exists" one atomic step; a rename is the fallback for file systems without links.
     fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        std::fs::rename(file, &dest).map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?;
+        match std::fs::hard_link(file, &dest) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(file);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let _ = std::fs::remove_file(file);
+                return Ok(());
+            }
+            Err(_) if dest.exists() => {
+                let _ = std::fs::remove_file(file);
+                return Ok(());
+            }
+            Err(_) => {
+                std::fs::rename(file, &dest).map_err(|e| Error::io(format!("moving blob {digest} into place"), e))?
+            }
+        }
         if let Ok(d) = std::fs::File::open(&dir) {
-            // Best effort: makes the rename itself durable.
+            // Best effort: makes the new name itself durable.
             let _ = d.sync_all();
         }
         Ok(())

@@ -59,8 +59,31 @@ impl Chain {
     where
         F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
     {
+        self.first_but(None, what, ctx, ask).await
+    }
+
+    /// [`Chain::first`] over every backend but the writable one named `writable`: where a
+    /// push finds what its client did not upload.
+    pub(crate) async fn from_others<'s, T, F>(&'s self, writable: &str, ctx: &RequestCtx, ask: F) -> Result<Option<Found<T>>>
+    where
+        F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
+    {
+        self.first_but(Some(writable), "content a push references", ctx, ask).await
+    }
+
+    async fn first_but<'s, T, F>(
+        &'s self,
+        skip: Option<&str>,
+        what: &str,
+        ctx: &RequestCtx,
+        ask: F,
+    ) -> Result<Option<Found<T>>>
+    where
+        F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
+    {
         let mut failed = None;
-        for handle in &self.backends {
+        let skipped = |h: &BackendHandle| h.registry.is_some() && Some(h.backend.name()) == skip;
+        for handle in self.backends.iter().filter(|h| !skipped(h)) {
             let name = handle.backend.name();
             let started = Instant::now();
             match ask(handle).await {

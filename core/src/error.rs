@@ -99,6 +99,52 @@ impl Error {
     }
 }
 
+/// A copy, for a result shared by every waiter of one piece of work (an engine pull, an
+/// export). An I/O error is copied as its kind and message.
+impl Clone for Error {
+    fn clone(&self) -> Self {
+        match self {
+            Error::NameInvalid(m) => Error::NameInvalid(m.clone()),
+            Error::TagInvalid(m) => Error::TagInvalid(m.clone()),
+            Error::DigestInvalid(m) => Error::DigestInvalid(m.clone()),
+            Error::DigestUnsupported(m) => Error::DigestUnsupported(m.clone()),
+            Error::NameUnknown(m) => Error::NameUnknown(m.clone()),
+            Error::ManifestUnknown(m) => Error::ManifestUnknown(m.clone()),
+            Error::BlobUnknown(m) => Error::BlobUnknown(m.clone()),
+            Error::ManifestInvalid(m) => Error::ManifestInvalid(m.clone()),
+            Error::ManifestBlobUnknown(m) => Error::ManifestBlobUnknown(m.clone()),
+            Error::ManifestTooLarge { size, limit } => Error::ManifestTooLarge {
+                size: *size,
+                limit: *limit,
+            },
+            Error::SizeInvalid(m) => Error::SizeInvalid(m.clone()),
+            Error::UploadUnknown(m) => Error::UploadUnknown(m.clone()),
+            Error::UploadOutOfOrder(m) => Error::UploadOutOfOrder(m.clone()),
+            Error::UploadInvalid(m) => Error::UploadInvalid(m.clone()),
+            Error::QueryInvalid(m) => Error::QueryInvalid(m.clone()),
+            Error::RangeNotSatisfiable { range, size } => Error::RangeNotSatisfiable {
+                range: range.clone(),
+                size: *size,
+            },
+            Error::Unauthorized { realm, message } => Error::Unauthorized {
+                realm: realm.clone(),
+                message: message.clone(),
+            },
+            Error::Denied(m) => Error::Denied(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Unavailable { backend, reason } => Error::Unavailable {
+                backend: backend.clone(),
+                reason: reason.clone(),
+            },
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+}
+
 /// An error with its causes, `outer: cause: root cause`: HTTP clients say "error sending
 /// request" and keep the reason (refused, a certificate no CA vouches for) in the sources.
 pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {

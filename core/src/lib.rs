@@ -5,8 +5,10 @@ pub mod blobstore;
 pub mod chain;
 pub mod digest;
 pub mod error;
+pub mod flight;
 pub mod manifest;
 pub mod prefetch;
+mod push;
 pub mod range;
 pub mod reference;
 

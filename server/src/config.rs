@@ -121,7 +121,7 @@ impl Config {
             // distribution's and k3d's variable names for the listen address.
             .merge(Env::raw().only(&["registry_listen_addr"]).map(|_| "server.addr".into()))
             .merge(Env::raw().only(&["registry_http_addr"]).map(|_| "server.addr".into()))
-            .merge(Env::prefixed("FERRY_").ignore(&["config"]).split("__"));
+            .merge(Env::prefixed("FERRY_").ignore(&["config", "pull_missing"]).split("__"));
         if let Some(a) = &flags.addr {
             fig = fig.merge(Serialized::default("server.addr", a));
         }
@@ -131,7 +131,32 @@ impl Config {
         if let Some(l) = &flags.log_level {
             fig = fig.merge(Serialized::default("server.log_level", l));
         }
-        fig.extract().map_err(Box::new)
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.apply_pull_missing_env()?;
+        Ok(config)
+    }
+
+    /// `FERRY_PULL_MISSING=true|false` sets `pull_missing` of every docker backend: one
+    /// switch for a container image whose config file is baked in.
+    fn apply_pull_missing_env(&mut self) -> Result<(), Box<figment::Error>> {
+        let Ok(value) = std::env::var("FERRY_PULL_MISSING") else {
+            return Ok(());
+        };
+        let on = match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => {
+                return Err(Box::new(figment::Error::from(format!(
+                    "FERRY_PULL_MISSING={value:?}: expected true or false"
+                ))))
+            }
+        };
+        for b in &mut self.backends {
+            if let BackendConfig::Docker(d) = b {
+                d.pull_missing = on;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod api;
 mod config;
+mod goflags;
 mod listen;
 mod logging;
 
@@ -42,7 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(goflags::rewrite(std::env::args_os().collect()));
     let Command::Serve {
         config,
         addr,

@@ -38,12 +38,16 @@ fn dockerfile_agrees_with_the_binary() {
         .position(|a| a == "--config")
         .map(|i| cmd[i + 1].clone())
         .expect("CMD passes --config");
-    let copy = format!("COPY config.example.toml {config_in_image}");
+    let copy = format!("COPY container.toml {config_in_image}");
     assert!(dockerfile.contains(&copy), "missing `{copy}`");
 
-    // The image's config listens where EXPOSE says.
-    let example = std::fs::read_to_string(root.join("config.example.toml")).unwrap();
+    // The image's config listens where EXPOSE says, and pulls missing images (as
+    // k3d-registry-dockerd does), unlike the daemon's default.
+    let example = std::fs::read_to_string(root.join("container.toml")).unwrap();
     assert!(example.contains("addr = \"0.0.0.0:5000\""));
+    assert!(example.contains("pull_missing = true"));
+    let daemon = std::fs::read_to_string(root.join("config.example.toml")).unwrap();
+    assert!(daemon.contains("pull_missing = false"));
 
     // Run the binary exactly as CMD does (the image's config path mapped to the repo's file),
     // with the data dir moved to a scratch dir and the address from REGISTRY_HTTP_ADDR.

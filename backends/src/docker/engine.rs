@@ -178,7 +178,7 @@ impl Engine {
         let (docker, _) = self.client().await?;
         let options = ListImagesOptions {
             all: false,
-            digests: true,
+            digests: false,
             ..Default::default()
         };
         match docker.list_images(Some(options)).await {

@@ -18,6 +18,7 @@ use bollard::auth::DockerCredentials;
 use futures::StreamExt;
 use serde::Deserialize;
 
+use ferry_core::flight::Flights;
 use ferry_core::{
     Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
     Result, DOCKER_HUB,
@@ -31,6 +32,9 @@ use index::ImageIndex;
 /// How many chunks of an export are read from the engine ahead of the tar reader (hyper's
 /// chunks are at most its read buffer, some hundred KiB, so this bounds memory to a few MiB).
 const EXPORT_PREFETCH_CHUNKS: usize = 16;
+
+/// Images of one repository exported at most to find a blob asked for before its manifest.
+const MAX_EXPORTS_PER_BLOB_LOOKUP: usize = 8;
 
 /// `[[backends]] type = "docker"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -122,6 +126,7 @@ impl DockerConfig {
             engine,
             cache,
             index,
+            pulls: Flights::default(),
         }))
     }
 }
@@ -131,6 +136,8 @@ pub struct DockerBackend {
     engine: Arc<Engine>,
     cache: Cache,
     index: Arc<ImageIndex>,
+    /// Engine pulls under way, one per image and credentials.
+    pulls: Flights<bool>,
 }
 
 /// An engine image found for a request: its id and the name it was found under.
@@ -264,7 +271,8 @@ impl DockerBackend {
         })
     }
 
-    /// Pulls a missing image through the engine. Without credentials a failure asks the
+    /// Pulls a missing image through the engine, once however many requests ask for it at
+    /// the same time (with the same credentials). Without credentials a failure asks the
     /// client to authenticate (kubelet then retries with its pull secret); with them it is
     /// "not found".
     async fn pull(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<bool> {
@@ -275,32 +283,38 @@ impl DockerBackend {
             repo.canonical()
         };
         let credentials = Self::credentials(ctx, repo);
-        let with_credentials = credentials.is_some();
-        let started = Instant::now();
-        tracing::info!(backend = %self.config.name, image = %image, with_credentials, "pulling missing image through the engine");
-        match self
-            .engine
-            .pull(&from, &image.reference.to_string(), credentials)
-            .await?
-        {
-            Ok(()) => {
-                tracing::info!(backend = %self.config.name, image = %image,
-                    elapsed_ms = started.elapsed().as_millis() as u64, "pull finished");
-                self.index.mark_stale();
-                Ok(true)
-            }
-            Err(message) => {
-                tracing::warn!(backend = %self.config.name, image = %image, with_credentials, error = %message, "pull failed");
-                if with_credentials {
-                    Ok(false)
-                } else {
-                    Err(Error::Unauthorized {
-                        realm: "ferry".into(),
-                        message: format!("{image} is not in the engine and its pull needs credentials: {message}"),
-                    })
+        let key = format!("{from}:{}\n{}", image.reference, ctx.authorization.as_deref().unwrap_or(""));
+        let (engine, index, backend, image) = (
+            self.engine.clone(),
+            self.index.clone(),
+            self.config.name.clone(),
+            image.clone(),
+        );
+        let work = async move {
+            let with_credentials = credentials.is_some();
+            let started = Instant::now();
+            tracing::info!(backend = %backend, image = %image, with_credentials, "pulling missing image through the engine");
+            match engine.pull(&from, &image.reference.to_string(), credentials).await? {
+                Ok(()) => {
+                    tracing::info!(backend = %backend, image = %image,
+                        elapsed_ms = started.elapsed().as_millis() as u64, "pull finished");
+                    index.mark_stale();
+                    Ok(true)
+                }
+                Err(message) => {
+                    tracing::warn!(backend = %backend, image = %image, with_credentials, error = %message, "pull failed");
+                    if with_credentials {
+                        Ok(false)
+                    } else {
+                        Err(Error::Unauthorized {
+                            realm: "ferry".into(),
+                            message: format!("{image} is not in the engine and its pull needs credentials: {message}"),
+                        })
+                    }
                 }
             }
-        }
+        };
+        self.pulls.run(&key, work).await
     }
 
     /// Finds an image, pulling it first when it is missing and `pull_missing` is on.
@@ -314,9 +328,10 @@ impl DockerBackend {
         self.find(names).await
     }
 
-    /// The engine's tagged images as (repository, tag). Podman's `localhost/NAME` (its
-    /// locally built images) also counts as Docker Hub's `library/NAME`, as in [`Self::candidates`].
-    async fn engine_tags(&self) -> Result<Vec<(Repository, String)>> {
+    /// The engine's tagged images as (repository, tag, image id). Podman's `localhost/NAME`
+    /// (its locally built images) also counts as Docker Hub's `library/NAME`, as in
+    /// [`Self::candidates`].
+    async fn engine_tags(&self) -> Result<Vec<(Repository, String, String)>> {
         let mut out = Vec::new();
         for image in self.engine.list().await? {
             for repo_tag in &image.repo_tags {
@@ -328,13 +343,43 @@ impl DockerBackend {
                 };
                 if repo.registry() == "localhost" {
                     if let Ok(hub) = Repository::new(DOCKER_HUB, repo.path()) {
-                        out.push((hub, tag.to_string()));
+                        out.push((hub, tag.to_string(), image.id.clone()));
                     }
                 }
-                out.push((repo, tag.to_string()));
+                out.push((repo, tag.to_string(), image.id.clone()));
             }
         }
         Ok(out)
+    }
+
+    /// Exports the engine images tagged under `repo` that the cache holds no export of, until
+    /// one holds `digest`. For a blob asked for before any manifest (a client resuming a pull
+    /// after a restart with an empty cache, or after an eviction) on an engine whose image
+    /// ids and layer ids are not blob digests — the containerd image store: ids are manifest
+    /// digests, layers are stored compressed — only an export tells which image holds it.
+    /// The repository narrows it to a few images, each exported once.
+    async fn find_by_export(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
+        let mut ids: Vec<String> = self
+            .engine_tags()
+            .await?
+            .into_iter()
+            .filter(|(r, _, _)| r == repo)
+            .map(|(_, _, id)| id)
+            .collect();
+        ids.dedup();
+        for id in ids.into_iter().take(MAX_EXPORTS_PER_BLOB_LOOKUP) {
+            if self.cache.get(&id).await.is_some() {
+                continue;
+            }
+            tracing::info!(backend = %self.config.name, repository = %repo, %digest, image = %id,
+                "blob asked for before its manifest and not in the engine's index: exporting an image of this repository to find it");
+            let found = Found { name: id.clone(), id };
+            self.entry(&found, repo).await?;
+            if let Some(size) = self.cache.store.size(digest).await? {
+                return Ok(Some(size));
+            }
+        }
+        Ok(None)
     }
 
     /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
@@ -354,7 +399,9 @@ impl DockerBackend {
             }
             None => self.index.lookup(&self.engine, digest).await?,
         };
-        let Some(id) = id else { return Ok(None) };
+        let Some(id) = id else {
+            return self.find_by_export(repo, digest).await;
+        };
         let found = Found { name: id.clone(), id };
         self.entry(&found, repo).await?;
         self.cache.store.size(digest).await
@@ -415,18 +462,22 @@ impl Backend for DockerBackend {
             .engine_tags()
             .await?
             .into_iter()
-            .filter(|(r, _)| r == repo)
-            .map(|(_, t)| t)
+            .filter(|(r, _, _)| r == repo)
+            .map(|(_, t, _)| t)
             .collect();
         Ok((!tags.is_empty()).then_some(tags))
     }
 
     async fn catalog(&self) -> Result<Vec<Repository>> {
-        Ok(self.engine_tags().await?.into_iter().map(|(r, _)| r).collect())
+        Ok(self.engine_tags().await?.into_iter().map(|(r, _, _)| r).collect())
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
         self.ensure_blob(repo, digest).await
+    }
+
+    fn blob_store(&self) -> Option<&ferry_core::BlobStore> {
+        Some(&self.cache.store)
     }
 
     async fn blob(

@@ -259,10 +259,7 @@ impl Registry for PushBackend {
     }
 
     async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64> {
-        let (path, actual, size) = self.uploads.finish(repo, id, body).await?;
-        let result = self.blobs.adopt(&path, digest, &actual).await;
-        self.uploads.remove(id).await?;
-        result.map(|()| size)
+        self.uploads.finish(repo, id, body, digest, &self.blobs).await
     }
 
     async fn cancel_upload(&self, repo: &Repository, id: &str) -> Result<()> {
@@ -271,6 +268,10 @@ impl Registry for PushBackend {
 
     async fn put_blob(&self, _repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64> {
         Ok(self.blobs.write_stream(Some(digest.clone()), body).await?.1)
+    }
+
+    async fn link_blob(&self, _repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool> {
+        self.blobs.link_from(from, digest).await
     }
 
     async fn mount_blob(&self, _repo: &Repository, digest: &Digest) -> Result<bool> {

@@ -199,17 +199,33 @@ impl Uploads {
         Ok(offset + written)
     }
 
-    /// Appends the last chunk and returns the data file's digest and size. The session stays
-    /// locked by the caller's guard until it is removed.
-    pub async fn finish(&self, repo: &Repository, id: &str, body: ByteStream) -> Result<(PathBuf, Digest, u64)> {
+    /// Appends the last chunk and, when the data hashes to `expected`, moves it into `store`.
+    /// The session stays locked from the last chunk until it is gone, so a chunk sent while
+    /// the upload finishes waits, then finds no session; it can never land in the blob. On a
+    /// mismatch nothing is stored and the session is discarded.
+    pub async fn finish(
+        &self,
+        repo: &Repository,
+        id: &str,
+        body: ByteStream,
+        expected: &Digest,
+        store: &ferry_core::BlobStore,
+    ) -> Result<u64> {
         let lock = self.session(repo, id).await?;
         let mut hashing = lock.lock().await;
+        // A body that breaks off leaves the session as it stood, for the client to retry.
         let size = self.append_locked(id, None, body, &mut hashing).await?;
-        let digest = match hashing.take() {
-            Some(h) if h.offset == size => Digest::from_hasher(h.hasher),
-            _ => hash_file(&self.data_path(id)).await?,
-        };
-        Ok((self.data_path(id), digest, size))
+        let stored = async {
+            let actual = match hashing.take() {
+                Some(h) if h.offset == size => Digest::from_hasher(h.hasher),
+                _ => hash_file(&self.data_path(id)).await?,
+            };
+            store.adopt(&self.data_path(id), expected, &actual).await
+        }
+        .await;
+        let removed = self.remove(id).await;
+        stored?;
+        removed.map(|()| size)
     }
 
     /// Removes a session and everything it holds.

@@ -10,7 +10,14 @@ use super::error::ApiResult;
 use super::{empty, set, AppState, Call, BACKEND_HEADER};
 
 pub async fn get(call: &Call<'_>, state: &AppState, name: &str, reference: &str) -> ApiResult {
-    let image = ImageRef::new(call.repo(name)?, Reference::parse(reference)?);
+    let repo = call.repo(name)?;
+    // A tag that cannot exist is, for a read, simply not there (as distribution answers); a
+    // malformed digest stays a bad request.
+    let reference = Reference::parse(reference).map_err(|e| match e {
+        Error::TagInvalid(t) => Error::ManifestUnknown(format!("{repo}:{t} (not a valid tag, so no such manifest)")),
+        other => other,
+    })?;
+    let image = ImageRef::new(repo, reference);
     let found = state.chain.manifest(&image, &call.ctx).await?;
     let m = found.value;
     if !accepts(call, &m.media_type) {
@@ -51,7 +58,7 @@ fn accepts(call: &Call<'_>, media_type: &str) -> bool {
 pub async fn put(call: &Call<'_>, state: &AppState, name: &str, reference: &str, body: Body) -> ApiResult {
     let repo = call.repo(name)?;
     let reference = Reference::parse(reference)?;
-    let (_, registry) = state.registry()?;
+    state.registry()?;
     if let Some(len) = call.header(header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()) {
         if len > DRAIN_LIMIT {
             return Err(Error::ManifestTooLarge {
@@ -63,7 +70,11 @@ pub async fn put(call: &Call<'_>, state: &AppState, name: &str, reference: &str,
     }
     let bytes = read_limited(body, MAX_MANIFEST_SIZE).await?;
     let content_type = call.header(header::CONTENT_TYPE);
-    let (manifest, subject) = registry.put_manifest(&repo, &reference, content_type, bytes).await?;
+    let stored = state
+        .chain
+        .put_manifest(&repo, &reference, content_type, bytes, &call.ctx)
+        .await?;
+    let (manifest, subject) = stored.value;
     let mut resp = empty(StatusCode::CREATED);
     let h = resp.headers_mut();
     set(h, "Location", format!("/v2/{name}/manifests/{}", manifest.digest));
