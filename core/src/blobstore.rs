@@ -169,7 +169,8 @@ impl BlobStore {
         let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
         blocking(move || {
             let tmp = store.tmp_path();
-            std::fs::rename(&file, &tmp).map_err(|e| Error::io(format!("moving {} into the store", file.display()), e))?;
+            std::fs::rename(&file, &tmp)
+                .map_err(|e| Error::io(format!("moving {} into the store", file.display()), e))?;
             let placed = std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))

@@ -64,11 +64,17 @@ impl Chain {
 
     /// [`Chain::first`] over every backend but the writable one named `writable`: where a
     /// push finds what its client did not upload.
-    pub(crate) async fn from_others<'s, T, F>(&'s self, writable: &str, ctx: &RequestCtx, ask: F) -> Result<Option<Found<T>>>
+    pub(crate) async fn first_of_others<'s, T, F>(
+        &'s self,
+        writable: &str,
+        ctx: &RequestCtx,
+        ask: F,
+    ) -> Result<Option<Found<T>>>
     where
         F: Fn(&'s BackendHandle) -> futures::future::BoxFuture<'s, Result<Option<T>>>,
     {
-        self.first_but(Some(writable), "content a push references", ctx, ask).await
+        self.first_but(Some(writable), "content a push references", ctx, ask)
+            .await
     }
 
     async fn first_but<'s, T, F>(

@@ -82,11 +82,12 @@ impl Chain {
                 if registry.manifest(&child, ctx).await?.is_some() {
                     continue;
                 }
-                let Some(found) = self.from_others(name, ctx, |h| {
-                    let child = child.clone();
-                    Box::pin(async move { h.backend.manifest(&child, ctx).await })
-                })
-                .await?
+                let Some(found) = self
+                    .first_of_others(name, ctx, |h| {
+                        let child = child.clone();
+                        Box::pin(async move { h.backend.manifest(&child, ctx).await })
+                    })
+                    .await?
                 else {
                     continue;
                 };
@@ -114,7 +115,7 @@ impl Chain {
     ) -> Result<()> {
         let started = Instant::now();
         let found = self
-            .from_others(name, ctx, |h| {
+            .first_of_others(name, ctx, |h| {
                 Box::pin(async move {
                     let Some(size) = h.backend.blob_size(repo, digest, ctx).await? else {
                         return Ok(None);

@@ -75,7 +75,10 @@ mod tests {
     fn go_flags_become_ferry_flags() {
         assert_eq!(run(&["ferry", "-addr", ":5000"]), ["ferry", "serve", "--addr", ":5000"]);
         assert_eq!(run(&["ferry", "-addr=:5001"]), ["ferry", "serve", "--addr", ":5001"]);
-        assert_eq!(run(&["ferry", "-port", "5002"]), ["ferry", "serve", "--addr", "0.0.0.0:5002"]);
+        assert_eq!(
+            run(&["ferry", "-port", "5002"]),
+            ["ferry", "serve", "--addr", "0.0.0.0:5002"]
+        );
         assert_eq!(
             run(&["ferry", "serve", "--config", "c.toml", "-port=5003"]),
             ["ferry", "serve", "--config", "c.toml", "--addr", "0.0.0.0:5003"]

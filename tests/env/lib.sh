@@ -24,6 +24,7 @@ e2e_install_packages() {
     command -v openssl >/dev/null || need+=(openssl)
     command -v newuidmap >/dev/null || need+=(uidmap)
     command -v slirp4netns >/dev/null || need+=(slirp4netns)
+    command -v ip >/dev/null || need+=(iproute2)
     if [ ${#need[@]} -gt 0 ]; then
         e2e_log "installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
@@ -96,13 +97,18 @@ e2e_stop() {
     return 0
 }
 
-# Stops every daemon started under $E2E_DIR, newest first (companions with their owner).
+# Stops every daemon started under $E2E_DIR, newest first (companions with their owner),
+# then removes the test hosts (network namespaces) made under it.
 e2e_stop_all() {
     local f
     for f in $(ls -t "$E2E_DIR"/pids/*.pid 2>/dev/null); do
         case "$(basename "$f")" in *+*) continue ;; esac
         e2e_stop "$(basename "$f" .pid)"
     done
+    for f in "$E2E_DIR"/netns/*; do
+        [ -f "$f" ] && e2e_netns_delete "$(basename "$f")"
+    done
+    return 0
 }
 
 # Docker 26.1 and containerd 1.7 from Debian 13's packages, unpacked (not installed) under
@@ -164,8 +170,8 @@ e2e_start_dockerd() {
 # distribution (Debian's docker-registry) on $4:$2 (default 127.0.0.1), optionally with
 # htpasswd file $3, and with TLS when $5 is a directory holding ca.pem, server-cert.pem and
 # server-key.pem (see make_server_cert in the tests).
-e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir]
-    local name=$1 port=$2 htpasswd=${3:-} ip=${4:-127.0.0.1} tls=${5:-} d="$E2E_DIR/$1" url curl_tls=()
+e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host]
+    local name=$1 port=$2 htpasswd=${3:-} ip=${4:-127.0.0.1} tls=${5:-} host=${6:-} d="$E2E_DIR/$1" url curl_tls=() run=()
     mkdir -p "$d/data"
     {
         echo "version: 0.1"
@@ -182,8 +188,62 @@ e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir]
     } >"$d/config.yml"
     url="http://$ip:$port/v2/"
     [ -z "$tls" ] || { url="https://$ip:$port/v2/"; curl_tls=(--cacert "$tls/ca.pem"); }
-    e2e_spawn "$name" docker-registry serve "$d/config.yml"
+    # `ip netns exec` execs the registry, so the recorded PID is the registry's own.
+    [ -z "$host" ] || run=(ip netns exec "fe2e-$host")
+    e2e_spawn "$name" "${run[@]}" docker-registry serve "$d/config.yml"
     e2e_wait "$name" 30 bash -c "curl -s ${curl_tls[*]} -o /dev/null -w '%{http_code}' $url | grep -qE '200|401'"
+}
+
+# Test hosts: a network namespace joined to this one by a veth pair, on a private /30 from
+# 10.213.0.0/16 that no address or route of this machine overlaps, for origins that must not
+# look like loopback. Each is recorded in $E2E_DIR/netns/<name> so that e2e_stop_all removes
+# it even after a test that died. Prints "HOST_SIDE_IP NAMESPACE_IP".
+e2e_netns_create() { # name
+    local name=$1 ns="fe2e-$1" n a b try used veth
+    mkdir -p "$E2E_DIR/netns"
+    for try in $(seq 1 100); do
+        n=$((RANDOM % 16384)); a=$((n / 64)); b=$(((n % 64) * 4))
+        used=$( { ip -4 -o addr show; ip -4 route show; ip netns list; } 2>/dev/null)
+        # A /24 of ours that nothing here mentions, and veth names nobody holds.
+        if ! grep -q "10\.213\.$a\." <<<"$used" && ! ip link show "fv${n}h" >/dev/null 2>&1; then
+            break
+        fi
+        [ "$try" != 100 ] || { e2e_log "no free 10.213.x.y/30 for a test host"; return 1; }
+    done
+    veth="fv${n}h"
+    echo "$ns $veth" >"$E2E_DIR/netns/$name"
+    ip netns add "$ns"
+    ip link add "$veth" type veth peer name "fv${n}n"
+    ip link set "fv${n}n" netns "$ns"
+    ip addr add "10.213.$a.$((b + 1))/30" dev "$veth"
+    ip link set "$veth" up
+    ip -n "$ns" addr add "10.213.$a.$((b + 2))/30" dev "fv${n}n"
+    ip -n "$ns" link set "fv${n}n" up
+    ip -n "$ns" link set lo up
+    echo "10.213.$a.$((b + 1)) 10.213.$a.$((b + 2))"
+}
+
+# Removes the test hosts of runs that were killed before they could (the run's PID, in its
+# directory's name, is gone).
+e2e_sweep_stale_netns() {
+    local f run pid
+    for f in /tmp/fe2e-*/netns/*; do
+        [ -f "$f" ] || continue
+        run=$(dirname "$(dirname "$f")"); pid=${run##*/fe2e-}
+        case "$pid" in *[!0-9]* | '') continue ;; esac
+        kill -0 "$pid" 2>/dev/null && continue
+        E2E_DIR=$run e2e_netns_delete "$(basename "$f")"
+    done
+}
+
+# Removes a test host: its namespace and its veth pair.
+e2e_netns_delete() { # name
+    local f="$E2E_DIR/netns/$1" ns veth
+    [ -f "$f" ] || return 0
+    read -r ns veth <"$f"
+    ip netns del "$ns" 2>/dev/null || true
+    ip link del "$veth" 2>/dev/null || true
+    rm -f "$f"
 }
 
 # Rootful Podman's Docker-compatible API on $E2E_DIR/<name>/podman.sock, with its own storage.

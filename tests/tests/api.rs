@@ -549,8 +549,8 @@ fn bad_input_gets_spec_errors_and_changes_nothing() {
         .unwrap();
     let (s, b) = error_of(r);
     assert_oci_error(s, &b, 413, "SIZE_INVALID");
-    // Bad tags.
-    let (s, b) = raw_request(&addr, "GET", "/v2/good/img/manifests/-bad", &[], b"");
+    // Bad tags: a push under one is refused (a read of one is a 404, tested below).
+    let (s, b) = raw_request(&addr, "PUT", "/v2/good/img/manifests/-bad", &[], &good_manifest);
     assert_oci_error(s, &b, 400, "MANIFEST_INVALID");
 
     assert_eq!(api.store(), before, "bad requests changed the store");
@@ -589,4 +589,105 @@ impl std::io::Read for ChunkReader {
             }
         }
     }
+}
+
+/// A reference that is not a valid tag (nor a digest) cannot name a manifest: a read answers
+/// 404 MANIFEST_UNKNOWN (HEAD without a body), through every backend of a full chain, as
+/// distribution does; a push under it is still 400, and a malformed digest stays 400.
+#[test]
+fn reads_of_impossible_tags_are_unknown_manifests() {
+    let docker = docker20();
+    let ctd = containerd16();
+    let api = Api::start(&format!(
+        "[[backends]]\ntype = \"docker\"\nsocket = \"{docker}\"\n\
+         [[backends]]\ntype = \"containerd\"\nsocket = \"{ctd}\"\nnamespace = \"e2e\"\n\
+         [[backends]]\ntype = \"push\"\n"
+    ));
+    let addr = api.ferry.addr();
+    let long = "a".repeat(129);
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+    for tag in [".bad", "-bad", long.as_str(), "bad$tag", "tag!x", "a+b", "caf%C3%A9"] {
+        for name in ["img", "library/img?ns=docker.io"] {
+            let (path, query) = name.split_once('?').map_or((name, ""), |(p, q)| (p, q));
+            let q = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{query}")
+            };
+            let url = format!("/v2/{path}/manifests/{tag}{q}");
+            let (s, b) = raw_request(&addr, "GET", &url, &[], b"");
+            assert_oci_error(s, &b, 404, "MANIFEST_UNKNOWN");
+            let (s, b) = raw_request(&addr, "HEAD", &url, &[], b"");
+            assert_eq!((s, b.as_str()), (404, ""), "HEAD {url}");
+            let (s, b) = raw_request(
+                &addr,
+                "PUT",
+                &url,
+                &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+                manifest,
+            );
+            assert_oci_error(s, &b, 400, "MANIFEST_INVALID");
+        }
+    }
+    let (s, b) = raw_request(&addr, "GET", "/v2/img/manifests/sha256:abc", &[], b"");
+    assert_oci_error(s, &b, 400, "DIGEST_INVALID");
+    // A valid tag nobody has is the same 404.
+    let (s, b) = raw_request(&addr, "GET", "/v2/img/manifests/no-such-tag", &[], b"");
+    assert_oci_error(s, &b, 404, "MANIFEST_UNKNOWN");
+}
+
+/// A chunk sent while the upload's PUT is finishing it can never reach the stored blob, and a
+/// stored blob is never replaced: the race is tried many times, for a new blob and for one
+/// already stored, and every read of the digest hashes to it.
+#[test]
+fn a_chunk_racing_the_final_put_never_changes_a_blob() {
+    let api = Api::start(PUSH_ONLY);
+    let data: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    for round in 0..24 {
+        let r = api.http.post(api.url("/v2/race/x/blobs/uploads/")).send().unwrap();
+        let location = header(&r, "Location");
+        let r = api.http.patch(api.url(&location)).body(data.clone()).send().unwrap();
+        assert_eq!(r.status(), 202);
+        let location = header(&r, "Location");
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put_url = api.url(&format!("{location}{sep}digest={digest}"));
+        let patch_url = api.url(&location);
+        let (put, patch) = std::thread::scope(|s| {
+            let put = s.spawn(|| api.http.put(&put_url).send().unwrap().status().as_u16());
+            let patch = s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_micros(500 * (round % 8)));
+                api.http
+                    .patch(&patch_url)
+                    .body("EVIL")
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            });
+            (put.join().unwrap(), patch.join().unwrap())
+        });
+        // Either order is fine as long as the blob is right: a PATCH first makes the PUT's
+        // digest check fail (400); a PATCH after finds no session (404).
+        assert!(
+            matches!((put, patch), (201, 404) | (400, 202)),
+            "round {round}: PUT {put}, PATCH {patch}"
+        );
+        let r = api.http.get(api.url(&format!("/v2/race/x/blobs/{digest}"))).send();
+        if let Ok(r) = r {
+            if r.status() == 200 {
+                let body = r.bytes().unwrap();
+                assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest, "round {round}");
+            }
+        }
+    }
+    let r = api
+        .http
+        .get(api.url(&format!("/v2/race/x/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "at least one round stored the blob");
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), digest);
 }

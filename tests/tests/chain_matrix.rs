@@ -21,7 +21,9 @@ impl Pusher {
     fn push(&self, image: &str, dest: &str) {
         match self {
             Pusher::Docker(host) => {
-                sh(&format!("docker -H {host} tag {image} {dest} && docker -H {host} push {dest}"));
+                sh(&format!(
+                    "docker -H {host} tag {image} {dest} && docker -H {host} push {dest}"
+                ));
                 sh(&format!("docker -H {host} rmi {dest}"));
             }
             Pusher::Podman(host) => {
@@ -128,7 +130,11 @@ fn run_flows(setup: Setup) {
     let (status, digest, manifest) = get_manifest(&ferry, &format!("library/{name}"), "v1", "?ns=docker.io");
     assert_eq!(status, 200, "[{label}]");
     let by_digest = format!("docker.io/library/{name}@{digest}");
-    assert_eq!(ctr_pull_and_run(&ctd, "e2e", &certs, &by_digest).trim(), hello, "[{label}] by digest");
+    assert_eq!(
+        ctr_pull_and_run(&ctd, "e2e", &certs, &by_digest).trim(),
+        hello,
+        "[{label}] by digest"
+    );
 
     // Blobs before any manifest, after a restart with an empty cache (a k3d registry
     // container without a volume; or an evicted cache): a client resuming a pull.
@@ -139,7 +145,10 @@ fn run_flows(setup: Setup) {
     for d in &blobs {
         let (status, verified, backend) = blob_verified(&ferry, &format!("library/{name}"), d, "?ns=docker.io");
         assert_eq!(status, 200, "[{label}] blob {d} before its manifest\n{}", ferry.logs());
-        assert!(verified, "[{label}] blob {d} from {backend} does not hash to its digest");
+        assert!(
+            verified,
+            "[{label}] blob {d} from {backend} does not hash to its digest"
+        );
     }
 
     // Push of an image the engine holds (the client skips the blobs ferry answers 200 for),
@@ -159,12 +168,18 @@ fn run_flows(setup: Setup) {
     let source = if setup.oci_archive {
         // skopeo 1.9 speaks API 1.22 to a daemon, which Docker 26 refuses: its export instead.
         let archive = dir.path().join("image.tar");
-        sh(&format!("docker -H {} save {image} -o {}", setup.engine, archive.display()));
+        sh(&format!(
+            "docker -H {} save {image} -o {}",
+            setup.engine,
+            archive.display()
+        ));
         format!("oci-archive:{}", archive.display())
     } else {
         format!("--src-daemon-host {} docker-daemon:{image}", setup.engine)
     };
-    sh(&format!("skopeo copy --dest-tls-verify=false {source} docker://{copied}"));
+    sh(&format!(
+        "skopeo copy --dest-tls-verify=false {source} docker://{copied}"
+    ));
     let (status, copied_digest, _) = get_manifest(&ferry, &format!("skopeo/{name}"), "in", "");
     assert_eq!(status, 200, "[{label}] skopeo copy in\n{}", ferry.logs());
     let out_dir = dir.path().join("skopeo-out");
@@ -173,7 +188,11 @@ fn run_flows(setup: Setup) {
         out_dir.display()
     ));
     let out_manifest = std::fs::read(out_dir.join("manifest.json")).unwrap();
-    assert_eq!(format!("sha256:{}", sha256_hex(&out_manifest)), copied_digest, "[{label}] skopeo copy out");
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&out_manifest)),
+        copied_digest,
+        "[{label}] skopeo copy out"
+    );
 
     // What was pushed is whole in the push store: served with the engine image gone and the
     // export cache empty.
@@ -198,7 +217,10 @@ fn pull_all(ferry: &Ferry, name: &str, tag: &str, label: &str) {
         let (status, verified, backend) = blob_verified(ferry, name, &d, "");
         assert_eq!(status, 200, "[{label}] {name}@{d}\n{}", ferry.logs());
         assert!(verified, "[{label}] {name}@{d} from {backend}");
-        assert!(in_push_store(ferry, &d), "[{label}] {name}@{d} is not in the push store");
+        assert!(
+            in_push_store(ferry, &d),
+            "[{label}] {name}@{d} is not in the push store"
+        );
     }
 }
 
@@ -287,7 +309,9 @@ fn concurrent_pushes_and_a_push_during_an_export() {
 
     // Two pushes of one image at once (each through its own tag, so the CLI runs twice).
     let (a, b) = (dest("a"), dest("b"));
-    sh(&format!("docker -H {engine} tag {image} {a} && docker -H {engine} tag {image} {b}"));
+    sh(&format!(
+        "docker -H {engine} tag {image} {a} && docker -H {engine} tag {image} {b}"
+    ));
     let out = sh(&format!(
         "(docker -H {engine} push {a} > {d}/a.log 2>&1; echo a=$?) & (docker -H {engine} push {b} > {d}/b.log 2>&1; echo b=$?) & wait",
         d = dir.path().display()
@@ -306,7 +330,11 @@ fn concurrent_pushes_and_a_push_during_an_export() {
          (docker -H {engine} push {c} > {d}/c.log 2>&1; echo ' c='$?) & wait",
         d = dir.path().display()
     ));
-    assert!(out.contains("get=200") && out.contains("c=0"), "{out}\n{}", ferry.logs());
+    assert!(
+        out.contains("get=200") && out.contains("c=0"),
+        "{out}\n{}",
+        ferry.logs()
+    );
 
     for img in [&image, &second, &a, &b, &c] {
         sh(&format!("docker -H {engine} rmi {img}"));

@@ -274,34 +274,17 @@ fn heal_uses_the_clients_credentials() {
     );
 }
 
-/// Starts distribution on this machine's first non-loopback IPv4 address (so ferry does not
-/// take it for a loopback registry), with TLS when `tls` (a CA and a certificate for that
-/// address, made in `work`). Returns the daemon's name (for e2e_stop) and host:port.
-fn registry_on_host_address(work: &Path, tls: bool) -> (String, String) {
-    let ip = sh("hostname -I | tr ' ' '\\n' | grep -m1 -E '^[0-9]+[.]'")
-        .trim()
-        .to_string();
-    assert!(
-        !ip.is_empty() && !ip.starts_with("127."),
-        "no non-loopback address: {ip:?}"
-    );
-    let port = std::net::TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let tls_dir = if tls {
-        make_server_cert(work, &ip);
-        work.display().to_string()
-    } else {
-        String::new()
-    };
-    let daemon = unique("hostreg");
-    sh(&format!(
-        "source {} && e2e_start_registry {daemon} {port} '' {ip} '{tls_dir}'",
-        lib()
-    ));
-    (daemon, format!("{ip}:{port}"))
+/// Starts distribution on a test host (a network namespace of the test's own, so ferry does
+/// not take it for a loopback registry), with TLS when `tls` (a CA and a certificate for the
+/// host's address, made in `work`). Returns the host (dropping it stops the registry and
+/// deletes the namespace) and the registry's host:port.
+fn registry_on_test_host(work: &Path, tls: bool) -> (TestHost, String) {
+    let mut host = TestHost::new();
+    if tls {
+        make_server_cert(work, &host.ip);
+    }
+    let origin = host.start_registry(tls.then_some(work), None);
+    (host, origin)
 }
 
 /// Whether containerd 1.7's namespace `ns` holds `digest`.
@@ -332,7 +315,7 @@ fn containerd_backend(ns: &str, extra: &str) -> String {
 #[test]
 fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     let work = scratch();
-    let (daemon, origin) = registry_on_host_address(work.path(), true);
+    let (_host, origin) = registry_on_test_host(work.path(), true);
     let w = work.path().display().to_string();
     let ca = std::fs::read(work.path().join("ca.pem")).unwrap();
     let client = reqwest::blocking::Client::builder()
@@ -371,15 +354,14 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
         stored_eventually("tls-e2e", &digest),
         "the healed blob is in the content store"
     );
-    sh(&format!("source {} && e2e_stop {daemon}", lib()));
 }
 
-/// An origin on a LAN address that speaks plain HTTP: ferry uses HTTPS for it (and fails,
+/// An origin on a private (non-loopback) address that speaks plain HTTP: ferry uses HTTPS for it (and fails,
 /// saying why) until `plain_http` names it; then the blob is healed.
 #[test]
 fn heal_from_a_plain_http_origin_named_in_plain_http() {
     let work = scratch();
-    let (daemon, origin) = registry_on_host_address(work.path(), false);
+    let (_host, origin) = registry_on_test_host(work.path(), false);
     let blob = work.path().join("blob");
     std::fs::write(&blob, format!("layer over plain http {}", unique("")).repeat(1000)).unwrap();
     let repo = unique("plain/heal");
@@ -409,7 +391,6 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
         stored_eventually("plain-e2e", &digest),
         "the healed blob is in the content store"
     );
-    sh(&format!("source {} && e2e_stop {daemon}", lib()));
 }
 
 #[test]

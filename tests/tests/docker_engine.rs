@@ -67,6 +67,47 @@ fn missing_images_are_pulled_through_the_engine() {
     assert_eq!(status, 404);
 }
 
+/// Five requests at once for an image the engine lacks: one pull through the engine, every
+/// request served. The container image's config (container.toml) is what turns pulls on,
+/// and FERRY_PULL_MISSING=false turns them off again.
+#[test]
+fn concurrent_requests_for_a_missing_image_share_one_pull() {
+    let registry = env("E2E_REGISTRY");
+    let repo = unique("once/img");
+    seed_registry(&registry, &repo, None);
+    let name = format!("{registry}/{repo}");
+    let dir = scratch();
+    let container_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("../container.toml");
+    let config = std::fs::read_to_string(container_toml)
+        .unwrap()
+        .replace("/var/lib/ferry", &dir.path().join("data").display().to_string())
+        .replace("unix:///var/run/docker.sock", &docker20());
+    let file = dir.path().join("container.toml");
+    std::fs::write(&file, &config).unwrap();
+
+    let off = Ferry::start_with(dir.path(), &file, &[("FERRY_PULL_MISSING", "false")]);
+    let (status, _, _) = get_manifest(&off, &name, "v1", "");
+    assert_eq!(status, 404, "FERRY_PULL_MISSING=false: no pull");
+    assert_eq!(count_lines(&off.logs(), &["pulling missing image"]), 0);
+    drop(off);
+
+    let ferry = Ferry::start_with(dir.path(), &file, &[]);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| s.spawn(|| get_manifest(&ferry, &name, "v1", "").0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, vec![200; 5], "{}", ferry.logs());
+    assert_eq!(
+        count_lines(&ferry.logs(), &["pulling missing image", &repo]),
+        1,
+        "{}",
+        ferry.logs()
+    );
+    sh(&format!("docker -H {} rmi {name}:v1", docker20()));
+}
+
 /// The digest a registry serves for `repo:v1`.
 fn http_digest(registry: &str, repo: &str) -> String {
     let r = reqwest::blocking::Client::new()

@@ -162,3 +162,41 @@ fn upload_sessions_survive_a_restart_or_expire_cleanly() {
     let left: Vec<_> = std::fs::read_dir(ferry.dir.join("push/uploads")).unwrap().collect();
     assert!(left.is_empty(), "expired session left {left:?}");
 }
+
+/// k3d-registry-dockerd's Go-style flags: `-addr HOST:PORT` (and `-port N`) start ferry
+/// listening there, with `serve` implied.
+#[test]
+fn go_style_addr_flag_is_accepted() {
+    let dir = scratch();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\n[[backends]]\ntype = \"push\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(ferry_bin())
+        .args(["-addr", &format!("127.0.0.1:{port}")])
+        .env("FERRY_CONFIG", &config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::blocking::get(format!("http://127.0.0.1:{port}/v2/")) {
+            status = r.status().as_u16();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "ferry -addr did not listen on the address");
+}

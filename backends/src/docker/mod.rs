@@ -283,7 +283,11 @@ impl DockerBackend {
             repo.canonical()
         };
         let credentials = Self::credentials(ctx, repo);
-        let key = format!("{from}:{}\n{}", image.reference, ctx.authorization.as_deref().unwrap_or(""));
+        let key = format!(
+            "{from}:{}\n{}",
+            image.reference,
+            ctx.authorization.as_deref().unwrap_or("")
+        );
         let (engine, index, backend, image) = (
             self.engine.clone(),
             self.index.clone(),

@@ -361,3 +361,75 @@ pub const PUSH_ONLY: &str = "[[backends]]\ntype = \"push\"\n";
 pub fn docker_chain(socket: &str, extra: &str) -> String {
     format!("[[backends]]\ntype = \"docker\"\nsocket = \"{socket}\"\n{extra}\n[[backends]]\ntype = \"push\"\n")
 }
+
+/// A test host: a network namespace of its own, joined to this one by a veth pair on a
+/// private /30 (tests/env/lib.sh `e2e_netns_create`), for origins that must not look like
+/// loopback. Daemons started in it are stopped by their PIDs and the namespace is deleted
+/// when it is dropped, also when the test fails.
+pub struct TestHost {
+    name: String,
+    /// This machine's end of the veth pair.
+    pub host_side_ip: String,
+    /// The namespace's address: where its servers listen.
+    pub ip: String,
+    daemons: Vec<String>,
+}
+
+impl TestHost {
+    pub fn new() -> TestHost {
+        let name = unique("h");
+        let out = sh(&format!("source {} && e2e_netns_create {name}", lib()));
+        let mut ips = out.split_whitespace().map(str::to_string);
+        let (Some(host_side_ip), Some(ip)) = (ips.next(), ips.next()) else {
+            panic!("e2e_netns_create printed {out:?}");
+        };
+        TestHost {
+            name,
+            host_side_ip,
+            ip,
+            daemons: Vec::new(),
+        }
+    }
+
+    /// PIDs of the daemons started in the namespace.
+    pub fn pids(&self) -> Vec<u32> {
+        self.daemons
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(format!("{}/pids/{d}.pid", env("E2E_DIR"))).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .collect()
+    }
+
+    /// The network namespace's name (`ip netns list`).
+    pub fn namespace(&self) -> String {
+        format!("fe2e-{}", self.name)
+    }
+
+    /// Starts distribution in the namespace on a free port, with TLS when `tls_dir` holds a
+    /// `server-cert.pem` / `server-key.pem` for [`TestHost::ip`]; returns `ip:port`.
+    pub fn start_registry(&mut self, tls_dir: Option<&Path>, htpasswd: Option<&Path>) -> String {
+        let port = 5000 + self.daemons.len();
+        let daemon = unique("nsreg");
+        sh(&format!(
+            "source {} && e2e_start_registry {daemon} {port} '{}' {} '{}' {}",
+            lib(),
+            htpasswd.map(|p| p.display().to_string()).unwrap_or_default(),
+            self.ip,
+            tls_dir.map(|p| p.display().to_string()).unwrap_or_default(),
+            self.name
+        ));
+        self.daemons.push(daemon);
+        format!("{}:{port}", self.ip)
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let mut cmd = format!("source {} && set +e", lib());
+        for d in &self.daemons {
+            cmd.push_str(&format!(" && e2e_stop {d}"));
+        }
+        cmd.push_str(&format!(" ; e2e_netns_delete {}", self.name));
+        let _ = sh_result(&cmd);
+    }
+}
