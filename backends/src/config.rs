@@ -2,9 +2,11 @@
 //! the chain's backends.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
+use ferry_core::origin::OriginPolicy;
 use ferry_core::{BackendHandle, Result};
 
 use crate::containerd::ContainerdConfig;
@@ -21,11 +23,12 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
-    /// Builds the backend; `data_dir` is the directory for on-disk state (`cache.dir`).
-    pub async fn build(&self, data_dir: &Path) -> Result<BackendHandle> {
+    /// Builds the backend; `data_dir` is the directory for on-disk state (`cache.dir`),
+    /// `origins` what may be fetched from on a client's behalf.
+    pub async fn build(&self, data_dir: &Path, origins: &Arc<OriginPolicy>) -> Result<BackendHandle> {
         match self {
-            BackendConfig::Docker(c) => Ok(BackendHandle::read_only(c.build(data_dir).await?)),
-            BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(c.build().await?)),
+            BackendConfig::Docker(c) => Ok(BackendHandle::read_only(c.build(data_dir, origins.clone()).await?)),
+            BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(c.build(origins.clone()).await?)),
             BackendConfig::Push(c) => Ok(BackendHandle::writable(c.build(data_dir).await?)),
         }
     }

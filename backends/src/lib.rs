@@ -4,6 +4,7 @@ pub mod config;
 pub mod containerd;
 pub mod docker;
 mod fsutil;
+mod outbound;
 pub mod push;
 
 pub use config::BackendConfig;

@@ -20,6 +20,8 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub origins: OriginsConfig,
     /// Backends in query order.
     #[serde(default = "default_backends")]
     pub backends: Vec<BackendConfig>,
@@ -55,6 +57,40 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// `[origins]`: the registries ferry, or the engine, may fetch from on a client's behalf
+/// (heals, `pull_missing`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginsConfig {
+    /// Hosts added to the public registries: `host`, `host:port`, `*.domain`, or `*` for any
+    /// public host. Loopback, private and link-local addresses must be named exactly.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Whether the public registries (Docker Hub, ghcr.io, quay.io, registry.k8s.io, …) are
+    /// allowed without being listed.
+    #[serde(default = "default_true")]
+    pub public_registries: bool,
+}
+
+impl Default for OriginsConfig {
+    fn default() -> Self {
+        OriginsConfig {
+            allow: Vec::new(),
+            public_registries: true,
+        }
+    }
+}
+
+impl OriginsConfig {
+    pub fn policy(&self) -> ferry_core::origin::OriginPolicy {
+        ferry_core::origin::OriginPolicy::new(&self.allow, self.public_registries)
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]

@@ -82,8 +82,9 @@ fn main() -> ExitCode {
 async fn serve(config: Config) -> Result<(), String> {
     let mut handles = Vec::new();
     let mut failures = Vec::new();
+    let origins = Arc::new(config.origins.policy());
     for (i, b) in config.backends.iter().enumerate() {
-        match b.build(&config.cache.dir).await {
+        match b.build(&config.cache.dir, &origins).await {
             Ok(h) => handles.push(h),
             Err(e) => failures.push(format!("backends[{i}]: {e}")),
         }

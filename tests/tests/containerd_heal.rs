@@ -153,7 +153,7 @@ fn moby_49473_missing_blobs_are_healed_from_the_origin() {
     assert!(out.starts_with("hello from"), "{out}");
     assert!(stored("moby", &layer), "B's layer is now in containerd's content store");
     let logs = ferry.logs();
-    assert!(logs.contains("healed: blob committed"), "{logs}");
+    assert!(logs.contains("healed: blob verified and committed"), "{logs}");
     assert!(
         count_lines(&logs, &["backend=\"docker\"", &format!("/v2/{b_name}/manifests/")]) >= 1,
         "the manifest comes from the export:\n{logs}"
@@ -304,6 +304,11 @@ fn stored_eventually(ns: &str, digest: &str) -> bool {
     false
 }
 
+/// `backends` with `origin` (a test host's private address) named in `[origins] allow`.
+fn named(origin: &str, backends: &str) -> String {
+    format!("[origins]\nallow = [\"{origin}\"]\n{backends}")
+}
+
 /// A containerd backend on containerd 1.7, namespace `ns`, with `extra` settings.
 fn containerd_backend(ns: &str, extra: &str) -> String {
     let ctd17 = env("E2E_CONTAINERD17_SOCK");
@@ -329,7 +334,7 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
 
     let dir = scratch();
-    let untrusting = Ferry::start(dir.path(), &containerd_backend("tls-e2e", ""));
+    let untrusting = Ferry::start(dir.path(), &named(&origin, &containerd_backend("tls-e2e", "")));
     let r = http().get(url(&untrusting)).send().unwrap();
     assert_eq!(r.status(), 404, "{}", untrusting.logs());
     let logs = untrusting.logs();
@@ -345,7 +350,10 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     let dir = scratch();
     let trusting = Ferry::start(
         dir.path(),
-        &containerd_backend("tls-e2e", &format!("ca_file = \"{w}/ca.pem\"\n")),
+        &named(
+            &origin,
+            &containerd_backend("tls-e2e", &format!("ca_file = \"{w}/ca.pem\"\n")),
+        ),
     );
     let r = http().get(url(&trusting)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", trusting.logs());
@@ -369,7 +377,7 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
 
     let dir = scratch();
-    let https_only = Ferry::start(dir.path(), &containerd_backend("plain-e2e", ""));
+    let https_only = Ferry::start(dir.path(), &named(&origin, &containerd_backend("plain-e2e", "")));
     let r = http().get(url(&https_only)).send().unwrap();
     assert_eq!(r.status(), 404, "{}", https_only.logs());
     let logs = https_only.logs();
@@ -382,7 +390,10 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
     let dir = scratch();
     let plain = Ferry::start(
         dir.path(),
-        &containerd_backend("plain-e2e", &format!("plain_http = [\"{origin}\"]\n")),
+        &named(
+            &origin,
+            &containerd_backend("plain-e2e", &format!("plain_http = [\"{origin}\"]\n")),
+        ),
     );
     let r = http().get(url(&plain)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", plain.logs());

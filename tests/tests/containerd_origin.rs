@@ -141,7 +141,10 @@ fn bearer_token_flow_with_client_credentials_and_one_fetch_for_concurrent_reques
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),
-        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n"),
+        &format!(
+            "[origins]\nallow = [\"{}\"]\n[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n",
+            fake.addr
+        ),
     );
     let url = ferry.url(&format!("/v2/secret/img/blobs/{digest}?ns={}", fake.addr));
     let http = reqwest::blocking::Client::new();

@@ -81,7 +81,8 @@ fn concurrent_requests_for_a_missing_image_share_one_pull() {
     let config = std::fs::read_to_string(container_toml)
         .unwrap()
         .replace("/var/lib/ferry", &dir.path().join("data").display().to_string())
-        .replace("unix:///var/run/docker.sock", &docker20());
+        .replace("unix:///var/run/docker.sock", &docker20())
+        + &format!("[origins]\nallow = [\"{registry}\"]\n");
     let file = dir.path().join("container.toml");
     std::fs::write(&file, &config).unwrap();
 

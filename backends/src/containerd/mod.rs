@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
@@ -74,16 +75,19 @@ fn default_true() -> bool {
 const WRITE_CHUNK: usize = 1024 * 1024;
 
 impl ContainerdConfig {
-    pub async fn build(&self) -> Result<Arc<ContainerdBackend>> {
+    pub async fn build(&self, policy: Arc<ferry_core::origin::OriginPolicy>) -> Result<Arc<ContainerdBackend>> {
         let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
         if let Err(e) = store.channel().await {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");
         }
-        let origins = Origins::new(OriginSettings {
-            plain_http: self.plain_http.clone(),
-            ca_file: self.ca_file.clone(),
-        })?;
+        let origins = Origins::new(
+            OriginSettings {
+                plain_http: self.plain_http.clone(),
+                ca_file: self.ca_file.clone(),
+            },
+            policy,
+        )?;
         Ok(Arc::new(ContainerdBackend {
             config: self.clone(),
             store: Arc::new(store),
@@ -255,9 +259,11 @@ struct HealTask {
 }
 
 impl HealTask {
-    /// Copies the origin's body into containerd (in 1 MiB writes) and to the client channel.
-    /// The fetch goes on when the client goes away, so the store is healed regardless; on
-    /// any failure the ingest is aborted and nothing is committed.
+    /// Copies the origin's body into containerd (in 1 MiB writes) and to the client channel,
+    /// hashing it on the way. The last chunk is held back until the whole body hashes to the
+    /// digest: on a mismatch the client's response is cut short instead (it never receives a
+    /// complete wrong blob), and the ingest is aborted, so nothing wrong is committed either.
+    /// The fetch goes on when the client goes away, so the store is healed regardless.
     async fn run(
         &self,
         resp: reqwest::Response,
@@ -269,14 +275,21 @@ impl HealTask {
         let mut pending = BytesMut::with_capacity(WRITE_CHUNK);
         let mut client = Some(tx);
         let mut received = 0u64;
+        let mut hasher = Sha256::new();
+        let mut held: Option<Bytes> = None;
         let failed: Option<Error> = loop {
             match body.next().await {
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
-                    if let Some(c) = &client {
-                        if c.send(Ok(chunk.clone())).await.is_err() {
-                            client = None; // the client went away; keep healing
-                        }
+                    if received > self.size {
+                        break Some(Error::Internal(format!(
+                            "origin {} sent more than the {} bytes it announced",
+                            self.origin, self.size
+                        )));
+                    }
+                    hasher.update(&chunk);
+                    if let Some(previous) = held.replace(chunk.clone()) {
+                        send(&mut client, Ok(previous)).await;
                     }
                     pending.extend_from_slice(&chunk);
                     if pending.len() >= WRITE_CHUNK {
@@ -297,7 +310,16 @@ impl HealTask {
                         self.origin, self.size
                     )))
                 }
-                None => break None,
+                None => {
+                    let actual = Digest::from_hasher(std::mem::take(&mut hasher));
+                    if actual != self.digest {
+                        break Some(Error::DigestInvalid(format!(
+                            "origin {} sent content hashing to {actual} for {}",
+                            self.origin, self.digest
+                        )));
+                    }
+                    break None;
+                }
             }
         };
         let result = match failed {
@@ -315,18 +337,28 @@ impl HealTask {
         };
         match &result {
             Ok(()) => {
+                if let Some(last) = held.take() {
+                    send(&mut client, Ok(last)).await;
+                }
                 tracing::info!(backend = %self.backend, digest = %self.digest, origin = %self.origin, size = self.size,
-                elapsed_ms = started.elapsed().as_millis() as u64, "healed: blob committed to the content store")
+                elapsed_ms = started.elapsed().as_millis() as u64, "healed: blob verified and committed to the content store")
             }
             Err(e) => {
                 tracing::error!(backend = %self.backend, digest = %self.digest, origin = %self.origin, error = %e,
-                    "heal failed; nothing was committed");
-                if let Some(c) = client {
-                    let _ = c.send(Err(std::io::Error::other(e.to_string()))).await;
-                }
+                    "heal failed; nothing was committed and the client's response was cut short");
+                send(&mut client, Err(std::io::Error::other(e.to_string()))).await;
             }
         }
         result
+    }
+}
+
+/// Sends to the client while it listens; a client that went away is forgotten.
+async fn send(client: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, item: std::io::Result<Bytes>) {
+    if let Some(c) = client {
+        if c.send(item).await.is_err() {
+            *client = None;
+        }
     }
 }
 

@@ -3,14 +3,17 @@
 //! client sent to ferry.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
 
 use reqwest::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 use tokio::sync::Mutex;
 
 use ferry_core::error::with_causes;
+use ferry_core::origin::OriginPolicy;
 use ferry_core::{Digest, Error, Repository, Result, DOCKER_HUB};
+
+use crate::outbound;
 
 /// Settings for reaching origin registries.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +30,7 @@ type TokenKey = (String, String, Option<String>);
 pub struct Origins {
     http: reqwest::Client,
     settings: OriginSettings,
+    policy: Arc<OriginPolicy>,
     /// Bearer tokens, reused until they are refused.
     tokens: Mutex<HashMap<TokenKey, String>>,
 }
@@ -76,11 +80,8 @@ fn parse_challenge(header: &str) -> Option<Challenge> {
 }
 
 impl Origins {
-    pub fn new(settings: OriginSettings) -> Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")));
+    pub fn new(settings: OriginSettings, policy: Arc<OriginPolicy>) -> Result<Self> {
+        let mut builder = outbound::client_builder(policy.clone());
         if let Some(ca) = &settings.ca_file {
             let pem = std::fs::read(ca).map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
             let cert = reqwest::Certificate::from_pem(&pem)
@@ -93,6 +94,7 @@ impl Origins {
         Ok(Origins {
             http,
             settings,
+            policy,
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -126,6 +128,10 @@ impl Origins {
         authorization: Option<&str>,
     ) -> Result<Option<Response>> {
         let registry = repo.registry();
+        if let Err(reason) = self.policy.check_registry(registry) {
+            tracing::warn!(origin = %repo, %digest, %reason, "not fetching from this origin");
+            return Ok(None);
+        }
         let url = format!("{}/v2/{}/blobs/{digest}", self.base_url(registry), repo.path());
         let scope = format!("repository:{}:pull", repo.path());
         let key = (registry.to_string(), scope.clone(), authorization.map(str::to_string));
@@ -193,12 +199,27 @@ impl Origins {
         scope: &str,
         authorization: Option<&str>,
     ) -> Result<String> {
-        let mut req = self.http.get(realm).query(&[("scope", scope)]);
+        let url = reqwest::Url::parse(realm)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| Self::unavailable(registry, format!("token realm {realm:?} is not an http(s) URL")))?;
+        let realm_host = outbound::authority(&url);
+        if let Some(ip) = outbound::literal_ip(&url) {
+            self.policy
+                .check_address(&realm_host, ip)
+                .map_err(|reason| Self::unavailable(registry, format!("token realm {realm}: {reason}")))?;
+        }
+        let mut req = self.http.get(url).query(&[("scope", scope)]);
         if let Some(s) = service {
             req = req.query(&[("service", s)]);
         }
-        if let Some(a) = authorization {
-            req = req.header(AUTHORIZATION, a);
+        // The client's credentials were sent for this registry: they go to its token
+        // endpoint only when that is in the registry's own domain.
+        match authorization {
+            Some(a) if self.policy.credentials_may_go(registry, &realm_host) => req = req.header(AUTHORIZATION, a),
+            Some(_) => tracing::warn!(%registry, %realm,
+                "the registry's token endpoint is outside its domain: asking it without the client's credentials"),
+            None => {}
         }
         let resp = req
             .send()
@@ -264,10 +285,13 @@ mod tests {
 
     #[test]
     fn loopback_is_plain_http() {
-        let o = Origins::new(OriginSettings {
-            plain_http: vec!["reg.lan:5000".into()],
-            ca_file: None,
-        })
+        let o = Origins::new(
+            OriginSettings {
+                plain_http: vec!["reg.lan:5000".into()],
+                ca_file: None,
+            },
+            Arc::new(OriginPolicy::default()),
+        )
         .unwrap();
         assert_eq!(o.base_url("127.0.0.1:5000"), "http://127.0.0.1:5000");
         assert_eq!(o.base_url("localhost:5000"), "http://localhost:5000");

@@ -19,6 +19,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use ferry_core::flight::Flights;
+use ferry_core::origin::OriginPolicy;
 use ferry_core::{
     Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
     Result, DOCKER_HUB,
@@ -92,7 +93,7 @@ fn parse_size(s: &str) -> Result<u64> {
 }
 
 impl DockerConfig {
-    pub async fn build(&self, data_dir: &Path) -> Result<Arc<DockerBackend>> {
+    pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
         let socket = self
             .socket
             .clone()
@@ -127,6 +128,7 @@ impl DockerConfig {
             cache,
             index,
             pulls: Flights::default(),
+            origins,
         }))
     }
 }
@@ -138,6 +140,8 @@ pub struct DockerBackend {
     index: Arc<ImageIndex>,
     /// Engine pulls under way, one per image and credentials.
     pulls: Flights<bool>,
+    /// Which registries the engine may pull from for a client.
+    origins: Arc<OriginPolicy>,
 }
 
 /// An engine image found for a request: its id and the name it was found under.
@@ -282,6 +286,10 @@ impl DockerBackend {
         } else {
             repo.canonical()
         };
+        if let Err(reason) = self.may_pull_from(repo.registry()).await {
+            tracing::warn!(backend = %self.config.name, image = %image, %reason, "not pulling through the engine");
+            return Ok(false);
+        }
         let credentials = Self::credentials(ctx, repo);
         let key = format!(
             "{from}:{}\n{}",
@@ -307,18 +315,44 @@ impl DockerBackend {
                 }
                 Err(message) => {
                     tracing::warn!(backend = %backend, image = %image, with_credentials, error = %message, "pull failed");
+                    // The engine's words stay in the log: they would tell a client which hosts
+                    // and ports answer, and how.
                     if with_credentials {
                         Ok(false)
                     } else {
                         Err(Error::Unauthorized {
                             realm: "ferry".into(),
-                            message: format!("{image} is not in the engine and its pull needs credentials: {message}"),
+                            message: format!(
+                                "{image} is not in the engine and could not be pulled without credentials"
+                            ),
                         })
                     }
                 }
             }
         };
         self.pulls.run(&key, work).await
+    }
+
+    /// Whether the engine may pull from `registry` for a client: the registry must pass the
+    /// origin policy, and a name must not resolve to an internal address the policy does not
+    /// name (the engine resolves it again itself; this keeps listed names honest).
+    async fn may_pull_from(&self, registry: &str) -> std::result::Result<(), String> {
+        self.origins.check_registry(registry)?;
+        let host = if registry == DOCKER_HUB {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        if name.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+            return Ok(()); // an IP literal: check_registry judged it
+        }
+        if let Ok(addrs) = tokio::net::lookup_host((name, 0)).await {
+            for a in addrs {
+                self.origins.check_address(registry, a.ip())?;
+            }
+        }
+        Ok(())
     }
 
     /// Finds an image, pulling it first when it is missing and `pull_missing` is on.

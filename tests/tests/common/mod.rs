@@ -112,11 +112,26 @@ pub struct Ferry {
 
 impl Ferry {
     /// Starts ferry with `[cache] dir = <dir>` and the given extra TOML (e.g. backends).
+    /// Unless `extra_toml` has an `[origins]` table of its own, the suite's two registries
+    /// (on loopback) are named in `[origins] allow`, as a user names a private registry.
     pub fn start(dir: &Path, extra_toml: &str) -> Ferry {
         let config = dir.join("ferry.toml");
+        let origins = if extra_toml.contains("[origins]") {
+            String::new()
+        } else {
+            let named: Vec<String> = ["E2E_REGISTRY", "E2E_REGISTRY_AUTH"]
+                .iter()
+                .filter_map(|v| std::env::var(v).ok())
+                .map(|r| format!("\"{r}\""))
+                .collect();
+            format!("[origins]\nallow = [{}]\n", named.join(", "))
+        };
         std::fs::write(
             &config,
-            format!("[cache]\ndir = \"{}\"\n{extra_toml}", dir.join("data").display()),
+            format!(
+                "[cache]\ndir = \"{}\"\n{origins}{extra_toml}",
+                dir.join("data").display()
+            ),
         )
         .unwrap();
         Ferry::start_with(dir, &config, &[])
