@@ -293,8 +293,9 @@ e2e_start_podman_rootless() {
     # which outlives it when the parent has to be killed; and Podman keeps a pause process
     # that holds the namespace (it records its PID). Both are stopped after the parent.
     local child
-    child=$(ps -o pid= --ppid "$(cat "$E2E_DIR/pids/$name.pid")" | head -1 | tr -d ' ')
-    [ -n "$child" ] && echo "$child" >"$E2E_DIR/pids/$name+userns.pid"
+    # (No child when the user's namespace already exists: podman then joins it.)
+    child=$({ ps -o pid= --ppid "$(cat "$E2E_DIR/pids/$name.pid")" || true; } | head -1 | tr -d ' ')
+    if [ -n "$child" ]; then echo "$child" >"$E2E_DIR/pids/$name+userns.pid"; fi
     if [ -s "$run/libpod/tmp/pause.pid" ]; then
         cp "$run/libpod/tmp/pause.pid" "$E2E_DIR/pids/$name+pause.pid"
     fi
