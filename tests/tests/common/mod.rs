@@ -448,3 +448,55 @@ impl Drop for TestHost {
         let _ = sh_result(&cmd);
     }
 }
+
+/// A small fake HTTP server on a loopback address, for hostile origins no real registry
+/// imitates (wrong bytes under a digest, redirects into the local network, foreign token
+/// realms). Every request head is recorded; `respond` turns it into a whole raw response.
+pub struct FakeHttp {
+    pub addr: String,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeHttp {
+    pub fn start(ip: &str, respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> FakeHttp {
+        let listener = TcpListener::bind(format!("{ip}:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (log, respond) = (requests.clone(), std::sync::Arc::new(respond));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let (log, respond) = (log.clone(), respond.clone());
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match stream.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    log.lock().unwrap().push(head.clone());
+                    let _ = stream.write_all(&respond(&head));
+                });
+            }
+        });
+        FakeHttp { addr, requests }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+/// A raw HTTP/1.1 response with a body and extra header lines (each ending in `\r\n`).
+pub fn http_response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
