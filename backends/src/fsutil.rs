@@ -69,3 +69,31 @@ pub async fn list_names(dir: &Path) -> Result<Vec<String>> {
     }
     Ok(out)
 }
+
+/// Removes the `.tmp-*` files [`write_atomic`] leaves when a crash cuts it short, anywhere
+/// under `dir`; returns how many.
+pub async fn sweep_temp_files(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut rd = match fs::read_dir(&d).await {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("listing {}", d.display()), e)),
+        };
+        while let Some(entry) = rd
+            .next_entry()
+            .await
+            .map_err(|e| Error::io(format!("listing {}", d.display()), e))?
+        {
+            let path = entry.path();
+            let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir {
+                stack.push(path);
+            } else if entry.file_name().to_string_lossy().starts_with(".tmp-") && remove_optional(&path).await? {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}

@@ -24,6 +24,9 @@ pub struct RequestCtx {
     pub request_id: String,
     /// The client's `Authorization` header, passed on when a backend pulls for the client.
     pub authorization: Option<String>,
+    /// The `ns` the request carried: the client uses ferry as a mirror of this registry
+    /// (containerd's hosts.toml), not as a registry of its own.
+    pub mirror_for: Option<String>,
 }
 
 /// A blob, or one range of it, ready to stream.
@@ -70,7 +73,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<Option<BlobBody>>;
 
     /// The tags of a repository, or `None` when this backend does not know the repository.
-    async fn tags(&self, _repo: &Repository) -> Result<Option<Vec<String>>> {
+    async fn tags(&self, _repo: &Repository, _ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
         Ok(None)
     }
 
@@ -80,7 +83,7 @@ pub trait Backend: Send + Sync {
     }
 
     /// Manifests whose `subject` is `digest`.
-    async fn referrers(&self, _repo: &Repository, _digest: &Digest) -> Result<Vec<Descriptor>> {
+    async fn referrers(&self, _repo: &Repository, _digest: &Digest, _ctx: &RequestCtx) -> Result<Vec<Descriptor>> {
         Ok(Vec::new())
     }
 
@@ -125,9 +128,9 @@ pub trait Registry: Backend {
     /// (absent there, another file system), so the caller copies it with [`Registry::put_blob`].
     async fn link_blob(&self, repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool>;
 
-    /// Makes a blob known in `repo` when the store holds it already (cross-repository
-    /// mount); `false` when it does not.
-    async fn mount_blob(&self, repo: &Repository, digest: &Digest) -> Result<bool>;
+    /// Makes a blob of repository `from` known in `repo` too (cross-repository mount);
+    /// `false` when `from` does not hold it.
+    async fn mount_blob(&self, repo: &Repository, digest: &Digest, from: &Repository) -> Result<bool>;
 
     /// Validates and stores a manifest under a tag or digest. Returns the stored manifest and
     /// its subject, if it has one.

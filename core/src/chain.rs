@@ -219,10 +219,10 @@ impl Chain {
 
     /// The union of every backend's tags, sorted; [`Error::NameUnknown`] when none knows
     /// the repository.
-    pub async fn tags(&self, repo: &Repository) -> Result<Vec<String>> {
+    pub async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Vec<String>> {
         let mut all: Option<Vec<String>> = None;
         for h in &self.backends {
-            match h.backend.tags(repo).await {
+            match h.backend.tags(repo, ctx).await {
                 Ok(Some(t)) => all.get_or_insert_with(Vec::new).extend(t),
                 Ok(None) => {}
                 Err(e @ Error::Unavailable { .. }) => {
@@ -255,10 +255,10 @@ impl Chain {
     }
 
     /// Every backend's referrers of `digest`.
-    pub async fn referrers(&self, repo: &Repository, digest: &Digest) -> Result<Vec<Descriptor>> {
+    pub async fn referrers(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Vec<Descriptor>> {
         let mut all = Vec::new();
         for h in &self.backends {
-            all.extend(h.backend.referrers(repo, digest).await?);
+            all.extend(h.backend.referrers(repo, digest, ctx).await?);
         }
         Ok(all)
     }

@@ -410,6 +410,9 @@ fn containerd_down_then_back() {
     let name = unique("ctd-");
     sh(&format!("source {lib} && set +u && e2e_start_containerd {name}"));
     let sock = format!("{}/{name}/containerd.sock", env("E2E_DIR"));
+    // containerd collects garbage 100 ms after it starts (its gc scheduler's startup_delay):
+    // content ingested before that, and not yet labelled as a root, would be collected.
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let work = scratch();
     let file = work.path().join("blob");
     std::fs::write(&file, b"content held by containerd").unwrap();

@@ -116,9 +116,9 @@ fn skopeo_copy_in_and_out_keeps_digests() {
 }
 
 #[test]
-fn containerd_pulls_through_a_docker_io_mirror() {
+fn containerd_pulls_through_a_docker_io_mirror_when_pushes_may_shadow_origins() {
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), PUSH_ONLY);
+    let ferry = Ferry::start(dir.path(), "[[backends]]\ntype = \"push\"\nshadow_origins = true\n");
     let host = docker20();
     let name = unique("mirror");
     build_image(&host, &format!("{name}:v1"), 2);
@@ -143,4 +143,50 @@ fn containerd_pulls_through_a_docker_io_mirror() {
         "containerd did not go through the mirror with ns=docker.io:\n{logs}"
     );
     sh(&format!("ctr -a {ctd} -n e2e image rm {image}"));
+}
+
+/// By default a push cannot stand in for an origin's image (mirror poisoning): a name with a
+/// registry host is refused, and a Docker Hub name pushed to ferry is served to clients that
+/// use ferry as a registry but not to a cluster that uses it as its docker.io mirror.
+#[test]
+fn pushes_do_not_shadow_origin_images_by_default() {
+    let dir = scratch();
+    let host = docker20();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let name = unique("shadow");
+    build_image(&host, &format!("{name}:pushed"), 1);
+    // An origin's name: refused.
+    let foreign = format!("{}/registry.k8s.io/{name}:3.9", ferry.addr());
+    sh(&format!("docker -H {host} tag {name}:pushed {foreign}"));
+    let (ok, out) = sh_result(&format!("docker -H {host} push {foreign}"));
+    assert!(!ok && out.contains("denied"), "{out}");
+    sh(&format!("docker -H {host} rmi {foreign}"));
+    let (status, _, _) = get_manifest(&ferry, &format!("registry.k8s.io/{name}"), "3.9", "");
+    assert_eq!(status, 404);
+
+    // A Docker Hub name: the push client sees it, the mirror does not.
+    let hub = format!("{}/library/{name}:1.27", ferry.addr());
+    sh(&format!(
+        "docker -H {host} tag {name}:pushed {hub} && docker -H {host} push {hub}"
+    ));
+    sh(&format!("docker -H {host} rmi {hub} {name}:pushed"));
+    let (status, _, _) = get_manifest(&ferry, &format!("library/{name}"), "1.27", "");
+    assert_eq!(status, 200, "the push client's view");
+    let (status, _, _) = get_manifest(&ferry, &format!("library/{name}"), "1.27", "?ns=docker.io");
+    assert_eq!(status, 404, "the mirror's view");
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let (ok, out) = sh_result(&format!(
+        "ctr -a {} -n e2e image pull --hosts-dir {} docker.io/library/{name}:1.27",
+        containerd16(),
+        certs.display()
+    ));
+    assert!(!ok, "a mirror client got the pushed image: {out}");
+    assert!(
+        count_lines(
+            &ferry.logs(),
+            &[&format!("/v2/library/{name}/manifests/1.27?ns=docker.io"), "status=404"]
+        ) >= 1,
+        "{}",
+        ferry.logs()
+    );
 }

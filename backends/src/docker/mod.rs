@@ -495,7 +495,7 @@ impl Backend for DockerBackend {
         }
     }
 
-    async fn tags(&self, repo: &Repository) -> Result<Option<Vec<String>>> {
+    async fn tags(&self, repo: &Repository, _ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
         let tags: Vec<String> = self
             .engine_tags()
             .await?

@@ -2,9 +2,19 @@
 //! and served back.
 //!
 //! Layout: blobs (and manifest bytes) in a [`BlobStore`]; per repository
-//! `repos/<registry>/<path>/_manifests/<hex>` (holding the manifest's media type),
-//! `_tags/<tag>` (holding the digest) and `_referrers/<subject hex>/<hex>` (a descriptor).
-//! Every file is written atomically, so a crash leaves the previous state or the new one.
+//! `repos/<registry>/<path>/_blobs/<hex>` (an empty file: the blob is linked into this
+//! repository), `_manifests/<hex>` (holding the manifest's media type), `_tags/<tag>` (holding
+//! the digest) and `_referrers/<subject hex>/<hex>` (a descriptor). Every file is written
+//! atomically, so a crash leaves the previous state or the new one.
+//!
+//! A blob is readable, mountable and deletable only through a repository it is linked in (as
+//! in distribution): knowing a digest gives nobody another repository's content, and a delete
+//! unlinks it from one repository, never removes the file another repository needs.
+//!
+//! Pushed names do not shadow an origin's images unless `shadow_origins` says so: a push to a
+//! name with a registry host (`registry.k8s.io/pause`) is refused, and a request that comes
+//! through a mirror (`?ns=`, containerd's hosts.toml) is not answered from the push store, so
+//! a cluster that uses ferry as its docker.io mirror never gets a pushed `library/nginx`.
 
 mod uploads;
 
@@ -19,10 +29,10 @@ use serde::Deserialize;
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::{
     Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef, Manifest, ManifestInfo,
-    Reference, Registry, Repository, RequestCtx, Result, UploadState,
+    Reference, Registry, Repository, RequestCtx, Result, UploadState, DOCKER_HUB,
 };
 
-use crate::fsutil::{list_names, read_optional, remove_optional, write_atomic};
+use crate::fsutil::{list_names, read_optional, remove_optional, sweep_temp_files, write_atomic};
 use uploads::Uploads;
 
 /// `[[backends]] type = "push"`.
@@ -35,9 +45,13 @@ pub struct PushConfig {
     /// Where pushed content lives; defaults to `<cache.dir>/push`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
-    /// Whether `DELETE` of manifests and blobs is allowed.
-    #[serde(default = "default_true")]
+    /// Whether `DELETE` of manifests and blobs is allowed (off, as in distribution).
+    #[serde(default)]
     pub allow_delete: bool,
+    /// Let pushed images stand in for an origin's: pushes to names with a registry host are
+    /// accepted, and clients using ferry as a mirror (`?ns=`) are served pushed images too.
+    #[serde(default)]
+    pub shadow_origins: bool,
     /// Upload sessions idle for longer than this many seconds are removed.
     #[serde(default = "default_upload_ttl")]
     pub upload_ttl_secs: u64,
@@ -45,9 +59,6 @@ pub struct PushConfig {
 
 fn default_name() -> String {
     "push".into()
-}
-fn default_true() -> bool {
-    true
 }
 fn default_upload_ttl() -> u64 {
     24 * 3600
@@ -84,13 +95,91 @@ impl PushBackend {
     pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
         let blobs = BlobStore::open(&root).await?;
         let uploads = Uploads::open(root.join("uploads"), Duration::from_secs(config.upload_ttl_secs)).await?;
-        tracing::info!(backend = %config.name, dir = %root.display(), "push store ready");
-        Ok(PushBackend {
+        let store = PushBackend {
             config,
             root,
             blobs,
             uploads,
-        })
+        };
+        let swept = sweep_temp_files(&store.root.join("repos")).await?;
+        store.link_existing_manifests().await?;
+        tracing::info!(backend = %store.config.name, dir = %store.root.display(), swept_temp_files = swept, "push store ready");
+        Ok(store)
+    }
+
+    /// Links the blobs of every manifest into its repository where no link exists yet: a
+    /// store written before blobs were linked per repository keeps serving what it holds.
+    async fn link_existing_manifests(&self) -> Result<()> {
+        for repo in self.catalog().await? {
+            if tokio::fs::try_exists(self.repo_dir(&repo).join("_blobs"))
+                .await
+                .unwrap_or(false)
+            {
+                continue;
+            }
+            for hex in list_names(&self.repo_dir(&repo).join("_manifests")).await? {
+                let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+                    continue;
+                };
+                let Some(bytes) = self.blobs.read(&digest).await? else {
+                    continue;
+                };
+                let Ok(info) = ManifestInfo::parse(&bytes, None) else {
+                    continue;
+                };
+                for d in &info.blobs {
+                    if self.blobs.size(&d.digest).await?.is_some() {
+                        self.link(&repo, &d.digest).await?;
+                    }
+                }
+            }
+            tokio::fs::create_dir_all(self.repo_dir(&repo).join("_blobs"))
+                .await
+                .map_err(|e| Error::io("creating a repository's blob links", e))?;
+        }
+        Ok(())
+    }
+
+    fn link_path(&self, repo: &Repository, digest: &Digest) -> PathBuf {
+        self.repo_dir(repo).join("_blobs").join(digest.hex())
+    }
+
+    /// Links a stored blob into a repository.
+    async fn link(&self, repo: &Repository, digest: &Digest) -> Result<()> {
+        let path = self.link_path(repo, digest);
+        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
+            return Ok(());
+        }
+        write_atomic(&path, b"").await
+    }
+
+    /// Whether a repository may read `digest`: a blob linked into it, or one of its manifests.
+    async fn linked(&self, repo: &Repository, digest: &Digest) -> bool {
+        tokio::fs::try_exists(self.link_path(repo, digest))
+            .await
+            .unwrap_or(false)
+            || tokio::fs::try_exists(self.manifest_marker(repo, digest))
+                .await
+                .unwrap_or(false)
+    }
+
+    /// Whether this request is answered from the push store: not when it comes through a
+    /// mirror for an origin (see the module's doc), unless `shadow_origins`.
+    fn serves(&self, ctx: &RequestCtx) -> bool {
+        self.config.shadow_origins || ctx.mirror_for.is_none()
+    }
+
+    /// Refuses pushes to a name with a registry host unless `shadow_origins`.
+    fn check_push_name(&self, repo: &Repository) -> Result<()> {
+        if self.config.shadow_origins || repo.registry() == DOCKER_HUB {
+            return Ok(());
+        }
+        Err(Error::Denied(format!(
+            "pushes to {repo} would stand in for the images of registry {}; push under a name without a \
+             registry host, or set shadow_origins = true on backend {}",
+            repo.registry(),
+            self.config.name
+        )))
     }
 
     fn repo_dir(&self, repo: &Repository) -> PathBuf {
@@ -140,17 +229,36 @@ impl PushBackend {
         }
     }
 
-    /// Checks everything a manifest references is stored, so a pull of it cannot fail later.
-    async fn check_references(&self, info: &ManifestInfo) -> Result<()> {
+    /// Checks everything a manifest references is stored and linked into the repository,
+    /// so a pull of it cannot fail later.
+    async fn check_references(&self, repo: &Repository, info: &ManifestInfo) -> Result<()> {
         for d in info.blobs.iter().chain(&info.manifests) {
             if d.urls.as_ref().is_some_and(|u| !u.is_empty()) {
                 continue; // foreign layer, fetched by clients from its URL
             }
-            if self.blobs.size(&d.digest).await?.is_none() {
+            if !self.linked(repo, &d.digest).await || self.blobs.size(&d.digest).await?.is_none() {
                 return Err(Error::ManifestBlobUnknown(d.digest.to_string()));
             }
         }
         Ok(())
+    }
+
+    /// The manifest of `repo` that references `digest` as a blob, if any.
+    async fn referenced_by(&self, repo: &Repository, digest: &Digest) -> Result<Option<Digest>> {
+        for hex in list_names(&self.repo_dir(repo).join("_manifests")).await? {
+            let Ok(m) = format!("sha256:{hex}").parse::<Digest>() else {
+                continue;
+            };
+            let Some(bytes) = self.blobs.read(&m).await? else {
+                continue;
+            };
+            if let Ok(info) = ManifestInfo::parse(&bytes, None) {
+                if info.blobs.iter().chain(&info.manifests).any(|d| d.digest == *digest) {
+                    return Ok(Some(m));
+                }
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -160,7 +268,10 @@ impl Backend for PushBackend {
         &self.config.name
     }
 
-    async fn manifest(&self, image: &ImageRef, _ctx: &RequestCtx) -> Result<Option<Manifest>> {
+    async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        if !self.serves(ctx) {
+            return Ok(None);
+        }
         let Some((digest, media_type)) = self.resolve(&image.repository, &image.reference).await? else {
             return Ok(None);
         };
@@ -182,21 +293,30 @@ impl Backend for PushBackend {
         }))
     }
 
-    async fn blob_size(&self, _repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {
+        if !self.serves(ctx) || !self.linked(repo, digest).await {
+            return Ok(None);
+        }
         self.blobs.size(digest).await
     }
 
     async fn blob(
         &self,
-        _repo: &Repository,
+        repo: &Repository,
         digest: &Digest,
         range: Option<ByteRange>,
-        _ctx: &RequestCtx,
+        ctx: &RequestCtx,
     ) -> Result<Option<BlobBody>> {
+        if !self.serves(ctx) || !self.linked(repo, digest).await {
+            return Ok(None);
+        }
         self.blobs.open_blob(digest, range).await
     }
 
-    async fn tags(&self, repo: &Repository) -> Result<Option<Vec<String>>> {
+    async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
+        if !self.serves(ctx) {
+            return Ok(None);
+        }
         if !tokio::fs::try_exists(self.repo_dir(repo).join("_manifests"))
             .await
             .unwrap_or(false)
@@ -229,7 +349,10 @@ impl Backend for PushBackend {
         Ok(out)
     }
 
-    async fn referrers(&self, repo: &Repository, digest: &Digest) -> Result<Vec<Descriptor>> {
+    async fn referrers(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Vec<Descriptor>> {
+        if !self.serves(ctx) {
+            return Ok(Vec::new());
+        }
         let dir = self.repo_dir(repo).join("_referrers").join(digest.hex());
         let mut out = Vec::new();
         for name in list_names(&dir).await? {
@@ -247,6 +370,7 @@ impl Backend for PushBackend {
 #[async_trait]
 impl Registry for PushBackend {
     async fn start_upload(&self, repo: &Repository) -> Result<UploadState> {
+        self.check_push_name(repo)?;
         self.uploads.start(repo).await
     }
 
@@ -259,23 +383,38 @@ impl Registry for PushBackend {
     }
 
     async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64> {
-        self.uploads.finish(repo, id, body, digest, &self.blobs).await
+        let size = self.uploads.finish(repo, id, body, digest, &self.blobs).await?;
+        self.link(repo, digest).await?;
+        Ok(size)
     }
 
     async fn cancel_upload(&self, repo: &Repository, id: &str) -> Result<()> {
         self.uploads.cancel(repo, id).await
     }
 
-    async fn put_blob(&self, _repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64> {
-        Ok(self.blobs.write_stream(Some(digest.clone()), body).await?.1)
+    async fn put_blob(&self, repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64> {
+        self.check_push_name(repo)?;
+        let size = self.blobs.write_stream(Some(digest.clone()), body).await?.1;
+        self.link(repo, digest).await?;
+        Ok(size)
     }
 
-    async fn link_blob(&self, _repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool> {
-        self.blobs.link_from(from, digest).await
+    async fn link_blob(&self, repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool> {
+        self.check_push_name(repo)?;
+        if !self.blobs.link_from(from, digest).await? {
+            return Ok(false);
+        }
+        self.link(repo, digest).await?;
+        Ok(true)
     }
 
-    async fn mount_blob(&self, _repo: &Repository, digest: &Digest) -> Result<bool> {
-        Ok(self.blobs.size(digest).await?.is_some())
+    async fn mount_blob(&self, repo: &Repository, digest: &Digest, from: &Repository) -> Result<bool> {
+        self.check_push_name(repo)?;
+        if !self.linked(from, digest).await || self.blobs.size(digest).await?.is_none() {
+            return Ok(false);
+        }
+        self.link(repo, digest).await?;
+        Ok(true)
     }
 
     async fn put_manifest(
@@ -291,6 +430,7 @@ impl Registry for PushBackend {
                 limit: MAX_MANIFEST_SIZE,
             });
         }
+        self.check_push_name(repo)?;
         let info = ManifestInfo::parse(&bytes, content_type)?;
         let digest = Digest::of(&bytes);
         if let Reference::Digest(d) = reference {
@@ -298,7 +438,7 @@ impl Registry for PushBackend {
                 return Err(Error::DigestInvalid(format!("manifest hashes to {digest}, not {d}")));
             }
         }
-        self.check_references(&info).await?;
+        self.check_references(repo, &info).await?;
         self.blobs.write_bytes(bytes.clone()).await?;
         write_atomic(&self.manifest_marker(repo, &digest), info.media_type.as_bytes()).await?;
         if let Some(subject) = &info.subject {
@@ -355,12 +495,23 @@ impl Registry for PushBackend {
         Ok(())
     }
 
-    async fn delete_blob(&self, _repo: &Repository, digest: &Digest) -> Result<()> {
+    /// Unlinks a blob from one repository. The file stays (other repositories may hold it;
+    /// unreferenced files are garbage for a collector), and a blob a manifest of the
+    /// repository references is not unlinked at all.
+    async fn delete_blob(&self, repo: &Repository, digest: &Digest) -> Result<()> {
         self.check_delete_allowed()?;
-        if self.blobs.delete(digest).await? {
-            Ok(())
-        } else {
-            Err(Error::BlobUnknown(digest.to_string()))
+        if !tokio::fs::try_exists(self.link_path(repo, digest))
+            .await
+            .unwrap_or(false)
+        {
+            return Err(Error::BlobUnknown(format!("{repo}@{digest}")));
         }
+        if let Some(m) = self.referenced_by(repo, digest).await? {
+            return Err(Error::Denied(format!(
+                "{repo}@{digest} is referenced by manifest {m}; delete the manifest first"
+            )));
+        }
+        remove_optional(&self.link_path(repo, digest)).await?;
+        Ok(())
     }
 }

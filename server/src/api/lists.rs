@@ -42,7 +42,7 @@ fn page_response(body: serde_json::Value, next: Option<String>) -> Response {
 
 pub async fn tags(call: &Call<'_>, state: &AppState, name: &str) -> ApiResult {
     let repo = call.repo(name)?;
-    let all = state.chain.tags(&repo).await?;
+    let all = state.chain.tags(&repo, &call.ctx).await?;
     let (page, more) = paginate(all, call)?;
     let next = more.then(|| next_link(&format!("/v2/{name}/tags/list"), call, page.last()));
     Ok(page_response(json!({ "name": name, "tags": page }), next))
@@ -67,7 +67,7 @@ fn next_link(path: &str, call: &Call<'_>, last: Option<&String>) -> String {
 pub async fn referrers(call: &Call<'_>, state: &AppState, name: &str, digest: &str) -> ApiResult {
     let repo = call.repo(name)?;
     let digest: Digest = digest.parse()?;
-    let mut all = state.chain.referrers(&repo, &digest).await?;
+    let mut all = state.chain.referrers(&repo, &digest, &call.ctx).await?;
     let filter = call.query.artifact_type.as_deref();
     if let Some(t) = filter {
         all.retain(|d| d.artifact_type.as_deref() == Some(t));

@@ -98,6 +98,7 @@ fn healthz() -> &'static str {
 
 #[handler]
 async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Response {
+    let query: Query = req.params().unwrap_or_default();
     let ctx = RequestCtx {
         request_id: format!("{:x}", state.next_request.fetch_add(1, Ordering::Relaxed)),
         authorization: req
@@ -105,12 +106,9 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
+        mirror_for: query.ns.clone(),
     };
-    let call = Call {
-        req,
-        query: req.params().unwrap_or_default(),
-        ctx,
-    };
+    let call = Call { req, query, ctx };
     let mut resp = match dispatch(&call, body, state).await {
         Ok(resp) => resp,
         Err(e) => poem::IntoResponse::into_response(e),

@@ -47,10 +47,16 @@ pub async fn start(call: &Call<'_>, state: &AppState, name: &str, body: Body) ->
     let (_, registry) = state.registry()?;
     if let Some(mount) = &call.query.mount {
         let digest: Digest = mount.parse()?;
-        if let Some(from) = &call.query.from {
-            Repository::from_request(from, call.query.ns.as_deref())?;
-        }
-        if registry.mount_blob(&repo, &digest).await? {
+        // Without `from` there is nothing to mount from: the client uploads (202) instead.
+        let from = match &call.query.from {
+            Some(from) => Some(Repository::from_request(from, call.query.ns.as_deref())?),
+            None => None,
+        };
+        let mounted = match &from {
+            Some(from) => registry.mount_blob(&repo, &digest, from).await?,
+            None => false,
+        };
+        if mounted {
             tracing::info!(request = %call.ctx.request_id, repository = %repo, %digest, "blob mounted");
             return Ok(created(name, &digest));
         }
