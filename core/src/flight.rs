@@ -1,11 +1,14 @@
 //! Single flight: one run of a piece of work per key, however many callers ask for it at
 //! once; the others wait for that run and share its result. The work runs as a task of its
 //! own, so it finishes (and whoever still waits gets the result) even when the caller that
-//! started it goes away; a caller that comes after it ended starts a new run.
+//! started it goes away; a caller that comes after it ended starts a new run — unless the run
+//! failed less than the failure memory ago: then that failure is the answer (an export that
+//! fails is not repeated for every request that comes in right after).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
@@ -13,15 +16,33 @@ use crate::error::{Error, Result};
 
 type Running<T> = Shared<BoxFuture<'static, Result<T>>>;
 
+struct State<T: Clone> {
+    running: HashMap<String, Running<T>>,
+    /// Recent failures, by key, with when they happened.
+    failed: HashMap<String, (Instant, Error)>,
+}
+
 /// The runs under way, by key.
 pub struct Flights<T: Clone> {
-    running: Arc<Mutex<HashMap<String, Running<T>>>>,
+    state: Arc<Mutex<State<T>>>,
+    failure_memory: Duration,
 }
 
 impl<T: Clone> Default for Flights<T> {
     fn default() -> Self {
+        Flights::remembering_failures(Duration::ZERO)
+    }
+}
+
+impl<T: Clone> Flights<T> {
+    /// Flights whose failures answer later callers for `memory`.
+    pub fn remembering_failures(memory: Duration) -> Self {
         Flights {
-            running: Arc::new(Mutex::new(HashMap::new())),
+            state: Arc::new(Mutex::new(State {
+                running: HashMap::new(),
+                failed: HashMap::new(),
+            })),
+            failure_memory: memory,
         }
     }
 }
@@ -34,17 +55,26 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         F: Future<Output = Result<T>> + Send + 'static,
     {
         let shared = {
-            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(r) = running.get(key) {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let memory = self.failure_memory;
+            state.failed.retain(|_, (at, _)| at.elapsed() < memory);
+            if let Some((_, e)) = state.failed.get(key) {
+                return Err(e.clone());
+            }
+            if let Some(r) = state.running.get(key) {
                 r.clone()
             } else {
-                let map = self.running.clone();
+                let map = self.state.clone();
                 let owned_key = key.to_string();
                 // Spawned while the map is locked: the task's removal of its key waits until
                 // the key is in, so a run never stays behind after it ended.
                 let task = tokio::spawn(async move {
                     let out = work.await;
-                    map.lock().unwrap_or_else(PoisonError::into_inner).remove(&owned_key);
+                    let mut state = map.lock().unwrap_or_else(PoisonError::into_inner);
+                    state.running.remove(&owned_key);
+                    if let (Err(e), false) = (&out, memory.is_zero()) {
+                        state.failed.insert(owned_key, (Instant::now(), e.clone()));
+                    }
                     out
                 });
                 let r = async move {
@@ -53,7 +83,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 }
                 .boxed()
                 .shared();
-                running.insert(key.to_string(), r.clone());
+                state.running.insert(key.to_string(), r.clone());
                 r
             }
         };
@@ -62,7 +92,16 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
 
     /// Keys with a run under way.
     pub fn in_flight(&self) -> usize {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).running.len()
+    }
+
+    /// Forgets a remembered failure of `key` (something changed that may fix it).
+    pub fn forget_failure(&self, key: &str) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .failed
+            .remove(key);
     }
 }
 
@@ -99,6 +138,18 @@ mod tests {
         assert_eq!(flights.in_flight(), 0);
         // After the run ended, a new caller runs again.
         assert_eq!(flights.run("img", async { Ok(7) }).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_remembered_for_a_while() {
+        let flights = Flights::<u32>::remembering_failures(Duration::from_millis(200));
+        let fail = || async { Err::<u32, _>(Error::Internal("export broke".into())) };
+        assert!(flights.run("img", fail()).await.is_err());
+        // Within the memory: the failure, without a new run.
+        let e = flights.run("img", async { Ok(1) }).await.err().unwrap();
+        assert!(matches!(e, Error::Internal(ref m) if m == "export broke"));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(flights.run("img", async { Ok(2) }).await.unwrap(), 2);
     }
 
     #[tokio::test]

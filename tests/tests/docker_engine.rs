@@ -411,3 +411,103 @@ fn remote_engine_over_tcp_with_tls() {
         lib()
     ));
 }
+
+/// Builds an image of `mb` MiB of random bytes (plus busybox) in Docker 20: its export takes
+/// long enough to be cut.
+fn build_big_image(tag: &str, mb: usize) {
+    let ctx = scratch();
+    let c = ctx.path().display();
+    sh(&format!(
+        "cp /bin/busybox {c}/busybox && head -c {}M /dev/urandom > {c}/big && \
+         printf 'FROM scratch\\nCOPY busybox /bin/busybox\\nCOPY big /big\\nCMD [\"/bin/busybox\", \"true\"]\\n' > {c}/Dockerfile && \
+         DOCKER_BUILDKIT=0 docker -H {} build --no-cache -q -t {tag} {c} >/dev/null",
+        mb,
+        docker20()
+    ));
+}
+
+/// Requests that give up while the export they wait for runs: each image is exported once,
+/// within max_parallel_exports, and recorded — the next request is served from the cache.
+#[test]
+fn cancelled_requests_leave_one_recorded_export_within_the_limit() {
+    let names: Vec<String> = (0..3).map(|i| unique(&format!("cut{i}-"))).collect();
+    for n in &names {
+        build_big_image(&format!("{n}:v1"), 48);
+    }
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), "max_parallel_exports = 1"));
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_millis(150))
+        .build()
+        .unwrap();
+    std::thread::scope(|s| {
+        for n in &names {
+            for _ in 0..4 {
+                let (impatient, url) = (&impatient, ferry.url(&format!("/v2/{n}/manifests/v1")));
+                s.spawn(move || {
+                    let _ = impatient.get(url).send();
+                });
+            }
+        }
+    });
+    // Every export finishes although nobody waits for it any more.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count_lines(&ferry.logs(), &["export finished"]) < names.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let logs = ferry.logs();
+    assert_eq!(
+        count_lines(&logs, &["exporting image from the engine"]),
+        names.len(),
+        "{logs}"
+    );
+    assert_eq!(count_lines(&logs, &["export finished"]), names.len(), "{logs}");
+    // Never two at once: with a limit of one, starts and ends alternate.
+    let events: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| {
+            if l.contains("exporting image from the engine") {
+                Some("start")
+            } else if l.contains("export finished") {
+                Some("end")
+            } else {
+                None
+            }
+        })
+        .collect();
+    for pair in events.chunks(2) {
+        assert_eq!(pair, ["start", "end"], "{logs}");
+    }
+    for n in &names {
+        let (status, _, _) = get_manifest(&ferry, n, "v1", "");
+        assert_eq!(status, 200);
+        sh(&format!("docker -H {} rmi {n}:v1", docker20()));
+    }
+    assert_eq!(
+        count_lines(&ferry.logs(), &["exporting image from the engine"]),
+        names.len()
+    );
+}
+
+/// A failing export is shared by every request waiting for it and remembered briefly: twenty
+/// requests, one export.
+#[test]
+fn a_failing_export_is_shared_and_remembered() {
+    let dir = scratch();
+    let socket = dir.path().join("fake.sock");
+    fake_engine(&socket, b"this is not a tar archive".repeat(100), "[]".into());
+    let ferry = Ferry::start(dir.path(), &docker_chain(&format!("unix://{}", socket.display()), ""));
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|_| s.spawn(|| get_manifest(&ferry, "broken", "v1", "").0))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, vec![500; 20]);
+    assert_eq!(
+        count_lines(&ferry.logs(), &["exporting image from the engine"]),
+        1,
+        "{}",
+        ferry.logs()
+    );
+}

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, RwLock, Semaphore};
+use tokio::sync::{RwLock, Semaphore};
 
+use ferry_core::flight::Flights;
 use ferry_core::{BlobStore, Digest, Error, Result};
 
 use super::export::Exported;
@@ -39,6 +40,9 @@ impl Entry {
     }
 }
 
+/// How long a failed export answers the requests for the same image instead of a new one.
+const FAILED_EXPORT_MEMORY: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -54,8 +58,9 @@ pub struct Cache {
     pub store: BlobStore,
     entries_dir: PathBuf,
     entries: RwLock<HashMap<String, Arc<Entry>>>,
-    /// One lock per image id being exported.
-    flights: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Exports under way (each its own task, finished and recorded even when every request
+    /// that waited for it has gone) and exports that failed lately, by image id.
+    flights: Flights<Arc<Entry>>,
     exports: Semaphore,
     max_bytes: Option<u64>,
     /// Blobs that must stay: being streamed, or stored by an export not yet recorded.
@@ -90,7 +95,7 @@ impl Cache {
             store,
             entries_dir,
             entries: RwLock::new(entries),
-            flights: Mutex::new(HashMap::new()),
+            flights: Flights::remembering_failures(FAILED_EXPORT_MEMORY),
             exports: Semaphore::new(max_parallel_exports.max(1)),
             max_bytes,
             pins: Pins::default(),
@@ -148,40 +153,38 @@ impl Cache {
     }
 
     /// Returns the entry for `image_id`, running `export` (once, however many callers ask at
-    /// the same time) when there is none. The export hands back pins on what it stored,
-    /// released once the entry is recorded.
-    pub async fn get_or_export<F, Fut>(&self, image_id: &str, export: F) -> Result<Arc<Entry>>
+    /// the same time) when there is none. The export runs as a task of its own within the
+    /// limit of parallel exports: once started it is finished and recorded even if every
+    /// caller went away, and its failure answers the callers of the next few seconds too.
+    /// The export hands back pins on what it stored, released once the entry is recorded.
+    pub async fn get_or_export<F, Fut>(self: &Arc<Self>, image_id: &str, export: F) -> Result<Arc<Entry>>
     where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<(Exported, Vec<Pin>)>>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(Exported, Vec<Pin>)>> + Send + 'static,
     {
         if let Some(e) = self.get(image_id).await {
             return Ok(e);
         }
-        let flight = {
-            let mut flights = self.flights.lock().await;
-            flights.entry(id_key(image_id)).or_default().clone()
-        };
-        let _guard = flight.lock().await;
-        if let Some(e) = self.get(image_id).await {
-            return Ok(e);
-        }
-        let _permit = self
-            .exports
-            .acquire()
+        let (cache, id) = (self.clone(), image_id.to_string());
+        self.flights
+            .run(&id_key(image_id), async move {
+                if let Some(e) = cache.get(&id).await {
+                    return Ok(e);
+                }
+                let _permit = cache
+                    .exports
+                    .acquire()
+                    .await
+                    .map_err(|_| Error::Internal("export limiter closed".into()))?;
+                cache.export_count.fetch_add(1, Ordering::Relaxed);
+                let (exported, pins) = export().await?;
+                let entry = cache.record(&id, exported).await;
+                drop(pins);
+                let entry = entry?;
+                cache.evict(&id).await?;
+                Ok(entry)
+            })
             .await
-            .map_err(|_| Error::Internal("export limiter closed".into()))?;
-        self.export_count.fetch_add(1, Ordering::Relaxed);
-        let (result, pins) = match export().await {
-            Ok((exported, pins)) => (self.record(image_id, exported).await, pins),
-            Err(e) => (Err(e), Vec::new()),
-        };
-        drop(pins);
-        // Only now: a request arriving meanwhile found the flight and waited for it.
-        self.flights.lock().await.remove(&id_key(image_id));
-        let entry = result?;
-        self.evict(image_id).await?;
-        Ok(entry)
     }
 
     /// Deletes blobs an export stored but does not use (or all it stored, when it failed),
@@ -283,7 +286,7 @@ mod tests {
     #[tokio::test]
     async fn discarding_spares_blobs_another_export_holds_or_an_entry_references() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path().to_path_buf(), 2, None).await.unwrap();
+        let cache = Arc::new(Cache::open(dir.path().to_path_buf(), 2, None).await.unwrap());
         let (m, shared, own) = (
             blob(&cache, b"m").await,
             blob(&cache, b"shared").await,
@@ -309,7 +312,7 @@ mod tests {
     #[tokio::test]
     async fn eviction_spares_blobs_of_an_export_not_yet_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Cache::open(dir.path().to_path_buf(), 2, Some(1)).await.unwrap();
+        let cache = Arc::new(Cache::open(dir.path().to_path_buf(), 2, Some(1)).await.unwrap());
         let in_flight = blob(&cache, b"stored by an export still running").await;
         let pin = cache.pins.pin(&in_flight);
         let (m, layer) = (blob(&cache, b"m").await, blob(&cache, b"layer").await);

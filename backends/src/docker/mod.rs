@@ -101,7 +101,7 @@ impl DockerConfig {
             .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
         let max_bytes = self.max_cache_size.as_deref().map(parse_size).transpose()?;
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
-        let cache = Cache::open(dir, self.max_parallel_exports, max_bytes).await?;
+        let cache = Arc::new(Cache::open(dir, self.max_parallel_exports, max_bytes).await?);
         let tls_dir = self.tls_dir.clone().or_else(|| {
             let verify = std::env::var("DOCKER_TLS_VERIFY").is_ok_and(|v| !v.is_empty() && v != "0");
             verify
@@ -136,12 +136,83 @@ impl DockerConfig {
 pub struct DockerBackend {
     config: DockerConfig,
     engine: Arc<Engine>,
-    cache: Cache,
+    cache: Arc<Cache>,
     index: Arc<ImageIndex>,
     /// Engine pulls under way, one per image and credentials.
     pulls: Flights<bool>,
     /// Which registries the engine may pull from for a client.
     origins: Arc<OriginPolicy>,
+}
+
+/// One export of an engine image, owning what it needs: it runs as a task of its own.
+struct Export {
+    backend: String,
+    engine: Arc<Engine>,
+    cache: Arc<Cache>,
+    name: String,
+    id: String,
+    repo: Repository,
+}
+
+impl Export {
+    /// Streams the archive into the cache and interprets it. Blobs it stored but nothing
+    /// references (all of them, when the archive is unusable) are discarded; the rest come
+    /// back pinned until the cache records the entry.
+    async fn run(self) -> Result<(Exported, Vec<pins::Pin>)> {
+        let Export {
+            backend,
+            engine,
+            cache,
+            name,
+            id,
+            repo,
+        } = self;
+        let started = Instant::now();
+        tracing::info!(backend = %backend, image = %name, id = %id, "exporting image from the engine");
+        let stream = engine.export(&name).await?;
+        let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
+        let store = cache.store.clone();
+        let mut archive = archive::Archive::new(&cache.pins);
+        let (mut archive, read) = tokio::task::spawn_blocking(move || {
+            let read = archive::read(reader, &store, &mut archive);
+            (archive, read)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
+        if let Err(e) = read {
+            cache.discard(std::mem::take(&mut archive.pins).into_values()).await;
+            tracing::error!(backend = %backend, image = %name, error = %e,
+                elapsed_ms = started.elapsed().as_millis() as u64, "export failed");
+            return Err(e);
+        }
+        let result = export::interpret(&mut archive, &cache.store, &repo, &name).await;
+        let mut pinned = std::mem::take(&mut archive.pins);
+        let exported = match result {
+            Ok(exported) => exported,
+            Err(e) => {
+                cache.discard(pinned.into_values()).await;
+                tracing::error!(backend = %backend, image = %name, error = %e, "export unusable");
+                return Err(e);
+            }
+        };
+        let used: Vec<pins::Pin> = exported
+            .blobs
+            .iter()
+            .chain(&exported.manifests)
+            .filter_map(|d| pinned.remove(d))
+            .collect();
+        cache.discard(pinned.into_values()).await;
+        let summary = export::describe(&exported);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if exported.missing.is_empty() {
+            tracing::info!(backend = %backend, image = %name, %summary, elapsed_ms, "export finished");
+        } else {
+            tracing::warn!(backend = %backend, image = %name, %summary, elapsed_ms,
+                missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
+        }
+        Ok((exported, used))
+    }
 }
 
 /// An engine image found for a request: its id and the name it was found under.
@@ -180,64 +251,17 @@ impl DockerBackend {
 
     /// The cache entry of an engine image, exporting it when the cache has none.
     async fn entry(&self, found: &Found, repo: &Repository) -> Result<Arc<Entry>> {
-        let entry = self
-            .cache
-            .get_or_export(&found.id, || self.export(&found.name, &found.id, repo))
-            .await?;
+        let export = Export {
+            backend: self.config.name.clone(),
+            engine: self.engine.clone(),
+            cache: self.cache.clone(),
+            name: found.name.clone(),
+            id: found.id.clone(),
+            repo: repo.clone(),
+        };
+        let entry = self.cache.get_or_export(&found.id, move || export.run()).await?;
         self.cache.touch(&found.id).await;
         Ok(entry)
-    }
-
-    /// Runs one export: streams the archive into the cache and interprets it. Blobs it stored
-    /// but nothing references (all of them, when the archive is unusable) are discarded; the
-    /// rest come back pinned until the cache records the entry.
-    async fn export(&self, name: &str, id: &str, repo: &Repository) -> Result<(Exported, Vec<pins::Pin>)> {
-        let started = Instant::now();
-        tracing::info!(backend = %self.config.name, image = %name, id = %id, "exporting image from the engine");
-        let stream = self.engine.export(name).await?;
-        let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
-        let store = self.cache.store.clone();
-        let mut archive = archive::Archive::new(&self.cache.pins);
-        let (mut archive, read) = tokio::task::spawn_blocking(move || {
-            let read = archive::read(reader, &store, &mut archive);
-            (archive, read)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
-        if let Err(e) = read {
-            self.cache
-                .discard(std::mem::take(&mut archive.pins).into_values())
-                .await;
-            tracing::error!(backend = %self.config.name, image = %name, error = %e, "export failed");
-            return Err(e);
-        }
-        let result = export::interpret(&mut archive, &self.cache.store, repo, name).await;
-        let mut pinned = std::mem::take(&mut archive.pins);
-        let exported = match result {
-            Ok(exported) => exported,
-            Err(e) => {
-                self.cache.discard(pinned.into_values()).await;
-                tracing::error!(backend = %self.config.name, image = %name, error = %e, "export unusable");
-                return Err(e);
-            }
-        };
-        let used: Vec<pins::Pin> = exported
-            .blobs
-            .iter()
-            .chain(&exported.manifests)
-            .filter_map(|d| pinned.remove(d))
-            .collect();
-        self.cache.discard(pinned.into_values()).await;
-        let summary = export::describe(&exported);
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        if exported.missing.is_empty() {
-            tracing::info!(backend = %self.config.name, image = %name, %summary, elapsed_ms, "export finished");
-        } else {
-            tracing::warn!(backend = %self.config.name, image = %name, %summary, elapsed_ms,
-                missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
-        }
-        Ok((exported, used))
     }
 
     async fn serve_manifest(&self, entry: &Entry, digest: &Digest) -> Result<Option<Manifest>> {
