@@ -302,7 +302,10 @@ mod tests {
         // A is recorded: its blobs stay referenced after its pins are gone.
         let pins = vec![held_by_a, cache.pins.pin(&m)];
         cache
-            .get_or_export("sha256:a", || async { Ok((exported(&m, &[&shared]), pins)) })
+            .get_or_export("sha256:a", {
+                let e = exported(&m, &[&shared]);
+                move || async move { Ok((e, pins)) }
+            })
             .await
             .unwrap();
         cache.discard([cache.pins.pin(&shared)]).await;
@@ -319,14 +322,20 @@ mod tests {
         let pins = vec![cache.pins.pin(&m), cache.pins.pin(&layer)];
         // Over the 1-byte limit: eviction runs after this entry is recorded.
         cache
-            .get_or_export("sha256:b", || async { Ok((exported(&m, &[&layer]), pins)) })
+            .get_or_export("sha256:b", {
+                let e = exported(&m, &[&layer]);
+                move || async move { Ok((e, pins)) }
+            })
             .await
             .unwrap();
         assert!(cache.store.path(&in_flight).exists(), "pinned by the running export");
         drop(pin);
         let (m2, layer2) = (blob(&cache, b"m2").await, blob(&cache, b"layer2").await);
         cache
-            .get_or_export("sha256:c", || async { Ok((exported(&m2, &[&layer2]), Vec::new())) })
+            .get_or_export("sha256:c", {
+                let e = exported(&m2, &[&layer2]);
+                move || async move { Ok((e, Vec::new())) }
+            })
             .await
             .unwrap();
         assert!(
