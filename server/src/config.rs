@@ -39,6 +39,19 @@ pub struct ServerConfig {
     /// A tracing filter (`info`, `ferry=debug,poem=info`); `RUST_LOG` wins when set.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// Seconds a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without a byte before the request fails.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout_secs: u64,
+    /// Connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds requests under way may take to finish at shutdown.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -47,8 +60,25 @@ impl Default for ServerConfig {
             addr: default_addr(),
             log_format: LogFormat::default(),
             log_level: default_log_level(),
+            header_timeout_secs: default_header_timeout(),
+            body_idle_timeout_secs: default_body_idle_timeout(),
+            max_connections: default_max_connections(),
+            shutdown_grace_secs: default_shutdown_grace(),
         }
     }
+}
+
+fn default_header_timeout() -> u64 {
+    30
+}
+fn default_body_idle_timeout() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_shutdown_grace() -> u64 {
+    30
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]

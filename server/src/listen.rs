@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use poem::endpoint::BoxEndpoint;
@@ -23,20 +23,49 @@ use tokio::net::TcpListener;
 /// say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What one client may hold of the server.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Time a connection may take to send a request's headers, counted from when the server
+    /// waits for them — so it is also how long an idle keep-alive connection stays open.
+    pub header_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// At shutdown, how long requests under way may take to finish.
+    pub grace: Duration,
+}
+
 /// Serves `endpoint` on `listener` until `shutdown` resolves, then lets open connections
-/// finish their requests for up to `grace`.
+/// finish their requests for up to `limits.grace`.
 pub async fn serve(
     listener: TcpListener,
     endpoint: impl Endpoint + 'static,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: Limits,
 ) -> std::io::Result<()> {
     let local = LocalAddr(Addr::SocketAddr(listener.local_addr()?));
     let endpoint: Arc<BoxEndpoint<'static, Response>> = Arc::new(endpoint.map_to_response().boxed());
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.header_timeout)
+        .keep_alive_timeout(limits.header_timeout);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let (stream, remote) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -59,18 +88,34 @@ pub async fn serve(
                 Ok::<_, Infallible>(hyper::Response::from(endpoint.get_response(req).await))
             }
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
+            // timeout starts: a connection that sends nothing is closed here instead.
+            let mut first = [0u8; 1];
+            if !matches!(
+                tokio::time::timeout(header_timeout, stream.peek(&mut first)).await,
+                Ok(Ok(1..))
+            ) {
+                drop(slot);
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
+    tracing::info!(
+        grace_s = limits.grace.as_secs(),
+        "no longer accepting; finishing requests under way"
+    );
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(grace_s = grace.as_secs(), "connections still busy at shutdown are closed");
+        () = tokio::time::sleep(limits.grace) => {
+            tracing::warn!(grace_s = limits.grace.as_secs(), "connections still busy at shutdown are closed");
         }
     }
     Ok(())

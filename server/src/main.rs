@@ -9,6 +9,7 @@ mod logging;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -80,6 +81,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    raise_open_file_limit();
     let mut handles = Vec::new();
     let mut failures = Vec::new();
     let origins = Arc::new(config.origins.policy());
@@ -99,10 +101,29 @@ async fn serve(config: Config) -> Result<(), String> {
     let addr = listener.local_addr().unwrap_or(config.server.addr);
     tracing::info!(%addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
-    let app = api::app(Arc::new(api::AppState::new(chain)));
-    listen::serve(listener, app, shutdown_signal(), std::time::Duration::from_secs(5))
+    let server = &config.server;
+    let app = api::app(Arc::new(api::AppState::new(
+        chain,
+        Duration::from_secs(server.body_idle_timeout_secs.max(1)),
+    )));
+    let limits = listen::Limits {
+        header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
+        max_connections: server.max_connections,
+        grace: Duration::from_secs(server.shutdown_grace_secs),
+    };
+    listen::serve(listener, app, shutdown_signal(), limits)
         .await
         .map_err(|e| format!("cannot serve on {addr}: {e}"))
+}
+
+/// Raises the soft limit of open files to the hard one (as distribution does): every
+/// connection and every blob served holds a descriptor, and the usual soft limit of 1024
+/// would let a thousand idle sockets shut ferry off.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }
 
 async fn shutdown_signal() {

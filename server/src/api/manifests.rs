@@ -68,7 +68,7 @@ pub async fn put(call: &Call<'_>, state: &AppState, name: &str, reference: &str,
             .into());
         }
     }
-    let bytes = read_limited(body, MAX_MANIFEST_SIZE).await?;
+    let bytes = read_limited(super::body::stream(body, state.body_idle), MAX_MANIFEST_SIZE).await?;
     let content_type = call.header(header::CONTENT_TYPE);
     let stored = state
         .chain
@@ -92,9 +92,8 @@ pub async fn put(call: &Call<'_>, state: &AppState, name: &str, reference: &str,
 const DRAIN_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Reads a request body, failing when it passes `limit` bytes.
-async fn read_limited(body: Body, limit: u64) -> ApiResult<bytes::Bytes> {
+async fn read_limited(mut stream: ferry_core::ByteStream, limit: u64) -> ApiResult<bytes::Bytes> {
     use futures::StreamExt;
-    let mut stream = body.into_bytes_stream();
     let mut buf = bytes::BytesMut::new();
     let mut size = 0u64;
     while let Some(chunk) = stream.next().await {

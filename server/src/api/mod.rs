@@ -2,6 +2,7 @@
 //! path into a [`route::Target`], [`dispatch`] picks the handler by target and method.
 
 mod blobs;
+mod body;
 pub mod error;
 mod lists;
 mod log;
@@ -28,13 +29,16 @@ pub const BACKEND_HEADER: &str = "Ferry-Backend";
 pub struct AppState {
     pub chain: Chain,
     next_request: AtomicU64,
+    /// A request body that sends nothing for this long fails (and frees its upload).
+    body_idle: std::time::Duration,
 }
 
 impl AppState {
-    pub fn new(chain: Chain) -> Self {
+    pub fn new(chain: Chain, body_idle: std::time::Duration) -> Self {
         AppState {
             chain,
             next_request: AtomicU64::new(1),
+            body_idle,
         }
     }
 

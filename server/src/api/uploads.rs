@@ -1,18 +1,13 @@
 //! Blob uploads: `POST /v2/<name>/blobs/uploads/` (monolithic with `?digest=`, mount with
 //! `?mount=&from=`, or a session), `PATCH`/`PUT`/`GET`/`DELETE` on `.../uploads/<id>`.
 
-use futures::StreamExt;
 use poem::http::{header, StatusCode};
 use poem::{Body, Response};
 
-use ferry_core::{ByteStream, Digest, Error, Repository, UploadState};
+use ferry_core::{Digest, Error, Repository, UploadState};
 
 use super::error::ApiResult;
 use super::{empty, set, AppState, Call};
-
-fn stream(body: Body) -> ByteStream {
-    body.into_bytes_stream().boxed()
-}
 
 fn digest_param(call: &Call<'_>) -> ApiResult<Digest> {
     let d = call
@@ -62,7 +57,9 @@ pub async fn start(call: &Call<'_>, state: &AppState, name: &str, body: Body) ->
         }
     } else if call.query.digest.is_some() {
         let digest = digest_param(call)?;
-        let size = registry.put_blob(&repo, &digest, stream(body)).await?;
+        let size = registry
+            .put_blob(&repo, &digest, super::body::stream(body, state.body_idle))
+            .await?;
         tracing::info!(request = %call.ctx.request_id, repository = %repo, %digest, size, "blob stored");
         return Ok(created(name, &digest));
     }
@@ -97,7 +94,9 @@ pub async fn patch(call: &Call<'_>, state: &AppState, name: &str, id: &str, body
     let repo = call.repo(name)?;
     let (_, registry) = state.registry()?;
     let start = content_range_start(call)?;
-    let upload = registry.append(&repo, id, start, stream(body)).await?;
+    let upload = registry
+        .append(&repo, id, start, super::body::stream(body, state.body_idle))
+        .await?;
     Ok(in_progress(StatusCode::ACCEPTED, name, &upload))
 }
 
@@ -105,7 +104,9 @@ pub async fn finish(call: &Call<'_>, state: &AppState, name: &str, id: &str, bod
     let repo = call.repo(name)?;
     let (_, registry) = state.registry()?;
     let digest = digest_param(call)?;
-    let size = registry.finish_upload(&repo, id, &digest, stream(body)).await?;
+    let size = registry
+        .finish_upload(&repo, id, &digest, super::body::stream(body, state.body_idle))
+        .await?;
     tracing::info!(request = %call.ctx.request_id, repository = %repo, %digest, size, "blob upload finished");
     Ok(created(name, &digest))
 }

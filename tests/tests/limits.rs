@@ -1,0 +1,143 @@
+//! What a hostile client can hold of ferry: connections that never finish their headers
+//! (slowloris) or sit idle, beyond the usual soft limit of 1024 open files, do not keep
+//! other clients out and are closed after the header timeout; an upload whose body stops
+//! frees its session after the body idle timeout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn slow_clients() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("env/slow_clients.py")
+        .display()
+        .to_string()
+}
+
+/// Starts ferry (push store only) through a wrapper that lowers its soft open-file limit to
+/// 1024, as most systems set it.
+fn ferry_with_low_nofile(dir: &Path, server_toml: &str) -> Ferry {
+    let wrapper = dir.join("low-nofile.sh");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nulimit -Sn 1024\nexec {} \"$@\"\n", ferry_bin().display()),
+    )
+    .unwrap();
+    sh(&format!("chmod +x {}", wrapper.display()));
+    let config = dir.join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\n{server_toml}\n[cache]\ndir = \"{}\"\n[[backends]]\ntype = \"push\"\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    // Both tests of this file start ferry through the wrapper, so the variable may stay.
+    std::env::set_var("FERRY_BIN_PATH", &wrapper);
+    Ferry::start_with(dir, &config, &[])
+}
+
+#[test]
+fn two_thousand_idle_and_slow_connections_do_not_keep_others_out() {
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), "header_timeout_secs = 4");
+    // ferry raised its own soft limit to the hard one.
+    let pid = sh(&format!(
+        "ss -ltnpH 'sport = :{}' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2",
+        ferry.port
+    ));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pid.trim())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit not raised: {line}");
+
+    let holder = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 8192 && python3 {} 127.0.0.1 {} 1000 1000 9",
+            slow_clients(),
+            ferry.port
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // Meanwhile a normal client pushes and pulls a blob.
+    let started = Instant::now();
+    let data = b"a normal client's blob".repeat(1000);
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = http
+        .post(ferry.url(&format!("/v2/normal/blobs/uploads/?digest={digest}")))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .get(ferry.url(&format!("/v2/normal/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().to_vec(), data);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the normal client waited {:?}",
+        started.elapsed()
+    );
+
+    let out = holder.wait_with_output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["connected"], 2000, "{report}");
+    // Every one of them was closed by the header timeout (4 s) within the 9 s they tried.
+    assert!(report["closed_by_server"].as_u64().unwrap() >= 1990, "{report}");
+    assert!(!ferry.logs().contains("Too many open files"), "{}", ferry.logs());
+}
+
+#[test]
+fn an_upload_whose_body_stops_frees_its_session() {
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), "body_idle_timeout_secs = 2");
+    let http = reqwest::blocking::Client::new();
+    let r = http.post(ferry.url("/v2/stuck/blobs/uploads/")).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["Location"].to_str().unwrap().to_string();
+    // A PATCH that announces 1000 bytes and sends 10.
+    let mut stuck = TcpStream::connect(ferry.addr()).unwrap();
+    stuck
+        .write_all(
+            format!(
+                "PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n0123456789"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The session is busy with it; once its body has been idle for 2 s it fails and the
+    // session is free again, as it stood before the PATCH.
+    let started = Instant::now();
+    let r = http.get(ferry.url(&location)).send().unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["Range"], "0-0", "nothing of the stopped PATCH was kept");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    stuck.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let _ = stuck.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || !answer.starts_with("HTTP/1.1 202"), "{answer}");
+    // The upload goes on normally.
+    let r = http.patch(ferry.url(&location)).body(b"hello".to_vec()).send().unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["Range"], "0-4");
+}
