@@ -6,5 +6,6 @@ pub mod docker;
 mod fsutil;
 mod outbound;
 pub mod push;
+mod size;
 
 pub use config::BackendConfig;

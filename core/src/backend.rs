@@ -24,6 +24,8 @@ pub struct RequestCtx {
     pub request_id: String,
     /// The client's `Authorization` header, passed on when a backend pulls for the client.
     pub authorization: Option<String>,
+    /// The client's address, for limits that are per client.
+    pub client: Option<std::net::IpAddr>,
     /// The `ns` the request carried: the client uses ferry as a mirror of this registry
     /// (containerd's hosts.toml), not as a registry of its own.
     pub mirror_for: Option<String>,
@@ -105,14 +107,22 @@ pub struct UploadState {
 #[async_trait]
 pub trait Registry: Backend {
     /// Opens an upload session.
-    async fn start_upload(&self, repo: &Repository) -> Result<UploadState>;
+    async fn start_upload(&self, repo: &Repository, ctx: &RequestCtx) -> Result<UploadState>;
 
     /// Where an upload stands; [`crate::Error::UploadUnknown`] when it does not exist.
     async fn upload_state(&self, repo: &Repository, id: &str) -> Result<UploadState>;
 
-    /// Appends a chunk. `start` is the chunk's first byte as the client's `Content-Range`
-    /// says; when it is not the upload's current size, [`crate::Error::UploadOutOfOrder`].
-    async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState>;
+    /// Appends a chunk. `range` is the chunk's first and last byte as the client's
+    /// `Content-Range` says: when it does not start at the upload's current size,
+    /// [`crate::Error::UploadOutOfOrder`]; when the body is not that long,
+    /// [`crate::Error::UploadInvalid`] and nothing of it is kept.
+    async fn append(
+        &self,
+        repo: &Repository,
+        id: &str,
+        range: Option<(u64, u64)>,
+        body: ByteStream,
+    ) -> Result<UploadState>;
 
     /// Appends a last chunk (possibly empty) and stores the blob when it hashes to `digest`.
     /// On a mismatch nothing is stored and the session is discarded.

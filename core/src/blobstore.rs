@@ -139,7 +139,16 @@ impl BlobStore {
         blocking(move || {
             let mut reader = reader;
             let mut w = store.writer(expected)?;
-            std::io::copy(&mut reader, &mut w).map_err(|e| Error::io("reading request body", e))?;
+            // Reads and writes fail for different reasons (a client gone, a disk full): the
+            // error says which.
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| Error::io("reading request body", e))?;
+                if n == 0 {
+                    break;
+                }
+                std::io::Write::write_all(&mut w, &buf[..n]).map_err(write_error)?;
+            }
             w.commit()
         })
         .await
@@ -310,6 +319,15 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
 
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> crate::backend::ByteStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+/// An error writing a blob, with a full disk named as such.
+fn write_error(e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::StorageFull {
+        Error::io("writing a blob: disk full (ENOSPC)", e)
+    } else {
+        Error::io("writing a blob", e)
+    }
 }
 
 /// Runs blocking file work off the async threads.

@@ -39,6 +39,12 @@ pub enum Error {
     /// A manifest larger than the store accepts.
     #[error("manifest too large: {size} bytes, limit {limit}")]
     ManifestTooLarge { size: u64, limit: u64 },
+    /// A blob, or the push store as a whole, would grow past its configured limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The client holds too much of something limited (upload sessions).
+    #[error("too many requests: {0}")]
+    TooManyRequests(String),
     /// Content length does not match what the client said.
     #[error("size invalid: {0}")]
     SizeInvalid(String),
@@ -118,6 +124,8 @@ impl Clone for Error {
                 limit: *limit,
             },
             Error::SizeInvalid(m) => Error::SizeInvalid(m.clone()),
+            Error::TooLarge(m) => Error::TooLarge(m.clone()),
+            Error::TooManyRequests(m) => Error::TooManyRequests(m.clone()),
             Error::UploadUnknown(m) => Error::UploadUnknown(m.clone()),
             Error::UploadOutOfOrder(m) => Error::UploadOutOfOrder(m.clone()),
             Error::UploadInvalid(m) => Error::UploadInvalid(m.clone()),

@@ -756,3 +756,125 @@ fn a_chunk_racing_the_final_put_never_changes_a_blob() {
     assert_eq!(r.status(), 200, "at least one round stored the blob");
     assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), digest);
 }
+
+/// Limits a client meets, each with the spec's error, changing nothing: a blob over
+/// max_blob_size (monolithic and chunked), the store's quota, upload sessions per client, and
+/// a chunk shorter than its Content-Range.
+#[test]
+fn upload_limits() {
+    let api = Api::start(
+        "[[backends]]\ntype = \"push\"\nmax_blob_size = \"1KiB\"\nquota = \"64KiB\"\nmax_upload_sessions_per_client = 3\n",
+    );
+    let addr = api.ferry.addr();
+    let big = vec![b'x'; 2048];
+    let d = format!("sha256:{}", sha256_hex(&big));
+    let before = api.store();
+    let (s, b) = raw_request(&addr, "POST", &format!("/v2/lim/blobs/uploads/?digest={d}"), &[], &big);
+    assert_oci_error(s, &b, 413, "SIZE_INVALID");
+    assert_eq!(api.store(), before, "nothing stored");
+
+    // Chunked: the chunk that passes the limit is refused, the session keeps what it had.
+    let r = api.http.post(api.url("/v2/lim/blobs/uploads/")).send().unwrap();
+    let location = header(&r, "Location");
+    let r = api.http.patch(api.url(&location)).body(vec![b'a'; 600]).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let (s, b) = error_of(api.http.patch(api.url(&location)).body(vec![b'a'; 600]).send().unwrap());
+    assert_oci_error(s, &b, 413, "SIZE_INVALID");
+    let r = api.http.get(api.url(&location)).send().unwrap();
+    assert_eq!(header(&r, "Range"), "0-599");
+
+    // A chunk shorter than its Content-Range says: refused, nothing of it kept.
+    let (s, b) = error_of(
+        api.http
+            .patch(api.url(&location))
+            .header("Content-Range", "600-699")
+            .body(vec![b'b'; 50])
+            .send()
+            .unwrap(),
+    );
+    assert_oci_error(s, &b, 400, "BLOB_UPLOAD_INVALID");
+    let r = api.http.get(api.url(&location)).send().unwrap();
+    assert_eq!(header(&r, "Range"), "0-599");
+
+    // Sessions per client: this client has one open; two more, then 429.
+    for _ in 0..2 {
+        assert_eq!(
+            api.http
+                .post(api.url("/v2/lim/blobs/uploads/"))
+                .send()
+                .unwrap()
+                .status(),
+            202
+        );
+    }
+    let (s, b) = error_of(api.http.post(api.url("/v2/lim/blobs/uploads/")).send().unwrap());
+    assert_oci_error(s, &b, 429, "TOOMANYREQUESTS");
+    assert_eq!(api.http.delete(api.url(&location)).send().unwrap().status(), 204);
+    assert_eq!(
+        api.http
+            .post(api.url("/v2/lim/blobs/uploads/"))
+            .send()
+            .unwrap()
+            .status(),
+        202
+    );
+
+    // The quota: blobs fill the store until the next one would pass 64 KiB.
+    let mut stored = 0;
+    let mut refused = None;
+    for i in 0..100u32 {
+        let blob: Vec<u8> = (0..1000u32).map(|j| (i * 7 + j) as u8).collect();
+        let d = format!("sha256:{}", sha256_hex(&blob));
+        let (s, b) = raw_request(&addr, "POST", &format!("/v2/lim/blobs/uploads/?digest={d}"), &[], &blob);
+        if s == 201 {
+            stored += 1;
+        } else {
+            refused = Some((s, b));
+            break;
+        }
+    }
+    let (s, b) = refused.expect("the quota was never reached");
+    assert_oci_error(s, &b, 413, "SIZE_INVALID");
+    assert!(b.contains("quota"), "{b}");
+    assert!((50..=66).contains(&stored), "{stored} blobs of 1000 bytes fit 64 KiB");
+}
+
+/// At shutdown, a blob being downloaded finishes before ferry exits.
+#[test]
+fn shutdown_finishes_responses_under_way() {
+    let mut api = Api::start(PUSH_ONLY);
+    let data: Vec<u8> = (0..24_000_000u32).map(|i| (i % 253) as u8).collect();
+    let d = api.put_blob("bye", &data);
+    let mut stream = std::net::TcpStream::connect(api.ferry.addr()).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET /v2/bye/blobs/{d} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = std::io::Read::read(&mut stream, &mut first).unwrap();
+    assert!(n > 0);
+    // The response is under way (the client reads slowly); ferry is asked to stop.
+    let pid = sh(&format!(
+        "ss -ltnpH 'sport = :{}' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2",
+        api.ferry.port
+    ));
+    sh(&format!("kill -TERM {}", pid.trim()));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut rest).unwrap();
+    let mut all = first[..n].to_vec();
+    all.extend(rest);
+    let text_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        sha256_hex(&all[text_end..]),
+        d.trim_start_matches("sha256:"),
+        "the body came whole"
+    );
+    assert!(
+        api.ferry.logs().contains("finishing requests under way"),
+        "{}",
+        api.ferry.logs()
+    );
+    api.ferry.stop();
+}

@@ -76,6 +76,18 @@ fn bad(e: impl std::fmt::Display) -> Error {
     Error::Internal(format!("engine export is not a readable tar archive: {e}"))
 }
 
+/// A failed copy of an entry: the disk filling up is said as such, not blamed on the archive.
+fn disk_or_bad(e: std::io::Error, path: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        Error::io(
+            format!("writing {path} of the export to the cache: disk full (ENOSPC)"),
+            e,
+        )
+    } else {
+        bad(e)
+    }
+}
+
 /// Blobs being made durable on other threads while the archive is read on: an fsync of one
 /// layer then overlaps the engine streaming the next.
 #[derive(Default)]
@@ -142,7 +154,7 @@ fn read_entries(
                     archive.metadata.insert(path, buf);
                 } else {
                     let mut w = store.writer(None)?;
-                    copy_large(&mut entry, &mut w).map_err(bad)?;
+                    copy_large(&mut entry, &mut w).map_err(|e| disk_or_bad(e, &path))?;
                     let (size_written, expected) = (w.size(), entry.size());
                     if size_written != expected {
                         return Err(bad(format!("{path}: {size_written} of {expected} bytes")));

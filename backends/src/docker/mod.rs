@@ -73,25 +73,6 @@ fn default_parallel() -> usize {
     2
 }
 
-/// Parses "512MiB", "20GiB", "1G", "1000000" into bytes.
-fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| Error::Internal(format!("max_cache_size {s:?}: not a size like 20GiB")))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(Error::Internal(format!("max_cache_size {s:?}: unknown unit"))),
-    };
-    Ok((num * mult as f64) as u64)
-}
-
 impl DockerConfig {
     pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
         let socket = self
@@ -99,7 +80,11 @@ impl DockerConfig {
             .clone()
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
             .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-        let max_bytes = self.max_cache_size.as_deref().map(parse_size).transpose()?;
+        let max_bytes = self
+            .max_cache_size
+            .as_deref()
+            .map(|s| crate::size::parse(s, "max_cache_size"))
+            .transpose()?;
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
         let cache = Arc::new(Cache::open(dir, self.max_parallel_exports, max_bytes).await?);
         let tls_dir = self.tls_dir.clone().or_else(|| {
@@ -570,14 +555,6 @@ impl Backend for DockerBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("20GiB").unwrap(), 20 << 30);
-        assert_eq!(parse_size("512 MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert!(parse_size("lots").is_err());
-    }
 
     #[test]
     fn candidate_names() {

@@ -55,13 +55,35 @@ pub struct PushConfig {
     /// Upload sessions idle for longer than this many seconds are removed.
     #[serde(default = "default_upload_ttl")]
     pub upload_ttl_secs: u64,
+    /// Largest blob accepted, e.g. "16GiB".
+    #[serde(default = "default_max_blob_size")]
+    pub max_blob_size: String,
+    /// Total size the push store may grow to (blobs and uploads in progress), e.g.
+    /// "200GiB"; unset: no limit.
+    #[serde(default)]
+    pub quota: Option<String>,
+    /// Upload sessions open at once, in all and per client address.
+    #[serde(default = "default_max_uploads")]
+    pub max_upload_sessions: usize,
+    #[serde(default = "default_max_uploads_per_client")]
+    pub max_upload_sessions_per_client: usize,
+}
+
+fn default_max_blob_size() -> String {
+    "16GiB".into()
+}
+fn default_max_uploads() -> usize {
+    1000
+}
+fn default_max_uploads_per_client() -> usize {
+    100
 }
 
 fn default_name() -> String {
     "push".into()
 }
 fn default_upload_ttl() -> u64 {
-    24 * 3600
+    3600
 }
 
 impl PushConfig {
@@ -94,7 +116,23 @@ pub struct PushBackend {
 impl PushBackend {
     pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
         let blobs = BlobStore::open(&root).await?;
-        let uploads = Uploads::open(root.join("uploads"), Duration::from_secs(config.upload_ttl_secs)).await?;
+        let limits = uploads::Limits {
+            max_blob_size: crate::size::parse(&config.max_blob_size, "max_blob_size")?,
+            quota: config
+                .quota
+                .as_deref()
+                .map(|q| crate::size::parse(q, "quota"))
+                .transpose()?,
+            max_sessions: config.max_upload_sessions,
+            max_sessions_per_client: config.max_upload_sessions_per_client,
+        };
+        let uploads = Uploads::open(
+            root.join("uploads"),
+            Duration::from_secs(config.upload_ttl_secs),
+            limits,
+            &root,
+        )
+        .await?;
         let store = PushBackend {
             config,
             root,
@@ -369,17 +407,23 @@ impl Backend for PushBackend {
 
 #[async_trait]
 impl Registry for PushBackend {
-    async fn start_upload(&self, repo: &Repository) -> Result<UploadState> {
+    async fn start_upload(&self, repo: &Repository, ctx: &RequestCtx) -> Result<UploadState> {
         self.check_push_name(repo)?;
-        self.uploads.start(repo).await
+        self.uploads.start(repo, ctx.client).await
     }
 
     async fn upload_state(&self, repo: &Repository, id: &str) -> Result<UploadState> {
         self.uploads.state(repo, id).await
     }
 
-    async fn append(&self, repo: &Repository, id: &str, start: Option<u64>, body: ByteStream) -> Result<UploadState> {
-        self.uploads.append(repo, id, start, body).await
+    async fn append(
+        &self,
+        repo: &Repository,
+        id: &str,
+        range: Option<(u64, u64)>,
+        body: ByteStream,
+    ) -> Result<UploadState> {
+        self.uploads.append(repo, id, range, body).await
     }
 
     async fn finish_upload(&self, repo: &Repository, id: &str, digest: &Digest, body: ByteStream) -> Result<u64> {
@@ -394,7 +438,15 @@ impl Registry for PushBackend {
 
     async fn put_blob(&self, repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64> {
         self.check_push_name(repo)?;
-        let size = self.blobs.write_stream(Some(digest.clone()), body).await?.1;
+        let body = self.uploads.limited(body, 0)?;
+        let size = match self.blobs.write_stream(Some(digest.clone()), body).await {
+            Ok((_, size)) => size,
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::FileTooLarge => {
+                return Err(Error::TooLarge(source.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
+        self.uploads.grew(size);
         self.link(repo, digest).await?;
         Ok(size)
     }

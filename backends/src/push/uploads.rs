@@ -3,7 +3,9 @@
 //! offset is the data file's length); sessions idle longer than the TTL are removed whole.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,27 +23,101 @@ struct Hashing {
     hasher: Sha256,
 }
 
+/// What uploads may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_blob_size: u64,
+    /// Bytes the store (blobs and uploads in progress) may hold in all.
+    pub quota: Option<u64>,
+    pub max_sessions: usize,
+    pub max_sessions_per_client: usize,
+}
+
 /// The upload sessions of one store.
 pub struct Uploads {
     dir: PathBuf,
     ttl: Duration,
+    limits: Limits,
     /// One lock per live session: chunks of one upload are applied one at a time. The hash
     /// is kept so finishing an upload does not re-read it; after a restart it is recomputed.
     sessions: Mutex<HashMap<String, Arc<Mutex<Option<Hashing>>>>>,
+    /// The client each session opened since start was opened by (for the per-client limit).
+    owners: std::sync::Mutex<HashMap<String, Option<IpAddr>>>,
+    /// Bytes the store holds, blobs and uploads (counted at open, then as writes go).
+    used: Arc<AtomicU64>,
 }
 
 impl Uploads {
-    pub async fn open(dir: PathBuf, ttl: Duration) -> Result<Self> {
+    /// Opens the sessions under `dir`; `store_root` is what counts against the quota.
+    pub async fn open(dir: PathBuf, ttl: Duration, limits: Limits, store_root: &Path) -> Result<Self> {
         fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let uploads = Uploads {
             dir,
             ttl,
+            limits,
             sessions: Mutex::new(HashMap::new()),
+            owners: std::sync::Mutex::new(HashMap::new()),
+            used: Arc::new(AtomicU64::new(0)),
         };
         uploads.expire().await?;
+        let root = store_root.to_path_buf();
+        let used = tokio::task::spawn_blocking(move || disk_usage(&root))
+            .await
+            .map_err(|e| Error::Internal(format!("counting the push store: {e}")))?;
+        uploads.used.store(used, Ordering::Relaxed);
         Ok(uploads)
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<IpAddr>>> {
+        self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts bytes a monolithic upload stored.
+    pub fn grew(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Checks `more` bytes on top of `already` fit the blob size limit and the quota.
+    fn check_room(&self, already: u64, more: u64) -> Result<()> {
+        if already + more > self.limits.max_blob_size {
+            return Err(Error::TooLarge(format!(
+                "a blob may be at most {} bytes (max_blob_size)",
+                self.limits.max_blob_size
+            )));
+        }
+        if let Some(quota) = self.limits.quota {
+            if self.used.load(Ordering::Relaxed) + more > quota {
+                return Err(Error::TooLarge(format!(
+                    "the push store is full (quota of {quota} bytes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A monolithic upload's body, failing once it passes the blob size limit or the quota.
+    pub fn limited(&self, body: ByteStream, already: u64) -> Result<ByteStream> {
+        self.check_room(already, 0)?;
+        let (limits, used) = (self.limits, self.used.clone());
+        let mut seen = already;
+        Ok(body
+            .map(move |chunk| {
+                let chunk = chunk?;
+                seen += chunk.len() as u64;
+                let full = limits
+                    .quota
+                    .is_some_and(|q| used.load(Ordering::Relaxed) + seen - already > q);
+                if seen > limits.max_blob_size || full {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::FileTooLarge,
+                        "the blob passes max_blob_size or the push store's quota",
+                    ));
+                }
+                Ok(chunk)
+            })
+            .boxed())
     }
 
     fn session_dir(&self, id: &str) -> PathBuf {
@@ -69,7 +145,9 @@ impl Uploads {
             let complete = fs::try_exists(path.join("repo")).await.unwrap_or(false);
             if stale || !complete {
                 let id = entry.file_name().to_string_lossy().into_owned();
+                self.release(&id).await;
                 self.sessions.lock().await.remove(&id);
+                self.owners().remove(&id);
                 fs::remove_dir_all(&path)
                     .await
                     .map_err(|e| Error::io(format!("removing expired upload {}", path.display()), e))?;
@@ -82,7 +160,21 @@ impl Uploads {
 
     /// Creates a session. The `repo` file is written last: a session dir without it is a
     /// half-created one and is swept by [`Uploads::expire`].
-    pub async fn start(&self, repo: &Repository) -> Result<UploadState> {
+    pub async fn start(&self, repo: &Repository, client: Option<IpAddr>) -> Result<UploadState> {
+        let open = self.sessions.lock().await.len();
+        if open >= self.limits.max_sessions {
+            return Err(Error::TooManyRequests(format!(
+                "{open} upload sessions are open (max_upload_sessions); finish or cancel some"
+            )));
+        }
+        if let Some(ip) = client {
+            let mine = self.owners().values().filter(|o| **o == Some(ip)).count();
+            if mine >= self.limits.max_sessions_per_client {
+                return Err(Error::TooManyRequests(format!(
+                    "{ip} has {mine} upload sessions open (max_upload_sessions_per_client); finish or cancel some"
+                )));
+            }
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let dir = self.session_dir(&id);
         let io = |e| Error::io(format!("creating upload {}", dir.display()), e);
@@ -96,6 +188,7 @@ impl Uploads {
                 hasher: Sha256::new(),
             }))),
         );
+        self.owners().insert(id.clone(), client);
         Ok(UploadState { id, offset: 0 })
     }
 
@@ -137,12 +230,12 @@ impl Uploads {
         &self,
         repo: &Repository,
         id: &str,
-        start: Option<u64>,
+        range: Option<(u64, u64)>,
         body: ByteStream,
     ) -> Result<UploadState> {
         let lock = self.session(repo, id).await?;
         let mut hashing = lock.lock().await;
-        let offset = self.append_locked(id, start, body, &mut hashing).await?;
+        let offset = self.append_locked(id, range, body, &mut hashing).await?;
         Ok(UploadState {
             id: id.to_string(),
             offset,
@@ -152,12 +245,12 @@ impl Uploads {
     async fn append_locked(
         &self,
         id: &str,
-        start: Option<u64>,
+        range: Option<(u64, u64)>,
         mut body: ByteStream,
         hashing: &mut Option<Hashing>,
     ) -> Result<u64> {
         let offset = self.data_len(id).await?;
-        if let Some(start) = start {
+        if let Some((start, _)) = range {
             if start != offset {
                 return Err(Error::UploadOutOfOrder(format!(
                     "chunk starts at byte {start}, the upload holds {offset} bytes"
@@ -177,18 +270,35 @@ impl Uploads {
         let result: Result<()> = async {
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| Error::io("reading upload body", e))?;
-                file.write_all(&chunk)
-                    .await
-                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+                self.check_room(offset + written, chunk.len() as u64)?;
+                self.used.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                written += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(|e| {
+                    let full = if e.kind() == std::io::ErrorKind::StorageFull {
+                        " (disk full, ENOSPC)"
+                    } else {
+                        ""
+                    };
+                    Error::io(format!("writing {}{full}", path.display()), e)
+                })?;
                 if let Some(h) = hashing.as_mut() {
                     h.hasher.update(&chunk);
                 }
-                written += chunk.len() as u64;
+            }
+            if let Some((start, end)) = range {
+                if written != end - start + 1 {
+                    return Err(Error::UploadInvalid(format!(
+                        "Content-Range {start}-{end} announces {} bytes, the body had {written}",
+                        end - start + 1
+                    )));
+                }
             }
             file.flush().await.map_err(|e| Error::io("flushing upload", e))
         }
         .await;
         if let Err(e) = result {
+            self.used
+                .fetch_sub(written.min(self.used.load(Ordering::Relaxed)), Ordering::Relaxed);
             *hashing = None;
             let _ = file.set_len(offset).await;
             return Err(e);
@@ -223,6 +333,9 @@ impl Uploads {
             store.adopt(&self.data_path(id), expected, &actual).await
         }
         .await;
+        if stored.is_err() {
+            self.release(id).await;
+        }
         let removed = self.remove(id).await;
         stored?;
         removed.map(|()| size)
@@ -231,6 +344,7 @@ impl Uploads {
     /// Removes a session and everything it holds.
     pub async fn remove(&self, id: &str) -> Result<()> {
         self.sessions.lock().await.remove(id);
+        self.owners().remove(id);
         let dir = self.session_dir(id);
         match fs::remove_dir_all(&dir).await {
             Ok(()) => Ok(()),
@@ -242,8 +356,35 @@ impl Uploads {
     /// Checks a session exists for `repo` and removes it.
     pub async fn cancel(&self, repo: &Repository, id: &str) -> Result<()> {
         self.session(repo, id).await?;
+        self.release(id).await;
         self.remove(id).await
     }
+
+    /// Stops counting a session's data against the quota (it is about to be removed).
+    async fn release(&self, id: &str) {
+        if let Ok(len) = self.data_len(id).await {
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(len)));
+        }
+    }
+}
+
+/// Bytes of the files under `root` (blocking).
+fn disk_usage(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 async fn hash_file(path: &Path) -> Result<Digest> {

@@ -63,7 +63,7 @@ pub async fn start(call: &Call<'_>, state: &AppState, name: &str, body: Body) ->
         tracing::info!(request = %call.ctx.request_id, repository = %repo, %digest, size, "blob stored");
         return Ok(created(name, &digest));
     }
-    let upload = registry.start_upload(&repo).await?;
+    let upload = registry.start_upload(&repo, &call.ctx).await?;
     Ok(in_progress(StatusCode::ACCEPTED, name, &upload))
 }
 
@@ -75,14 +75,14 @@ pub async fn status(call: &Call<'_>, state: &AppState, name: &str, id: &str) -> 
 }
 
 /// Parses `Content-Range: <start>-<end>` (the spec's form; `bytes ` prefix tolerated).
-fn content_range_start(call: &Call<'_>) -> ApiResult<Option<u64>> {
+fn content_range(call: &Call<'_>) -> ApiResult<Option<(u64, u64)>> {
     let Some(v) = call.header(header::CONTENT_RANGE) else {
         return Ok(None);
     };
     let v = v.trim().trim_start_matches("bytes").trim();
     let parsed = v.split_once('-').and_then(|(s, e)| {
         let (s, e) = (s.trim().parse::<u64>().ok()?, e.trim().parse::<u64>().ok()?);
-        (s <= e).then_some(s)
+        (s <= e).then_some((s, e))
     });
     match parsed {
         Some(s) => Ok(Some(s)),
@@ -93,9 +93,9 @@ fn content_range_start(call: &Call<'_>) -> ApiResult<Option<u64>> {
 pub async fn patch(call: &Call<'_>, state: &AppState, name: &str, id: &str, body: Body) -> ApiResult {
     let repo = call.repo(name)?;
     let (_, registry) = state.registry()?;
-    let start = content_range_start(call)?;
+    let range = content_range(call)?;
     let upload = registry
-        .append(&repo, id, start, super::body::stream(body, state.body_idle))
+        .append(&repo, id, range, super::body::stream(body, state.body_idle))
         .await?;
     Ok(in_progress(StatusCode::ACCEPTED, name, &upload))
 }
