@@ -22,6 +22,39 @@ use crate::range::ByteRange;
 
 /// Read buffer for serving blobs: large enough to keep syscalls off the profile.
 const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
+/// up to four chunks (two queued, one waiting to be queued, one being sent), so chunks
+/// shrink as streams multiply.
+const SERVE_BUDGET: usize = 24 * 1024 * 1024;
+/// The smallest chunk, however many streams there are.
+const MIN_READ_CHUNK: usize = 16 * 1024;
+
+/// Blob streams being served right now.
+static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The chunk size for the next read: [`READ_CHUNK`] while few blobs are served, less when
+/// many are, so that memory stays near [`SERVE_BUDGET`] — 200 clients pulling at once must
+/// not hold 200 × 768 KiB.
+fn chunk_size() -> usize {
+    let serving = SERVING.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    (SERVE_BUDGET / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
+}
+
+/// Counts a stream in [`SERVING`] while it lives.
+struct Serving;
+
+impl Serving {
+    fn start() -> Self {
+        SERVING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Serving
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 /// Chunks of a request body read ahead of the hashing writer (hyper's chunks are at most its
 /// read buffer, so this bounds memory to a few MiB per upload).
 const BODY_PREFETCH_CHUNKS: usize = 16;
@@ -286,6 +319,7 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
     use std::io::{Read, Seek};
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(2);
     tokio::task::spawn_blocking(move || {
+        let _serving = Serving::start();
         if offset > 0 {
             if let Err(e) = file.seek(io::SeekFrom::Start(offset)) {
                 let _ = tx.blocking_send(Err(e));
@@ -294,7 +328,7 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
         }
         let mut left = len;
         while left > 0 {
-            let want = left.min(READ_CHUNK as u64);
+            let want = left.min(chunk_size() as u64);
             // read_to_end fills spare capacity without zeroing it first.
             let mut buf = Vec::with_capacity(want as usize);
             let result = match (&mut file).take(want).read_to_end(&mut buf) {
