@@ -878,3 +878,58 @@ fn shutdown_finishes_responses_under_way() {
     );
     api.ferry.stop();
 }
+
+/// Temp files a crash left among a repository's tags are swept at start.
+#[test]
+fn temp_files_a_crash_left_are_swept_at_start() {
+    let mut api = Api::start(PUSH_ONLY);
+    api.put_image("sweep/img", "v1", "sweep");
+    let tags = api.ferry.dir.join("push/repos/docker.io/sweep/img/_tags");
+    let stale = tags.join(".tmp-0123");
+    std::fs::write(&stale, "sha256:half-written").unwrap();
+    api.ferry.restart();
+    assert!(!stale.exists(), "the crash's temp file is still there");
+    let r = api.http.get(api.url("/v2/sweep/img/tags/list")).send().unwrap();
+    assert_eq!(r.json::<Value>().unwrap()["tags"], json!(["v1"]));
+}
+
+/// A full disk (a small tmpfs as the data dir): the upload fails with an error that says so,
+/// leaves nothing partial, and reads keep working.
+#[test]
+fn a_full_disk_is_said_as_such_and_leaves_nothing_partial() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    sh(&format!("mount -t tmpfs -o size=2m tmpfs {}", data.display()));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = sh_result(&format!("umount {}", self.0.display()));
+        }
+    }
+    let _unmount = Unmount(data.clone());
+    let ferry = Ferry::start(dir.path(), PUSH_ONLY);
+    let http = Client::new();
+    let small = b"fits".to_vec();
+    let d = format!("sha256:{}", sha256_hex(&small));
+    let r = http
+        .post(ferry.url(&format!("/v2/full/blobs/uploads/?digest={d}")))
+        .body(small.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let bd = format!("sha256:{}", sha256_hex(&big));
+    let r = http
+        .post(ferry.url(&format!("/v2/full/blobs/uploads/?digest={bd}")))
+        .body(big)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let logs = ferry.logs();
+    assert!(logs.contains("disk full (ENOSPC)"), "{logs}");
+    let tmp = std::fs::read_dir(data.join("push/tmp")).unwrap().count();
+    assert_eq!(tmp, 0, "a partial blob was left");
+    let r = http.get(ferry.url(&format!("/v2/full/blobs/{d}"))).send().unwrap();
+    assert_eq!(r.bytes().unwrap().to_vec(), small, "reads keep working");
+}
