@@ -24,8 +24,8 @@ use crate::range::ByteRange;
 const READ_CHUNK: usize = 256 * 1024;
 /// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
 /// up to four chunks (two queued, one waiting to be queued, one being sent), so chunks
-/// shrink as streams multiply.
-const SERVE_BUDGET: usize = 24 * 1024 * 1024;
+/// shrink as streams multiply (up to 12 streams still read 256 KiB chunks).
+const SERVE_BUDGET: usize = 12 * 1024 * 1024;
 /// The smallest chunk, however many streams there are.
 const MIN_READ_CHUNK: usize = 16 * 1024;
 

@@ -46,8 +46,8 @@ fn serves_images_of(engine: &str, label: &str) {
     ferry.stop();
     std::fs::remove_dir_all(ferry.dir.join("docker")).unwrap();
     ferry.restart();
-    let (_, again, _) = get_manifest(&ferry, &name, "v1", "");
-    assert_eq!(again, digest);
+    let (status, again, _) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!((status, again), (200, digest.clone()), "{}", ferry.logs());
     // By digest, through containerd (it resolves the digest itself).
     let by_digest = format!("docker.io/library/{name}@{digest}");
     let out = ctr_pull_and_run(&ctd, "e2e", &certs, &by_digest);

@@ -22,8 +22,9 @@ use ferry_core::{Error, Result};
 /// spool an image to disk before the first byte goes out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Time allowed to connect and negotiate with an engine.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time allowed to connect and negotiate with an engine (an engine that is down refuses at
+/// once; this bounds one that hangs, or answers slowly under load).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// What kind of engine answers on the socket.
 #[derive(Clone, Debug)]
@@ -71,7 +72,7 @@ impl Engine {
         }
         let connected = tokio::time::timeout(CONNECT_TIMEOUT, self.connect())
             .await
-            .map_err(|_| self.unavailable("no answer within 3 s"))??;
+            .map_err(|_| self.unavailable(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())))??;
         *slot = Some(connected.clone());
         Ok(connected)
     }
@@ -113,13 +114,19 @@ impl Engine {
         } else {
             format!("Docker {product}")
         };
-        let containerd_store = match docker.info().await {
-            Ok(info) => info
-                .driver_status
-                .unwrap_or_default()
-                .iter()
-                .any(|kv| kv.iter().any(|v| v.contains("io.containerd.snapshotter"))),
-            Err(e) => return Err(self.unavailable(with_causes(&e))),
+        // Podman has no containerd store, and its `info` walks its whole storage (seconds
+        // with many images on vfs): it is not asked.
+        let containerd_store = if product == "Podman" {
+            false
+        } else {
+            match docker.info().await {
+                Ok(info) => info
+                    .driver_status
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|kv| kv.iter().any(|v| v.contains("io.containerd.snapshotter"))),
+                Err(e) => return Err(self.unavailable(with_causes(&e))),
+            }
         };
         let info = EngineInfo {
             product,
