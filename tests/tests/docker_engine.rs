@@ -511,3 +511,86 @@ fn a_failing_export_is_shared_and_remembered() {
         ferry.logs()
     );
 }
+
+/// A crash (SIGKILL) in the middle of an export and of a chunked upload: after the restart
+/// nothing partial is served or left, the export runs again and is served whole, and the
+/// upload session resumes where its data stands.
+#[test]
+fn a_crash_mid_export_and_mid_upload_loses_nothing_stored() {
+    let name = unique("crash");
+    build_big_image(&format!("{name}:v1"), 96);
+    let dir = scratch();
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), ""));
+    // Something stored before the crash.
+    let kept = b"stored before the crash".to_vec();
+    let kept_digest = format!("sha256:{}", sha256_hex(&kept));
+    let http = reqwest::blocking::Client::new();
+    let r = http
+        .post(ferry.url(&format!("/v2/crash/up/blobs/uploads/?digest={kept_digest}")))
+        .body(kept.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // An upload with one chunk in, and an export under way.
+    let r = http.post(ferry.url("/v2/crash/up/blobs/uploads/")).send().unwrap();
+    let location = r.headers()["Location"].to_str().unwrap().to_string();
+    let first = vec![b'1'; 100_000];
+    assert_eq!(
+        http.patch(ferry.url(&location))
+            .body(first.clone())
+            .send()
+            .unwrap()
+            .status(),
+        202
+    );
+    let url = ferry.url(&format!("/v2/{name}/manifests/v1"));
+    std::thread::spawn(move || {
+        let _ = reqwest::blocking::Client::new().get(url).send();
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ferry.logs().contains("exporting image from the engine") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    ferry.kill9();
+    assert!(
+        !ferry.logs().contains("export finished"),
+        "the export ended before the crash"
+    );
+    ferry.start_again();
+
+    let tmp: Vec<_> = std::fs::read_dir(ferry.dir.join("docker/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "partial export blobs left: {tmp:?}");
+    let r = http
+        .get(ferry.url(&format!("/v2/crash/up/blobs/{kept_digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().to_vec(), kept, "what was stored before is served");
+    // The session resumes at its offset and finishes.
+    let r = http.get(ferry.url(&location)).send().unwrap();
+    assert_eq!(r.headers()["Range"], "0-99999");
+    let rest = vec![b'2'; 50_000];
+    let whole = [first, rest.clone()].concat();
+    let d = format!("sha256:{}", sha256_hex(&whole));
+    let r = http
+        .put(ferry.url(&format!("{location}?digest={d}")))
+        .body(rest)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The export runs again and the image is served whole.
+    let (status, _, manifest) = get_manifest(&ferry, &name, "v1", "");
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    for l in m["layers"].as_array().unwrap() {
+        let digest = l["digest"].as_str().unwrap();
+        let body = http
+            .get(ferry.url(&format!("/v2/{name}/blobs/{digest}")))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap();
+        assert_eq!(format!("sha256:{}", sha256_hex(&body)), digest);
+    }
+    sh(&format!("docker -H {} rmi {name}:v1", docker20()));
+}

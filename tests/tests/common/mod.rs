@@ -221,6 +221,19 @@ impl Ferry {
         }
     }
 
+    /// Kills the process with SIGKILL (a crash: nothing is cleaned up) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again after [`Ferry::kill9`] or [`Ferry::stop`], same port, config and data.
+    pub fn start_again(&mut self) {
+        self.spawn(&[]);
+    }
+
     /// Stops and starts again on the same port, config and data.
     pub fn restart(&mut self) {
         self.stop();
