@@ -89,6 +89,11 @@ pub trait Backend: Send + Sync {
         Ok(Vec::new())
     }
 
+    /// Whether the backend can answer now (its engine or containerd reachable), for `/readyz`.
+    async fn ready(&self) -> bool {
+        true
+    }
+
     /// The ferry blob store this backend's blobs are files in, if any: lets the push store
     /// take a blob in as a hard link instead of a copy.
     fn blob_store(&self) -> Option<&BlobStore> {

@@ -254,6 +254,20 @@ impl Chain {
         Ok(all)
     }
 
+    /// The names of the backends that can answer now, and of those that cannot.
+    pub async fn readiness(&self) -> (Vec<String>, Vec<String>) {
+        let (mut ready, mut down) = (Vec::new(), Vec::new());
+        for h in &self.backends {
+            let name = h.backend.name().to_string();
+            if h.backend.ready().await {
+                ready.push(name);
+            } else {
+                down.push(name);
+            }
+        }
+        (ready, down)
+    }
+
     /// Every backend's referrers of `digest`.
     pub async fn referrers(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Vec<Descriptor>> {
         let mut all = Vec::new();

@@ -7,6 +7,7 @@ pub mod digest;
 pub mod error;
 pub mod flight;
 pub mod manifest;
+pub mod metrics;
 pub mod origin;
 pub mod prefetch;
 mod push;

@@ -43,6 +43,14 @@ e2e_install_packages() {
     fi
 }
 
+# Python's Prometheus client, whose text parser the metrics test reads /metrics with.
+e2e_install_python_packages() {
+    python3 -c 'import prometheus_client' 2>/dev/null && return 0
+    e2e_log "installing prometheus_client (PyPI)"
+    python3 -m pip install -q prometheus_client >>"$E2E_DIR/logs/pip.log" 2>&1 ||
+        python3 -m pip install -q --break-system-packages prometheus_client >>"$E2E_DIR/logs/pip.log" 2>&1
+}
+
 # Waits until a command succeeds, up to $2 seconds of wall time (each try is cut off after
 # 5 s, as a client can hang on a socket nobody serves). When $1 names a daemon that e2e_spawn
 # started and it has exited, gives up at once and shows the end of its log.

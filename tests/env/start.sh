@@ -5,6 +5,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/lib.sh"
 
 e2e_install_packages
+e2e_install_python_packages
 e2e_sweep_stale_netns
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16

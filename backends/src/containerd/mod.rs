@@ -335,6 +335,7 @@ impl HealTask {
                 }
             },
         };
+        ferry_core::metrics::heal(&self.backend, result.is_ok());
         match &result {
             Ok(()) => {
                 if let Some(last) = held.take() {
@@ -399,6 +400,10 @@ impl Backend for ContainerdBackend {
             })),
             Err(_) => Ok(None),
         }
+    }
+
+    async fn ready(&self) -> bool {
+        self.store.channel().await.is_ok()
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {

@@ -153,8 +153,23 @@ impl Export {
             repo,
         } = self;
         let started = Instant::now();
+        let metric = ferry_core::metrics::export_started(&backend);
+        let result = Self::read(&backend, &engine, &cache, &name, &id, &repo, started).await;
+        metric.done(result.is_ok());
+        result
+    }
+
+    async fn read(
+        backend: &str,
+        engine: &Engine,
+        cache: &Arc<Cache>,
+        name: &str,
+        id: &str,
+        repo: &Repository,
+        started: Instant,
+    ) -> Result<(Exported, Vec<pins::Pin>)> {
         tracing::info!(backend = %backend, image = %name, id = %id, "exporting image from the engine");
-        let stream = engine.export(&name).await?;
+        let stream = engine.export(name).await?;
         let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
         let store = cache.store.clone();
         let mut archive = archive::Archive::new(&cache.pins);
@@ -170,7 +185,7 @@ impl Export {
                 elapsed_ms = started.elapsed().as_millis() as u64, "export failed");
             return Err(e);
         }
-        let result = export::interpret(&mut archive, &cache.store, &repo, &name).await;
+        let result = export::interpret(&mut archive, &cache.store, repo, name).await;
         let mut pinned = std::mem::take(&mut archive.pins);
         let exported = match result {
             Ok(exported) => exported,
@@ -244,6 +259,7 @@ impl DockerBackend {
             id: found.id.clone(),
             repo: repo.clone(),
         };
+        ferry_core::metrics::cache_lookup(&self.config.name, self.cache.get(&found.id).await.is_some());
         let entry = self.cache.get_or_export(&found.id, move || export.run()).await?;
         self.cache.touch(&found.id).await;
         Ok(entry)
@@ -317,12 +333,14 @@ impl DockerBackend {
             tracing::info!(backend = %backend, image = %image, with_credentials, "pulling missing image through the engine");
             match engine.pull(&from, &image.reference.to_string(), credentials).await? {
                 Ok(()) => {
+                    ferry_core::metrics::engine_pull(&backend, true);
                     tracing::info!(backend = %backend, image = %image,
                         elapsed_ms = started.elapsed().as_millis() as u64, "pull finished");
                     index.mark_stale();
                     Ok(true)
                 }
                 Err(message) => {
+                    ferry_core::metrics::engine_pull(&backend, false);
                     tracing::warn!(backend = %backend, image = %image, with_credentials, error = %message, "pull failed");
                     // The engine's words stay in the log: they would tell a client which hosts
                     // and ports answer, and how.
@@ -525,6 +543,10 @@ impl Backend for DockerBackend {
 
     fn blob_store(&self) -> Option<&ferry_core::BlobStore> {
         Some(&self.cache.store)
+    }
+
+    async fn ready(&self) -> bool {
+        self.engine.client().await.is_ok()
     }
 
     async fn blob(

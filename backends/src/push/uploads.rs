@@ -146,7 +146,9 @@ impl Uploads {
             if stale || !complete {
                 let id = entry.file_name().to_string_lossy().into_owned();
                 self.release(&id).await;
-                self.sessions.lock().await.remove(&id);
+                if self.sessions.lock().await.remove(&id).is_some() {
+                    ferry_core::metrics::upload_sessions(-1);
+                }
                 self.owners().remove(&id);
                 fs::remove_dir_all(&path)
                     .await
@@ -189,6 +191,7 @@ impl Uploads {
             }))),
         );
         self.owners().insert(id.clone(), client);
+        ferry_core::metrics::upload_sessions(1);
         Ok(UploadState { id, offset: 0 })
     }
 
@@ -205,6 +208,10 @@ impl Uploads {
             return Err(unknown());
         }
         let mut sessions = self.sessions.lock().await;
+        if !sessions.contains_key(id) {
+            // A session from before a restart, open again.
+            ferry_core::metrics::upload_sessions(1);
+        }
         Ok(sessions.entry(id.to_string()).or_default().clone())
     }
 
@@ -343,7 +350,9 @@ impl Uploads {
 
     /// Removes a session and everything it holds.
     pub async fn remove(&self, id: &str) -> Result<()> {
-        self.sessions.lock().await.remove(id);
+        if self.sessions.lock().await.remove(id).is_some() {
+            ferry_core::metrics::upload_sessions(-1);
+        }
         self.owners().remove(id);
         let dir = self.session_dir(id);
         match fs::remove_dir_all(&dir).await {

@@ -12,6 +12,23 @@ use poem::{Body, Endpoint, Request, Response};
 use super::error::ErrorBody;
 use super::BACKEND_HEADER;
 
+/// The operation a request is, for metrics: `manifest_get`, `blob_head`, `upload_patch`, …
+fn operation(method: &str, path: &str) -> String {
+    use super::route::{parse, Target};
+    let what = match parse(path) {
+        Some(Target::Base) => "base",
+        Some(Target::Catalog) => "catalog",
+        Some(Target::Tags { .. }) => "tags",
+        Some(Target::Manifest { .. }) => "manifest",
+        Some(Target::Blob { .. }) => "blob",
+        Some(Target::Uploads { .. }) | Some(Target::Upload { .. }) => "upload",
+        Some(Target::Referrers { .. }) => "referrers",
+        None if path.starts_with("/v2") => "unknown",
+        None => return path.trim_start_matches('/').replace('/', "_"),
+    };
+    format!("{what}_{}", method.to_ascii_lowercase())
+}
+
 /// Marks a response whose body is streamed; its log line waits for the stream to end.
 #[derive(Clone, Copy)]
 pub struct Streamed;
@@ -30,6 +47,11 @@ struct Line {
 impl Line {
     fn emit(&self) {
         let bytes = self.bytes.load(Ordering::Relaxed);
+        let path = self.path.split('?').next().unwrap_or("");
+        ferry_core::metrics::request(&operation(&self.method, path), self.status);
+        if let Some(b) = &self.backend {
+            ferry_core::metrics::served(b, bytes);
+        }
         let duration_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let backend = self.backend.as_deref().unwrap_or("-");
         if let Some(error) = &self.error {

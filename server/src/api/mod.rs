@@ -90,6 +90,8 @@ pub fn app(state: Arc<AppState>) -> impl poem::Endpoint {
         .at("/v2", v2)
         .at("/v2/*", v2)
         .at("/healthz", healthz)
+        .at("/readyz", readyz)
+        .at("/metrics", metrics)
         .data(state)
         .around(log::log_request)
         .into_endpoint()
@@ -98,6 +100,28 @@ pub fn app(state: Arc<AppState>) -> impl poem::Endpoint {
 #[handler]
 fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Ready when at least one backend can be reached (an engine answers, containerd answers,
+/// the push store is there); 503 with the names of the unreachable ones otherwise.
+#[handler]
+async fn readyz(Data(state): Data<&Arc<AppState>>) -> Response {
+    let (ready, down) = state.chain.readiness().await;
+    if ready.is_empty() {
+        Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(format!("no backend is reachable: {}\n", down.join(", ")))
+    } else {
+        Response::builder().body(format!("ready: {}\n", ready.join(", ")))
+    }
+}
+
+/// Prometheus text format.
+#[handler]
+fn metrics() -> Response {
+    Response::builder()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(ferry_core::metrics::render())
 }
 
 #[handler]
