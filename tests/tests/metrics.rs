@@ -68,6 +68,12 @@ fn metrics_move_as_a_pull_happens() {
     );
     assert_eq!(value(&after, "ferry_exports_in_flight{}"), 0.0);
     assert_eq!(grew("ferry_upload_sessions_open{}"), 1.0, "{after}");
+    // Made-up methods and paths do not make new series.
+    for i in 0..50 {
+        let _ = raw_request(&ferry.addr(), &format!("X{i}"), &format!("/nowhere/{i}"), &[], b"");
+    }
+    let series = samples(&ferry).as_object().unwrap().len();
+    assert!(series <= after.as_object().unwrap().len() + 2, "{series} series");
     sh(&format!("docker -H {engine} rmi {name}:v1"));
 }
 

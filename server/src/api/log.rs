@@ -13,8 +13,14 @@ use super::error::ErrorBody;
 use super::BACKEND_HEADER;
 
 /// The operation a request is, for metrics: `manifest_get`, `blob_head`, `upload_patch`, …
+/// A bounded set whatever clients send (methods and paths they make up are `other`), so no
+/// client can grow the metrics without end.
 fn operation(method: &str, path: &str) -> String {
     use super::route::{parse, Target};
+    let method = match method {
+        "GET" | "HEAD" | "PUT" | "POST" | "PATCH" | "DELETE" => method.to_ascii_lowercase(),
+        _ => "other".to_string(),
+    };
     let what = match parse(path) {
         Some(Target::Base) => "base",
         Some(Target::Catalog) => "catalog",
@@ -23,10 +29,29 @@ fn operation(method: &str, path: &str) -> String {
         Some(Target::Blob { .. }) => "blob",
         Some(Target::Uploads { .. }) | Some(Target::Upload { .. }) => "upload",
         Some(Target::Referrers { .. }) => "referrers",
-        None if path.starts_with("/v2") => "unknown",
-        None => return path.trim_start_matches('/').replace('/', "_"),
+        None => match path {
+            "/healthz" => "healthz",
+            "/readyz" => "readyz",
+            "/metrics" => "metrics",
+            _ => "other",
+        },
     };
-    format!("{what}_{}", method.to_ascii_lowercase())
+    format!("{what}_{method}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::operation;
+
+    #[test]
+    fn operations_are_a_bounded_set() {
+        assert_eq!(operation("GET", "/v2/a/b/manifests/v1"), "manifest_get");
+        assert_eq!(operation("HEAD", "/v2/a/blobs/sha256:00"), "blob_head");
+        assert_eq!(operation("GET", "/metrics"), "metrics_get");
+        assert_eq!(operation("BREW", "/v2/"), "base_other");
+        assert_eq!(operation("GET", "/made/up/path/1"), "other_get");
+        assert_eq!(operation("GET", "/made/up/path/2"), "other_get");
+    }
 }
 
 /// Marks a response whose body is streamed; its log line waits for the stream to end.
