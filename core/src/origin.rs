@@ -109,6 +109,17 @@ impl OriginPolicy {
         OriginPolicy { listed }
     }
 
+    /// This policy with more hosts named (a backend's own list, e.g. its `plain_http` hosts).
+    pub fn with_named(&self, more: &[String]) -> OriginPolicy {
+        let mut listed = self.listed.clone();
+        listed.extend(
+            more.iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty()),
+        );
+        OriginPolicy { listed }
+    }
+
     /// Whether `registry` (`host[:port]`) is named exactly, with its port or without.
     fn named_exactly(&self, registry: &str) -> bool {
         let registry = registry.to_ascii_lowercase();
@@ -256,6 +267,13 @@ mod tests {
         assert!(p
             .check_address("metadata.example", "169.254.169.254".parse().unwrap())
             .is_err());
+    }
+
+    #[test]
+    fn a_backends_own_hosts_count_as_named() {
+        let p = OriginPolicy::default().with_named(&["10.0.0.5:5000".to_string()]);
+        assert!(p.check_registry("10.0.0.5:5000").is_ok());
+        assert!(OriginPolicy::default().check_registry("10.0.0.5:5000").is_err());
     }
 
     #[test]

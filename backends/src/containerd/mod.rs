@@ -81,6 +81,8 @@ impl ContainerdConfig {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");
         }
+        // Hosts this backend names for plain HTTP are named hosts of the origin policy too.
+        let policy = Arc::new(policy.with_named(&self.plain_http));
         let origins = Origins::new(
             OriginSettings {
                 plain_http: self.plain_http.clone(),
