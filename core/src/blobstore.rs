@@ -180,7 +180,7 @@ impl BlobStore {
                 if n == 0 {
                     break;
                 }
-                std::io::Write::write_all(&mut w, &buf[..n]).map_err(write_error)?;
+                std::io::Write::write_all(&mut w, &buf[..n]).map_err(|e| Error::io("writing a blob", e))?;
             }
             w.commit()
         })
@@ -353,15 +353,6 @@ pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::bac
 
 fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> crate::backend::ByteStream {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
-}
-
-/// An error writing a blob, with a full disk named as such.
-fn write_error(e: io::Error) -> Error {
-    if e.kind() == io::ErrorKind::StorageFull {
-        Error::io("writing a blob: disk full (ENOSPC)", e)
-    } else {
-        Error::io("writing a blob", e)
-    }
 }
 
 /// Runs blocking file work off the async threads.

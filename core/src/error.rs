@@ -88,12 +88,14 @@ pub enum Error {
 }
 
 impl Error {
-    /// Wraps an I/O error with what was being done, so a log line says which file failed.
+    /// Wraps an I/O error with what was being done, so a log line says which file failed;
+    /// a full disk is said as such.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
+        let mut context = context.into();
+        if source.kind() == io::ErrorKind::StorageFull {
+            context.push_str(": disk full (ENOSPC)");
         }
+        Error::Io { context, source }
     }
 
     /// True for errors that mean "this backend does not have it": the chain asks the next one.

@@ -280,14 +280,9 @@ impl Uploads {
                 self.check_room(offset + written, chunk.len() as u64)?;
                 self.used.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 written += chunk.len() as u64;
-                file.write_all(&chunk).await.map_err(|e| {
-                    let full = if e.kind() == std::io::ErrorKind::StorageFull {
-                        " (disk full, ENOSPC)"
-                    } else {
-                        ""
-                    };
-                    Error::io(format!("writing {}{full}", path.display()), e)
-                })?;
+                file.write_all(&chunk)
+                    .await
+                    .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
                 if let Some(h) = hashing.as_mut() {
                     h.hasher.update(&chunk);
                 }
