@@ -50,7 +50,7 @@ impl Default for OriginPolicy {
 }
 
 /// Splits `host[:port]` (IPv6 in brackets) into host and port.
-fn split_host(registry: &str) -> (&str, Option<&str>) {
+pub fn split_host(registry: &str) -> (&str, Option<&str>) {
     if let Some(rest) = registry.strip_prefix('[') {
         if let Some((h, tail)) = rest.split_once(']') {
             return (h, tail.strip_prefix(':'));

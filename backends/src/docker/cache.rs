@@ -55,6 +55,8 @@ fn id_key(image_id: &str) -> String {
 }
 
 pub struct Cache {
+    /// The backend's name, for metrics.
+    backend: String,
     pub store: BlobStore,
     entries_dir: PathBuf,
     entries: RwLock<HashMap<String, Arc<Entry>>>,
@@ -70,7 +72,12 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub async fn open(dir: PathBuf, max_parallel_exports: usize, max_bytes: Option<u64>) -> Result<Self> {
+    pub async fn open(
+        backend: &str,
+        dir: PathBuf,
+        max_parallel_exports: usize,
+        max_bytes: Option<u64>,
+    ) -> Result<Self> {
         let store = BlobStore::open(&dir).await?;
         let entries_dir = dir.join("entries");
         tokio::fs::create_dir_all(&entries_dir)
@@ -92,6 +99,7 @@ impl Cache {
             }
         }
         Ok(Cache {
+            backend: backend.to_string(),
             store,
             entries_dir,
             entries: RwLock::new(entries),
@@ -162,7 +170,9 @@ impl Cache {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<(Exported, Vec<Pin>)>> + Send + 'static,
     {
-        if let Some(e) = self.get(image_id).await {
+        let cached = self.get(image_id).await;
+        ferry_core::metrics::cache_lookup(&self.backend, cached.is_some());
+        if let Some(e) = cached {
             return Ok(e);
         }
         let (cache, id) = (self.clone(), image_id.to_string());
@@ -286,7 +296,7 @@ mod tests {
     #[tokio::test]
     async fn discarding_spares_blobs_another_export_holds_or_an_entry_references() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(Cache::open(dir.path().to_path_buf(), 2, None).await.unwrap());
+        let cache = Arc::new(Cache::open("test", dir.path().to_path_buf(), 2, None).await.unwrap());
         let (m, shared, own) = (
             blob(&cache, b"m").await,
             blob(&cache, b"shared").await,
@@ -315,7 +325,7 @@ mod tests {
     #[tokio::test]
     async fn eviction_spares_blobs_of_an_export_not_yet_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(Cache::open(dir.path().to_path_buf(), 2, Some(1)).await.unwrap());
+        let cache = Arc::new(Cache::open("test", dir.path().to_path_buf(), 2, Some(1)).await.unwrap());
         let in_flight = blob(&cache, b"stored by an export still running").await;
         let pin = cache.pins.pin(&in_flight);
         let (m, layer) = (blob(&cache, b"m").await, blob(&cache, b"layer").await);

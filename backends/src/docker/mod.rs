@@ -86,7 +86,7 @@ impl DockerConfig {
             .map(|s| crate::size::parse(s, "max_cache_size"))
             .transpose()?;
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
-        let cache = Arc::new(Cache::open(dir, self.max_parallel_exports, max_bytes).await?);
+        let cache = Arc::new(Cache::open(&self.name, dir, self.max_parallel_exports, max_bytes).await?);
         let tls_dir = self.tls_dir.clone().or_else(|| {
             let verify = std::env::var("DOCKER_TLS_VERIFY").is_ok_and(|v| !v.is_empty() && v != "0");
             verify
@@ -259,7 +259,6 @@ impl DockerBackend {
             id: found.id.clone(),
             repo: repo.clone(),
         };
-        ferry_core::metrics::cache_lookup(&self.config.name, self.cache.get(&found.id).await.is_some());
         let entry = self.cache.get_or_export(&found.id, move || export.run()).await?;
         self.cache.touch(&found.id).await;
         Ok(entry)
@@ -370,8 +369,8 @@ impl DockerBackend {
         } else {
             registry
         };
-        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        if name.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+        let (name, _) = ferry_core::origin::split_host(host);
+        if name.parse::<std::net::IpAddr>().is_ok() {
             return Ok(()); // an IP literal: check_registry judged it
         }
         if let Ok(addrs) = tokio::net::lookup_host((name, 0)).await {
