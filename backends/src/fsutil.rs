@@ -31,6 +31,15 @@ pub async fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Whether this process can create files in `dir`: a temp file written and removed. The
+/// reason (permission denied, read-only, full disk) when it cannot.
+pub async fn probe_writable(dir: &Path) -> std::result::Result<(), String> {
+    let probe = dir.join(format!(".tmp-probe-{}", uuid::Uuid::new_v4()));
+    let written = fs::write(&probe, b"").await;
+    let _ = fs::remove_file(&probe).await;
+    written.map_err(|e| Error::io(format!("writing in {}", dir.display()), e).to_string())
+}
+
 /// Reads a file, `None` when it does not exist.
 pub async fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
     match fs::read(path).await {

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::manifest::{Descriptor, Manifest};
 use crate::range::ByteRange;
 use crate::reference::{ImageRef, Reference, Repository};
+use crate::status::{BackendStatus, CachedImage, Evicted, RepositoryUsage};
 
 /// A byte stream: request bodies going in, blob bodies going out.
 pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
@@ -98,6 +99,32 @@ pub trait Backend: Send + Sync {
     /// take a blob in as a hard link instead of a copy.
     fn blob_store(&self) -> Option<&BlobStore> {
         None
+    }
+
+    /// What the admin API and `ferry doctor` show of this backend: what answers, its
+    /// version and storage, or why it cannot be reached.
+    async fn status(&self) -> BackendStatus {
+        BackendStatus {
+            name: self.name().to_string(),
+            reachable: self.ready().await,
+            ..BackendStatus::default()
+        }
+    }
+
+    /// The images this backend keeps in a cache of its own (the docker backend's exports).
+    async fn cached_images(&self) -> Result<Vec<CachedImage>> {
+        Ok(Vec::new())
+    }
+
+    /// Drops cached images: the one whose image id or manifest digest is `image`, or all of
+    /// them. `None` when this backend has no cache. Blobs being served stay until they end.
+    async fn evict(&self, _image: Option<&str>) -> Result<Option<Evicted>> {
+        Ok(None)
+    }
+
+    /// The repositories this backend stores, with their tags and sizes (the push store).
+    async fn usage(&self) -> Result<Vec<RepositoryUsage>> {
+        Ok(Vec::new())
     }
 }
 

@@ -41,6 +41,11 @@ impl Chain {
         Chain { backends }
     }
 
+    /// The backends in query order.
+    pub fn backends(&self) -> impl Iterator<Item = &std::sync::Arc<dyn crate::Backend>> {
+        self.backends.iter().map(|h| &h.backend)
+    }
+
     /// Names of the backends in query order.
     pub fn names(&self) -> Vec<String> {
         self.backends.iter().map(|b| b.backend.name().to_string()).collect()

@@ -13,6 +13,7 @@ pub mod prefetch;
 mod push;
 pub mod range;
 pub mod reference;
+pub mod status;
 
 pub use backend::{Backend, BackendHandle, BlobBody, ByteStream, Registry, RequestCtx, UploadState};
 pub use blobstore::BlobStore;

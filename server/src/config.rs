@@ -22,6 +22,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub origins: OriginsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Backends in query order.
     #[serde(default = "default_backends")]
     pub backends: Vec<BackendConfig>,
@@ -123,6 +125,38 @@ fn default_true() -> bool {
     true
 }
 
+/// `[admin]`: the admin API under `/api/v1`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token the changing endpoints (evictions) require; unset: they answer 403.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the token (a mounted secret); read at start, surrounding whitespace
+    /// dropped.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Serve the admin API on this address only (e.g. `127.0.0.1:5001`) instead of beside
+    /// the registry API.
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    pub addr: Option<SocketAddr>,
+}
+
+impl AdminConfig {
+    /// The token, from `token` or `token_file`.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| format!("admin.token_file {}: {e}", path.display()))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -152,14 +186,21 @@ fn default_backends() -> Vec<BackendConfig> {
 
 /// Accepts `host:port` and distribution's `:port`.
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    let s = String::deserialize(d)?;
+    parse_addr(String::deserialize(d)?)
+}
+
+fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?.map(parse_addr).transpose()
+}
+
+fn parse_addr<E: serde::de::Error>(s: String) -> Result<SocketAddr, E> {
     let full = if s.starts_with(':') {
         format!("0.0.0.0{s}")
     } else {
         s.clone()
     };
     full.parse()
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}")))
+        .map_err(|e| E::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}")))
 }
 
 /// Values given on the command line; each overrides every other source.

@@ -1,5 +1,6 @@
 //! `ferry`: an OCI registry serving the images the machine's own engines already hold.
 
+mod admin;
 mod api;
 mod config;
 mod goflags;
@@ -102,15 +103,35 @@ async fn serve(config: Config) -> Result<(), String> {
     tracing::info!(%addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
     let server = &config.server;
-    let app = api::app(Arc::new(api::AppState::new(
-        chain,
-        Duration::from_secs(server.body_idle_timeout_secs.max(1)),
-    )));
     let limits = listen::Limits {
         header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
         max_connections: server.max_connections,
         grace: Duration::from_secs(server.shutdown_grace_secs),
     };
+    let admin = Arc::new(admin::AdminState::new(chain.clone(), config.admin.token()?));
+    let beside = match config.admin.addr {
+        None => Some(admin),
+        Some(admin_addr) => {
+            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .map_err(|e| format!("cannot listen on {admin_addr} (admin.addr): {e}"))?;
+            let bound = admin_listener.local_addr().unwrap_or(admin_addr);
+            tracing::info!(addr = %bound, "admin API listening");
+            tokio::spawn(async move {
+                if let Err(e) = listen::serve(admin_listener, api::admin_app(admin), shutdown_signal(), limits).await {
+                    tracing::error!(addr = %bound, error = %e, "admin API stopped");
+                }
+            });
+            None
+        }
+    };
+    let app = api::app(
+        Arc::new(api::AppState::new(
+            chain,
+            Duration::from_secs(server.body_idle_timeout_secs.max(1)),
+        )),
+        beside,
+    );
     listen::serve(listener, app, shutdown_signal(), limits)
         .await
         .map_err(|e| format!("cannot serve on {addr}: {e}"))

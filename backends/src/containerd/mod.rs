@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch, Mutex};
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
+use ferry_core::status::BackendStatus;
 use ferry_core::{
     Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
     Result,
@@ -406,6 +407,27 @@ impl Backend for ContainerdBackend {
 
     async fn ready(&self) -> bool {
         self.store.channel().await.is_ok()
+    }
+
+    async fn status(&self) -> BackendStatus {
+        let (socket, namespace) = self.store.location();
+        let mut status = BackendStatus {
+            name: self.config.name.clone(),
+            kind: "containerd".into(),
+            location: socket,
+            product: Some("containerd".into()),
+            storage: Some(format!("content store, namespace {namespace}")),
+            ..BackendStatus::default()
+        };
+        match self.store.version().await {
+            Ok(v) => {
+                status.reachable = true;
+                status.version = Some(v);
+                status.direct_reads = self.store.reads_directly().await;
+            }
+            Err(e) => status.error = Some(e.to_string()),
+        }
+        status
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {

@@ -82,6 +82,26 @@ impl Store {
         Ok(channel)
     }
 
+    /// containerd's version, as its Version service reports it.
+    pub async fn version(&self) -> Result<String> {
+        let mut client = containerd_client::services::v1::version_client::VersionClient::new(self.channel().await?);
+        match self.timed(client.version(())).await? {
+            Ok(r) => Ok(r.into_inner().version),
+            Err(s) => Err(self.fail(s).await),
+        }
+    }
+
+    /// The socket and namespace, for status pages.
+    pub fn location(&self) -> (String, &str) {
+        (self.socket.display().to_string(), &self.namespace)
+    }
+
+    /// Whether committed blobs are read from containerd's content directory (it was found
+    /// and is readable by this process) rather than through the Read API.
+    pub async fn reads_directly(&self) -> bool {
+        self.content_root.read().await.is_some()
+    }
+
     /// A request in our namespace, optionally under a lease.
     fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
         let mut req = Request::new(msg);

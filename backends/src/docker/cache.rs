@@ -228,15 +228,8 @@ impl Cache {
         let Some(max) = self.max_bytes else {
             return Ok(());
         };
-        let all = self.store.list().await?;
-        let mut sizes = HashMap::new();
-        let mut total = 0u64;
-        for d in &all {
-            let s = self.store.size(d).await?.unwrap_or(0);
-            total += s;
-            sizes.insert(d.clone(), s);
-        }
-        if total <= max {
+        let (all, sizes) = self.blob_sizes().await?;
+        if sizes.values().sum::<u64>() <= max {
             return Ok(());
         }
         let mut entries = self.entries.write().await;
@@ -252,17 +245,7 @@ impl Cache {
         while order.len() > 1 && referenced_size(&order) > max {
             dropped.push(order.remove(0));
         }
-        for e in &dropped {
-            entries.remove(&id_key(&e.image_id));
-            remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
-        }
-        let keep: HashSet<&Digest> = order.iter().flat_map(|e| e.digests()).collect();
-        let mut freed = 0u64;
-        for d in &all {
-            if !keep.contains(d) && self.pins.remove_unpinned(&self.store, d) {
-                freed += sizes.get(d).copied().unwrap_or(0);
-            }
-        }
+        let freed = self.drop_entries(&mut entries, &dropped, &all, &sizes).await?;
         tracing::info!(
             dropped_images = dropped.len(),
             freed_bytes = freed,
@@ -270,6 +253,66 @@ impl Cache {
             "cache over its size limit: evicted least recently used images"
         );
         Ok(())
+    }
+
+    /// Every blob in the store, with its size.
+    async fn blob_sizes(&self) -> Result<(Vec<Digest>, HashMap<Digest, u64>)> {
+        let all = self.store.list().await?;
+        let mut sizes = HashMap::new();
+        for d in &all {
+            sizes.insert(d.clone(), self.store.size(d).await?.unwrap_or(0));
+        }
+        Ok((all, sizes))
+    }
+
+    /// Removes `dropped` from `entries` (and their files), then deletes every blob of `all`
+    /// that no remaining entry references and nobody pins. The bytes freed.
+    async fn drop_entries(
+        &self,
+        entries: &mut HashMap<String, Arc<Entry>>,
+        dropped: &[Arc<Entry>],
+        all: &[Digest],
+        sizes: &HashMap<Digest, u64>,
+    ) -> Result<u64> {
+        for e in dropped {
+            entries.remove(&id_key(&e.image_id));
+            remove_optional(&self.entries_dir.join(id_key(&e.image_id))).await?;
+        }
+        let keep: HashSet<&Digest> = entries.values().flat_map(|e| e.digests()).collect();
+        let mut freed = 0u64;
+        for d in all {
+            if !keep.contains(d) && self.pins.remove_unpinned(&self.store, d) {
+                freed += sizes.get(d).copied().unwrap_or(0);
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Every entry, with the bytes of the blobs and manifests it references.
+    pub async fn list(&self) -> Vec<(Arc<Entry>, u64)> {
+        let entries: Vec<Arc<Entry>> = self.entries.read().await.values().cloned().collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let mut size = 0;
+            for d in e.digests() {
+                size += self.store.size(d).await.ok().flatten().unwrap_or(0);
+            }
+            out.push((e, size));
+        }
+        out
+    }
+
+    /// Drops the entries `select` picks (an admin's eviction) and the blobs only they
+    /// referenced; blobs being served or stored by a running export stay.
+    pub async fn evict_where(&self, select: impl Fn(&Entry) -> bool) -> Result<(usize, u64)> {
+        let (all, sizes) = self.blob_sizes().await?;
+        let mut entries = self.entries.write().await;
+        let dropped: Vec<Arc<Entry>> = entries.values().filter(|e| select(e)).cloned().collect();
+        if dropped.is_empty() {
+            return Ok((0, 0));
+        }
+        let freed = self.drop_entries(&mut entries, &dropped, &all, &sizes).await?;
+        Ok((dropped.len(), freed))
     }
 }
 

@@ -160,6 +160,31 @@ impl Engine {
         }
     }
 
+    /// The socket (or URL) this engine is reached on.
+    pub fn socket(&self) -> &str {
+        &self.socket
+    }
+
+    /// How the engine stores images: its graph driver (`overlay2`, `vfs`) or, for Docker
+    /// with the containerd image store, `containerd image store (DRIVER)`. Asked on demand
+    /// (Podman's `info` walks its whole storage), within [`CALL_TIMEOUT`].
+    pub async fn storage(&self) -> Result<String> {
+        let (docker, info) = self.client().await?;
+        let answer = tokio::time::timeout(CALL_TIMEOUT, docker.info())
+            .await
+            .map_err(|_| self.unavailable(format!("info: no answer within {} s", CALL_TIMEOUT.as_secs())))?;
+        let system = match answer {
+            Ok(s) => s,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        let driver = system.driver.unwrap_or_else(|| "unknown".into());
+        Ok(if info.containerd_store {
+            format!("containerd image store ({driver})")
+        } else {
+            driver
+        })
+    }
+
     /// Inspects an image by name, id or `name@digest`; `None` when the engine has no such image.
     pub async fn inspect(&self, name: &str) -> Result<Option<ImageInspect>> {
         let (docker, _) = self.client().await?;

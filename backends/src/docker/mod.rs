@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use ferry_core::flight::Flights;
 use ferry_core::origin::OriginPolicy;
+use ferry_core::status::{BackendStatus, CachedImage, Evicted};
 use ferry_core::{
     Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
     Result, DOCKER_HUB,
@@ -546,6 +547,72 @@ impl Backend for DockerBackend {
 
     async fn ready(&self) -> bool {
         self.engine.client().await.is_ok()
+    }
+
+    async fn status(&self) -> BackendStatus {
+        let mut status = BackendStatus {
+            name: self.config.name.clone(),
+            kind: "docker".into(),
+            location: self.engine.socket().to_string(),
+            ..BackendStatus::default()
+        };
+        match self.engine.client().await {
+            Ok((_, info)) => {
+                status.reachable = true;
+                status.product = Some(info.product.clone());
+                status.version = Some(info.version.clone());
+                status.api_version = Some(info.api_version.clone());
+                match self.engine.storage().await {
+                    Ok(s) => status.storage = Some(s),
+                    Err(e) => status.error = Some(format!("storage driver unknown: {e}")),
+                }
+            }
+            Err(e) => status.error = Some(e.to_string()),
+        }
+        status
+    }
+
+    async fn cached_images(&self) -> Result<Vec<CachedImage>> {
+        // Names as the engine has them now; an engine that is down leaves them empty.
+        let mut names: std::collections::HashMap<String, Vec<String>> = Default::default();
+        if let Ok(images) = self.engine.list().await {
+            for i in images {
+                names.insert(i.id.trim_start_matches("sha256:").to_string(), i.repo_tags);
+            }
+        }
+        let mut out: Vec<CachedImage> = self
+            .cache
+            .list()
+            .await
+            .into_iter()
+            .map(|(e, size)| CachedImage {
+                names: names
+                    .get(e.image_id.trim_start_matches("sha256:"))
+                    .cloned()
+                    .unwrap_or_default(),
+                image_id: e.image_id.clone(),
+                digest: e.export.top.to_string(),
+                size,
+                last_used_ms: e.last_used_ms,
+                backend: self.config.name.clone(),
+            })
+            .collect();
+        out.sort_by_key(|i| std::cmp::Reverse(i.last_used_ms));
+        Ok(out)
+    }
+
+    async fn evict(&self, image: Option<&str>) -> Result<Option<Evicted>> {
+        let matches = |e: &Entry| match image {
+            None => true,
+            Some(i) => {
+                let id = e.image_id.trim_start_matches("sha256:");
+                id == i.trim_start_matches("sha256:") || e.export.manifests.iter().any(|d| d.to_string() == i)
+            }
+        };
+        let (images, bytes) = self.cache.evict_where(matches).await?;
+        tracing::info!(backend = %self.config.name, image = image.unwrap_or("*"), images, freed_bytes = bytes,
+            "evicted from the export cache");
+        Ok(Some(Evicted { images, bytes }))
     }
 
     async fn blob(

@@ -27,12 +27,13 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
+use ferry_core::status::{BackendStatus, RepositoryUsage};
 use ferry_core::{
     Backend, BlobBody, BlobStore, ByteRange, ByteStream, Descriptor, Digest, Error, ImageRef, Manifest, ManifestInfo,
     Reference, Registry, Repository, RequestCtx, Result, UploadState, DOCKER_HUB,
 };
 
-use crate::fsutil::{list_names, read_optional, remove_optional, sweep_temp_files, write_atomic};
+use crate::fsutil::{list_names, probe_writable, read_optional, remove_optional, sweep_temp_files, write_atomic};
 use uploads::Uploads;
 
 /// `[[backends]] type = "push"`.
@@ -384,6 +385,42 @@ impl Backend for PushBackend {
                 }
             }
         }
+        Ok(out)
+    }
+
+    async fn status(&self) -> BackendStatus {
+        let writable = probe_writable(&self.root).await;
+        BackendStatus {
+            name: self.config.name.clone(),
+            kind: "push".into(),
+            location: self.root.display().to_string(),
+            reachable: writable.is_ok(),
+            error: writable.err(),
+            ..BackendStatus::default()
+        }
+    }
+
+    async fn usage(&self) -> Result<Vec<RepositoryUsage>> {
+        let mut out = Vec::new();
+        for repo in self.catalog().await? {
+            let dir = self.repo_dir(&repo);
+            let manifests = list_names(&dir.join("_manifests")).await?;
+            let mut size = 0;
+            for hex in list_names(&dir.join("_blobs")).await?.iter().chain(&manifests) {
+                if let Ok(d) = format!("sha256:{hex}").parse::<Digest>() {
+                    size += self.blobs.size(&d).await?.unwrap_or(0);
+                }
+            }
+            let mut tags = list_names(&dir.join("_tags")).await?;
+            tags.sort();
+            out.push(RepositoryUsage {
+                name: repo.canonical(),
+                tags,
+                manifests: manifests.len(),
+                size,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 

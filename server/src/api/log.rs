@@ -33,6 +33,7 @@ fn operation(method: &str, path: &str) -> String {
             "/healthz" => "healthz",
             "/readyz" => "readyz",
             "/metrics" => "metrics",
+            p if p.starts_with("/api/") => "admin",
             _ => "other",
         },
     };

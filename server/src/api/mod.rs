@@ -84,15 +84,30 @@ impl Call<'_> {
     }
 }
 
-/// Builds the HTTP application: the API under `/v2`, with one log line per request.
-pub fn app(state: Arc<AppState>) -> impl poem::Endpoint {
-    Route::new()
+/// Builds the HTTP application: the API under `/v2` (and the admin API under `/api` when
+/// it is served here), with one log line per request.
+pub fn app(state: Arc<AppState>, admin: Option<Arc<crate::admin::AdminState>>) -> impl poem::Endpoint {
+    let mut route = Route::new();
+    if let Some(admin) = admin {
+        route = route.nest("/api", crate::admin::routes(admin));
+    }
+    route
         .at("/v2", v2)
         .at("/v2/*", v2)
         .at("/healthz", healthz)
         .at("/readyz", readyz)
         .at("/metrics", metrics)
         .data(state)
+        .around(log::log_request)
+        .into_endpoint()
+}
+
+/// The admin API alone (with `/healthz` and `/metrics`), for its own listener.
+pub fn admin_app(admin: Arc<crate::admin::AdminState>) -> impl poem::Endpoint {
+    Route::new()
+        .nest("/api", crate::admin::routes(admin))
+        .at("/healthz", healthz)
+        .at("/metrics", metrics)
         .around(log::log_request)
         .into_endpoint()
 }

@@ -1,0 +1,307 @@
+//! The admin API under `/api/v1` (poem-openapi): what ferry is, what its backends are, what
+//! its caches hold, and eviction. The OpenAPI document is at `/api/v1/openapi.json`, Swagger
+//! UI at `/api/docs`.
+//!
+//! Reading is open, as `/v2/_catalog` is. Changing needs `admin.token` as a Bearer token;
+//! with no token configured the changing endpoints answer 403 to everybody, so a ferry
+//! started without thinking about it cannot be emptied by a client on the network.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use poem::http::{Method, StatusCode};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Request, Response, Route};
+use poem_openapi::auth::Bearer;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, SecurityScheme};
+
+use ferry_core::status;
+use ferry_core::Chain;
+
+/// What the admin API works on.
+pub struct AdminState {
+    chain: Chain,
+    token: Option<String>,
+    started: Instant,
+    started_at: SystemTime,
+}
+
+impl AdminState {
+    pub fn new(chain: Chain, token: Option<String>) -> Self {
+        AdminState {
+            chain,
+            token: token.filter(|t| !t.is_empty()),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+/// ferry and every backend.
+#[derive(Object)]
+struct Status {
+    version: String,
+    /// Seconds since the process started.
+    uptime_secs: u64,
+    /// When it started, seconds since the epoch.
+    started_at: u64,
+    /// At least one backend can be reached (what `/readyz` says).
+    ready: bool,
+    /// In query order.
+    backends: Vec<BackendStatus>,
+}
+
+/// One backend: what answers on its socket, how it stores images.
+#[derive(Object)]
+struct BackendStatus {
+    name: String,
+    /// `docker`, `containerd` or `push`.
+    kind: String,
+    reachable: bool,
+    /// Why it cannot be reached or fully described.
+    error: Option<String>,
+    /// Its socket, or its directory.
+    location: String,
+    /// `Docker Engine`, `Podman`, `containerd`.
+    product: Option<String>,
+    version: Option<String>,
+    api_version: Option<String>,
+    /// Graph driver (`overlay2`, `vfs`), `containerd image store (…)`, or containerd's
+    /// content store and namespace.
+    storage: Option<String>,
+    /// Blobs read from the engine's files rather than through its API.
+    direct_reads: bool,
+}
+
+impl From<status::BackendStatus> for BackendStatus {
+    fn from(s: status::BackendStatus) -> Self {
+        BackendStatus {
+            name: s.name,
+            kind: s.kind,
+            reachable: s.reachable,
+            error: s.error,
+            location: s.location,
+            product: s.product,
+            version: s.version,
+            api_version: s.api_version,
+            storage: s.storage,
+            direct_reads: s.direct_reads,
+        }
+    }
+}
+
+/// An engine image held in an export cache.
+#[derive(Object)]
+struct CachedImage {
+    /// The engine's image id.
+    image_id: String,
+    /// Its `name:tag`s in the engine.
+    names: Vec<String>,
+    /// The manifest digest served for it.
+    digest: String,
+    /// Bytes in the cache.
+    size: u64,
+    /// Last request it served, milliseconds since the epoch.
+    last_used_ms: u64,
+    backend: String,
+}
+
+impl From<status::CachedImage> for CachedImage {
+    fn from(i: status::CachedImage) -> Self {
+        CachedImage {
+            image_id: i.image_id,
+            names: i.names,
+            digest: i.digest,
+            size: i.size,
+            last_used_ms: i.last_used_ms,
+            backend: i.backend,
+        }
+    }
+}
+
+/// A repository of the push store.
+#[derive(Object)]
+struct Repository {
+    /// `registry/path`.
+    name: String,
+    tags: Vec<String>,
+    manifests: u64,
+    /// Bytes linked in it (shared blobs count in each repository).
+    size: u64,
+    backend: String,
+}
+
+/// What an eviction removed.
+#[derive(Object)]
+struct Evicted {
+    images: u64,
+    /// Bytes deleted (blobs still being served, or used by a kept image, stay).
+    bytes: u64,
+}
+
+/// An error, as `{"message": …}`.
+#[derive(Object)]
+struct Problem {
+    message: String,
+}
+
+#[derive(ApiResponse)]
+enum EvictResponse {
+    #[oai(status = 200)]
+    Ok(Json<Evicted>),
+    /// No cache holds that image.
+    #[oai(status = 404)]
+    NotFound(Json<Problem>),
+    #[oai(status = 500)]
+    Failed(Json<Problem>),
+}
+
+#[derive(ApiResponse)]
+enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
+    #[oai(status = 200)]
+    Ok(Json<Vec<T>>),
+    #[oai(status = 500)]
+    Failed(Json<Problem>),
+}
+
+/// `Authorization: Bearer <admin.token>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", checker = "check_token")]
+#[allow(dead_code)] // checked by `check_token`; the handlers need only that it passed
+struct AdminToken(Bearer);
+
+async fn check_token(req: &Request, bearer: Bearer) -> Option<Bearer> {
+    let state = req.data::<Arc<AdminState>>()?;
+    let expected = state.token.as_deref()?;
+    // Compared in constant time: the token is a password on the network.
+    let same = subtle::ConstantTimeEq::ct_eq(bearer.token.as_bytes(), expected.as_bytes());
+    bool::from(same).then_some(bearer)
+}
+
+struct Api;
+
+fn failed(e: ferry_core::Error) -> Json<Problem> {
+    Json(Problem { message: e.to_string() })
+}
+
+#[OpenApi]
+impl Api {
+    /// ferry's version, uptime and every backend's state.
+    #[oai(path = "/status", method = "get")]
+    async fn status(&self, state: poem::web::Data<&Arc<AdminState>>) -> Json<Status> {
+        let mut backends = Vec::new();
+        for b in state.chain.backends() {
+            backends.push(BackendStatus::from(b.status().await));
+        }
+        Json(Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: state.started.elapsed().as_secs(),
+            started_at: state
+                .started_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            ready: backends.iter().any(|b| b.reachable),
+            backends,
+        })
+    }
+
+    /// The images the export caches hold, most recently used first.
+    #[oai(path = "/cache/images", method = "get")]
+    async fn cached_images(&self, state: poem::web::Data<&Arc<AdminState>>) -> ListResponse<CachedImage> {
+        let mut all = Vec::new();
+        for b in state.chain.backends() {
+            match b.cached_images().await {
+                Ok(images) => all.extend(images.into_iter().map(CachedImage::from)),
+                Err(e) => return ListResponse::Failed(failed(e)),
+            }
+        }
+        ListResponse::Ok(Json(all))
+    }
+
+    /// Evicts one image (by image id or manifest digest) from every export cache. Its blobs
+    /// are deleted unless another cached image uses them or they are being served.
+    #[oai(path = "/cache/images/:image", method = "delete")]
+    async fn evict_image(
+        &self,
+        state: poem::web::Data<&Arc<AdminState>>,
+        image: Path<String>,
+        _auth: AdminToken,
+    ) -> EvictResponse {
+        evict(&state, Some(&image.0)).await
+    }
+
+    /// Empties every export cache (images are exported again on their next request).
+    #[oai(path = "/cache", method = "delete")]
+    async fn evict_all(&self, state: poem::web::Data<&Arc<AdminState>>, _auth: AdminToken) -> EvictResponse {
+        evict(&state, None).await
+    }
+
+    /// The push store's repositories, with tags and sizes.
+    #[oai(path = "/push/repositories", method = "get")]
+    async fn repositories(&self, state: poem::web::Data<&Arc<AdminState>>) -> ListResponse<Repository> {
+        let mut all = Vec::new();
+        for b in state.chain.backends() {
+            match b.usage().await {
+                Ok(repos) => all.extend(repos.into_iter().map(|r| Repository {
+                    name: r.name,
+                    tags: r.tags,
+                    manifests: r.manifests as u64,
+                    size: r.size,
+                    backend: b.name().to_string(),
+                })),
+                Err(e) => return ListResponse::Failed(failed(e)),
+            }
+        }
+        ListResponse::Ok(Json(all))
+    }
+}
+
+async fn evict(state: &AdminState, image: Option<&str>) -> EvictResponse {
+    let mut total = Evicted { images: 0, bytes: 0 };
+    for b in state.chain.backends() {
+        match b.evict(image).await {
+            Ok(Some(e)) => {
+                total.images += e.images as u64;
+                total.bytes += e.bytes;
+            }
+            Ok(None) => {}
+            Err(e) => return EvictResponse::Failed(failed(e)),
+        }
+    }
+    match image {
+        Some(i) if total.images == 0 => EvictResponse::NotFound(Json(Problem {
+            message: format!("no export cache holds an image {i:?} (give an image id or a manifest digest)"),
+        })),
+        _ => EvictResponse::Ok(Json(total)),
+    }
+}
+
+/// `/api/v1/…`, `/api/v1/openapi.json` and `/api/docs`, to nest under `/api`.
+pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
+    let service = OpenApiService::new(Api, "ferry admin API", env!("CARGO_PKG_VERSION")).server("/api/v1");
+    let spec = service.spec_endpoint();
+    let docs = service.swagger_ui();
+    Route::new()
+        .at("/v1/openapi.json", spec)
+        .nest("/docs", docs)
+        .nest("/v1", service)
+        .data(state.clone())
+        .around(move |ep, req| {
+            let state = state.clone();
+            async move {
+                let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+                if !reads && state.token.is_none() {
+                    return Ok(Response::builder()
+                        .status(StatusCode::FORBIDDEN)
+                        .content_type("application/json")
+                        .body(
+                            r#"{"message":"changes through the admin API are off: set admin.token to allow them"}"#,
+                        ));
+                }
+                ep.call(req).await.map(poem::IntoResponse::into_response)
+            }
+        })
+        .into_endpoint()
+}
