@@ -14,7 +14,7 @@ use crate::docker::DockerConfig;
 use crate::push::PushConfig;
 
 /// One `[[backends]]` table, tagged by `type`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
     Docker(DockerConfig),

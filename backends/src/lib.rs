@@ -9,3 +9,4 @@ pub mod push;
 mod size;
 
 pub use config::BackendConfig;
+pub use fsutil::probe_writable;

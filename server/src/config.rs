@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use ferry_backends::BackendConfig;
 
 /// The whole configuration file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -29,7 +29,7 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address; `:5000` means all interfaces, as in distribution's config.
@@ -93,7 +93,7 @@ pub enum LogFormat {
 
 /// `[origins]`: the registries ferry, or the engine, may fetch from on a client's behalf
 /// (heals, `pull_missing`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginsConfig {
     /// Hosts added to the public registries: `host`, `host:port`, `*.domain`, or `*` for any
@@ -126,7 +126,7 @@ fn default_true() -> bool {
 }
 
 /// `[admin]`: the admin API under `/api/v1`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Bearer token the changing endpoints (evictions) require; unset: they answer 403.
@@ -157,7 +157,7 @@ impl AdminConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
     /// Directory for everything ferry stores: pushed content and export caches.
@@ -214,6 +214,44 @@ pub struct Flags {
 impl Config {
     /// Layers defaults, the file (when given), the environment and the flags.
     pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
+        let mut config: Config = Self::figment(file, flags)?.extract().map_err(Box::new)?;
+        config.apply_pull_missing_env()?;
+        Ok(config)
+    }
+
+    /// The effective configuration as `(key, value, source)` lines, every value with where
+    /// it came from: `default`, the file, the environment variable or the flag. Secrets
+    /// (`admin.token`) are shown as `(set)`.
+    pub fn with_sources(
+        file: Option<&Path>,
+        flags: &Flags,
+    ) -> Result<Vec<(String, String, String)>, Box<figment::Error>> {
+        let fig = Self::figment(file, flags)?;
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        config.apply_pull_missing_env()?;
+        let value = serde_json::to_value(&config).map_err(|e| Box::new(figment::Error::from(e.to_string())))?;
+        let mut leaves = Vec::new();
+        flatten("", &value, &mut leaves);
+        let pull_missing_env = std::env::var("FERRY_PULL_MISSING").is_ok();
+        Ok(leaves
+            .into_iter()
+            .map(|(key, value)| {
+                let value = if key == "admin.token" && value != "null" {
+                    "(set)".to_string()
+                } else {
+                    value
+                };
+                let source = if pull_missing_env && key.starts_with("backends.") && key.ends_with(".pull_missing") {
+                    "environment FERRY_PULL_MISSING".to_string()
+                } else {
+                    source_of(&fig, &key)
+                };
+                (key, value, source)
+            })
+            .collect())
+    }
+
+    fn figment(file: Option<&Path>, flags: &Flags) -> Result<Figment, Box<figment::Error>> {
         let mut fig = Figment::new();
         if let Some(file) = file {
             if !file.exists() {
@@ -238,9 +276,7 @@ impl Config {
         if let Some(l) = &flags.log_level {
             fig = fig.merge(Serialized::default("server.log_level", l));
         }
-        let mut config: Config = fig.extract().map_err(Box::new)?;
-        config.apply_pull_missing_env()?;
-        Ok(config)
+        Ok(fig)
     }
 
     /// `FERRY_PULL_MISSING=true|false` sets `pull_missing` of every docker backend: one
@@ -264,6 +300,70 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// `(dotted key, value)` of every leaf of `v`; array items are keyed by index.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| flatten(&key(k), v, out)),
+        serde_json::Value::Array(items) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| flatten(&key(&i.to_string()), v, out)),
+        serde_json::Value::String(s) => out.push((prefix.to_string(), format!("{s:?}"))),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+/// Where the value at `key` came from. A backend's keys come from wherever its table did
+/// (`backends` is one value to figment).
+fn source_of(fig: &Figment, key: &str) -> String {
+    let parts: Vec<&str> = key.split('.').collect();
+    // Array indexes are no figment keys: `backends.0.socket` is looked up inside the value
+    // of `backends`, and comes from wherever `backends` did when it is set there.
+    let found = match parts.iter().position(|p| p.parse::<usize>().is_ok()) {
+        Some(i) => {
+            let head = parts[..i].join(".");
+            let mut v = fig.find_value(&head).ok();
+            for p in &parts[i..] {
+                v = v.and_then(|v| match (v, p.parse::<usize>()) {
+                    (figment::value::Value::Array(_, items), Ok(n)) => items.get(n).cloned(),
+                    (figment::value::Value::Dict(_, map), _) => map.get(*p).cloned(),
+                    _ => None,
+                });
+            }
+            v.and_then(|_| fig.find_metadata(&head).map(|m| (m, head)))
+        }
+        None => fig
+            .find_value(key)
+            .ok()
+            .and_then(|_| fig.find_metadata(key).map(|m| (m, key.to_string()))),
+    };
+    let Some((meta, found_key)) = found else {
+        return "default".to_string();
+    };
+    match &meta.source {
+        Some(figment::Source::File(path)) => format!("file {}", path.display()),
+        _ if meta.name.starts_with("`FERRY_`") => {
+            format!(
+                "environment FERRY_{}",
+                found_key.to_ascii_uppercase().replace('.', "__")
+            )
+        }
+        // The raw variables: distribution's names for the listen address, the later winning.
+        _ if meta.name.contains("environment") => ["REGISTRY_HTTP_ADDR", "REGISTRY_LISTEN_ADDR"]
+            .into_iter()
+            .find(|v| std::env::var(v).is_ok())
+            .map_or_else(|| "environment".to_string(), |v| format!("environment {v}")),
+        _ => "flag".to_string(),
     }
 }
 
@@ -305,6 +405,38 @@ mod tests {
             .collect();
         let c = load_toml(&uncommented, &Flags::default()).unwrap();
         assert_eq!(c.backends.len(), 3, "{uncommented}");
+    }
+
+    #[test]
+    fn every_value_names_its_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ferry.toml");
+        std::fs::write(
+            &path,
+            "[server]\naddr = \"127.0.0.1:7000\"\nlog_level = \"debug\"\n[admin]\ntoken = \"hush\"\n\
+             [[backends]]\ntype = \"push\"\nallow_delete = true\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            addr: Some("127.0.0.1:6000".into()),
+            ..Flags::default()
+        };
+        let lines = Config::with_sources(Some(&path), &flags).unwrap();
+        let get = |key: &str| {
+            lines
+                .iter()
+                .find(|(k, _, _)| k == key)
+                .map(|(_, v, s)| (v.as_str(), s.as_str()))
+                .unwrap_or_else(|| panic!("{key} missing: {lines:?}"))
+        };
+        let file = format!("file {}", path.display());
+        assert_eq!(get("server.addr"), ("\"127.0.0.1:6000\"", "flag"));
+        assert_eq!(get("server.log_level"), ("\"debug\"", file.as_str()));
+        assert_eq!(get("server.max_connections"), ("4096", "default"));
+        assert_eq!(get("admin.token"), ("(set)", file.as_str()), "never printed");
+        assert_eq!(get("backends.0.allow_delete"), ("true", file.as_str()));
+        assert_eq!(get("backends.0.upload_ttl_secs"), ("3600", "default"));
+        assert!(lines.iter().all(|(_, v, _)| !v.contains("hush")));
     }
 
     #[test]

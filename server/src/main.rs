@@ -3,9 +3,11 @@
 mod admin;
 mod api;
 mod config;
+mod doctor;
 mod goflags;
 mod listen;
 mod logging;
+mod mirrors;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,46 +27,112 @@ struct Cli {
     command: Command,
 }
 
+/// Where the configuration comes from: every command reads it the same way.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// TOML config file.
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (host:port or :port); overrides the config and environment.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Log line format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `ferry=debug`; `RUST_LOG` wins when set.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl ConfigArgs {
+    fn flags(&self) -> Flags {
+        Flags {
+            addr: self.addr.clone(),
+            log_format: self.log_format,
+            log_level: self.log_level.clone(),
+        }
+    }
+
+    fn load(&self) -> Result<Config, ExitCode> {
+        Config::load(self.config.as_deref(), &self.flags()).map_err(|e| {
+            eprintln!("ferry: configuration error: {e}");
+            ExitCode::from(2)
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry.
-    Serve {
-        /// TOML config file.
-        #[arg(long, env = "FERRY_CONFIG")]
-        config: Option<PathBuf>,
-        /// Listen address (host:port or :port); overrides the config and environment.
+    Serve(ConfigArgs),
+    /// Check the configuration, every backend, the data directory and the listen address;
+    /// print what is wrong and how to fix it. Exits 1 when something is broken.
+    Doctor(ConfigArgs),
+    /// Print the effective configuration, each value with its source (default, file,
+    /// environment, flag).
+    Config(ConfigArgs),
+    /// Print the snippet that points a client at this ferry as its registry mirror.
+    Mirrors {
+        /// The client to configure.
+        #[arg(long = "for", value_enum)]
+        client: mirrors::Client,
+        /// The address clients reach ferry on (default: the listen address; 127.0.0.1 when
+        /// it listens on every interface).
         #[arg(long)]
-        addr: Option<String>,
-        /// Log line format.
-        #[arg(long, value_enum)]
-        log_format: Option<LogFormat>,
-        /// Log filter, e.g. `info` or `ferry=debug`; `RUST_LOG` wins when set.
-        #[arg(long)]
-        log_level: Option<String>,
+        address: Option<String>,
+        #[command(flatten)]
+        args: ConfigArgs,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(goflags::rewrite(std::env::args_os().collect()));
-    let Command::Serve {
-        config,
-        addr,
-        log_format,
-        log_level,
-    } = cli.command;
-    let flags = Flags {
-        addr,
-        log_format,
-        log_level,
-    };
-    let config = match Config::load(config.as_deref(), &flags) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ferry: configuration error: {e}");
-            return ExitCode::from(2);
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match args.load() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            logging::init(config.server.log_format, &config.server.log_level);
+            run(serve(config))
         }
-    };
-    logging::init(config.server.log_format, &config.server.log_level);
+        Command::Config(args) => match Config::with_sources(args.config.as_deref(), &args.flags()) {
+            Ok(lines) => {
+                use std::io::Write;
+                let width = lines.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+                let mut out = std::io::stdout().lock();
+                for (key, value, source) in lines {
+                    // A closed pipe (`| head`) ends the listing, not with a panic.
+                    if writeln!(out, "{:width$}  # {source}", format!("{key} = {value}")).is_err() {
+                        break;
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Doctor(args) => {
+            let config = Config::load(args.config.as_deref(), &args.flags()).map_err(|e| e.to_string());
+            run(async move { doctor::run(config, args.config.as_deref()).await })
+        }
+        Command::Mirrors { client, address, args } => match args.load() {
+            Ok(config) => {
+                print!(
+                    "{}",
+                    mirrors::snippet(client, &mirrors::address(&config, address.as_deref()))
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+/// Runs `work` on a new runtime; its error is logged and makes the exit code 1.
+fn run<E: std::fmt::Display>(work: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -72,7 +140,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

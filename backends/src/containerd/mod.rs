@@ -32,7 +32,7 @@ use origin::{OriginSettings, Origins};
 use store::{Store, SOURCE_LABEL};
 
 /// `[[backends]] type = "containerd"`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerdConfig {
     /// Name in logs and the `Ferry-Backend` header.

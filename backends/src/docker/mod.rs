@@ -39,7 +39,7 @@ const EXPORT_PREFETCH_CHUNKS: usize = 16;
 const MAX_EXPORTS_PER_BLOB_LOOKUP: usize = 8;
 
 /// `[[backends]] type = "docker"`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DockerConfig {
     /// Name in logs and the `Ferry-Backend` header.

@@ -37,7 +37,7 @@ use crate::fsutil::{list_names, probe_writable, read_optional, remove_optional, 
 use uploads::Uploads;
 
 /// `[[backends]] type = "push"`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
     /// Name in logs and the `Ferry-Backend` header.

@@ -1,0 +1,321 @@
+//! `ferry doctor`: checks what ferry needs before it serves — the data directory, each
+//! backend's socket and what answers on it, the listen addresses — and says for each
+//! problem the command that fixes it. Exits 1 when something is broken.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_backends::BackendConfig;
+
+use crate::config::Config;
+
+/// Free space below which the data directory is a warning: one large image's export.
+const LOW_SPACE: u64 = 2 << 30;
+
+#[derive(Default)]
+struct Report {
+    broken: usize,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, detail: impl AsRef<str>) {
+        println!("ok    {what}: {}", detail.as_ref());
+    }
+
+    fn warn(&mut self, what: &str, problem: impl AsRef<str>, fix: impl AsRef<str>) {
+        println!("warn  {what}: {}\n      fix: {}", problem.as_ref(), fix.as_ref());
+    }
+
+    fn fail(&mut self, what: &str, problem: impl AsRef<str>, fix: impl AsRef<str>) {
+        self.broken += 1;
+        println!("FAIL  {what}: {}\n      fix: {}", problem.as_ref(), fix.as_ref());
+    }
+}
+
+/// Runs every check; `Err` (exit 1) when one failed.
+pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<(), String> {
+    let mut r = Report::default();
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            r.fail(
+                "config",
+                e,
+                "correct the key or value named above (`ferry config` shows every value and its source)",
+            );
+            return Err("1 problem found".into());
+        }
+    };
+    let names: Vec<&str> = config.backends.iter().map(backend_name).collect();
+    r.ok(
+        "config",
+        format!(
+            "{} ({} backends: {})",
+            file.map_or("defaults and environment".to_string(), |f| f.display().to_string()),
+            names.len(),
+            names.join(", ")
+        ),
+    );
+    let dir_ok = check_data_dir(&mut r, &config.cache.dir).await;
+    let origins = Arc::new(config.origins.policy());
+    for (i, b) in config.backends.iter().enumerate() {
+        let what = format!("backend {} ({})", backend_name(b), kind(b));
+        if let Some(socket) = socket_path(b) {
+            if !check_socket(&mut r, &what, &socket, b) {
+                continue;
+            }
+        }
+        if !dir_ok {
+            continue; // building it would fail on the directory, already reported
+        }
+        match b.build(&config.cache.dir, &origins).await {
+            Ok(handle) => report_status(&mut r, &what, b, handle.backend.status().await),
+            Err(e) => r.fail(
+                &what,
+                format!("cannot start: {e}"),
+                format!("see backends[{i}] in the config"),
+            ),
+        }
+    }
+    check_listen(&mut r, "listen", config.server.addr).await;
+    if let Some(a) = config.admin.addr {
+        check_listen(&mut r, "admin listen", a).await;
+    }
+    match config.admin.token() {
+        Ok(_) => {}
+        Err(e) => r.fail("admin", e, "make the file readable, or set admin.token"),
+    }
+    match r.broken {
+        0 => {
+            println!("everything ferry needs is in place");
+            Ok(())
+        }
+        n => {
+            let summary = format!("{n} problem{} found", if n == 1 { "" } else { "s" });
+            println!("{summary}");
+            Err(summary)
+        }
+    }
+}
+
+fn backend_name(b: &BackendConfig) -> &str {
+    match b {
+        BackendConfig::Docker(c) => &c.name,
+        BackendConfig::Containerd(c) => &c.name,
+        BackendConfig::Push(c) => &c.name,
+    }
+}
+
+fn kind(b: &BackendConfig) -> &'static str {
+    match b {
+        BackendConfig::Docker(_) => "docker",
+        BackendConfig::Containerd(_) => "containerd",
+        BackendConfig::Push(_) => "push",
+    }
+}
+
+/// The Unix socket a backend uses, when it uses one.
+fn socket_path(b: &BackendConfig) -> Option<PathBuf> {
+    match b {
+        BackendConfig::Docker(c) => {
+            let s = c
+                .socket
+                .clone()
+                .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
+                .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+            match s.strip_prefix("unix://") {
+                Some(p) => Some(PathBuf::from(p)),
+                None if s.starts_with('/') => Some(PathBuf::from(s)),
+                None => None, // tcp://: nothing on disk to check
+            }
+        }
+        BackendConfig::Containerd(c) => Some(c.socket.clone()),
+        BackendConfig::Push(_) => None,
+    }
+}
+
+/// The command that starts whatever should be listening on `socket`.
+fn start_command(socket: &Path, b: &BackendConfig) -> String {
+    let s = socket.display().to_string();
+    if matches!(b, BackendConfig::Containerd(_)) {
+        return format!("start containerd (systemctl start containerd), or point socket at the one that runs (k3s: /run/k3s/containerd/containerd.sock); now: {s}");
+    }
+    if s.contains("/run/user/") && s.contains("podman") {
+        format!("as the user who owns it: systemctl --user enable --now podman.socket (without systemd: podman system service --time=0 unix://{s} &)")
+    } else if s.contains("podman") {
+        format!("systemctl enable --now podman.socket (without systemd: podman system service --time=0 unix://{s} &)")
+    } else {
+        "systemctl start docker, or point socket (or DOCKER_HOST) at the engine's socket (rootful Podman: unix:///run/podman/podman.sock)".to_string()
+    }
+}
+
+/// The socket exists, is a socket, and this user may connect to it.
+fn check_socket(r: &mut Report, what: &str, socket: &Path, b: &BackendConfig) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = match std::fs::metadata(socket) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            r.fail(
+                what,
+                format!("{} does not exist", socket.display()),
+                start_command(socket, b),
+            );
+            return false;
+        }
+        Err(e) => {
+            r.fail(
+                what,
+                format!("{}: {e}", socket.display()),
+                "run ferry as a user that can reach the socket's directory",
+            );
+            return false;
+        }
+    };
+    if !meta.file_type().is_socket() {
+        r.fail(
+            what,
+            format!("{} is not a socket", socket.display()),
+            start_command(socket, b),
+        );
+        return false;
+    }
+    let access = nix::unistd::access(socket, nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK);
+    if access.is_err() {
+        let gid = meta.gid();
+        let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+            .ok()
+            .flatten()
+            .map_or_else(|| gid.to_string(), |g| g.name);
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+            .ok()
+            .flatten()
+            .map_or_else(|| nix::unistd::Uid::effective().to_string(), |u| u.name);
+        r.fail(
+            what,
+            format!(
+                "permission denied on {} (owned by group {group}, mode {:o})",
+                socket.display(),
+                meta.mode() & 0o777
+            ),
+            format!("usermod -aG {group} {user} and log in again; in a container: docker run --group-add {gid} …"),
+        );
+        return false;
+    }
+    true
+}
+
+fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::status::BackendStatus) {
+    if !s.reachable {
+        let fix = match socket_path(b) {
+            Some(p) => start_command(&p, b),
+            None => "check the socket or directory named above".to_string(),
+        };
+        r.fail(
+            what,
+            format!("{} does not answer: {}", s.location, s.error.unwrap_or_default()),
+            fix,
+        );
+        return;
+    }
+    let mut detail = s.location.clone();
+    if let Some(p) = &s.product {
+        detail = format!("{p} {}", s.version.as_deref().unwrap_or("?"));
+        if let Some(api) = &s.api_version {
+            detail.push_str(&format!(" (API {api})"));
+        }
+        detail.push_str(&format!(" at {}", s.location));
+    }
+    if let Some(storage) = &s.storage {
+        detail.push_str(&format!(", {storage}"));
+    }
+    match b {
+        BackendConfig::Containerd(c) if c.direct_reads && !s.direct_reads => {
+            detail.push_str(", blobs read through the API");
+            r.ok(what, &detail);
+            r.warn(
+                what,
+                "containerd's content directory is not readable by this user (or holds no blobs yet): every blob goes through the Read API",
+                "run ferry as root, or as a user that may read containerd's root (content.v1.content/blobs)",
+            );
+        }
+        BackendConfig::Containerd(_) if s.direct_reads => {
+            r.ok(what, format!("{detail}, blobs read from its content directory"))
+        }
+        BackendConfig::Docker(_)
+            if s.storage
+                .as_deref()
+                .is_some_and(|d| d.contains("containerd image store")) =>
+        {
+            r.ok(what, &detail);
+            r.warn(
+                what,
+                "Docker's containerd image store drops layers shared between images from `docker save` (moby#49473)",
+                "add a containerd backend after it: type = \"containerd\", namespace = \"moby\", socket = Docker's containerd socket",
+            );
+        }
+        _ => r.ok(what, detail),
+    }
+}
+
+/// The data directory can be created and written, and has room.
+async fn check_data_dir(r: &mut Report, dir: &Path) -> bool {
+    let what = format!("data dir {}", dir.display());
+    if let Err(e) = tokio::fs::create_dir_all(dir).await {
+        r.fail(
+            &what,
+            format!("cannot create it: {e}"),
+            format!("mkdir -p {0} && chown $(id -un) {0}, or set cache.dir", dir.display()),
+        );
+        return false;
+    }
+    if let Err(e) = ferry_backends::probe_writable(dir).await {
+        r.fail(
+            &what,
+            e,
+            format!(
+                "chown -R $(id -un) {}, or set cache.dir to a directory this user owns",
+                dir.display()
+            ),
+        );
+        return false;
+    }
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(v) => {
+            let free = v.blocks_available() * v.fragment_size();
+            let gib = free as f64 / (1u64 << 30) as f64;
+            if free < LOW_SPACE {
+                r.warn(
+                    &what,
+                    format!("only {gib:.1} GiB free"),
+                    "free space there, or set cache.dir (and max_cache_size) elsewhere",
+                );
+            } else {
+                r.ok(&what, format!("writable, {gib:.1} GiB free"));
+            }
+        }
+        Err(e) => r.ok(&what, format!("writable (free space unknown: {e})")),
+    }
+    true
+}
+
+/// Nothing else listens on `addr`, and this user may bind it.
+async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr) {
+    let what = format!("{what} {addr}");
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(_) => r.ok(&what, "free"),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => r.fail(
+            &what,
+            "address already in use (another ferry, or a registry, listens there)",
+            format!(
+                "ss -ltnp 'sport = :{}' shows who; stop it, or choose another address with --addr",
+                addr.port()
+            ),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
+            &what,
+            format!("permission denied: {e}"),
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port above 1024 (--addr :5000)",
+        ),
+        Err(e) => r.fail(&what, e.to_string(), "choose another address with --addr"),
+    }
+}

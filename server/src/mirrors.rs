@@ -1,0 +1,141 @@
+//! `ferry mirrors --for CLIENT`: the configuration that makes a client pull through this
+//! ferry, as the files that client reads. Each file is printed after a `# PATH` line.
+//!
+//! Clients that send containerd's `?ns=` (containerd, k3s, k3d, kind) get one mirror for
+//! every registry. Docker mirrors only Docker Hub. Podman sends no `ns`, so each registry's
+//! mirror names the registry as the first path component (`ADDR/quay.io`), which ferry reads
+//! as the origin.
+
+use crate::config::Config;
+
+/// The clients `--for` knows.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Client {
+    K3s,
+    K3d,
+    Kind,
+    Containerd,
+    Podman,
+    Docker,
+}
+
+/// Registries Podman is given a mirror for (it has no catch-all).
+const PODMAN_REGISTRIES: [&str; 5] = ["docker.io", "registry.k8s.io", "ghcr.io", "quay.io", "gcr.io"];
+
+/// The address clients use: `explicit`, else the listen address with an unspecified IP
+/// (`0.0.0.0`, `::`) read as loopback.
+pub fn address(config: &Config, explicit: Option<&str>) -> String {
+    if let Some(a) = explicit {
+        return a.to_string();
+    }
+    let addr = config.server.addr;
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => format!("127.0.0.1:{}", addr.port()),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => format!("[::1]:{}", addr.port()),
+        _ => addr.to_string(),
+    }
+}
+
+/// The files for `client`, each after a `# PATH` line.
+pub fn snippet(client: Client, addr: &str) -> String {
+    let loopback = addr.starts_with("127.") || addr.starts_with("[::1]") || addr.starts_with("localhost");
+    let mut out = String::new();
+    if loopback && matches!(client, Client::K3d | Client::Kind) {
+        out.push_str(&format!(
+            "# {addr} is loopback: cluster nodes run in containers and cannot reach it there.\n\
+             # Give the address they reach ferry on with --address (e.g. k3d-ferry:5000 for a\n\
+             # k3d registry container, or this machine's address on the cluster's network).\n\n"
+        ));
+    }
+    match client {
+        Client::K3s => out.push_str(&format!(
+            "# /etc/rancher/k3s/registries.yaml\n{}\n# then: systemctl restart k3s\n",
+            registries_yaml(addr)
+        )),
+        Client::K3d => out.push_str(&format!(
+            "# k3d-config.yaml (k3d cluster create --config k3d-config.yaml)\n\
+             apiVersion: k3d.io/v1alpha5\n\
+             kind: Simple\n\
+             registries:\n  config: |\n{}",
+            indent(&registries_yaml(addr), 4)
+        )),
+        Client::Kind => out.push_str(&format!(
+            "# kind-config.yaml (kind create cluster --config kind-config.yaml)\n\
+             kind: Cluster\n\
+             apiVersion: kind.x-k8s.io/v1alpha4\n\
+             containerdConfigPatches:\n\
+             - |-\n{}",
+            indent(&kind_patch(addr), 2)
+        )),
+        Client::Containerd => out.push_str(&format!(
+            "# /etc/containerd/certs.d/_default/hosts.toml\n{}\n\
+             # /etc/containerd/config.toml needs (then: systemctl restart containerd):\n\
+             #   [plugins.\"io.containerd.grpc.v1.cri\".registry]\n\
+             #     config_path = \"/etc/containerd/certs.d\"\n\
+             # ctr reads it with: ctr image pull --hosts-dir /etc/containerd/certs.d IMAGE\n",
+            hosts_toml(addr)
+        )),
+        Client::Podman => {
+            out.push_str(
+                "# /etc/containers/registries.conf.d/ferry.conf (rootless: ~/.config/containers/registries.conf)\n",
+            );
+            for r in PODMAN_REGISTRIES {
+                out.push_str(&format!(
+                    "[[registry]]\nlocation = \"{r}\"\n[[registry.mirror]]\nlocation = \"{addr}/{r}\"\ninsecure = true\n\n"
+                ));
+            }
+        }
+        Client::Docker => out.push_str(&format!(
+            "# /etc/docker/daemon.json (then: systemctl restart docker; Docker mirrors Docker Hub only)\n\
+             {{\n  \"registry-mirrors\": [\"http://{addr}\"],\n  \"insecure-registries\": [\"{addr}\"]\n}}\n"
+        )),
+    }
+    out
+}
+
+/// k3s's registries.yaml: `"*"` mirrors every registry.
+fn registries_yaml(addr: &str) -> String {
+    format!("mirrors:\n  \"*\":\n    endpoint:\n      - \"http://{addr}\"\n")
+}
+
+/// containerd's hosts.toml for `_default`: every registry without a directory of its own.
+fn hosts_toml(addr: &str) -> String {
+    format!("[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
+}
+
+/// kind's containerd patch: the CRI plugin's mirror table, `"*"` for every registry.
+fn kind_patch(addr: &str) -> String {
+    format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"*\"]\n  endpoint = [\"http://{addr}\"]\n")
+}
+
+fn indent(text: &str, by: usize) -> String {
+    text.lines().map(|l| format!("{:by$}{l}\n", "")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_snippet_names_the_address() {
+        for c in [
+            Client::K3s,
+            Client::K3d,
+            Client::Kind,
+            Client::Containerd,
+            Client::Podman,
+            Client::Docker,
+        ] {
+            let s = snippet(c, "10.1.2.3:5000");
+            assert!(s.contains("10.1.2.3:5000"), "{c:?}: {s}");
+            assert!(!s.contains("loopback"), "{c:?}: {s}");
+        }
+        assert!(snippet(Client::K3d, "127.0.0.1:5000").contains("--address"));
+    }
+
+    #[test]
+    fn k3d_embeds_registries_yaml_as_a_block() {
+        let s = snippet(Client::K3d, "k3d-ferry:5000");
+        assert!(s.contains("  config: |\n    mirrors:\n      \"*\":\n"), "{s}");
+    }
+}

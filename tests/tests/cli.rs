@@ -1,0 +1,247 @@
+//! `ferry doctor`, `ferry config` and `ferry mirrors` against real engines: the doctor's
+//! verdicts on healthy backends, a missing socket, a socket this user may not use and a
+//! taken port; each value's source; and each printed mirror snippet handed to the real
+//! client it names (containerd's ctr, Podman, a Docker daemon started with it) for a pull.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// Runs the ferry binary with `args` (no FERRY_/REGISTRY_ variables of the suite's own);
+/// returns (exit code, stdout + stderr).
+fn ferry(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(ferry_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k.starts_with("DOCKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.args(args).envs(envs.iter().copied()).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn write_config(dir: &Path, body: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("ferry.toml");
+    std::fs::write(
+        &path,
+        format!("[cache]\ndir = \"{}\"\n{body}", dir.join("data").display()),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn doctor_passes_a_healthy_setup_and_names_each_engine() {
+    let dir = scratch();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[backends]]\ntype = \"docker\"\nsocket = \"{}\"\n[[backends]]\ntype = \"docker\"\nname = \"podman\"\nsocket = \"{}\"\n\
+             [[backends]]\ntype = \"containerd\"\nsocket = \"{}\"\n[[backends]]\ntype = \"push\"\n",
+            docker20(),
+            env("E2E_PODMAN_ROOTLESS_HOST"),
+            containerd16()
+        ),
+    );
+    let (code, out) = ferry(&["doctor", "--config", &config, "--addr", "127.0.0.1:0"], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Docker Engine 20.10"), "{out}");
+    assert!(out.contains("(API 1.41)") && out.contains("overlay2"), "{out}");
+    assert!(out.contains("Podman 4.3") && out.contains("vfs"), "{out}");
+    assert!(out.contains("containerd 1.6"), "{out}");
+    assert!(out.contains("writable") && out.contains("GiB free"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+}
+
+#[test]
+fn doctor_says_what_is_broken_and_how_to_fix_it() {
+    let dir = scratch();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let gone = dir.path().join("run/user/4242/podman/podman.sock");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[backends]]\ntype = \"docker\"\nsocket = \"unix://{}\"\n[[backends]]\ntype = \"push\"\n",
+            gone.display()
+        ),
+    );
+    let (code, out) = ferry(&["doctor", "--config", &config, "--addr", &taken_addr], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "FAIL  backend docker (docker): {} does not exist",
+            gone.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("systemctl --user enable --now podman.socket"), "{out}");
+    assert!(
+        out.contains(&format!("FAIL  listen {taken_addr}: address already in use")),
+        "{out}"
+    );
+    assert!(out.contains("2 problems found"), "{out}");
+
+    // A bad config is one problem, named.
+    let bad = write_config(dir.path(), "[server]\nadr = 1\n");
+    let (code, out) = ferry(&["doctor", "--config", &bad], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL  config") && out.contains("adr"), "{out}");
+}
+
+#[test]
+fn doctor_names_the_group_a_user_lacks() {
+    // The suite's unprivileged user (it runs rootless Podman) may not use Docker's socket.
+    let dir = scratch();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    sh(&format!(
+        "chown -R ferry-e2e {} && chmod 755 {}",
+        dir.path().display(),
+        dir.path().display()
+    ));
+    let config = write_config(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"docker\"\nsocket = \"{}\"\n", docker20()),
+    );
+    let socket = docker20().trim_start_matches("unix://").to_string();
+    let group = sh(&format!("stat -c %G {socket}")).trim().to_string();
+    let (ok, out) = sh_result(&format!(
+        "setpriv --reuid=$(id -u ferry-e2e) --regid=$(id -g ferry-e2e) --init-groups {} doctor --config {config} --addr 127.0.0.1:0",
+        ferry_bin().display()
+    ));
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("permission denied on {socket} (owned by group {group}")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("usermod -aG {group} ferry-e2e")), "{out}");
+}
+
+#[test]
+fn config_prints_each_value_with_its_source() {
+    let dir = scratch();
+    let config = write_config(dir.path(), "[server]\nlog_level = \"debug\"\n");
+    let (code, out) = ferry(
+        &["config", "--config", &config, "--log-format", "json"],
+        &[("REGISTRY_HTTP_ADDR", ":6001"), ("FERRY_SERVER__MAX_CONNECTIONS", "12")],
+    );
+    assert_eq!(code, 0, "{out}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing:\n{out}"))
+            .to_string()
+    };
+    assert!(
+        line("server.addr").contains("\"0.0.0.0:6001\"")
+            && line("server.addr").ends_with("# environment REGISTRY_HTTP_ADDR"),
+        "{out}"
+    );
+    assert!(
+        line("server.max_connections").ends_with("# environment FERRY_SERVER__MAX_CONNECTIONS"),
+        "{out}"
+    );
+    assert!(line("server.log_level").ends_with(&format!("# file {config}")), "{out}");
+    assert!(line("server.log_format").ends_with("# flag"), "{out}");
+    assert!(line("server.header_timeout_secs").ends_with("# default"), "{out}");
+    assert!(
+        line("backends.0.type").contains("\"docker\"") && line("backends.0.type").ends_with("# default"),
+        "{out}"
+    );
+}
+
+/// The files `ferry mirrors` printed: (path, content) for each `# /PATH` header.
+fn printed_files(out: &str) -> Vec<(String, String)> {
+    let mut files: Vec<(String, String)> = Vec::new();
+    for l in out.lines() {
+        match l.strip_prefix("# /") {
+            Some(rest) => files.push((format!("/{}", rest.split(' ').next().unwrap()), String::new())),
+            None => {
+                if let Some((_, content)) = files.last_mut() {
+                    content.push_str(l);
+                    content.push('\n');
+                }
+            }
+        }
+    }
+    files
+}
+
+fn mirrors(client: &str, ferry: &Ferry, dir: &Path) -> Vec<(String, String)> {
+    let config = write_config(dir, &format!("[server]\naddr = \"0.0.0.0:{}\"\n", ferry.port));
+    let (code, out) = self::ferry(&["mirrors", "--for", client, "--config", &config], &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("127.0.0.1:{}", ferry.port)), "{out}");
+    printed_files(&out)
+}
+
+#[test]
+fn each_printed_mirror_works_with_its_client() {
+    let engine = docker20();
+    let dir = scratch();
+    let served = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let name = unique("mir");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let image = format!("docker.io/library/{name}:v1");
+
+    // containerd: the printed _default hosts.toml, as --hosts-dir.
+    let files = mirrors("containerd", &served, &dir.path().join("c"));
+    let (path, hosts) = files
+        .iter()
+        .find(|(p, _)| p.ends_with("_default/hosts.toml"))
+        .unwrap_or_else(|| panic!("{files:?}"));
+    let certs = dir.path().join("certs.d");
+    std::fs::create_dir_all(certs.join("_default")).unwrap();
+    std::fs::write(certs.join("_default/hosts.toml"), hosts).unwrap();
+    assert_eq!(path, "/etc/containerd/certs.d/_default/hosts.toml");
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &image);
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+
+    // Podman: the printed registries.conf, with a storage of the test's own.
+    let files = mirrors("podman", &served, &dir.path().join("p"));
+    let conf = dir.path().join("registries.conf");
+    std::fs::write(&conf, &files[0].1).unwrap();
+    let store = dir.path().join("podman");
+    let podman = format!(
+        "CONTAINERS_REGISTRIES_CONF={} podman --root {1}/root --runroot {1}/run --storage-driver vfs",
+        conf.display(),
+        store.display()
+    );
+    sh(&format!("{podman} pull {image}"));
+    let out = sh(&format!(
+        "{podman} run --rm --network none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 {image}"
+    ));
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    sh(&format!("{podman} rmi -a -f >/dev/null"));
+
+    // Docker: a daemon of the test's own started with the printed daemon.json.
+    let files = mirrors("docker", &served, &dir.path().join("d"));
+    let daemon_json = dir.path().join("daemon.json");
+    std::fs::write(&daemon_json, &files[0].1).unwrap();
+    let tag = unique("mirdock");
+    sh(&format!(
+        "source {} && e2e_start_containerd {tag}-ctd && e2e_start_dockerd {tag} {tag}-ctd {}",
+        lib(),
+        daemon_json.display()
+    ));
+    let host = format!("unix://{}/{tag}/docker.sock", env("E2E_DIR"));
+    let pulled = sh_result(&format!("docker -H {host} pull {name}:v1"));
+    let run = sh_result(&format!("docker -H {host} run --rm {name}:v1"));
+    sh(&format!("source {} && e2e_stop {tag} && e2e_stop {tag}-ctd", lib()));
+    assert!(pulled.0, "{}", pulled.1);
+    assert!(run.0, "{}", run.1);
+    assert_eq!(run.1.trim(), format!("hello from {name}:v1"));
+    assert!(
+        count_lines(&served.logs(), &[&format!("library/{name}/manifests/v1")]) >= 3,
+        "ctr, podman and docker each asked ferry: {}",
+        served.logs()
+    );
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
