@@ -23,6 +23,22 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
+    /// The Unix socket this backend talks to, when it talks to one (not a `tcp://` engine,
+    /// not the push store).
+    pub fn unix_socket(&self) -> Option<std::path::PathBuf> {
+        match self {
+            BackendConfig::Docker(c) => {
+                let url = c.socket_url();
+                match url.strip_prefix("unix://") {
+                    Some(p) => Some(p.into()),
+                    None => url.starts_with('/').then(|| url.into()),
+                }
+            }
+            BackendConfig::Containerd(c) => Some(c.socket.clone()),
+            BackendConfig::Push(_) => None,
+        }
+    }
+
     /// Builds the backend; `data_dir` is the directory for on-disk state (`cache.dir`),
     /// `origins` what may be fetched from on a client's behalf.
     pub async fn build(&self, data_dir: &Path, origins: &Arc<OriginPolicy>) -> Result<BackendHandle> {

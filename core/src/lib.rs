@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod origin;
 pub mod prefetch;
+pub mod progress;
 mod push;
 pub mod range;
 pub mod reference;

@@ -266,7 +266,11 @@ impl Config {
             // distribution's and k3d's variable names for the listen address.
             .merge(Env::raw().only(&["registry_listen_addr"]).map(|_| "server.addr".into()))
             .merge(Env::raw().only(&["registry_http_addr"]).map(|_| "server.addr".into()))
-            .merge(Env::prefixed("FERRY_").ignore(&["config", "pull_missing"]).split("__"));
+            .merge(
+                Env::prefixed("FERRY_")
+                    .ignore(&["config", "pull_missing", "drop_to", "progress_interval_ms"])
+                    .split("__"),
+            );
         if let Some(a) = &flags.addr {
             fig = fig.merge(Serialized::default("server.addr", a));
         }

@@ -27,6 +27,53 @@ fn seed_registry(registry: &str, repo: &str, login: Option<(&str, &str)>) -> Str
     remote
 }
 
+/// The JSON log lines of `logs` whose message is `message`.
+fn json_lines(logs: &str, message: &str) -> Vec<serde_json::Value> {
+    logs.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == message)
+        .collect()
+}
+
+#[test]
+fn exports_and_pulls_log_their_progress() {
+    let registry = env("E2E_REGISTRY");
+    let repo = unique("progress/img");
+    seed_registry(&registry, &repo, None);
+    let dir = scratch();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\n[origins]\nallow = [\"{registry}\"]\n[server]\nlog_format = \"json\"\n{}",
+            dir.path().join("data").display(),
+            docker_chain(&docker20(), "pull_missing = true")
+        ),
+    )
+    .unwrap();
+    // A line every millisecond: every chunk of this small image reports.
+    let ferry = Ferry::start_with(dir.path(), &config, &[("FERRY_PROGRESS_INTERVAL_MS", "1")]);
+    let (status, _, _) = get_manifest(&ferry, &format!("{registry}/{repo}"), "v1", "");
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let logs = ferry.logs();
+    let progress = json_lines(&logs, "progress");
+    let export: Vec<_> = progress.iter().filter(|v| v["work"] == "export").collect();
+    let pull: Vec<_> = progress.iter().filter(|v| v["work"] == "pull").collect();
+    assert!(!export.is_empty() && !pull.is_empty(), "{logs}");
+    for line in export.iter().chain(&pull) {
+        let f = line;
+        assert!(f["bytes_done"].as_u64().unwrap() > 0, "{line}");
+        assert!(f["rate_mib_s"].as_str().unwrap().parse::<f64>().is_ok(), "{line}");
+        assert!(f["percent"].as_u64().unwrap() <= 99, "{line}");
+        assert!(f["image"].as_str().unwrap().contains(&repo), "{line}");
+    }
+    let finished = json_lines(&logs, "export finished");
+    assert!(finished[0]["bytes"].as_u64().unwrap() > 1_000_000, "busybox: {logs}");
+    let downloaded = json_lines(&logs, "pull downloaded");
+    assert!(downloaded[0]["bytes"].as_u64().unwrap() > 500_000, "{logs}");
+    sh(&format!("docker -H {} rmi {registry}/{repo}:v1", docker20()));
+}
+
 #[test]
 fn missing_images_are_pulled_through_the_engine() {
     let registry = env("E2E_REGISTRY");

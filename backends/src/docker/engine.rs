@@ -244,9 +244,21 @@ impl Engine {
             .with_timeout(EXPORT_TIMEOUT)
             .create_image(Some(options), None, credentials);
         let mut last_status = String::new();
+        let progress = ferry_core::progress::Progress::new("pull", &self.backend, &format!("{image}:{tag}"), 0);
+        // Per layer: (bytes downloaded, layer size), as the engine reports them.
+        let mut layers: std::collections::HashMap<String, (u64, u64)> = Default::default();
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
+                    if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
+                        if let (Some(current), Some(total)) = (detail.current, detail.total) {
+                            if info.status.as_deref() == Some("Downloading") {
+                                layers.insert(id.clone(), (current.max(0) as u64, total.max(0) as u64));
+                                let (done, all) = layers.values().fold((0, 0), |(d, t), (c, s)| (d + c, t + s));
+                                progress.set(done, all);
+                            }
+                        }
+                    }
                     if let Some(status) = info.status {
                         if status != last_status {
                             tracing::info!(backend = %self.backend, image = %format!("{image}:{tag}"),
@@ -260,6 +272,9 @@ impl Engine {
                 Err(e) => return Err(self.fail(e).await),
             }
         }
+        let (bytes, secs, rate_mib_s) = progress.summary();
+        tracing::info!(backend = %self.backend, image = %format!("{image}:{tag}"), bytes, layers = layers.len(),
+            elapsed_s = format!("{secs:.1}"), rate_mib_s, "pull downloaded");
         Ok(Ok(()))
     }
 

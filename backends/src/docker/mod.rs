@@ -75,12 +75,16 @@ fn default_parallel() -> usize {
 }
 
 impl DockerConfig {
-    pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
-        let socket = self
-            .socket
+    /// The engine's address: `socket`, else `DOCKER_HOST`, else Docker's default socket.
+    pub fn socket_url(&self) -> String {
+        self.socket
             .clone()
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
+    }
+
+    pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
+        let socket = self.socket_url();
         let max_bytes = self
             .max_cache_size
             .as_deref()
@@ -169,8 +173,21 @@ impl Export {
         repo: &Repository,
         started: Instant,
     ) -> Result<(Exported, Vec<pins::Pin>)> {
-        tracing::info!(backend = %backend, image = %name, id = %id, "exporting image from the engine");
-        let stream = engine.export(name).await?;
+        // The image's size estimates the archive's (exact for layer tars, high for the OCI
+        // layout's compressed blobs).
+        let estimate = match engine.inspect(id).await {
+            Ok(Some(i)) => i.size.unwrap_or(0).max(0) as u64,
+            _ => 0,
+        };
+        tracing::info!(backend = %backend, image = %name, id = %id, estimated_bytes = estimate, "exporting image from the engine");
+        let progress = ferry_core::progress::Progress::new("export", backend, name, estimate);
+        let counted = progress.clone();
+        let stream = engine.export(name).await?.map(move |chunk| {
+            if let Ok(b) = &chunk {
+                counted.add(b.len() as u64);
+            }
+            chunk
+        });
         let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
         let store = cache.store.clone();
         let mut archive = archive::Archive::new(&cache.pins);
@@ -205,8 +222,9 @@ impl Export {
         cache.discard(pinned.into_values()).await;
         let summary = export::describe(&exported);
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let (bytes, _, rate_mib_s) = progress.summary();
         if exported.missing.is_empty() {
-            tracing::info!(backend = %backend, image = %name, %summary, elapsed_ms, "export finished");
+            tracing::info!(backend = %backend, image = %name, %summary, bytes, rate_mib_s, elapsed_ms, "export finished");
         } else {
             tracing::warn!(backend = %backend, image = %name, %summary, elapsed_ms,
                 missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
