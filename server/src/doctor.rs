@@ -2,7 +2,7 @@
 //! backend's socket and what answers on it, the listen addresses — and says for each
 //! problem the command that fixes it. Exits 1 when something is broken.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use ferry_backends::BackendConfig;
@@ -60,7 +60,7 @@ pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<
     let origins = Arc::new(config.origins.policy());
     for (i, b) in config.backends.iter().enumerate() {
         let what = format!("backend {} ({})", backend_name(b), kind(b));
-        if let Some(socket) = socket_path(b) {
+        if let Some(socket) = b.unix_socket() {
             if !check_socket(&mut r, &what, &socket, b) {
                 continue;
             }
@@ -111,26 +111,6 @@ fn kind(b: &BackendConfig) -> &'static str {
         BackendConfig::Docker(_) => "docker",
         BackendConfig::Containerd(_) => "containerd",
         BackendConfig::Push(_) => "push",
-    }
-}
-
-/// The Unix socket a backend uses, when it uses one.
-fn socket_path(b: &BackendConfig) -> Option<PathBuf> {
-    match b {
-        BackendConfig::Docker(c) => {
-            let s = c
-                .socket
-                .clone()
-                .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
-                .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-            match s.strip_prefix("unix://") {
-                Some(p) => Some(PathBuf::from(p)),
-                None if s.starts_with('/') => Some(PathBuf::from(s)),
-                None => None, // tcp://: nothing on disk to check
-            }
-        }
-        BackendConfig::Containerd(c) => Some(c.socket.clone()),
-        BackendConfig::Push(_) => None,
     }
 }
 
@@ -206,7 +186,7 @@ fn check_socket(r: &mut Report, what: &str, socket: &Path, b: &BackendConfig) ->
 
 fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::status::BackendStatus) {
     if !s.reachable {
-        let fix = match socket_path(b) {
+        let fix = match b.unix_socket() {
             Some(p) => start_command(&p, b),
             None => "check the socket or directory named above".to_string(),
         };

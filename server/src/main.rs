@@ -8,6 +8,7 @@ mod goflags;
 mod listen;
 mod logging;
 mod mirrors;
+mod privileges;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +72,9 @@ enum Command {
     /// Print the effective configuration, each value with its source (default, file,
     /// environment, flag).
     Config(ConfigArgs),
+    /// Exit 0 when the ferry of this configuration answers `/healthz` (a container's
+    /// HEALTHCHECK: the image has no curl).
+    Healthcheck(ConfigArgs),
     /// Print the snippet that points a client at this ferry as its registry mirror.
     Mirrors {
         /// The client to configure.
@@ -94,6 +98,10 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             logging::init(config.server.log_format, &config.server.log_level);
+            if let Err(e) = privileges::drop_if_asked(&config) {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
             run(serve(config))
         }
         Command::Config(args) => match Config::with_sources(args.config.as_deref(), &args.flags()) {
@@ -118,6 +126,10 @@ fn main() -> ExitCode {
             let config = Config::load(args.config.as_deref(), &args.flags()).map_err(|e| e.to_string());
             run(async move { doctor::run(config, args.config.as_deref()).await })
         }
+        Command::Healthcheck(args) => match args.load() {
+            Ok(config) => healthcheck(&mirrors::address(&config, None)),
+            Err(code) => code,
+        },
         Command::Mirrors { client, address, args } => match args.load() {
             Ok(config) => {
                 print!(
@@ -128,6 +140,34 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+    }
+}
+
+/// `GET /healthz` on `addr` within 5 s: success when it answers 200.
+fn healthcheck(addr: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(5);
+    let answer = (|| -> std::io::Result<String> {
+        let target = std::net::ToSocketAddrs::to_socket_addrs(addr)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(String::from_utf8_lossy(&head).into_owned())
+    })();
+    match answer {
+        Ok(status) if status.ends_with(" 200") => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("ferry at {addr} answered {status:?}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("ferry at {addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
