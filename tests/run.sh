@@ -21,4 +21,6 @@ bash tests/env/start.sh
 source "$E2E_DIR/env"
 
 cargo build --locked -p ferry-server
+# Every public item documented, and the docs build clean.
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 cargo test --locked --workspace --no-fail-fast -- "$@"

@@ -17,8 +17,11 @@ use crate::push::PushConfig;
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
+    /// A Docker or Podman engine.
     Docker(DockerConfig),
+    /// containerd's content store.
     Containerd(ContainerdConfig),
+    /// The push store.
     Push(PushConfig),
 }
 

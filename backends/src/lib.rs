@@ -1,5 +1,7 @@
 //! ferry's backends. Each has a serde config type and builds into a [`ferry_core::BackendHandle`].
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod containerd;
 pub mod docker;

@@ -38,6 +38,7 @@ pub struct BlobBody {
     pub size: u64,
     /// `(offset, length)` when a range was asked for and served.
     pub range: Option<(u64, u64)>,
+    /// The bytes.
     pub stream: ByteStream,
 }
 
@@ -47,6 +48,7 @@ impl BlobBody {
         self.range.map_or(self.size, |(_, len)| len)
     }
 
+    /// Whether the stream yields nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -131,7 +133,9 @@ pub trait Backend: Send + Sync {
 /// Where an upload stands: its id and how many bytes it holds.
 #[derive(Clone, Debug)]
 pub struct UploadState {
+    /// The session id, in the upload URL.
     pub id: String,
+    /// Bytes received so far.
     pub offset: u64,
 }
 
@@ -194,11 +198,14 @@ pub trait Registry: Backend {
 /// A backend as the chain holds it, plus its writable side when it has one.
 #[derive(Clone)]
 pub struct BackendHandle {
+    /// How the chain reads from it.
     pub backend: Arc<dyn Backend>,
+    /// Its writable side, for the push store.
     pub registry: Option<Arc<dyn Registry>>,
 }
 
 impl BackendHandle {
+    /// A backend that only serves.
     pub fn read_only(backend: Arc<dyn Backend>) -> Self {
         BackendHandle {
             backend,
@@ -206,6 +213,7 @@ impl BackendHandle {
         }
     }
 
+    /// A backend that also accepts pushes.
     pub fn writable<R: Registry + 'static>(registry: Arc<R>) -> Self {
         BackendHandle {
             backend: registry.clone(),

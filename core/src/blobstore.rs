@@ -440,7 +440,9 @@ pub struct SealedBlob {
     store: BlobStore,
     file: std::fs::File,
     tmp: Option<PathBuf>,
+    /// What the content hashed to.
     pub digest: Digest,
+    /// Its length.
     pub size: u64,
 }
 

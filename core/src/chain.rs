@@ -26,7 +26,9 @@ fn held_back(failed: &mut Option<Error>, e: Error, ctx: &RequestCtx, backend: &s
 
 /// Something a backend answered, with the backend's name for logs and headers.
 pub struct Found<T> {
+    /// The name of the backend that answered.
     pub backend: String,
+    /// What it answered.
     pub value: T,
 }
 
@@ -37,6 +39,7 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// A chain asking `backends` in this order.
     pub fn new(backends: Vec<BackendHandle>) -> Self {
         Chain { backends }
     }

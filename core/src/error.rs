@@ -38,7 +38,12 @@ pub enum Error {
     ManifestBlobUnknown(String),
     /// A manifest larger than the store accepts.
     #[error("manifest too large: {size} bytes, limit {limit}")]
-    ManifestTooLarge { size: u64, limit: u64 },
+    ManifestTooLarge {
+        /// The manifest's size.
+        size: u64,
+        /// The largest accepted.
+        limit: u64,
+    },
     /// A blob, or the push store as a whole, would grow past its configured limit.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -62,10 +67,20 @@ pub enum Error {
     QueryInvalid(String),
     /// A `Range` that lies outside the blob.
     #[error("range not satisfiable: {range} of {size} bytes")]
-    RangeNotSatisfiable { range: String, size: u64 },
+    RangeNotSatisfiable {
+        /// The range asked for.
+        range: String,
+        /// The blob's size.
+        size: u64,
+    },
     /// The client must authenticate; `realm` goes into the `WWW-Authenticate` challenge.
     #[error("authentication required: {message}")]
-    Unauthorized { realm: String, message: String },
+    Unauthorized {
+        /// The realm for `WWW-Authenticate`.
+        realm: String,
+        /// What to tell the client.
+        message: String,
+    },
     /// The client authenticated but may not do this.
     #[error("access denied: {0}")]
     Denied(String),
@@ -74,12 +89,19 @@ pub enum Error {
     Unsupported(String),
     /// A backend cannot be reached right now (engine down, socket missing); the chain goes on.
     #[error("backend {backend} unavailable: {reason}")]
-    Unavailable { backend: String, reason: String },
+    Unavailable {
+        /// Which backend.
+        backend: String,
+        /// Why.
+        reason: String,
+    },
     /// Local I/O failed (disk full, permissions).
     #[error("i/o error: {context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
         #[source]
+        /// The I/O error.
         source: io::Error,
     },
     /// Anything else: a bug or an engine answer we cannot use.

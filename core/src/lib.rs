@@ -1,5 +1,7 @@
 //! ferry's core: the vocabulary shared by the server and the backends. No HTTP, no engine I/O.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod blobstore;
 pub mod chain;

@@ -7,15 +7,25 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
+/// Media types ferry reads and writes.
 pub mod media {
+    /// OCI image manifest.
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    /// OCI image index.
     pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    /// OCI image config.
     pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    /// OCI uncompressed layer.
     pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+    /// Docker schema-2 manifest.
     pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    /// Docker manifest list.
     pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    /// Docker image config.
     pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    /// Docker uncompressed layer.
     pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+    /// Docker gzip layer.
     pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
     /// The manifest media types ferry stores and serves.
@@ -34,16 +44,23 @@ pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
+    /// What the content is.
     pub media_type: String,
+    /// Its digest.
     pub digest: Digest,
+    /// Its size in bytes.
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Where else it may be fetched from.
     pub urls: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Annotations, as written.
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// An artifact's type.
     pub artifact_type: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// For an index's entries: the platform, as written.
     pub platform: Option<serde_json::Value>,
 }
 
@@ -67,8 +84,11 @@ struct Parsed {
 /// A manifest as served: its exact bytes, its media type and its digest.
 #[derive(Clone, Debug)]
 pub struct Manifest {
+    /// The manifest exactly as stored: its digest is over these bytes.
     pub bytes: Bytes,
+    /// Its media type (`Content-Type`).
     pub media_type: String,
+    /// Its digest.
     pub digest: Digest,
     /// Blobs this manifest needs that the answering backend knows it lacks (an engine export
     /// that dropped them). The chain serves such a manifest only when a later backend holds
@@ -93,14 +113,17 @@ impl Manifest {
 /// What a manifest references, for validation on push and for the referrers API.
 #[derive(Clone, Debug)]
 pub struct ManifestInfo {
+    /// The manifest's media type, from its JSON or the client's `Content-Type`.
     pub media_type: String,
     /// Blobs: the config and the layers (for an image manifest).
     pub blobs: Vec<Descriptor>,
     /// Child manifests (for an index or list).
     pub manifests: Vec<Descriptor>,
+    /// The manifest it refers to (referrers API).
     pub subject: Option<Descriptor>,
     /// `artifactType`, or for an image manifest without one, its config's media type.
     pub artifact_type: Option<String>,
+    /// Its annotations, for the referrers list.
     pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

@@ -144,6 +144,7 @@ pub struct ExportGuard {
     started: std::time::Instant,
 }
 
+/// Counts an export as started and in flight; [`ExportGuard::done`] records how it ended.
 pub fn export_started(backend: &str) -> ExportGuard {
     metrics().exports_in_flight.inc();
     ExportGuard {
@@ -153,6 +154,7 @@ pub fn export_started(backend: &str) -> ExportGuard {
 }
 
 impl ExportGuard {
+    /// Records the export's outcome and duration.
     pub fn done(self, ok: bool) {
         let m = metrics();
         m.exports.get_or_create(&outcome(&self.backend, ok)).inc();

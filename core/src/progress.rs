@@ -65,6 +65,7 @@ impl Progress {
         self.maybe_log();
     }
 
+    /// Bytes done so far.
     pub fn done(&self) -> u64 {
         self.inner.done.load(Ordering::Relaxed)
     }

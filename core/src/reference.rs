@@ -109,7 +109,9 @@ impl fmt::Debug for Repository {
 /// What a manifest request names inside a repository.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Reference {
+    /// A tag, e.g. `v1`.
     Tag(String),
+    /// A digest, `sha256:…`.
     Digest(Digest),
 }
 
@@ -144,11 +146,14 @@ impl fmt::Debug for Reference {
 /// A repository plus tag or digest: one image as a client asks for it.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {
+    /// Where the image lives.
     pub repository: Repository,
+    /// Which manifest: tag or digest.
     pub reference: Reference,
 }
 
 impl ImageRef {
+    /// An image reference from its parts.
     pub fn new(repository: Repository, reference: Reference) -> Self {
         ImageRef { repository, reference }
     }

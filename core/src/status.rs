@@ -18,6 +18,7 @@ pub struct BackendStatus {
     pub location: String,
     /// For an engine: `Docker Engine` or `Podman`; for containerd: `containerd`.
     pub product: Option<String>,
+    /// The engine's (or containerd's) version.
     pub version: Option<String>,
     /// The engine's API version as negotiated.
     pub api_version: Option<String>,
@@ -50,6 +51,7 @@ pub struct CachedImage {
 pub struct RepositoryUsage {
     /// `registry/path`, e.g. `docker.io/library/app`.
     pub name: String,
+    /// Its tags.
     pub tags: Vec<String>,
     /// Manifests stored in it.
     pub manifests: usize,
@@ -61,6 +63,7 @@ pub struct RepositoryUsage {
 /// What an eviction removed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Evicted {
+    /// Images dropped.
     pub images: usize,
     /// Bytes of blobs deleted (blobs still served, or used by another image, stay).
     pub bytes: u64,

@@ -16,12 +16,16 @@ use ferry_backends::BackendConfig;
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// `[server]`: the listener and logs.
     #[serde(default)]
     pub server: ServerConfig,
+    /// `[cache]`: where ferry keeps its data.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// `[origins]`: where fetches on a client's behalf may go.
     #[serde(default)]
     pub origins: OriginsConfig,
+    /// `[admin]`: the admin API.
     #[serde(default)]
     pub admin: AdminConfig,
     /// Backends in query order.
@@ -29,6 +33,7 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
 }
 
+/// `[server]`.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -83,11 +88,14 @@ fn default_shutdown_grace() -> u64 {
     30
 }
 
+/// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines.
     #[default]
     Text,
+    /// One JSON object a line.
     Json,
 }
 
@@ -116,6 +124,7 @@ impl Default for OriginsConfig {
 }
 
 impl OriginsConfig {
+    /// The origin policy these settings make.
     pub fn policy(&self) -> ferry_core::origin::OriginPolicy {
         ferry_core::origin::OriginPolicy::new(&self.allow, self.public_registries)
     }
@@ -157,6 +166,7 @@ impl AdminConfig {
     }
 }
 
+/// `[cache]`.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
@@ -206,8 +216,11 @@ fn parse_addr<E: serde::de::Error>(s: String) -> Result<SocketAddr, E> {
 /// Values given on the command line; each overrides every other source.
 #[derive(Debug, Default)]
 pub struct Flags {
+    /// `--addr`.
     pub addr: Option<String>,
+    /// `--log-format`.
     pub log_format: Option<LogFormat>,
+    /// `--log-level`.
     pub log_level: Option<String>,
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use ferry_backends::BackendConfig;
 
-use crate::config::Config;
+use ferry_server::config::Config;
 
 /// Free space below which the data directory is a warning: one large image's export.
 const LOW_SPACE: u64 = 2 << 30;

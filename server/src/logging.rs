@@ -2,7 +2,7 @@
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-use crate::config::LogFormat;
+use ferry_server::config::LogFormat;
 
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()

@@ -1,25 +1,18 @@
 //! `ferry`: an OCI registry serving the images the machine's own engines already hold.
 
-mod admin;
-mod api;
-mod config;
 mod doctor;
 mod goflags;
-mod listen;
 mod logging;
 mod mirrors;
 mod privileges;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use ferry_core::Chain;
-
-use config::{Config, Flags, LogFormat};
+use ferry_server::config::{Config, Flags, LogFormat};
 
 #[derive(Parser)]
 #[command(name = "ferry", version, about)]
@@ -191,56 +184,32 @@ fn run<E: std::fmt::Display>(work: impl std::future::Future<Output = Result<(), 
 
 async fn serve(config: Config) -> Result<(), String> {
     raise_open_file_limit();
-    let mut handles = Vec::new();
-    let mut failures = Vec::new();
-    let origins = Arc::new(config.origins.policy());
-    for (i, b) in config.backends.iter().enumerate() {
-        match b.build(&config.cache.dir, &origins).await {
-            Ok(h) => handles.push(h),
-            Err(e) => failures.push(format!("backends[{i}]: {e}")),
-        }
-    }
-    if !failures.is_empty() {
-        return Err(format!("cannot start backends: {}", failures.join("; ")));
-    }
-    let chain = Chain::new(handles);
+    let chain = ferry_server::build_chain(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.server.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.addr))?;
     let addr = listener.local_addr().unwrap_or(config.server.addr);
     tracing::info!(%addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
         version = env!("CARGO_PKG_VERSION"), "ferry listening");
-    let server = &config.server;
-    let limits = listen::Limits {
-        header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
-        max_connections: server.max_connections,
-        grace: Duration::from_secs(server.shutdown_grace_secs),
+    let options = ferry_server::Options {
+        admin_token: config.admin.token()?,
+        admin_beside: config.admin.addr.is_none(),
+        ..ferry_server::Options::from(&config.server)
     };
-    let admin = Arc::new(admin::AdminState::new(chain.clone(), config.admin.token()?));
-    let beside = match config.admin.addr {
-        None => Some(admin),
-        Some(admin_addr) => {
-            let admin_listener = tokio::net::TcpListener::bind(admin_addr)
-                .await
-                .map_err(|e| format!("cannot listen on {admin_addr} (admin.addr): {e}"))?;
-            let bound = admin_listener.local_addr().unwrap_or(admin_addr);
-            tracing::info!(addr = %bound, "admin API listening");
-            tokio::spawn(async move {
-                if let Err(e) = listen::serve(admin_listener, api::admin_app(admin), shutdown_signal(), limits).await {
-                    tracing::error!(addr = %bound, error = %e, "admin API stopped");
-                }
-            });
-            None
-        }
-    };
-    let app = api::app(
-        Arc::new(api::AppState::new(
-            chain,
-            Duration::from_secs(server.body_idle_timeout_secs.max(1)),
-        )),
-        beside,
-    );
-    listen::serve(listener, app, shutdown_signal(), limits)
+    if let Some(admin_addr) = config.admin.addr {
+        let admin_listener = tokio::net::TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| format!("cannot listen on {admin_addr} (admin.addr): {e}"))?;
+        let bound = admin_listener.local_addr().unwrap_or(admin_addr);
+        tracing::info!(addr = %bound, "admin API listening");
+        let (chain, options) = (chain.clone(), options.clone());
+        tokio::spawn(async move {
+            if let Err(e) = ferry_server::serve_admin(chain, admin_listener, shutdown_signal(), options).await {
+                tracing::error!(addr = %bound, error = %e, "admin API stopped");
+            }
+        });
+    }
+    ferry_server::serve(chain, listener, shutdown_signal(), options)
         .await
         .map_err(|e| format!("cannot serve on {addr}: {e}"))
 }

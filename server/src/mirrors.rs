@@ -6,7 +6,7 @@
 //! mirror names the registry as the first path component (`ADDR/quay.io`), which ferry reads
 //! as the origin.
 
-use crate::config::Config;
+use ferry_server::config::Config;
 
 /// The clients `--for` knows.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]

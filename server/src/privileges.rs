@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 
 use nix::unistd::{Gid, Uid};
 
-use crate::config::Config;
+use ferry_server::config::Config;
 
 /// Drops to `FERRY_DROP_TO` when it is set and this process is root. Stays root (and says
 /// why) when a configured socket would not be usable by that user through its group.

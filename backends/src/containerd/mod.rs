@@ -75,7 +75,24 @@ fn default_true() -> bool {
 /// Coalesce fetched bytes into writes of this size (a gRPC message each).
 const WRITE_CHUNK: usize = 1024 * 1024;
 
+impl Default for ContainerdConfig {
+    /// The defaults of an empty `[[backends]] type = "containerd"` table.
+    fn default() -> Self {
+        ContainerdConfig {
+            name: default_name(),
+            socket: default_socket(),
+            namespace: default_namespace(),
+            fetch_missing: true,
+            plain_http: Vec::new(),
+            ca_file: None,
+            direct_reads: true,
+        }
+    }
+}
+
 impl ContainerdConfig {
+    /// Connects (lazily: containerd may come up later) and builds the backend; fails only on
+    /// an unreadable `ca_file`.
     pub async fn build(&self, policy: Arc<ferry_core::origin::OriginPolicy>) -> Result<Arc<ContainerdBackend>> {
         let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
         if let Err(e) = store.channel().await {
@@ -103,6 +120,7 @@ impl ContainerdConfig {
 /// How a heal ended, for requests that waited on it.
 type HealDone = Option<std::result::Result<(), String>>;
 
+/// Serves containerd's content store and heals blobs it lacks from their origin.
 pub struct ContainerdBackend {
     config: ContainerdConfig,
     store: Arc<Store>,

@@ -74,6 +74,21 @@ fn default_parallel() -> usize {
     2
 }
 
+impl Default for DockerConfig {
+    /// The defaults of an empty `[[backends]] type = "docker"` table.
+    fn default() -> Self {
+        DockerConfig {
+            name: default_name(),
+            socket: None,
+            tls_dir: None,
+            pull_missing: false,
+            max_parallel_exports: default_parallel(),
+            max_cache_size: None,
+            dir: None,
+        }
+    }
+}
+
 impl DockerConfig {
     /// The engine's address: `socket`, else `DOCKER_HOST`, else Docker's default socket.
     pub fn socket_url(&self) -> String {
@@ -83,6 +98,8 @@ impl DockerConfig {
             .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
     }
 
+    /// Opens the export cache under `data_dir` and starts following the engine (which may
+    /// come up later); fails only when the cache directory cannot be used.
     pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
         let socket = self.socket_url();
         let max_bytes = self
@@ -123,6 +140,7 @@ impl DockerConfig {
     }
 }
 
+/// Serves a Docker or Podman engine's images through exports cached on disk.
 pub struct DockerBackend {
     config: DockerConfig,
     engine: Arc<Engine>,

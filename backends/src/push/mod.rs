@@ -67,6 +67,7 @@ pub struct PushConfig {
     #[serde(default = "default_max_uploads")]
     pub max_upload_sessions: usize,
     #[serde(default = "default_max_uploads_per_client")]
+    /// Upload sessions open at once per client address.
     pub max_upload_sessions_per_client: usize,
 }
 
@@ -87,7 +88,25 @@ fn default_upload_ttl() -> u64 {
     3600
 }
 
+impl Default for PushConfig {
+    /// The defaults of an empty `[[backends]] type = "push"` table.
+    fn default() -> Self {
+        PushConfig {
+            name: default_name(),
+            dir: None,
+            allow_delete: false,
+            shadow_origins: false,
+            upload_ttl_secs: default_upload_ttl(),
+            max_blob_size: default_max_blob_size(),
+            quota: None,
+            max_upload_sessions: default_max_uploads(),
+            max_upload_sessions_per_client: default_max_uploads_per_client(),
+        }
+    }
+}
+
 impl PushConfig {
+    /// Opens the store under `data_dir` (or `dir`) and starts expiring idle upload sessions.
     pub async fn build(&self, data_dir: &std::path::Path) -> Result<Arc<PushBackend>> {
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("push"));
         let backend = Arc::new(PushBackend::open(self.clone(), dir).await?);
@@ -115,6 +134,7 @@ pub struct PushBackend {
 }
 
 impl PushBackend {
+    /// Opens the store at `root`, sweeping temp files a crash left there.
     pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
         let blobs = BlobStore::open(&root).await?;
         let limits = uploads::Limits {
