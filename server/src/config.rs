@@ -59,6 +59,23 @@ pub struct ServerConfig {
     /// Seconds requests under way may take to finish at shutdown.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// PEM certificate chain: with `tls_key`, ferry serves HTTPS (HTTP/2 over ALPN), and
+    /// reads both again when they change.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// The certificate files, when both are set.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -71,6 +88,8 @@ impl Default for ServerConfig {
             body_idle_timeout_secs: default_body_idle_timeout(),
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_shutdown_grace(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -213,6 +232,17 @@ fn parse_addr<E: serde::de::Error>(s: String) -> Result<SocketAddr, E> {
         .map_err(|e| E::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}")))
 }
 
+/// Other registries' variables ferry reads too, and the key each sets; a later one wins:
+/// distribution's and k3d's listen address, oci-reg-docker's and distribution's certificate.
+const FOREIGN_ENV: [(&str, &str); 6] = [
+    ("REGISTRY_LISTEN_ADDR", "server.addr"),
+    ("REGISTRY_HTTP_ADDR", "server.addr"),
+    ("REGISTRY_CERT_PATH", "server.tls_cert"),
+    ("REGISTRY_KEY_PATH", "server.tls_key"),
+    ("REGISTRY_HTTP_TLS_CERTIFICATE", "server.tls_cert"),
+    ("REGISTRY_HTTP_TLS_KEY", "server.tls_key"),
+];
+
 /// Values given on the command line; each overrides every other source.
 #[derive(Debug, Default)]
 pub struct Flags {
@@ -229,6 +259,11 @@ impl Config {
     pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
         let mut config: Config = Self::figment(file, flags)?.extract().map_err(Box::new)?;
         config.apply_pull_missing_env()?;
+        if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
+            return Err(Box::new(figment::Error::from(
+                "server.tls_cert and server.tls_key go together: set both for HTTPS, or neither".to_string(),
+            )));
+        }
         Ok(config)
     }
 
@@ -266,6 +301,11 @@ impl Config {
 
     fn figment(file: Option<&Path>, flags: &Flags) -> Result<Figment, Box<figment::Error>> {
         let mut fig = Figment::new();
+        let foreign = |fig: Figment| {
+            FOREIGN_ENV.iter().fold(fig, |fig, (var, key)| {
+                fig.merge(Env::raw().only(&[&var.to_ascii_lowercase()]).map(|_| (*key).into()))
+            })
+        };
         if let Some(file) = file {
             if !file.exists() {
                 return Err(Box::new(figment::Error::from(format!(
@@ -275,15 +315,11 @@ impl Config {
             }
             fig = fig.merge(Toml::file(file));
         }
-        fig = fig
-            // distribution's and k3d's variable names for the listen address.
-            .merge(Env::raw().only(&["registry_listen_addr"]).map(|_| "server.addr".into()))
-            .merge(Env::raw().only(&["registry_http_addr"]).map(|_| "server.addr".into()))
-            .merge(
-                Env::prefixed("FERRY_")
-                    .ignore(&["config", "pull_missing", "drop_to", "progress_interval_ms"])
-                    .split("__"),
-            );
+        fig = foreign(fig).merge(
+            Env::prefixed("FERRY_")
+                .ignore(&["config", "pull_missing", "drop_to", "progress_interval_ms"])
+                .split("__"),
+        );
         if let Some(a) = &flags.addr {
             fig = fig.merge(Serialized::default("server.addr", a));
         }
@@ -375,11 +411,11 @@ fn source_of(fig: &Figment, key: &str) -> String {
                 found_key.to_ascii_uppercase().replace('.', "__")
             )
         }
-        // The raw variables: distribution's names for the listen address, the later winning.
-        _ if meta.name.contains("environment") => ["REGISTRY_HTTP_ADDR", "REGISTRY_LISTEN_ADDR"]
-            .into_iter()
-            .find(|v| std::env::var(v).is_ok())
-            .map_or_else(|| "environment".to_string(), |v| format!("environment {v}")),
+        // Another registry's variable: the last one set for this key won.
+        _ if meta.name.contains("environment") => FOREIGN_ENV
+            .iter()
+            .rfind(|(var, key)| *key == found_key && std::env::var(var).is_ok())
+            .map_or_else(|| "environment".to_string(), |(var, _)| format!("environment {var}")),
         _ => "flag".to_string(),
     }
 }

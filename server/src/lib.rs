@@ -8,6 +8,7 @@ mod admin;
 mod api;
 pub mod config;
 mod listen;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// Whether the admin API is served beside the registry API (else see [`serve_admin`]).
     pub admin_beside: bool,
+    /// Serve HTTPS with this (see [`tls::server_config`]: a certificate reloaded when its
+    /// files change).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Options {
@@ -49,6 +53,7 @@ impl From<&config::ServerConfig> for Options {
             body_idle: Duration::from_secs(server.body_idle_timeout_secs.max(1)),
             admin_token: None,
             admin_beside: true,
+            tls: None,
         }
     }
 }
@@ -65,7 +70,7 @@ pub async fn serve(
         .admin_beside
         .then(|| Arc::new(admin::AdminState::new(chain.clone(), options.admin_token.clone())));
     let app = api::app(Arc::new(api::AppState::new(chain, options.body_idle)), admin);
-    listen::serve(listener, app, shutdown, options.limits).await
+    listen::serve(listener, app, shutdown, options.limits, options.tls).await
 }
 
 /// Serves the admin API alone (with `/healthz` and `/metrics`) on `listener`, for an
@@ -77,7 +82,7 @@ pub async fn serve_admin(
     options: Options,
 ) -> std::io::Result<()> {
     let admin = Arc::new(admin::AdminState::new(chain, options.admin_token.clone()));
-    listen::serve(listener, api::admin_app(admin), shutdown, options.limits).await
+    listen::serve(listener, api::admin_app(admin), shutdown, options.limits, options.tls).await
 }
 
 /// Builds every backend of `config`, in order; all failures are reported together, each

@@ -48,7 +48,10 @@ pub async fn serve(
     endpoint: impl Endpoint + 'static,
     shutdown: impl Future<Output = ()>,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
+    let scheme = if tls.is_some() { Scheme::HTTPS } else { Scheme::HTTP };
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let local = LocalAddr(Addr::SocketAddr(listener.local_addr()?));
     let endpoint: Arc<BoxEndpoint<'static, Response>> = Arc::new(endpoint.map_to_response().boxed());
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -88,14 +91,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (endpoint, local) = (endpoint.clone(), local.clone());
         let remote = RemoteAddr(Addr::SocketAddr(remote));
+        let scheme = scheme.clone();
         let service = hyper::service::service_fn(move |req| {
-            let (endpoint, local, remote) = (endpoint.clone(), local.clone(), remote.clone());
+            let (endpoint, local, remote, scheme) = (endpoint.clone(), local.clone(), remote.clone(), scheme.clone());
             async move {
-                let req = poem::Request::from((req, local, remote, Scheme::HTTP));
+                let req = poem::Request::from((req, local, remote, scheme.clone()));
                 Ok::<_, Infallible>(hyper::Response::from(endpoint.get_response(req).await))
             }
         });
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let (builder, watcher, acceptor) = (builder.clone(), graceful.watcher(), acceptor.clone());
         let header_timeout = limits.header_timeout;
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
@@ -108,8 +112,25 @@ pub async fn serve(
                 drop(slot);
                 return;
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let ended = match acceptor {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                // The handshake is held to the header timeout too.
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => Ok(()),
+                },
+            };
+            if let Err(e) = ended {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(slot);

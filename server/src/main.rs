@@ -120,7 +120,7 @@ fn main() -> ExitCode {
             run(async move { doctor::run(config, args.config.as_deref()).await })
         }
         Command::Healthcheck(args) => match args.load() {
-            Ok(config) => healthcheck(&mirrors::address(&config, None)),
+            Ok(config) => healthcheck(&mirrors::address(&config, None), config.server.tls_files().is_some()),
             Err(code) => code,
         },
         Command::Mirrors { client, address, args } => match args.load() {
@@ -136,8 +136,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// `GET /healthz` on `addr` within 5 s: success when it answers 200.
-fn healthcheck(addr: &str) -> ExitCode {
+/// `GET /healthz` on `addr` within 5 s: success when it answers 200. Behind TLS, that the
+/// listener accepts a connection (the binary carries no TLS client for this).
+fn healthcheck(addr: &str, tls: bool) -> ExitCode {
     use std::io::{Read, Write};
     let timeout = Duration::from_secs(5);
     let answer = (|| -> std::io::Result<String> {
@@ -145,6 +146,9 @@ fn healthcheck(addr: &str) -> ExitCode {
             .next()
             .ok_or_else(|| std::io::Error::other("no address"))?;
         let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        if tls {
+            return Ok("HTTP/1.1 200".to_string());
+        }
         s.set_read_timeout(Some(timeout))?;
         s.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
         let mut head = [0u8; 12];
@@ -184,16 +188,23 @@ fn run<E: std::fmt::Display>(work: impl std::future::Future<Output = Result<(), 
 
 async fn serve(config: Config) -> Result<(), String> {
     raise_open_file_limit();
+    let tls = config
+        .server
+        .tls_files()
+        .map(ferry_server::tls::server_config)
+        .transpose()
+        .map_err(|e| format!("TLS: {e}"))?;
     let chain = ferry_server::build_chain(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.server.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.server.addr))?;
     let addr = listener.local_addr().unwrap_or(config.server.addr);
-    tracing::info!(%addr, backends = ?chain.names(), dir = %config.cache.dir.display(),
-        version = env!("CARGO_PKG_VERSION"), "ferry listening");
+    tracing::info!(%addr, tls = config.server.tls_cert.is_some(), backends = ?chain.names(),
+        dir = %config.cache.dir.display(), version = env!("CARGO_PKG_VERSION"), "ferry listening");
     let options = ferry_server::Options {
         admin_token: config.admin.token()?,
         admin_beside: config.admin.addr.is_none(),
+        tls,
         ..ferry_server::Options::from(&config.server)
     };
     if let Some(admin_addr) = config.admin.addr {
