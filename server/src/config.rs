@@ -28,6 +28,9 @@ pub struct Config {
     /// `[admin]`: the admin API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[access]`: who may do what on the registry API.
+    #[serde(default)]
+    pub access: AccessConfig,
     /// Backends in query order.
     #[serde(default = "default_backends")]
     pub backends: Vec<BackendConfig>,
@@ -153,6 +156,45 @@ fn default_true() -> bool {
     true
 }
 
+/// `[access]`: read-only mode, Basic auth, the repository prefix allow-list.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Refuse uploads, manifest pushes and deletes (405 UNSUPPORTED).
+    #[serde(default)]
+    pub read_only: bool,
+    /// An htpasswd file of bcrypt hashes (`htpasswd -B`): writes need one of its users.
+    #[serde(default)]
+    pub htpasswd: Option<PathBuf>,
+    /// With `htpasswd`: reads need a user too.
+    #[serde(default)]
+    pub auth_reads: bool,
+    /// Repository name prefixes served (`team/`, `registry.k8s.io/`); other names are
+    /// unknown. Empty: every name. `REGISTRY_PREFIXES` (space-separated) sets it too.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+}
+
+impl AccessConfig {
+    /// The rules, reading the htpasswd file.
+    pub fn build(&self) -> Result<crate::access::Access, String> {
+        let users = self
+            .htpasswd
+            .as_deref()
+            .map(crate::access::Access::read_htpasswd)
+            .transpose()?;
+        if self.auth_reads && users.is_none() {
+            return Err("access.auth_reads needs access.htpasswd".into());
+        }
+        Ok(crate::access::Access::new(
+            self.read_only,
+            users,
+            self.auth_reads,
+            self.prefixes.clone(),
+        ))
+    }
+}
+
 /// `[admin]`: the admin API under `/api/v1`.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +301,10 @@ impl Config {
     pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
         let mut config: Config = Self::figment(file, flags)?.extract().map_err(Box::new)?;
         config.apply_pull_missing_env()?;
+        // oci-reg-docker's variable: a space-separated list.
+        if let Ok(p) = std::env::var("REGISTRY_PREFIXES") {
+            config.access.prefixes = p.split_whitespace().map(str::to_string).collect();
+        }
         if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
             return Err(Box::new(figment::Error::from(
                 "server.tls_cert and server.tls_key go together: set both for HTTPS, or neither".to_string(),
@@ -275,8 +321,7 @@ impl Config {
         flags: &Flags,
     ) -> Result<Vec<(String, String, String)>, Box<figment::Error>> {
         let fig = Self::figment(file, flags)?;
-        let mut config: Config = fig.extract().map_err(Box::new)?;
-        config.apply_pull_missing_env()?;
+        let config = Self::load(file, flags)?;
         let value = serde_json::to_value(&config).map_err(|e| Box::new(figment::Error::from(e.to_string())))?;
         let mut leaves = Vec::new();
         flatten("", &value, &mut leaves);
@@ -289,7 +334,9 @@ impl Config {
                 } else {
                     value
                 };
-                let source = if pull_missing_env && key.starts_with("backends.") && key.ends_with(".pull_missing") {
+                let source = if key.starts_with("access.prefixes") && std::env::var("REGISTRY_PREFIXES").is_ok() {
+                    "environment REGISTRY_PREFIXES".to_string()
+                } else if pull_missing_env && key.starts_with("backends.") && key.ends_with(".pull_missing") {
                     "environment FERRY_PULL_MISSING".to_string()
                 } else {
                     source_of(&fig, &key)

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 mod admin;
 mod api;
 pub mod config;
@@ -31,6 +32,8 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// Whether the admin API is served beside the registry API (else see [`serve_admin`]).
     pub admin_beside: bool,
+    /// Read-only mode, Basic auth, the prefix allow-list.
+    pub access: Arc<access::Access>,
     /// Serve HTTPS with this (see [`tls::server_config`]: a certificate reloaded when its
     /// files change).
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -54,6 +57,7 @@ impl From<&config::ServerConfig> for Options {
             admin_token: None,
             admin_beside: true,
             tls: None,
+            access: Arc::new(access::Access::open()),
         }
     }
 }
@@ -69,7 +73,10 @@ pub async fn serve(
     let admin = options
         .admin_beside
         .then(|| Arc::new(admin::AdminState::new(chain.clone(), options.admin_token.clone())));
-    let app = api::app(Arc::new(api::AppState::new(chain, options.body_idle)), admin);
+    let app = api::app(
+        Arc::new(api::AppState::new(chain, options.access.clone(), options.body_idle)),
+        admin,
+    );
     listen::serve(listener, app, shutdown, options.limits, options.tls).await
 }
 

@@ -8,6 +8,7 @@ mod privileges;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -194,6 +195,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .map(ferry_server::tls::server_config)
         .transpose()
         .map_err(|e| format!("TLS: {e}"))?;
+    let access = Arc::new(config.access.build()?);
     let chain = ferry_server::build_chain(&config).await?;
     let listener = tokio::net::TcpListener::bind(config.server.addr)
         .await
@@ -205,6 +207,7 @@ async fn serve(config: Config) -> Result<(), String> {
         admin_token: config.admin.token()?,
         admin_beside: config.admin.addr.is_none(),
         tls,
+        access,
         ..ferry_server::Options::from(&config.server)
     };
     if let Some(admin_addr) = config.admin.addr {

@@ -49,7 +49,9 @@ pub async fn tags(call: &Call<'_>, state: &AppState, name: &str) -> ApiResult {
 }
 
 pub async fn catalog(call: &Call<'_>, state: &AppState) -> ApiResult {
-    let all = state.chain.catalog().await?;
+    let mut all = state.chain.catalog().await?;
+    // Names outside the prefix allow-list are not shown.
+    all.retain(|name| ferry_core::Repository::from_request(name, None).is_ok_and(|r| state.access.allows_name(&r)));
     let (page, more) = paginate(all, call)?;
     let next = more.then(|| next_link("/v2/_catalog", call, page.last()));
     Ok(page_response(json!({ "repositories": page }), next))

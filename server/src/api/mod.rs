@@ -28,15 +28,18 @@ pub const BACKEND_HEADER: &str = "Ferry-Backend";
 /// What every handler shares.
 pub struct AppState {
     pub chain: Chain,
+    /// Who may do what.
+    pub access: Arc<crate::access::Access>,
     next_request: AtomicU64,
     /// A request body that sends nothing for this long fails (and frees its upload).
     body_idle: std::time::Duration,
 }
 
 impl AppState {
-    pub fn new(chain: Chain, body_idle: std::time::Duration) -> Self {
+    pub fn new(chain: Chain, access: Arc<crate::access::Access>, body_idle: std::time::Duration) -> Self {
         AppState {
             chain,
+            access,
             next_request: AtomicU64::new(1),
             body_idle,
         }
@@ -155,8 +158,22 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
             _ => None,
         },
     };
-    let call = Call { req, query, ctx };
-    let mut resp = match dispatch(&call, body, state).await {
+    let mut call = Call { req, query, ctx };
+    let allowed = match check_access(&call, state).await {
+        Ok(own_credentials) => {
+            if own_credentials {
+                // ferry's own credentials are not the client's credentials for an origin.
+                call.ctx.authorization = None;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    let outcome = match allowed {
+        Ok(()) => dispatch(&call, body, state).await,
+        Err(e) => Err(e),
+    };
+    let mut resp = match outcome {
         Ok(resp) => resp,
         Err(e) => poem::IntoResponse::into_response(e),
     };
@@ -171,6 +188,29 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
         HeaderValue::from_static("registry/2.0"),
     );
     resp
+}
+
+/// Applies the access rules to a request; `true` when it carried ferry's own credentials.
+async fn check_access(call: &Call<'_>, state: &AppState) -> ApiResult<bool> {
+    let path = call.req.uri().path();
+    let name = match route::parse(path) {
+        Some(Target::Tags { name })
+        | Some(Target::Manifest { name, .. })
+        | Some(Target::Blob { name, .. })
+        | Some(Target::Uploads { name })
+        | Some(Target::Upload { name, .. })
+        | Some(Target::Referrers { name, .. }) => Some(name),
+        _ => None,
+    };
+    // A name that does not parse is the handler's to refuse (NAME_INVALID).
+    let repo = name.and_then(|n| call.repo(n).ok());
+    let action = match *call.req.method() {
+        _ if matches!(route::parse(path), Some(Target::Base)) => crate::access::Action::Ping,
+        Method::GET | Method::HEAD => crate::access::Action::Read,
+        _ => crate::access::Action::Write,
+    };
+    let authorization = call.header(header::AUTHORIZATION);
+    Ok(state.access.check(action, repo.as_ref(), authorization).await?)
 }
 
 async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {

@@ -44,7 +44,10 @@ pub async fn start(call: &Call<'_>, state: &AppState, name: &str, body: Body) ->
         let digest: Digest = mount.parse()?;
         // Without `from` there is nothing to mount from: the client uploads (202) instead.
         let from = match &call.query.from {
-            Some(from) => Some(Repository::from_request(from, call.query.ns.as_deref())?),
+            // A repository outside the prefix allow-list is not one to mount from.
+            Some(from) => {
+                Some(Repository::from_request(from, call.query.ns.as_deref())?).filter(|r| state.access.allows_name(r))
+            }
             None => None,
         };
         let mounted = match &from {

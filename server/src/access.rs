@@ -1,0 +1,295 @@
+//! Who may do what on the registry API: a read-only switch, Basic auth from an htpasswd
+//! file (bcrypt, as distribution's `htpasswd` auth) for writes and optionally reads, and a
+//! repository prefix allow-list. Decided before a request reaches any backend.
+//!
+//! A name outside the prefixes answers exactly as a repository that does not exist
+//! (`NAME_UNKNOWN`), so nobody learns what else the engines hold. Verified credentials are
+//! remembered for a few minutes by the SHA-256 of the header (bcrypt costs tens of
+//! milliseconds, and a push is many requests); checks run a few at a time so that a flood of
+//! guesses cannot take every core.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+
+use ferry_core::{Error, Repository};
+
+/// How long a verified `Authorization` header is taken without bcrypt again.
+const REMEMBER: Duration = Duration::from_secs(300);
+/// Remembered headers at most (the oldest are forgotten past it).
+const REMEMBER_MAX: usize = 1024;
+/// bcrypt checks at once.
+const CHECKS_AT_ONCE: usize = 2;
+
+/// The realm in `WWW-Authenticate`.
+pub const REALM: &str = "ferry";
+
+/// What a request does, as access control sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// GET and HEAD.
+    Read,
+    /// Uploads, manifest PUTs, deletes.
+    Write,
+    /// `GET /v2/`: where Docker, Podman and skopeo learn whether to send credentials (and
+    /// `docker login` checks them), so with users configured it challenges a client without
+    /// credentials even when reads are open; the reads that follow go without.
+    Ping,
+}
+
+/// The access rules, from `[access]`.
+pub struct Access {
+    read_only: bool,
+    users: Option<HashMap<String, String>>,
+    auth_reads: bool,
+    prefixes: Vec<String>,
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    checks: Semaphore,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("read_only", &self.read_only)
+            .field("users", &self.users.as_ref().map(HashMap::len))
+            .field("auth_reads", &self.auth_reads)
+            .field("prefixes", &self.prefixes)
+            .finish()
+    }
+}
+
+impl Access {
+    /// Rules with everything open.
+    pub fn open() -> Self {
+        Self::new(false, None, false, Vec::new())
+    }
+
+    /// `users` maps user names to bcrypt hashes (`None`: no authentication).
+    pub fn new(
+        read_only: bool,
+        users: Option<HashMap<String, String>>,
+        auth_reads: bool,
+        prefixes: Vec<String>,
+    ) -> Self {
+        Access {
+            read_only,
+            users,
+            auth_reads,
+            prefixes,
+            verified: Mutex::new(HashMap::new()),
+            checks: Semaphore::new(CHECKS_AT_ONCE),
+        }
+    }
+
+    /// Reads an htpasswd file (`user:$2y$…` lines; only bcrypt is accepted, as distribution).
+    pub fn read_htpasswd(path: &Path) -> Result<HashMap<String, String>, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("htpasswd {}: {e}", path.display()))?;
+        let mut users = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((user, hash)) = line.split_once(':') else {
+                return Err(format!(
+                    "htpasswd {} line {}: expected user:hash",
+                    path.display(),
+                    i + 1
+                ));
+            };
+            if !hash.starts_with("$2") {
+                return Err(format!(
+                    "htpasswd {} line {}: {user}'s password is not a bcrypt hash (make it with htpasswd -B)",
+                    path.display(),
+                    i + 1
+                ));
+            }
+            users.insert(user.to_string(), hash.to_string());
+        }
+        Ok(users)
+    }
+
+    /// Whether `repo` is inside the prefix allow-list (always, without one). A prefix matches
+    /// the name as clients write it (`team/app`, `registry.k8s.io/pause`) or in full
+    /// (`docker.io/team/app`).
+    pub fn allows_name(&self, repo: &Repository) -> bool {
+        if self.prefixes.is_empty() {
+            return true;
+        }
+        let (familiar, canonical) = (repo.familiar(), repo.canonical());
+        let path = repo.path();
+        self.prefixes.iter().any(|p| {
+            familiar.starts_with(p.as_str()) || canonical.starts_with(p.as_str()) || path.starts_with(p.as_str())
+        })
+    }
+
+    /// Decides a request. `Ok(true)` when it carried ferry's own credentials (they must not
+    /// be passed on to an engine or an origin).
+    pub async fn check(
+        &self,
+        action: Action,
+        repo: Option<&Repository>,
+        authorization: Option<&str>,
+    ) -> Result<bool, Error> {
+        if let Some(r) = repo {
+            if !self.allows_name(r) {
+                return Err(Error::NameUnknown(r.to_string()));
+            }
+        }
+        if action == Action::Write && self.read_only {
+            return Err(Error::Unsupported("this registry is read-only".into()));
+        }
+        let Some(users) = &self.users else {
+            return Ok(false);
+        };
+        let needed = action != Action::Read || self.auth_reads;
+        // Some clients (containers/image: skopeo, Podman) answer a challenge with an empty
+        // user and password when they have none: that is no credentials.
+        let given = authorization.filter(|h| h.starts_with("Basic ") && basic(h).is_some_and(|(u, _)| !u.is_empty()));
+        match given {
+            Some(header) => {
+                if self.verify(users, header).await {
+                    Ok(true)
+                } else {
+                    Err(unauthorized("wrong user name or password"))
+                }
+            }
+            _ if needed => Err(unauthorized("authentication required")),
+            _ => Ok(false),
+        }
+    }
+
+    async fn verify(&self, users: &HashMap<String, String>, header: &str) -> bool {
+        let key: [u8; 32] = Sha256::digest(header.as_bytes()).into();
+        if let Ok(v) = self.verified.lock() {
+            if v.get(&key).is_some_and(|at| at.elapsed() < REMEMBER) {
+                return true;
+            }
+        }
+        let Some((user, password)) = basic(header) else {
+            return false;
+        };
+        let Some(hash) = users.get(&user).cloned() else {
+            return false;
+        };
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            .await
+            .unwrap_or(false);
+        if ok {
+            if let Ok(mut v) = self.verified.lock() {
+                if v.len() >= REMEMBER_MAX {
+                    v.retain(|_, at| at.elapsed() < REMEMBER);
+                    if v.len() >= REMEMBER_MAX {
+                        v.clear();
+                    }
+                }
+                v.insert(key, Instant::now());
+            }
+        }
+        ok
+    }
+}
+
+fn unauthorized(message: &str) -> Error {
+    Error::Unauthorized {
+        realm: REALM.into(),
+        message: message.into(),
+    }
+}
+
+/// User and password of a `Basic` header.
+fn basic(header: &str) -> Option<(String, String)> {
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(header.strip_prefix("Basic ")?.trim())
+        .ok()?;
+    let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    fn repo(name: &str) -> Repository {
+        Repository::from_request(name, None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_need_credentials_reads_only_when_asked() {
+        let hash = bcrypt::hash("pw", 4).unwrap();
+        let users: HashMap<String, String> = [("ann".to_string(), hash)].into();
+        let a = Access::new(false, Some(users.clone()), false, Vec::new());
+        let r = repo("team/app");
+        assert!(!a.check(Action::Read, Some(&r), None).await.unwrap());
+        assert!(matches!(
+            a.check(Action::Write, Some(&r), None).await,
+            Err(Error::Unauthorized { .. })
+        ));
+        assert!(matches!(
+            a.check(Action::Write, Some(&r), Some(&header("ann", "nope"))).await,
+            Err(Error::Unauthorized { .. })
+        ));
+        assert!(a
+            .check(Action::Write, Some(&r), Some(&header("ann", "pw")))
+            .await
+            .unwrap());
+        assert!(
+            a.check(Action::Write, Some(&r), Some(&header("ann", "pw")))
+                .await
+                .unwrap(),
+            "remembered"
+        );
+        assert!(matches!(
+            a.check(Action::Write, Some(&r), Some(&header("bob", "pw"))).await,
+            Err(Error::Unauthorized { .. })
+        ));
+        let reads = Access::new(false, Some(users), true, Vec::new());
+        assert!(matches!(
+            reads.check(Action::Read, Some(&r), None).await,
+            Err(Error::Unauthorized { .. })
+        ));
+        // A Bearer token (for an origin) is not ferry's: reads stay anonymous; so is an empty
+        // user and password.
+        assert!(!a.check(Action::Read, Some(&r), Some("Bearer x")).await.unwrap());
+        assert!(!a.check(Action::Read, Some(&r), Some(&header("", ""))).await.unwrap());
+        assert!(matches!(
+            a.check(Action::Write, Some(&r), Some(&header("", ""))).await,
+            Err(Error::Unauthorized { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn read_only_and_prefixes() {
+        let a = Access::new(true, None, false, vec!["team/".into(), "registry.k8s.io/".into()]);
+        assert!(matches!(
+            a.check(Action::Write, Some(&repo("team/app")), None).await,
+            Err(Error::Unsupported(_))
+        ));
+        assert!(!a.check(Action::Read, Some(&repo("team/app")), None).await.unwrap());
+        assert!(a.allows_name(&repo("registry.k8s.io/pause")));
+        assert!(a.allows_name(&Repository::from_request("team/x", Some("docker.io")).unwrap()));
+        assert!(matches!(
+            a.check(Action::Read, Some(&repo("other/app")), None).await,
+            Err(Error::NameUnknown(_))
+        ));
+        assert!(matches!(
+            a.check(Action::Read, Some(&repo("teams/app")), None).await,
+            Err(Error::NameUnknown(_))
+        ));
+    }
+}
