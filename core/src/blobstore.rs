@@ -85,6 +85,12 @@ impl BlobStore {
         Ok(store)
     }
 
+    /// The store at `root` as it is, clearing nothing: for a second process (`ferry gc`)
+    /// beside the one that writes it.
+    pub fn attach(root: impl Into<PathBuf>) -> Self {
+        BlobStore { root: root.into() }
+    }
+
     /// The directory the store lives in.
     pub fn root(&self) -> &Path {
         &self.root

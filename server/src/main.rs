@@ -69,6 +69,19 @@ enum Command {
     /// Exit 0 when the ferry of this configuration answers `/healthz` (a container's
     /// HEALTHCHECK: the image has no curl).
     Healthcheck(ConfigArgs),
+    /// Remove push-store blobs no manifest references (after deletes, or abandoned pushes).
+    /// Safe beside a running ferry: a manifest push and a collection never interleave, and
+    /// recent blobs (and those a pusher asked for lately) stay.
+    Gc {
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Spare blobs younger than this many seconds (default: the backend's gc_min_age_secs).
+        #[arg(long)]
+        min_age: Option<u64>,
+        #[command(flatten)]
+        args: ConfigArgs,
+    },
     /// Print the snippet that points a client at this ferry as its registry mirror.
     Mirrors {
         /// The client to configure.
@@ -120,6 +133,10 @@ fn main() -> ExitCode {
             let config = Config::load(args.config.as_deref(), &args.flags()).map_err(|e| e.to_string());
             run(async move { doctor::run(config, args.config.as_deref()).await })
         }
+        Command::Gc { dry_run, min_age, args } => match args.load() {
+            Ok(config) => run(gc(config, dry_run, min_age)),
+            Err(code) => code,
+        },
         Command::Healthcheck(args) => match args.load() {
             Ok(config) => healthcheck(&mirrors::address(&config, None), config.server.tls_files().is_some()),
             Err(code) => code,
@@ -135,6 +152,45 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
     }
+}
+
+/// `ferry gc`: collects every push store of the configuration, printing what went.
+async fn gc(config: Config, dry_run: bool, min_age: Option<u64>) -> Result<(), String> {
+    let stores: Vec<_> = config
+        .backends
+        .iter()
+        .filter_map(|b| match b {
+            ferry_backends::BackendConfig::Push(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    if stores.is_empty() {
+        return Err("the configuration has no push backend: nothing to collect".into());
+    }
+    for p in stores {
+        let dir = p.store_dir(&config.cache.dir);
+        if !dir.join("blobs").is_dir() {
+            println!("{} ({}): no push store there yet", p.name, dir.display());
+            continue;
+        }
+        let age = Duration::from_secs(min_age.unwrap_or(p.gc_min_age_secs));
+        let name = p.name.clone();
+        let store = ferry_backends::push::PushBackend::attach(p, dir.clone()).map_err(|e| e.to_string())?;
+        let report = store.collect_garbage(age, dry_run).await.map_err(|e| e.to_string())?;
+        let verb = if dry_run { "would remove" } else { "removed" };
+        println!(
+            "{name} ({}): {} blobs, {} kept, {verb} {} ({} bytes)",
+            dir.display(),
+            report.blobs,
+            report.kept,
+            report.removed.len(),
+            report.bytes()
+        );
+        for (digest, size) in &report.removed {
+            println!("  {digest} {size}");
+        }
+    }
+    Ok(())
 }
 
 /// `GET /healthz` on `addr` within 5 s: success when it answers 200. Behind TLS, that the
@@ -180,8 +236,12 @@ fn run<E: std::fmt::Display>(work: impl std::future::Future<Output = Result<(), 
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) if tracing::dispatcher::has_been_set() => {
             tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("ferry: {e}");
             ExitCode::FAILURE
         }
     }

@@ -16,7 +16,10 @@
 //! through a mirror (`?ns=`, containerd's hosts.toml) is not answered from the push store, so
 //! a cluster that uses ferry as its docker.io mirror never gets a pushed `library/nginx`.
 
+mod gc;
 mod uploads;
+
+pub use gc::GcReport;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +66,13 @@ pub struct PushConfig {
     /// "200GiB"; unset: no limit.
     #[serde(default)]
     pub quota: Option<String>,
+    /// Run a garbage collection this often (seconds; 0: only `ferry gc`).
+    #[serde(default)]
+    pub gc_interval_secs: u64,
+    /// Blobs younger than this, or asked for or linked this recently, are never collected
+    /// (seconds): the manifest of a push under way may be about to name them.
+    #[serde(default = "default_gc_min_age")]
+    pub gc_min_age_secs: u64,
     /// Upload sessions open at once, in all and per client address.
     #[serde(default = "default_max_uploads")]
     pub max_upload_sessions: usize,
@@ -71,6 +81,9 @@ pub struct PushConfig {
     pub max_upload_sessions_per_client: usize,
 }
 
+fn default_gc_min_age() -> u64 {
+    3600
+}
 fn default_max_blob_size() -> String {
     "16GiB".into()
 }
@@ -101,15 +114,21 @@ impl Default for PushConfig {
             quota: None,
             max_upload_sessions: default_max_uploads(),
             max_upload_sessions_per_client: default_max_uploads_per_client(),
+            gc_interval_secs: 0,
+            gc_min_age_secs: default_gc_min_age(),
         }
     }
 }
 
 impl PushConfig {
+    /// Where the store lives: `dir`, else `<data_dir>/push`.
+    pub fn store_dir(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.dir.clone().unwrap_or_else(|| data_dir.join("push"))
+    }
+
     /// Opens the store under `data_dir` (or `dir`) and starts expiring idle upload sessions.
     pub async fn build(&self, data_dir: &std::path::Path) -> Result<Arc<PushBackend>> {
-        let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("push"));
-        let backend = Arc::new(PushBackend::open(self.clone(), dir).await?);
+        let backend = Arc::new(PushBackend::open(self.clone(), self.store_dir(data_dir)).await?);
         let weak = Arc::downgrade(&backend);
         let period = Duration::from_secs(self.upload_ttl_secs.clamp(1, 3600));
         tokio::spawn(async move {
@@ -121,6 +140,22 @@ impl PushConfig {
                 }
             }
         });
+        if self.gc_interval_secs > 0 {
+            let weak = Arc::downgrade(&backend);
+            let (every, min_age) = (
+                Duration::from_secs(self.gc_interval_secs),
+                Duration::from_secs(self.gc_min_age_secs),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(b) = weak.upgrade() else { break };
+                    if let Err(e) = b.collect_garbage(min_age, false).await {
+                        tracing::warn!(backend = %b.config.name, error = %e, "garbage collection failed");
+                    }
+                }
+            });
+        }
         Ok(backend)
     }
 }
@@ -131,13 +166,30 @@ pub struct PushBackend {
     root: PathBuf,
     blobs: BlobStore,
     uploads: Uploads,
+    /// Held shared by manifest pushes, exclusively by garbage collection.
+    lock: gc::StoreLock,
 }
 
 impl PushBackend {
-    /// Opens the store at `root`, sweeping temp files a crash left there.
-    pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
-        let blobs = BlobStore::open(&root).await?;
-        let limits = uploads::Limits {
+    /// The store at `root` as another process (the server) keeps it: nothing swept,
+    /// expired or created, for `ferry gc` running beside the server.
+    pub fn attach(config: PushConfig, root: PathBuf) -> Result<Self> {
+        let limits = Self::limits(&config)?;
+        Ok(PushBackend {
+            uploads: Uploads::attach(
+                root.join("uploads"),
+                Duration::from_secs(config.upload_ttl_secs),
+                limits,
+            ),
+            blobs: BlobStore::attach(&root),
+            lock: gc::StoreLock::new(&root),
+            config,
+            root,
+        })
+    }
+
+    fn limits(config: &PushConfig) -> Result<uploads::Limits> {
+        Ok(uploads::Limits {
             max_blob_size: crate::size::parse(&config.max_blob_size, "max_blob_size")?,
             quota: config
                 .quota
@@ -146,7 +198,13 @@ impl PushBackend {
                 .transpose()?,
             max_sessions: config.max_upload_sessions,
             max_sessions_per_client: config.max_upload_sessions_per_client,
-        };
+        })
+    }
+
+    /// Opens the store at `root`, sweeping temp files a crash left there.
+    pub async fn open(config: PushConfig, root: PathBuf) -> Result<Self> {
+        let blobs = BlobStore::open(&root).await?;
+        let limits = Self::limits(&config)?;
         let uploads = Uploads::open(
             root.join("uploads"),
             Duration::from_secs(config.upload_ttl_secs),
@@ -156,6 +214,7 @@ impl PushBackend {
         .await?;
         let store = PushBackend {
             config,
+            lock: gc::StoreLock::new(&root),
             root,
             blobs,
             uploads,
@@ -356,6 +415,9 @@ impl Backend for PushBackend {
         if !self.serves(ctx) || !self.linked(repo, digest).await {
             return Ok(None);
         }
+        // A pusher asks before it skips an upload: keep the blob through a collection until
+        // its manifest arrives.
+        self.touch_link(repo, digest);
         self.blobs.size(digest).await
     }
 
@@ -547,6 +609,9 @@ impl Registry for PushBackend {
                 return Err(Error::DigestInvalid(format!("manifest hashes to {digest}, not {d}")));
             }
         }
+        // A collection must not remove what this manifest names between the check and the
+        // record.
+        let _collecting = self.lock.shared().await?;
         self.check_references(repo, &info).await?;
         self.blobs.write_bytes(bytes.clone()).await?;
         write_atomic(&self.manifest_marker(repo, &digest), info.media_type.as_bytes()).await?;

@@ -48,19 +48,24 @@ pub struct Uploads {
 }
 
 impl Uploads {
-    /// Opens the sessions under `dir`; `store_root` is what counts against the quota.
-    pub async fn open(dir: PathBuf, ttl: Duration, limits: Limits, store_root: &Path) -> Result<Self> {
-        fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let uploads = Uploads {
+    /// The sessions under `dir`, touching nothing (for a process beside the server).
+    pub fn attach(dir: PathBuf, ttl: Duration, limits: Limits) -> Self {
+        Uploads {
             dir,
             ttl,
             limits,
             sessions: Mutex::new(HashMap::new()),
             owners: std::sync::Mutex::new(HashMap::new()),
             used: Arc::new(AtomicU64::new(0)),
-        };
+        }
+    }
+
+    /// Opens the sessions under `dir`; `store_root` is what counts against the quota.
+    pub async fn open(dir: PathBuf, ttl: Duration, limits: Limits, store_root: &Path) -> Result<Self> {
+        fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let uploads = Self::attach(dir, ttl, limits);
         uploads.expire().await?;
         let root = store_root.to_path_buf();
         let used = tokio::task::spawn_blocking(move || disk_usage(&root))
@@ -77,6 +82,13 @@ impl Uploads {
     /// Counts bytes a monolithic upload stored.
     pub fn grew(&self, bytes: u64) {
         self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Stops counting bytes a garbage collection freed.
+    pub fn shrank(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(bytes)));
     }
 
     /// Checks `more` bytes on top of `already` fit the blob size limit and the quota.
