@@ -193,6 +193,11 @@ impl Ferry {
         panic!("ferry did not listen on {} in time:\n{}", self.port, self.logs());
     }
 
+    /// The process id, for counting what it holds in /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
