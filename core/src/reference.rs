@@ -76,17 +76,28 @@ impl Repository {
     /// The short name Docker shows and `docker save` accepts: `alpine` for Hub's library
     /// images, `user/app` for other Hub images, `registry.k8s.io/pause` elsewhere.
     pub fn familiar(&self) -> String {
-        if self.registry == DOCKER_HUB {
-            self.path.strip_prefix("library/").unwrap_or(&self.path).to_string()
-        } else {
-            self.canonical()
+        if self.registry != DOCKER_HUB || self.hub_path_looks_like_a_host() {
+            return self.canonical();
         }
+        // As Docker does: `library/` goes only from a one-component name.
+        match self.path.strip_prefix("library/") {
+            Some(short) if !short.contains('/') => short.to_string(),
+            _ => self.path.clone(),
+        }
+    }
+
+    /// A Hub path whose first component reads as a host (`foo.com/bar`): in a short form it
+    /// would name another registry, so it keeps `docker.io/` in front.
+    fn hub_path_looks_like_a_host(&self) -> bool {
+        self.path
+            .split_once('/')
+            .is_some_and(|(first, _)| is_host_component(first))
     }
 
     /// The name to put in a `/v2/<name>/` path so that a client without `ns` reaches this
     /// repository again: the Hub path as is, other registries prefixed by their host.
     pub fn request_name(&self) -> String {
-        if self.registry == DOCKER_HUB {
+        if self.registry == DOCKER_HUB && !self.hub_path_looks_like_a_host() {
             self.path.clone()
         } else {
             self.canonical()
@@ -258,6 +269,14 @@ fn normalize_registry(host: &str) -> Result<String> {
     if !name_ok || !port_ok {
         return Err(Error::NameInvalid(format!("{host:?} is not a registry host")));
     }
+    // A name without a dot or a port is a Docker Hub namespace to every client (`myreg/app`
+    // is docker.io/myreg/app): as a registry it would have no name clients could write, and
+    // ferry could take the engine's Docker Hub image for it.
+    if !is_host_component(&host) {
+        return Err(Error::NameInvalid(format!(
+            "{host:?} is not a registry host: without a dot or a port it names a Docker Hub namespace"
+        )));
+    }
     Ok(match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.into(),
         _ => host,
@@ -283,6 +302,38 @@ mod tests {
         let r = repo("user/app", Some("index.docker.io")).unwrap();
         assert_eq!(r.canonical(), "docker.io/user/app");
         assert_eq!(r.familiar(), "user/app");
+    }
+
+    #[test]
+    fn a_registry_needs_a_dot_or_a_port_and_every_name_reads_back() {
+        // Found by fuzzing: `ns=0` made a repository whose canonical form parsed as Docker
+        // Hub's `0/ocrr`.
+        assert!(repo("ocrr", Some("0")).is_err());
+        assert!(repo("app", Some("myreg")).is_err());
+        // And a Hub path whose first component reads as a host keeps `docker.io/` (found by
+        // fuzzing too: `library/a.b.io/c` came back as registry a.b.io).
+        assert_eq!(repo("library/a.b.io/c", None).unwrap().familiar(), "library/a.b.io/c");
+        assert_eq!(
+            repo("a.b.io/c", Some("docker.io")).unwrap().familiar(),
+            "docker.io/a.b.io/c"
+        );
+        assert_eq!(
+            repo("a.b.io/c", Some("docker.io")).unwrap().request_name(),
+            "docker.io/a.b.io/c"
+        );
+        assert_eq!(repo("library/x/y", None).unwrap().familiar(), "library/x/y");
+        for (name, ns) in [
+            ("app", Some("myreg:5000")),
+            ("app", Some("localhost")),
+            ("a/b", Some("r.io")),
+            ("library/a.b.io/c", None),
+            ("a.b.io/c", Some("docker.io")),
+            ("library/x/y", None),
+        ] {
+            let r = repo(name, ns).unwrap();
+            assert_eq!(repo(&r.canonical(), None).unwrap(), r);
+            assert_eq!(repo(&r.familiar(), None).unwrap(), r);
+        }
     }
 
     #[test]
