@@ -34,6 +34,15 @@ impl ByteRange {
         }
     }
 
+    /// Parses an upload chunk's `Content-Range: <first>-<last>` (the distribution spec's
+    /// form; a `bytes ` prefix tolerated): the first and last byte, or `None` when unusable.
+    pub fn parse_content_range(header: &str) -> Option<(u64, u64)> {
+        let v = header.trim().trim_start_matches("bytes").trim();
+        let (s, e) = v.split_once('-')?;
+        let (s, e) = (s.trim().parse::<u64>().ok()?, e.trim().parse::<u64>().ok()?);
+        (s <= e).then_some((s, e))
+    }
+
     /// The `(offset, length)` this range selects in a blob of `size` bytes, or
     /// [`Error::RangeNotSatisfiable`] when it lies outside.
     pub fn resolve(self, size: u64) -> Result<(u64, u64)> {

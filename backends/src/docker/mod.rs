@@ -676,6 +676,24 @@ impl Backend for DockerBackend {
     }
 }
 
+/// Entry points for the fuzz targets in `fuzz/`: an export archive read and interpreted
+/// exactly as an engine's would be.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Reads `bytes` as `docker save` output into `store` and interprets it.
+    pub async fn read_export(bytes: &[u8], store: &ferry_core::BlobStore) -> Result<()> {
+        let pins = pins::Pins::default();
+        let mut archive = archive::Archive::new(&pins);
+        archive::read(std::io::Cursor::new(bytes), store, &mut archive)?;
+        let repo = Repository::from_request("fuzz/image", None)?;
+        export::interpret(&mut archive, store, &repo, "fuzz/image:latest").await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,12 +82,7 @@ fn content_range(call: &Call<'_>) -> ApiResult<Option<(u64, u64)>> {
     let Some(v) = call.header(header::CONTENT_RANGE) else {
         return Ok(None);
     };
-    let v = v.trim().trim_start_matches("bytes").trim();
-    let parsed = v.split_once('-').and_then(|(s, e)| {
-        let (s, e) = (s.trim().parse::<u64>().ok()?, e.trim().parse::<u64>().ok()?);
-        (s <= e).then_some((s, e))
-    });
-    match parsed {
+    match ferry_core::ByteRange::parse_content_range(v) {
         Some(s) => Ok(Some(s)),
         None => Err(Error::UploadOutOfOrder(format!("unusable Content-Range {v:?}")).into()),
     }
