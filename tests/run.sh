@@ -24,3 +24,5 @@ cargo build --locked -p ferry-server
 # Every public item documented, and the docs build clean.
 RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 cargo test --locked --workspace --no-fail-fast -- "$@"
+# A short pass of every fuzz target (fuzz/run.sh 600 is the long one; RELIABILITY.md).
+fuzz/run.sh 10
