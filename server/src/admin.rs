@@ -60,15 +60,20 @@ struct BackendStatus {
     kind: String,
     reachable: bool,
     /// Why it cannot be reached or fully described.
+    #[oai(skip_serializing_if_is_none)]
     error: Option<String>,
     /// Its socket, or its directory.
     location: String,
     /// `Docker Engine`, `Podman`, `containerd`.
+    #[oai(skip_serializing_if_is_none)]
     product: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     version: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
     api_version: Option<String>,
     /// Graph driver (`overlay2`, `vfs`), `containerd image store (…)`, or containerd's
     /// content store and namespace.
+    #[oai(skip_serializing_if_is_none)]
     storage: Option<String>,
     /// Blobs read from the engine's files rather than through its API.
     direct_reads: bool,
@@ -150,6 +155,14 @@ struct Problem {
 enum EvictResponse {
     #[oai(status = 200)]
     Ok(Json<Evicted>),
+    /// No token, or a wrong one.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by the security scheme, before the handler
+    Unauthorized,
+    /// No `admin.token` is configured: changes are off.
+    #[oai(status = 403)]
+    #[allow(dead_code)] // answered by `routes`' check, before the handler
+    Forbidden(Json<Problem>),
     /// No cache holds that image.
     #[oai(status = 404)]
     NotFound(Json<Problem>),
@@ -281,6 +294,7 @@ async fn evict(state: &AdminState, image: Option<&str>) -> EvictResponse {
 /// `/api/v1/…`, `/api/v1/openapi.json` and `/api/docs`, to nest under `/api`.
 pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
     let service = OpenApiService::new(Api, "ferry admin API", env!("CARGO_PKG_VERSION")).server("/api/v1");
+    let allowed = Arc::new(Allowed::from_spec(&service.spec()));
     let spec = service.spec_endpoint();
     let docs = service.swagger_ui();
     Route::new()
@@ -289,7 +303,7 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
         .nest("/v1", service)
         .data(state.clone())
         .around(move |ep, req| {
-            let state = state.clone();
+            let (state, allowed) = (state.clone(), allowed.clone());
             async move {
                 let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
                 if !reads && state.token.is_none() {
@@ -300,8 +314,61 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
                             r#"{"message":"changes through the admin API are off: set admin.token to allow them"}"#,
                         ));
                 }
-                ep.call(req).await.map(poem::IntoResponse::into_response)
+                let path = req.uri().path().to_string();
+                let mut resp = match ep.call(req).await {
+                    Ok(r) => poem::IntoResponse::into_response(r),
+                    Err(e) => e.into_response(),
+                };
+                // RFC 9110: a 405 says which methods the resource has.
+                if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+                    if let Some(v) = allowed
+                        .at(&path)
+                        .and_then(|m| poem::http::HeaderValue::from_str(&m).ok())
+                    {
+                        resp.headers_mut().insert(poem::http::header::ALLOW, v);
+                    }
+                }
+                Ok::<Response, poem::Error>(resp)
             }
         })
         .into_endpoint()
+}
+
+/// The methods of each path of the API, read from its own OpenAPI document.
+struct Allowed(Vec<(Vec<String>, String)>);
+
+impl Allowed {
+    fn from_spec(spec: &str) -> Self {
+        let doc: serde_json::Value = serde_json::from_str(spec).unwrap_or_default();
+        let mut out = Vec::new();
+        if let Some(paths) = doc["paths"].as_object() {
+            for (path, ops) in paths {
+                let mut methods: Vec<String> = ops
+                    .as_object()
+                    .map(|o| o.keys().map(|m| m.to_ascii_uppercase()).collect())
+                    .unwrap_or_default();
+                if methods.iter().any(|m| m == "GET") {
+                    methods.push("HEAD".into());
+                }
+                out.push((path.split('/').map(str::to_string).collect(), methods.join(", ")));
+            }
+        }
+        Allowed(out)
+    }
+
+    /// The methods of `path` (`/v1/...` where the API is nested, or `/api/v1/...`);
+    /// `{param}` segments match any one segment.
+    fn at(&self, path: &str) -> Option<String> {
+        let rel: Vec<&str> = path
+            .strip_prefix("/api")
+            .unwrap_or(path)
+            .strip_prefix("/v1")?
+            .split('/')
+            .collect();
+        self.0.iter().find_map(|(pattern, methods)| {
+            let same =
+                pattern.len() == rel.len() && pattern.iter().zip(&rel).all(|(p, r)| p.starts_with('{') || p == r);
+            same.then(|| methods.clone())
+        })
+    }
 }

@@ -45,10 +45,11 @@ e2e_install_packages() {
 
 # Python's Prometheus client, whose text parser the metrics test reads /metrics with.
 e2e_install_python_packages() {
-    python3 -c 'import prometheus_client' 2>/dev/null && return 0
-    e2e_log "installing prometheus_client (PyPI)"
-    python3 -m pip install -q prometheus_client >>"$E2E_DIR/logs/pip.log" 2>&1 ||
-        python3 -m pip install -q --break-system-packages prometheus_client >>"$E2E_DIR/logs/pip.log" 2>&1
+    # prometheus_client parses /metrics; schemathesis throws generated requests at the admin API.
+    python3 -c 'import prometheus_client' 2>/dev/null && command -v schemathesis >/dev/null && return 0
+    e2e_log "installing prometheus_client and schemathesis (PyPI)"
+    python3 -m pip install -q prometheus_client 'schemathesis>=4,<5' >>"$E2E_DIR/logs/pip.log" 2>&1 ||
+        python3 -m pip install -q --break-system-packages prometheus_client 'schemathesis>=4,<5' >>"$E2E_DIR/logs/pip.log" 2>&1
 }
 
 # Waits until a command succeeds, up to $2 seconds of wall time (each try is cut off after

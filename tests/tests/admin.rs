@@ -199,3 +199,27 @@ fn the_api_moves_to_its_own_address_with_its_document_and_ui() {
     assert_eq!(ui.status(), 200);
     assert!(ui.text().unwrap().contains("swagger"), "Swagger UI");
 }
+
+/// schemathesis (from PyPI) throws requests generated from the API's own document at it —
+/// with the token, without it, and methods the API lacks: every answer must be one the
+/// document declares, with the declared shape.
+#[test]
+fn generated_requests_get_only_documented_answers() {
+    let engine = docker20();
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[admin]\ntoken = \"tok\"\n{}", docker_chain(&engine, "")),
+    );
+    let name = unique("schema");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    assert_eq!(get_manifest(&ferry, &name, "v1", "").0, 200);
+    for auth in ["-H 'Authorization: Bearer tok'", ""] {
+        let (ok, out) = sh_result(&format!(
+            "schemathesis run {0}/api/v1/openapi.json --url {0}/api/v1 {auth} --checks all -n 100 --seed 1 2>&1",
+            ferry.url("")
+        ));
+        assert!(ok, "{out}");
+    }
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
