@@ -209,7 +209,8 @@ impl Cache {
         }
     }
 
-    async fn record(&self, image_id: &str, exported: Exported) -> Result<Arc<Entry>> {
+    /// Records what an export (or a direct read) found for an image.
+    pub async fn record(&self, image_id: &str, exported: Exported) -> Result<Arc<Entry>> {
         let entry = Arc::new(Entry {
             image_id: image_id.to_string(),
             export: exported,

@@ -185,6 +185,27 @@ impl Engine {
         })
     }
 
+    /// The engine's data root and graph driver (`docker info`'s DockerRootDir and Driver),
+    /// and whether it keeps images in the containerd store instead.
+    pub async fn data_root(&self) -> Result<(std::path::PathBuf, String, bool)> {
+        let (docker, info) = self.client().await?;
+        let system = match tokio::time::timeout(CALL_TIMEOUT, docker.info()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(self.fail(e).await),
+            Err(_) => return Err(self.unavailable("info: no answer")),
+        };
+        Ok((
+            system.docker_root_dir.unwrap_or_default().into(),
+            system.driver.unwrap_or_default(),
+            info.containerd_store,
+        ))
+    }
+
+    /// What answers on the socket.
+    pub async fn info(&self) -> Result<Arc<EngineInfo>> {
+        Ok(self.client().await?.1)
+    }
+
     /// Inspects an image by name, id or `name@digest`; `None` when the engine has no such image.
     pub async fn inspect(&self, name: &str) -> Result<Option<ImageInspect>> {
         let (docker, _) = self.client().await?;

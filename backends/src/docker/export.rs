@@ -20,6 +20,9 @@ use super::archive::Archive;
 pub enum Format {
     Legacy,
     Oci,
+    /// Not exported: read from the engine's graph-driver storage (the manifest is the one a
+    /// legacy export gives).
+    Direct,
 }
 
 /// One export, interpreted.
@@ -94,29 +97,15 @@ async fn legacy(archive: &mut Archive, store: &BlobStore, manifest_json: &[u8], 
             .cloned()
             .ok_or_else(|| invalid(format!("manifest.json names {path}, which the archive lacks")))
     };
-    let (config_digest, config_size) = file(&entry.config)?;
+    let config = file(&entry.config)?;
     let mut layers = Vec::new();
-    let mut blobs = vec![config_digest.clone()];
     for l in &entry.layers {
-        let (digest, size) = file(l)?;
-        layers.push(BuiltDescriptor {
-            media_type: media::DOCKER_LAYER_TAR,
-            size,
-            digest: digest.to_string(),
-        });
-        blobs.push(digest);
+        layers.push(file(l)?);
     }
-    let built = BuiltManifest {
-        schema_version: 2,
-        media_type: media::DOCKER_MANIFEST,
-        config: BuiltDescriptor {
-            media_type: media::DOCKER_CONFIG,
-            size: config_size,
-            digest: config_digest.to_string(),
-        },
-        layers,
-    };
-    let bytes = serde_json::to_vec_pretty(&built).map_err(|e| Error::Internal(e.to_string()))?;
+    let blobs = std::iter::once(config.0.clone())
+        .chain(layers.iter().map(|(d, _)| d.clone()))
+        .collect();
+    let bytes = schema2_manifest(&config, &layers)?;
     archive.pin(&Digest::of(&bytes));
     let top = store.write_bytes(bytes.into()).await?;
     Ok(Exported {
@@ -127,6 +116,30 @@ async fn legacy(archive: &mut Archive, store: &BlobStore, manifest_json: &[u8], 
         blobs,
         missing: Vec::new(),
     })
+}
+
+/// The schema-2 manifest ferry makes for an image of a legacy export (or read directly):
+/// the config and uncompressed layers by digest and size. The same input gives the same
+/// bytes, so the digest is stable across exports and between the two ways of reading.
+pub fn schema2_manifest(config: &(Digest, u64), layers: &[(Digest, u64)]) -> Result<Vec<u8>> {
+    let built = BuiltManifest {
+        schema_version: 2,
+        media_type: media::DOCKER_MANIFEST,
+        config: BuiltDescriptor {
+            media_type: media::DOCKER_CONFIG,
+            size: config.1,
+            digest: config.0.to_string(),
+        },
+        layers: layers
+            .iter()
+            .map(|(digest, size)| BuiltDescriptor {
+                media_type: media::DOCKER_LAYER_TAR,
+                size: *size,
+                digest: digest.to_string(),
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&built).map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[derive(Deserialize)]

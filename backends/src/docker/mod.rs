@@ -3,6 +3,7 @@
 
 mod archive;
 mod cache;
+mod direct;
 mod engine;
 mod export;
 mod index;
@@ -65,6 +66,14 @@ pub struct DockerConfig {
     /// Where exported blobs are cached; defaults to `<cache.dir>/docker`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
+    /// Serve images from the engine's own storage (Docker's graph driver: overlay2, vfs)
+    /// when ferry can read its data root, with no export; anything else is exported.
+    #[serde(default = "default_true")]
+    pub direct_reads: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_name() -> String {
@@ -85,6 +94,7 @@ impl Default for DockerConfig {
             max_parallel_exports: default_parallel(),
             max_cache_size: None,
             dir: None,
+            direct_reads: true,
         }
     }
 }
@@ -130,6 +140,7 @@ impl DockerConfig {
             }
         });
         Ok(Arc::new(DockerBackend {
+            direct: direct::Direct::new(&self.name, self.direct_reads),
             config: self.clone(),
             engine,
             cache,
@@ -150,6 +161,8 @@ pub struct DockerBackend {
     pulls: Flights<bool>,
     /// Which registries the engine may pull from for a client.
     origins: Arc<OriginPolicy>,
+    /// Images read from the engine's storage instead of exported.
+    direct: direct::Direct,
 }
 
 /// One export of an engine image, owning what it needs: it runs as a task of its own.
@@ -286,8 +299,37 @@ impl DockerBackend {
         Ok(None)
     }
 
-    /// The cache entry of an engine image, exporting it when the cache has none.
+    /// The cache entry of an engine image: read from the engine's storage when ferry can,
+    /// else exported when the cache has none.
     async fn entry(&self, found: &Found, repo: &Repository) -> Result<Arc<Entry>> {
+        let cached = self.cache.get(&found.id).await;
+        let direct_known = match &cached {
+            // After a restart the entry is there but its layers are not known yet.
+            Some(e) if e.export.format == export::Format::Direct => {
+                let first_layer = e.export.blobs.get(1);
+                match first_layer {
+                    Some(d) if self.direct.layer(d).await.is_none() => false,
+                    _ => {
+                        self.cache.touch(&found.id).await;
+                        return Ok(e.clone());
+                    }
+                }
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if !direct_known {
+            if let Some(exported) = self.direct.read_image(&self.engine, &self.cache.store, &found.id).await {
+                ferry_core::metrics::cache_lookup(&self.config.name, cached.is_some());
+                let entry = self.cache.record(&found.id, exported).await?;
+                return Ok(entry);
+            }
+            if let Some(e) = cached.filter(|e| e.export.format == export::Format::Direct) {
+                // Direct reads failed for it: drop the entry so the export below runs.
+                let id = e.image_id.clone();
+                self.cache.evict_where(|x| x.image_id == id).await?;
+            }
+        }
         let export = Export {
             backend: self.config.name.clone(),
             engine: self.engine.clone(),
@@ -483,6 +525,44 @@ impl DockerBackend {
         Ok(None)
     }
 
+    /// The layer `digest` when it is served from the engine's storage: known from a manifest
+    /// read directly, or (after a restart) from a cached entry read that way. A layer found
+    /// not to match makes its image exported from then on.
+    async fn direct_layer(&self, repo: &Repository, digest: &Digest) -> Result<Option<Arc<direct::Layer>>> {
+        if let Some(l) = self.direct.layer(digest).await {
+            if !l.is_bad() {
+                return Ok(Some(l));
+            }
+            let image = l.image_id.clone();
+            self.fall_back_to_export(&image).await?;
+            return Ok(None);
+        }
+        let (holding, _) = self.cache.images_with_blob(digest).await;
+        for id in holding {
+            if self
+                .cache
+                .get(&id)
+                .await
+                .is_some_and(|e| e.export.format == export::Format::Direct)
+            {
+                let found = Found { name: id.clone(), id };
+                self.entry(&found, repo).await?;
+                return Ok(self.direct.layer(digest).await.filter(|l| !l.is_bad()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops reading `image` directly and drops its entry: its next request exports it.
+    async fn fall_back_to_export(&self, image: &str) -> Result<()> {
+        self.direct.refuse(image).await;
+        let id = image.to_string();
+        self.cache
+            .evict_where(|e| e.image_id == id && e.export.format == export::Format::Direct)
+            .await?;
+        Ok(())
+    }
+
     /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
     /// evicted or exporting the engine image that holds it. Its size, or `None` when no image
     /// has it.
@@ -574,6 +654,9 @@ impl Backend for DockerBackend {
     }
 
     async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
+        if let Some(layer) = self.direct_layer(repo, digest).await? {
+            return Ok(Some(layer.size));
+        }
         self.ensure_blob(repo, digest).await
     }
 
@@ -602,6 +685,7 @@ impl Backend for DockerBackend {
                     Ok(s) => status.storage = Some(s),
                     Err(e) => status.error = Some(format!("storage driver unknown: {e}")),
                 }
+                status.direct_reads = self.direct.in_use();
             }
             Err(e) => status.error = Some(e.to_string()),
         }
@@ -658,6 +742,13 @@ impl Backend for DockerBackend {
         range: Option<ByteRange>,
         _ctx: &RequestCtx,
     ) -> Result<Option<BlobBody>> {
+        if let Some(layer) = self.direct_layer(repo, digest).await? {
+            let image = layer.image_id.clone();
+            if let Some(body) = self.direct.body(layer, range).await? {
+                return Ok(Some(body));
+            }
+            self.fall_back_to_export(&image).await?;
+        }
         if self.ensure_blob(repo, digest).await?.is_none() {
             return Ok(None);
         }
