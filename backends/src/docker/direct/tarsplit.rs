@@ -96,7 +96,7 @@ impl<R: BufRead> Pieces<R> {
                 continue;
             }
             let line: Line = serde_json::from_slice(&self.line).map_err(|e| bad(format!("a line is not JSON: {e}")))?;
-            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| bad(e));
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).map_err(bad);
             return match line.kind {
                 2 => Ok(Some(Piece::Raw(match line.payload.as_deref() {
                     Some(p) => b64(p)?,
