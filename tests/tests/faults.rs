@@ -87,7 +87,7 @@ fn the_engine_stopped_mid_export_is_a_clean_error_and_the_retry_works() {
     sh(&format!(
         "cd {0} && cp /bin/busybox . && head -c 250000000 /dev/urandom > big \
          && printf 'FROM scratch\\nCOPY busybox /bin/busybox\\nCOPY big /big\\nCMD [\"/bin/busybox\", \"echo\", \"big\"]\\n' > Dockerfile \
-         && DOCKER_BUILDKIT=0 docker -H {socket} build -q -t {tag}:v1 . >/dev/null && rm big",
+         && DOCKER_BUILDKIT=0 docker -H {socket} build --no-cache -q -t {tag}:v1 . >/dev/null && rm big",
         ctx.path().display()
     ));
     let dir = scratch();

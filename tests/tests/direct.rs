@@ -1,0 +1,236 @@
+//! Direct reads on Docker 20 (overlay2): an engine image pulled cold by containerd through a
+//! mirror and run with no export at all; its manifest digest equal to the one the export
+//! path gives; its layers byte for byte `docker save`'s, for an image with a whiteout, a hard
+//! link and a symlink; `Range` reads; a layer changed on disk cut short and
+//! then exported; a data root ferry cannot read falls back to exports.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use reqwest::blocking::Client;
+
+const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// An image whose layers hold a whiteout, a hard link, a symlink (and a RUN that changes
+/// nothing).
+fn build_tricky_image(engine: &str, tag: &str) {
+    let ctx = scratch();
+    let dockerfile = [
+        "FROM scratch",
+        "COPY busybox /bin/busybox",
+        "COPY one two big /data/",
+        r#"RUN ["/bin/busybox", "rm", "/data/one"]"#,
+        r#"RUN ["/bin/busybox", "ln", "/data/two", "/data/two-hard"]"#,
+        r#"RUN ["/bin/busybox", "ln", "-s", "/data/two", "/data/two-sym"]"#,
+        r#"RUN ["/bin/busybox", "true"]"#,
+        r#"CMD ["/bin/busybox", "cat", "/data/two-hard"]"#,
+    ];
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile.join("\n") + "\n").unwrap();
+    sh(&format!(
+        "cd {} && cp /bin/busybox . && echo one > one && echo two > two && head -c 300000 /dev/urandom > big \
+         && DOCKER_BUILDKIT=0 docker -H {engine} build --no-cache -q -t {tag} . >/dev/null",
+        ctx.path().display()
+    ));
+}
+
+fn manifest(ferry: &Ferry, name: &str) -> (String, serde_json::Value) {
+    let r = Client::new()
+        .get(ferry.url(&format!("/v2/{name}/manifests/v1")))
+        .header("Accept", ACCEPT)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    let digest = r.headers()["Docker-Content-Digest"].to_str().unwrap().to_string();
+    (digest, serde_json::from_slice(&r.bytes().unwrap()).unwrap())
+}
+
+fn blob(ferry: &Ferry, name: &str, digest: &str, range: Option<&str>) -> (u16, Vec<u8>) {
+    let mut req = Client::new().get(ferry.url(&format!("/v2/{name}/blobs/{digest}")));
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    // A response cut short can fail before its headers are read: status 0, no bytes.
+    let Ok(r) = req.send() else { return (0, Vec::new()) };
+    let status = r.status().as_u16();
+    (status, r.bytes().map(|b| b.to_vec()).unwrap_or_default())
+}
+
+/// `docker save`'s layer tars of `tag`, by their sha256.
+fn saved_layers(engine: &str, tag: &str, dir: &Path) -> HashMap<String, Vec<u8>> {
+    let out = dir.join("saved");
+    std::fs::create_dir_all(&out).unwrap();
+    sh(&format!("docker -H {engine} save {tag} | tar -x -C {}", out.display()));
+    let mut layers = HashMap::new();
+    for entry in std::fs::read_dir(&out).unwrap().flatten() {
+        let tar = entry.path().join("layer.tar");
+        if let Ok(bytes) = std::fs::read(&tar) {
+            layers.insert(format!("sha256:{}", sha256_hex(&bytes)), bytes);
+        }
+    }
+    layers
+}
+
+#[test]
+fn engine_images_are_served_from_the_engines_storage_with_no_export() {
+    let engine = docker20();
+    let name = unique("direct");
+    build_tricky_image(&engine, &format!("{name}:v1"));
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+
+    // Cold, through a mirror, and run.
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
+    assert_eq!(out.trim(), "two");
+    let logs = ferry.logs();
+    assert!(logs.contains("read from the engine's storage (no export)"), "{logs}");
+    assert!(!logs.contains("exporting image from the engine"), "{logs}");
+
+    // The same manifest as the export path gives.
+    let (digest, m) = manifest(&ferry, &name);
+    let other = scratch();
+    let exporting = Ferry::start(other.path(), &docker_chain(&engine, "direct_reads = false"));
+    let (exported_digest, _) = manifest(&exporting, &name);
+    assert_eq!(digest, exported_digest);
+    assert!(exporting.logs().contains("exporting image from the engine"));
+
+    // Every layer byte for byte docker save's.
+    let saved = saved_layers(&engine, &format!("{name}:v1"), dir.path());
+    let layers: Vec<String> = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    // busybox, the files, the whiteout, the hard link, the symlink: Docker 20 keeps no layer
+    // for a RUN that changes nothing.
+    assert_eq!(layers.len(), 5, "{m}");
+    assert_eq!(saved.len(), 5);
+    for d in &layers {
+        let (status, bytes) = blob(&ferry, &name, d, None);
+        assert_eq!(status, 200);
+        assert_eq!(Some(&bytes), saved.get(d), "layer {d}");
+    }
+    // Range reads of the busybox layer.
+    let (_, whole) = blob(&ferry, &name, &layers[0], None);
+    for (range, from, to) in [("bytes=0-99", 0, 100), ("bytes=1000-200999", 1000, 201_000)] {
+        let (status, part) = blob(&ferry, &name, &layers[0], Some(range));
+        assert_eq!(status, 206, "{range}");
+        assert_eq!(part, whole[from..to], "{range}");
+    }
+    let (status, tail) = blob(&ferry, &name, &layers[0], Some("bytes=-512"));
+    assert_eq!((status, tail.as_slice()), (206, &whole[whole.len() - 512..]));
+    assert!(!ferry.logs().contains("exporting image from the engine"));
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
+
+#[test]
+fn a_layer_that_changed_on_disk_is_cut_short_then_exported() {
+    let engine = docker20();
+    let name = unique("directchg");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let (_, m) = manifest(&ferry, &name);
+    let top = m["layers"][1]["digest"].as_str().unwrap().to_string();
+    // The file of the top layer, changed behind the engine's back (same length).
+    let root = sh(&format!("docker -H {engine} info -f '{{{{.DockerRootDir}}}}'"));
+    let upper = sh(&format!(
+        "docker -H {engine} image inspect -f '{{{{.GraphDriver.Data.UpperDir}}}}' {name}:v1"
+    ));
+    let file = Path::new(upper.trim()).join("data/file1");
+    assert!(file.starts_with(root.trim()), "{}", file.display());
+    let original = std::fs::read(&file).unwrap();
+    let mut changed = original.clone();
+    changed[0] ^= 1;
+    std::fs::write(&file, &changed).unwrap();
+    let (_, bytes) = blob(&ferry, &name, &top, None);
+    assert_ne!(
+        format!("sha256:{}", sha256_hex(&bytes)),
+        top,
+        "no wrong layer reaches the client whole"
+    );
+    assert!(
+        ferry.logs().contains("no longer hash to the diff id"),
+        "{}",
+        ferry.logs()
+    );
+    // Put back: the next request exports the image instead.
+    std::fs::write(&file, &original).unwrap();
+    let (status, bytes) = blob(&ferry, &name, &top, None);
+    assert_eq!(status, 200, "{}", ferry.logs());
+    assert_eq!(format!("sha256:{}", sha256_hex(&bytes)), top);
+    assert!(
+        ferry.logs().contains("exporting image from the engine"),
+        "{}",
+        ferry.logs()
+    );
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
+
+#[test]
+fn an_unreadable_data_root_falls_back_to_exports() {
+    // The suite's unprivileged user, with the socket's group: it may use the engine but not
+    // read its data root.
+    let engine = docker20();
+    let name = unique("directno");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let dir = scratch();
+    std::fs::write(
+        dir.path().join("ferry.toml"),
+        format!(
+            "[cache]\ndir = \"{}\"\n{}",
+            dir.path().join("data").display(),
+            docker_chain(&engine, "")
+        ),
+    )
+    .unwrap();
+    sh(&format!(
+        "chown -R ferry-e2e {0} && chmod 755 {0}",
+        dir.path().display()
+    ));
+    let socket = engine.trim_start_matches("unix://");
+    let gid = sh(&format!("stat -c %g {socket}")).trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.path().join("ferry.log");
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=ferry-e2e", "--regid=ferry-e2e", &format!("--groups={gid}")])
+        .arg(ferry_bin())
+        .args([
+            "serve",
+            "--config",
+            dir.path().join("ferry.toml").to_str().unwrap(),
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/v2/{name}/manifests/v1");
+    let mut status = 0;
+    for _ in 0..100 {
+        if let Ok(r) = Client::new().get(&url).header("Accept", ACCEPT).send() {
+            status = r.status().as_u16();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200, "{logs}");
+    assert!(
+        logs.contains("direct reads off") && logs.contains("cannot read"),
+        "{logs}"
+    );
+    assert_eq!(logs.matches("direct reads off").count(), 1, "said once: {logs}");
+    assert!(logs.contains("exporting image from the engine"), "{logs}");
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
