@@ -142,6 +142,45 @@ pub fn schema2_manifest(config: &(Digest, u64), layers: &[(Digest, u64)]) -> Res
     serde_json::to_vec_pretty(&built).map_err(|e| Error::Internal(e.to_string()))
 }
 
+/// The OCI manifest Docker 25+ writes into `docker save` for an image of its graph driver:
+/// compact JSON, fields in Docker's order, config and uncompressed layers by digest and size.
+/// Built the same way, an image read directly keeps the digest its export gives.
+pub fn docker_oci_manifest(config: &(Digest, u64), layers: &[(Digest, u64)]) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Desc<'a> {
+        media_type: &'a str,
+        digest: String,
+        size: u64,
+    }
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Manifest<'a> {
+        schema_version: u32,
+        media_type: &'a str,
+        config: Desc<'a>,
+        layers: Vec<Desc<'a>>,
+    }
+    let m = Manifest {
+        schema_version: 2,
+        media_type: media::OCI_MANIFEST,
+        config: Desc {
+            media_type: media::OCI_CONFIG,
+            digest: config.0.to_string(),
+            size: config.1,
+        },
+        layers: layers
+            .iter()
+            .map(|(d, s)| Desc {
+                media_type: media::OCI_LAYER_TAR,
+                digest: d.to_string(),
+                size: *s,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&m).map_err(|e| Error::Internal(e.to_string()))
+}
+
 #[derive(Deserialize)]
 struct OciIndex {
     manifests: Vec<Descriptor>,

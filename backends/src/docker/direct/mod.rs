@@ -18,7 +18,7 @@ use tokio::sync::{OnceCell, RwLock};
 use ferry_core::{media, BlobBody, BlobStore, ByteRange, Digest, Error, Result};
 
 use super::engine::Engine;
-use super::export::{schema2_manifest, Exported, Format};
+use super::export::{docker_oci_manifest, schema2_manifest, Exported, Format};
 use graph::{GraphRoot, LayerFiles};
 
 const UNKNOWN: u8 = 0;
@@ -113,8 +113,16 @@ impl Direct {
             return None;
         }
         let root = self.root(engine).await?.clone();
+        // Docker 25 and later export the OCI layout, with a manifest of their own making.
+        let oci = engine.info().await.ok().is_some_and(|i| {
+            i.version
+                .split('.')
+                .next()
+                .and_then(|m| m.parse::<u32>().ok())
+                .is_some_and(|m| m >= 25)
+        });
         let started = std::time::Instant::now();
-        match self.read(&root, store, image_id).await {
+        match self.read(&root, store, image_id, oci).await {
             Ok(e) => {
                 tracing::info!(backend = %self.backend, image = %image_id, manifest = %e.top, layers = e.blobs.len() - 1,
                     elapsed_ms = started.elapsed().as_millis() as u64, "read from the engine's storage (no export)");
@@ -129,7 +137,7 @@ impl Direct {
         }
     }
 
-    async fn read(&self, root: &GraphRoot, store: &BlobStore, image_id: &str) -> Result<Exported> {
+    async fn read(&self, root: &GraphRoot, store: &BlobStore, image_id: &str, oci: bool) -> Result<Exported> {
         let id: Digest = image_id
             .parse()
             .map_err(|_| Error::Internal(format!("image id {image_id} is not a digest")))?;
@@ -172,7 +180,11 @@ impl Direct {
         .map_err(|e| Error::Internal(format!("direct read task: {e}")))??;
         let config_desc = (store.write_bytes(config.clone().into()).await?, config.len() as u64);
         let descs: Vec<(Digest, u64)> = layers.iter().map(|(d, _, s)| (d.clone(), *s)).collect();
-        let manifest = schema2_manifest(&config_desc, &descs)?;
+        let (manifest, media_type) = if oci {
+            (docker_oci_manifest(&config_desc, &descs)?, media::OCI_MANIFEST)
+        } else {
+            (schema2_manifest(&config_desc, &descs)?, media::DOCKER_MANIFEST)
+        };
         let top = store.write_bytes(manifest.into()).await?;
         let mut map = self.layers.write().await;
         for (diff_id, files, size) in layers {
@@ -193,7 +205,7 @@ impl Direct {
         Ok(Exported {
             format: Format::Direct,
             top: top.clone(),
-            media_type: media::DOCKER_MANIFEST.to_string(),
+            media_type: media_type.to_string(),
             manifests: vec![top],
             blobs: std::iter::once(config_desc.0)
                 .chain(descs.into_iter().map(|(d, _)| d))
