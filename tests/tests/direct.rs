@@ -255,3 +255,46 @@ fn an_unreadable_data_root_falls_back_to_exports() {
     assert!(logs.contains("exporting image from the engine"), "{logs}");
     sh(&format!("docker -H {engine} rmi {name}:v1"));
 }
+
+/// Podman (containers/storage, vfs here), rootful and rootless: served with no export, the
+/// export path's manifest digest, every layer hashing to its digest, pulled by containerd and
+/// run.
+#[test]
+fn podman_images_are_served_from_containers_storage_with_no_export() {
+    for var in ["E2E_PODMAN_HOST", "E2E_PODMAN_ROOTLESS_HOST"] {
+        let engine = env(var);
+        let name = unique("directpod");
+        let ctx = scratch();
+        sh(&format!(
+            "cd {0} && cp /bin/busybox . && echo pod > f && head -c 200000 /dev/urandom > big && chmod -R a+rX {0} \
+             && printf 'FROM scratch\\nCOPY busybox /bin/busybox\\nCOPY f big /data/\\nCMD [\"/bin/busybox\", \"cat\", \"/data/f\"]\\n' > Dockerfile \
+             && podman --url {engine} build -q -t {name}:v1 . >/dev/null",
+            ctx.path().display()
+        ));
+        let dir = scratch();
+        let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+        let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+        let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
+        assert_eq!(out.trim(), "pod", "{var}");
+        let logs = ferry.logs();
+        assert!(
+            logs.contains("read from the engine's storage (no export)"),
+            "{var}: {logs}"
+        );
+        assert!(!logs.contains("exporting image from the engine"), "{var}: {logs}");
+        let (digest, m) = manifest(&ferry, &name);
+        for l in m["layers"].as_array().unwrap() {
+            let d = l["digest"].as_str().unwrap();
+            let (status, bytes) = blob(&ferry, &name, d, None);
+            assert_eq!(
+                (status, format!("sha256:{}", sha256_hex(&bytes))),
+                (200, d.to_string()),
+                "{var}"
+            );
+        }
+        let other = scratch();
+        let exporting = Ferry::start(other.path(), &docker_chain(&engine, "direct_reads = false"));
+        assert_eq!(manifest(&exporting, &name).0, digest, "{var}");
+        sh(&format!("podman --url {engine} rmi {name}:v1"));
+    }
+}

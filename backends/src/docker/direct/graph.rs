@@ -17,11 +17,23 @@ use super::tarsplit::{self, Piece};
 /// Bytes read from a layer file at a time, and sent on as one chunk.
 const CHUNK: usize = 256 * 1024;
 
-/// A Docker data root whose graph driver ferry can read.
+/// How the engine lays its storage out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Docker's layer store: `image/<driver>/...` and the driver's directories.
+    Docker,
+    /// containers/storage (Podman, rootful and rootless): `<driver>-images/images.json`,
+    /// `<driver>-layers/layers.json` and `<id>.tar-split.gz`, files under the driver's
+    /// directory.
+    ContainersStorage,
+}
+
+/// An engine's data root whose storage ferry can read.
 #[derive(Clone, Debug)]
 pub struct GraphRoot {
     root: PathBuf,
     driver: String,
+    layout: Layout,
 }
 
 /// Where one layer's tar comes from.
@@ -36,24 +48,138 @@ pub struct LayerFiles {
 impl GraphRoot {
     /// The data root `root` (`docker info`'s DockerRootDir) with graph driver `driver`, when
     /// ferry can serve from it; otherwise why not (said once in the log; exports serve).
-    pub fn probe(root: &Path, driver: &str) -> std::result::Result<Self, String> {
-        if !matches!(driver, "overlay2" | "vfs") {
+    pub fn probe(root: &Path, driver: &str, layout: Layout) -> std::result::Result<Self, String> {
+        let known = match layout {
+            Layout::Docker => matches!(driver, "overlay2" | "vfs"),
+            Layout::ContainersStorage => matches!(driver, "overlay" | "vfs"),
+        };
+        if !known {
             return Err(format!(
-                "storage driver {driver} is not one ferry reads (overlay2, vfs)"
+                "storage driver {driver} is not one ferry reads (overlay2 or overlay, vfs)"
             ));
         }
         let g = GraphRoot {
             root: root.to_path_buf(),
             driver: driver.to_string(),
+            layout,
         };
-        let layerdb = g.image_dir().join("layerdb/sha256");
-        std::fs::read_dir(&layerdb).map_err(|e| {
+        let probe = match layout {
+            Layout::Docker => g.image_dir().join("layerdb/sha256"),
+            Layout::ContainersStorage => g.root.clone(),
+        };
+        std::fs::read_dir(&probe).map_err(|e| {
             format!(
                 "cannot read {} ({e}): mount the data root read-only into ferry's container, or run ferry as root",
-                layerdb.display()
+                probe.display()
             )
         })?;
         Ok(g)
+    }
+
+    /// The image's config and its layers' files, bottom first, each with the diff ID the
+    /// config gives it; `None` when the engine has no such image (any more).
+    pub fn image(&self, image_id: &Digest) -> Result<Option<(Vec<u8>, Vec<(Digest, LayerFiles)>)>> {
+        let Some(config) = self.config(image_id)? else {
+            return Ok(None);
+        };
+        if Digest::of(&config) != *image_id {
+            return Err(Error::Internal(
+                "the stored config does not hash to the image id".into(),
+            ));
+        }
+        #[derive(serde::Deserialize)]
+        struct RootFs {
+            diff_ids: Vec<Digest>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Config {
+            rootfs: RootFs,
+        }
+        let diff_ids = serde_json::from_slice::<Config>(&config)
+            .map_err(|e| Error::Internal(format!("image config: {e}")))?
+            .rootfs
+            .diff_ids;
+        let files = match self.layout {
+            Layout::Docker => {
+                let mut files = Vec::new();
+                for chain in chain_ids(&diff_ids) {
+                    match self.layer(&chain)? {
+                        Some(f) => files.push(f),
+                        None => return Ok(None),
+                    }
+                }
+                files
+            }
+            Layout::ContainersStorage => match self.storage_layers(image_id, &diff_ids)? {
+                Some(f) => f,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some((config, diff_ids.into_iter().zip(files).collect())))
+    }
+
+    /// containers/storage: the image's top layer and its parents, checked against `diff_ids`.
+    fn storage_layers(&self, image_id: &Digest, diff_ids: &[Digest]) -> Result<Option<Vec<LayerFiles>>> {
+        #[derive(serde::Deserialize)]
+        struct Image {
+            id: String,
+            #[serde(default)]
+            layer: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct StoredLayer {
+            id: String,
+            #[serde(default)]
+            parent: Option<String>,
+            #[serde(rename = "diff-digest", default)]
+            diff_digest: Option<String>,
+        }
+        let read = |name: &str| -> Result<Vec<u8>> {
+            let p = self.root.join(name);
+            std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+        };
+        let images: Vec<Image> = serde_json::from_slice(&read(&format!("{}-images/images.json", self.driver))?)
+            .map_err(|e| Error::Internal(format!("images.json: {e}")))?;
+        let Some(top) = images
+            .into_iter()
+            .find(|i| i.id == image_id.hex())
+            .and_then(|i| i.layer)
+        else {
+            return Ok(None);
+        };
+        let layers: Vec<StoredLayer> = serde_json::from_slice(&read(&format!("{}-layers/layers.json", self.driver))?)
+            .map_err(|e| Error::Internal(format!("layers.json: {e}")))?;
+        let by_id: std::collections::HashMap<&str, &StoredLayer> = layers.iter().map(|l| (l.id.as_str(), l)).collect();
+        let mut chain = Vec::new();
+        let mut next = Some(top.as_str());
+        while let Some(id) = next {
+            let Some(l) = by_id.get(id) else { return Ok(None) };
+            if chain.len() > diff_ids.len() {
+                return Err(Error::Internal("the layer chain is longer than the config says".into()));
+            }
+            chain.push(*l);
+            next = l.parent.as_deref();
+        }
+        chain.reverse();
+        if chain.len() != diff_ids.len() {
+            return Err(Error::Internal(
+                "the layer chain does not match the config's diff ids".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for (l, diff_id) in chain.iter().zip(diff_ids) {
+            if l.diff_digest.as_deref() != Some(diff_id.to_string().as_str()) || l.id.contains(['/', '.']) {
+                return Err(Error::Internal(format!("layer {} is not the config's {diff_id}", l.id)));
+            }
+            out.push(LayerFiles {
+                tar_split: self.root.join(format!("{}-layers/{}.tar-split.gz", self.driver, l.id)),
+                dir: match self.driver.as_str() {
+                    "overlay" => self.root.join("overlay").join(&l.id).join("diff"),
+                    _ => self.root.join("vfs/dir").join(&l.id),
+                },
+            });
+        }
+        Ok(Some(out))
     }
 
     fn image_dir(&self) -> PathBuf {
@@ -61,8 +187,19 @@ impl GraphRoot {
     }
 
     /// The image's config as the engine stores it (its digest is the image id), or `None`.
-    pub fn config(&self, image_id: &Digest) -> Result<Option<Vec<u8>>> {
-        let path = self.image_dir().join("imagedb/content/sha256").join(image_id.hex());
+    fn config(&self, image_id: &Digest) -> Result<Option<Vec<u8>>> {
+        let path = match self.layout {
+            Layout::Docker => self.image_dir().join("imagedb/content/sha256").join(image_id.hex()),
+            // A big-data item, named by the base64 of its key.
+            Layout::ContainersStorage => {
+                use base64::Engine as _;
+                let key = base64::engine::general_purpose::STANDARD.encode(image_id.to_string());
+                self.root
+                    .join(format!("{}-images", self.driver))
+                    .join(image_id.hex())
+                    .join(format!("={key}"))
+            }
+        };
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -70,9 +207,9 @@ impl GraphRoot {
         }
     }
 
-    /// The files of the layer with chain id `chain`, or `None` when the engine has no such
-    /// layer (any more).
-    pub fn layer(&self, chain: &Digest) -> Result<Option<LayerFiles>> {
+    /// The files of the Docker layer with chain id `chain`, or `None` when the engine has no
+    /// such layer (any more).
+    fn layer(&self, chain: &Digest) -> Result<Option<LayerFiles>> {
         let dir = self.image_dir().join("layerdb/sha256").join(chain.hex());
         let cache_id = match std::fs::read_to_string(dir.join("cache-id")) {
             Ok(id) => id.trim().to_string(),

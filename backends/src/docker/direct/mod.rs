@@ -19,7 +19,7 @@ use ferry_core::{media, BlobBody, BlobStore, ByteRange, Digest, Error, Result};
 
 use super::engine::Engine;
 use super::export::{docker_oci_manifest, schema2_manifest, Exported, Format};
-use graph::{GraphRoot, LayerFiles};
+use graph::{GraphRoot, LayerFiles, Layout};
 
 const UNKNOWN: u8 = 0;
 const GOOD: u8 = 1;
@@ -75,15 +75,16 @@ impl Direct {
             .root
             .get_or_try_init(|| async {
                 let info = engine.info().await?;
-                let verdict = if info.product == "Podman" {
-                    Err("Podman's containers/storage is not read directly yet".to_string())
+                let layout = if info.product == "Podman" {
+                    Layout::ContainersStorage
                 } else {
-                    let (root, driver, containerd_store) = engine.data_root().await?;
-                    if containerd_store {
-                        Err("images live in the containerd store (a containerd backend reads those directly)".to_string())
-                    } else {
-                        GraphRoot::probe(&root, &driver)
-                    }
+                    Layout::Docker
+                };
+                let (root, driver, containerd_store) = engine.data_root().await?;
+                let verdict = if containerd_store {
+                    Err("images live in the containerd store (a containerd backend reads those directly)".to_string())
+                } else {
+                    GraphRoot::probe(&root, &driver, layout)
                 };
                 match verdict {
                     Ok(g) => {
@@ -115,11 +116,12 @@ impl Direct {
         let root = self.root(engine).await?.clone();
         // Docker 25 and later export the OCI layout, with a manifest of their own making.
         let oci = engine.info().await.ok().is_some_and(|i| {
-            i.version
-                .split('.')
-                .next()
-                .and_then(|m| m.parse::<u32>().ok())
-                .is_some_and(|m| m >= 25)
+            i.product != "Podman"
+                && i.version
+                    .split('.')
+                    .next()
+                    .and_then(|m| m.parse::<u32>().ok())
+                    .is_some_and(|m| m >= 25)
         });
         let started = std::time::Instant::now();
         match self.read(&root, store, image_id, oci).await {
@@ -143,36 +145,13 @@ impl Direct {
             .map_err(|_| Error::Internal(format!("image id {image_id} is not a digest")))?;
         let (root2, id2) = (root.clone(), id.clone());
         let (config, layers) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let config = root2
-                .config(&id2)?
-                .ok_or_else(|| Error::Internal("no config in the image store".into()))?;
-            if Digest::of(&config) != id2 {
-                return Err(Error::Internal(
-                    "the stored config does not hash to the image id".into(),
-                ));
-            }
-            #[derive(serde::Deserialize)]
-            struct RootFs {
-                diff_ids: Vec<Digest>,
-            }
-            #[derive(serde::Deserialize)]
-            struct Config {
-                rootfs: RootFs,
-            }
-            let parsed: Config =
-                serde_json::from_slice(&config).map_err(|e| Error::Internal(format!("image config: {e}")))?;
+            let (config, files) = root2.image(&id2)?.ok_or_else(|| {
+                Error::Internal("the image or one of its layers is not in the engine's storage".into())
+            })?;
             let mut layers = Vec::new();
-            for (diff_id, chain) in parsed
-                .rootfs
-                .diff_ids
-                .iter()
-                .zip(graph::chain_ids(&parsed.rootfs.diff_ids))
-            {
-                let files = root2
-                    .layer(&chain)?
-                    .ok_or_else(|| Error::Internal(format!("layer {chain} is not in the layer store")))?;
+            for (diff_id, files) in files {
                 let size = tarsplit::tar_size(tarsplit::open(&files.tar_split)?)?;
-                layers.push((diff_id.clone(), files, size));
+                layers.push((diff_id, files, size));
             }
             Ok((config, layers))
         })
