@@ -36,6 +36,10 @@ pub struct GraphRoot {
     layout: Layout,
 }
 
+/// An image as the engine stores it: its config bytes, and each layer's diff ID and files,
+/// bottom first.
+pub type StoredImage = (Vec<u8>, Vec<(Digest, LayerFiles)>);
+
 /// Where one layer's tar comes from.
 #[derive(Clone, Debug)]
 pub struct LayerFiles {
@@ -78,7 +82,7 @@ impl GraphRoot {
 
     /// The image's config and its layers' files, bottom first, each with the diff ID the
     /// config gives it; `None` when the engine has no such image (any more).
-    pub fn image(&self, image_id: &Digest) -> Result<Option<(Vec<u8>, Vec<(Digest, LayerFiles)>)>> {
+    pub fn image(&self, image_id: &Digest) -> Result<Option<StoredImage>> {
         let Some(config) = self.config(image_id)? else {
             return Ok(None);
         };
