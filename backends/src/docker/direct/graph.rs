@@ -323,6 +323,7 @@ impl Assembler {
     /// Feeds every piece through; `false` when the receiver went away.
     fn run(&mut self, layer: &LayerFiles) -> io::Result<bool> {
         let pieces = tarsplit::open(&layer.tar_split).map_err(io::Error::other)?;
+        let root = std::fs::canonicalize(&layer.dir)?;
         for piece in pieces {
             if self.left == 0 && self.hasher.is_none() {
                 break;
@@ -343,6 +344,13 @@ impl Assembler {
                     if self.hasher.is_none() && self.skip >= size {
                         self.skip -= size;
                         continue;
+                    }
+                    // A symlink on the way (planted in the layer) must not lead out of it.
+                    if !std::fs::canonicalize(&file_path)?.starts_with(&root) {
+                        return Err(io::Error::other(format!(
+                            "{} leads out of the layer's directory",
+                            file_path.display()
+                        )));
                     }
                     let mut file = std::fs::File::open(&file_path)?;
                     let mut remaining = size;
@@ -421,6 +429,85 @@ mod tests {
         let chain = chain_ids(&[a.clone(), b.clone()]);
         assert_eq!(chain[0], a);
         assert_eq!(chain[1], Digest::of(format!("{a} {b}").as_bytes()));
+    }
+
+    /// A layer directory and a tar-split of `entries` (`None` content: a raw segment).
+    fn layer(dir: &Path, lines: &[String]) -> LayerFiles {
+        use std::io::Write;
+        let ts = dir.join("tar-split.json.gz");
+        let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&ts).unwrap(), flate2::Compression::fast());
+        for l in lines {
+            writeln!(gz, "{l}").unwrap();
+        }
+        gz.finish().unwrap();
+        LayerFiles {
+            tar_split: ts,
+            dir: dir.join("diff"),
+        }
+    }
+
+    fn raw(b: &[u8]) -> String {
+        use base64::Engine as _;
+        format!(
+            r#"{{"type":2,"payload":"{}"}}"#,
+            base64::engine::general_purpose::STANDARD.encode(b)
+        )
+    }
+
+    fn file(name: &str, size: usize) -> String {
+        format!(r#"{{"type":1,"name":"{name}","size":{size}}}"#)
+    }
+
+    async fn collect(s: ByteStream) -> (Vec<u8>, bool) {
+        use futures::StreamExt;
+        let mut out = Vec::new();
+        let mut s = s;
+        while let Some(c) = s.next().await {
+            match c {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(_) => return (out, false),
+            }
+        }
+        (out, true)
+    }
+
+    #[tokio::test]
+    async fn assembles_checks_and_serves_ranges() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("diff/etc")).unwrap();
+        std::fs::write(t.path().join("diff/etc/hosts"), b"127.0.0.1 x\n").unwrap();
+        let files = layer(t.path(), &[raw(b"HEAD"), file("etc/hosts", 12), raw(b"PAD")]);
+        let whole = b"HEAD127.0.0.1 x\nPAD".to_vec();
+        let right = Digest::of(&whole);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (bytes, ok) = collect(stream(files.clone(), right.clone(), 0, 19, true, move |v| {
+            tx.send(v).unwrap()
+        }))
+        .await;
+        assert!(ok && rx.recv().unwrap());
+        assert_eq!(bytes, whole);
+        let (part, ok) = collect(stream(files.clone(), right, 2, 6, false, |_| {})).await;
+        assert!(ok);
+        assert_eq!(part, whole[2..8]);
+        // The wrong diff ID: the response ends in an error, never with the whole tar.
+        let wrong = Digest::of(b"something else");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (bytes, ok) = collect(stream(files, wrong, 0, 19, true, move |v| tx.send(v).unwrap())).await;
+        assert!(!ok && !rx.recv().unwrap());
+        assert!(bytes.len() < whole.len());
+    }
+
+    #[tokio::test]
+    async fn a_symlink_out_of_the_layer_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("diff")).unwrap();
+        std::fs::create_dir_all(t.path().join("outside")).unwrap();
+        std::fs::write(t.path().join("outside/secret"), b"host secret").unwrap();
+        std::os::unix::fs::symlink(t.path().join("outside"), t.path().join("diff/a")).unwrap();
+        let files = layer(t.path(), &[raw(b"H"), file("a/secret", 11)]);
+        let (bytes, ok) = collect(stream(files, Digest::of(b"x"), 0, 12, false, |_| {})).await;
+        assert!(!ok);
+        assert!(!bytes.windows(6).any(|w| w == b"secret"), "{bytes:?}");
     }
 
     #[test]

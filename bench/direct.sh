@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Cold pulls with no export (direct reads), side by side with the export path and with a pull
+# from a warm distribution (Debian's docker-registry), through the k3s path (ctr with a
+# hosts.toml mirror), on Docker 20 (overlay2) and rootful Podman (vfs). Also the time to the
+# first manifest of a 5-layer image on a fresh ferry, and ferry's peak RSS. Best of 3 runs.
+# Prints a markdown table. Usage: bench/direct.sh [SIZE_MIB]   (root; installs what it needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export E2E_DIR=${E2E_DIR:-/tmp/fdirect-$$}
+source tests/env/lib.sh
+size_mib=${1:-512}
+layers=8
+e2e_install_packages
+command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
+trap 'e2e_stop_all' EXIT
+
+cargo build --release -q -p ferry-server
+e2e_start_containerd client
+sed -i 's/^\[plugins."io.containerd.grpc.v1.cri"\]/[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n&/' "$E2E_DIR/client/config.toml"
+e2e_stop client && e2e_start_containerd client
+client="$E2E_DIR/client/containerd.sock"
+e2e_start_containerd ctd16
+e2e_start_dockerd docker20 ctd16
+e2e_start_podman podman
+reg_port=$(e2e_free_port)
+e2e_start_registry registry "$reg_port"
+reg="127.0.0.1:$reg_port"
+engines=("docker20 unix://$E2E_DIR/docker20/docker.sock docker" "podman unix://$E2E_DIR/podman/podman.sock podman")
+
+ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
+{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
+  for i in $(seq 1 $layers); do
+      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
+  done
+  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+small="$E2E_DIR/small"; mkdir -p "$small"; cp /bin/busybox "$small/"
+{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
+  for i in 1 2 3 4; do echo "small $i" >"$small/s$i"; echo "COPY s$i /data/s$i"; done; } >"$small/Dockerfile"
+for e in "${engines[@]}"; do
+    read -r _ sock cli <<<"$e"
+    if [ "$cli" = docker ]; then
+        DOCKER_BUILDKIT=0 docker -H "$sock" build -q -t benchimg:1 "$ctx" >/dev/null
+        DOCKER_BUILDKIT=0 docker -H "$sock" build -q -t five:1 "$small" >/dev/null
+    else
+        podman --url "$sock" build -q -t benchimg:1 "$ctx" >/dev/null
+        podman --url "$sock" build -q -t five:1 "$small" >/dev/null
+    fi
+done
+rm -rf "$ctx" "$small"
+
+now() { date +%s.%N; }
+secs() { echo "$2 - $1" | bc -l; }
+timed_pull() { # image hosts-dir times-file
+    local ns t0 t1; ns="b$(date +%s%N)"
+    sync; t0=$(now)
+    if [ -n "$2" ]; then
+        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
+    else
+        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
+    fi
+    t1=$(now); secs "$t0" "$t1" >>"$3"
+    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
+    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
+    sync
+}
+best() { sort -n "$1" | head -1; }
+rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/$1.pid")/status"; }
+# A fresh ferry (empty cache) on engine socket $2, direct reads $3; prints its address.
+fresh_ferry() { # name socket direct
+    local port; port=$(e2e_free_port)
+    e2e_stop "$1"; rm -rf "${E2E_DIR:?}/$1"; mkdir -p "$E2E_DIR/$1"
+    printf '[cache]\ndir = "%s/%s/data"\n[[backends]]\ntype = "docker"\nsocket = "%s"\ndirect_reads = %s\n' \
+        "$E2E_DIR" "$1" "$2" "$3" >"$E2E_DIR/$1/config.toml"
+    e2e_spawn "$1" target/release/ferry serve --config "$E2E_DIR/$1/config.toml" --addr "127.0.0.1:$port" --log-level warn
+    e2e_wait "$1" 30 curl -sf "http://127.0.0.1:$port/v2/"
+    echo "127.0.0.1:$port"
+}
+hosts() { # dir target
+    mkdir -p "$1/docker.io"
+    printf 'server = "http://127.0.0.1:9"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$2" >"$1/docker.io/hosts.toml"
+}
+
+T="$E2E_DIR/times"; mkdir -p "$T"
+echo "| engine | warm distribution pull | ferry cold, direct | ratio | ferry cold, export | first manifest (5 layers), direct | peak RSS, direct |"
+echo "|---|---|---|---|---|---|---|"
+for e in "${engines[@]}"; do
+    read -r name sock cli <<<"$e"
+    # The same image in a warm distribution.
+    if [ "$cli" = docker ]; then
+        docker -H "$sock" tag benchimg:1 "$reg/$name/img:1" && docker -H "$sock" push -q "$reg/$name/img:1" >/dev/null
+    else
+        podman --url "$sock" push -q --tls-verify=false benchimg:1 "docker://$reg/$name/img:1" >/dev/null
+    fi
+    timed_pull "$reg/$name/img:1" "" "$T/$name-warmup"
+    for _ in 1 2 3; do timed_pull "$reg/$name/img:1" "" "$T/$name-reg"; done
+    peak=0
+    for mode in true false; do
+        for _ in 1 2 3; do
+            f=$(fresh_ferry "ferry-$name-$mode" "$sock" "$mode")
+            hosts "$E2E_DIR/hosts-$name-$mode" "$f"
+            timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-$name-$mode" "$T/$name-$mode"
+            [ "$mode" = true ] && peak=$(echo "r=$(rss "ferry-$name-$mode"); if (r > $peak) r else $peak" | bc -l)
+        done
+    done
+    for _ in 1 2 3; do
+        f=$(fresh_ferry "ferry-$name-first" "$sock" true)
+        curl -s -o /dev/null -w '%{time_total}\n' -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
+            "http://$f/v2/five/manifests/1" >>"$T/$name-first"
+    done
+    r=$(best "$T/$name-reg"); d=$(best "$T/$name-true"); x=$(best "$T/$name-false"); m=$(best "$T/$name-first")
+    printf '| %s | %.2f s | %.2f s | %.2f× | %.2f s | %.0f ms | %s MiB |\n' "$name" "$r" "$d" "$(echo "$d / $r" | bc -l)" "$x" \
+        "$(echo "$m * 1000" | bc -l)" "$peak"
+done
