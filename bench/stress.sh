@@ -83,10 +83,12 @@ for i in $(seq 1 20); do
     DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t "cold$i:v1" "$ctx" >/dev/null
 done
 rm -rf "$ctx"
+pullers=()
 for i in $(seq 1 20); do
     python3 bench/pull_clients.py "127.0.0.1:$ferry_port" "cold$i" v1 10 >"$E2E_DIR/cold$i.json" &
+    pullers+=($!)
 done
-wait
+wait "${pullers[@]}"   # not the daemons, which run in the background too
 cold_errors=0; cold_seconds=0
 for i in $(seq 1 20); do
     j=$(cat "$E2E_DIR/cold$i.json")

@@ -3,16 +3,19 @@
 # the seeds in fuzz/corpus/<target>; findings land in fuzz/artifacts/<target>.
 # cargo fuzz wants a nightly compiler for its -Z flags: RUSTC_BOOTSTRAP lets this machine's
 # stable one take them, and no sanitizer is asked for (stable ships none to link).
-# Usage: fuzz/run.sh [SECONDS] [TARGET ...]
+# Usage: fuzz/run.sh [SECONDS] [TARGET ...]   (FUZZ_QUICK=1: an unoptimised build, for the
+# short pass of the test command, which builds faster than it fuzzes)
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(names manifests ranges exports)
+[ ${#targets[@]} -gt 0 ] || targets=(names manifests ranges exports tarsplit)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-cargo fuzz build -s none -O
+opt=(-O)
+[ "${FUZZ_QUICK:-}" = 1 ] && opt=()
+cargo fuzz build -s none "${opt[@]}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 printf '%-10s %8s %10s %8s %s\n' target seconds runs corpus result
@@ -20,7 +23,7 @@ for t in "${targets[@]}"; do
     mkdir -p "$work/$t" "corpus/$t"
     cp -r "corpus/$t/." "$work/$t/" 2>/dev/null || true
     log="$work/$t.log"
-    if cargo fuzz run -s none -O "$t" "$work/$t" -- -max_total_time="$seconds" -max_len=1048576 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+    if cargo fuzz run -s none "${opt[@]}" "$t" "$work/$t" -- -max_total_time="$seconds" -max_len=1048576 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
         result=ok
     else
         result="FOUND (see fuzz/artifacts/$t and $log)"

@@ -208,6 +208,10 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
     if let Some(storage) = &s.storage {
         detail.push_str(&format!(", {storage}"));
     }
+    let containerd_store = s
+        .storage
+        .as_deref()
+        .is_some_and(|d| d.contains("containerd image store"));
     match b {
         BackendConfig::Containerd(c) if c.direct_reads && !s.direct_reads => {
             detail.push_str(", blobs read through the API");
@@ -221,11 +225,18 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
         BackendConfig::Containerd(_) if s.direct_reads => {
             r.ok(what, format!("{detail}, blobs read from its content directory"))
         }
-        BackendConfig::Docker(_)
-            if s.storage
-                .as_deref()
-                .is_some_and(|d| d.contains("containerd image store")) =>
-        {
+        BackendConfig::Docker(_) if s.direct_reads => {
+            r.ok(what, format!("{detail}, layers read from its storage (no export)"))
+        }
+        BackendConfig::Docker(c) if c.direct_reads && !containerd_store => {
+            r.ok(what, format!("{detail}, images exported"));
+            r.warn(
+                what,
+                "the engine's storage cannot be read here, so every image is exported before it is served (the log says why)",
+                "run ferry as root on the engine's host, or mount the data root read-only into ferry's container (-v /var/lib/docker:/var/lib/docker:ro)",
+            );
+        }
+        BackendConfig::Docker(_) if containerd_store => {
             r.ok(what, &detail);
             r.warn(
                 what,

@@ -37,7 +37,7 @@ fn reports_backends_lists_caches_and_evicts_with_the_token() {
     let dir = scratch();
     let token = "s3cret-admin-token";
     let chain = format!(
-        "[admin]\ntoken = \"{token}\"\n[[backends]]\ntype = \"docker\"\nsocket = \"{engine}\"\n\
+        "[admin]\ntoken = \"{token}\"\n[[backends]]\ntype = \"docker\"\nsocket = \"{engine}\"\ndirect_reads = false\n\
          [[backends]]\ntype = \"containerd\"\nsocket = \"{}\"\nnamespace = \"e2e\"\n\
          [[backends]]\ntype = \"push\"\n",
         containerd16()
@@ -55,6 +55,10 @@ fn reports_backends_lists_caches_and_evicts_with_the_token() {
     assert!(b[0]["version"].as_str().unwrap().starts_with("20.10"), "{status}");
     assert_eq!(b[0]["api_version"], "1.41");
     assert_eq!(b[0]["storage"], "overlay2");
+    assert_eq!(
+        b[0]["direct_reads"], false,
+        "switched off: this test is about the export cache"
+    );
     assert_eq!(b[1]["kind"], "containerd");
     assert_eq!(b[1]["reachable"], true, "{status}");
     assert!(b[1]["version"].as_str().unwrap().starts_with("1.6"), "{status}");
@@ -152,8 +156,10 @@ fn changes_are_refused_without_a_configured_token() {
         assert_eq!(code, 403, "{body}");
         assert!(body.contains("admin.token"), "{body}");
     }
-    // Reading stays open.
-    assert_eq!(get_json(&ferry.url("/api/v1/status"))["ready"], true);
+    // Reading stays open; ferry runs as root beside the engine, so it reads its storage.
+    let status = get_json(&ferry.url("/api/v1/status"));
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["backends"][0]["direct_reads"], true, "{status}");
 }
 
 #[test]

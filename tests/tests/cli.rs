@@ -53,6 +53,7 @@ fn doctor_passes_a_healthy_setup_and_names_each_engine() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Docker Engine 20.10"), "{out}");
     assert!(out.contains("(API 1.41)") && out.contains("overlay2"), "{out}");
+    assert!(out.contains("layers read from its storage (no export)"), "{out}");
     assert!(out.contains("Podman 4.3") && out.contains("vfs"), "{out}");
     assert!(out.contains("containerd 1.6"), "{out}");
     assert!(out.contains("writable") && out.contains("GiB free"), "{out}");

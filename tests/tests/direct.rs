@@ -14,12 +14,19 @@ use reqwest::blocking::Client;
 
 const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// An image whose layers hold a whiteout, a hard link, a symlink (and a RUN that changes
-/// nothing).
+/// An image whose layers hold nothing at all (an imported empty archive), a whiteout, a hard
+/// link, a symlink (and a RUN that changes nothing, of which Docker keeps no layer).
 fn build_tricky_image(engine: &str, tag: &str) {
     let ctx = scratch();
+    // A base of one empty layer: an empty archive imported.
+    let base = format!("{}-empty:v1", tag.split(':').next().unwrap_or(tag));
+    sh(&format!(
+        "cd {} && tar -cf empty.tar -T /dev/null && docker -H {engine} import empty.tar {base} >/dev/null",
+        ctx.path().display()
+    ));
+    let from = format!("FROM {base}");
     let dockerfile = [
-        "FROM scratch",
+        from.as_str(),
         "COPY busybox /bin/busybox",
         "COPY one two big /data/",
         r#"RUN ["/bin/busybox", "rm", "/data/one"]"#,
@@ -127,25 +134,38 @@ fn served_directly(engine: &str, accept: &str) {
         .iter()
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect();
-    // busybox, the files, the whiteout, the hard link, the symlink: Docker 20 keeps no layer
-    // for a RUN that changes nothing.
-    assert_eq!(layers.len(), 5, "{m}");
+    // The empty one, busybox, the files, the whiteout, the hard link, the symlink (no layer
+    // for the RUN that changes nothing).
+    assert_eq!(layers.len(), 6, "{m}");
     for d in &layers {
         let (status, bytes) = blob(&ferry, &name, d, None);
         assert_eq!(status, 200);
         assert_eq!(Some(&bytes), saved.get(d), "layer {d}");
     }
     // Range reads of the busybox layer.
-    let (_, whole) = blob(&ferry, &name, &layers[0], None);
+    let (_, whole) = blob(&ferry, &name, &layers[1], None);
     for (range, from, to) in [("bytes=0-99", 0, 100), ("bytes=1000-200999", 1000, 201_000)] {
-        let (status, part) = blob(&ferry, &name, &layers[0], Some(range));
+        let (status, part) = blob(&ferry, &name, &layers[1], Some(range));
         assert_eq!(status, 206, "{range}");
         assert_eq!(part, whole[from..to], "{range}");
     }
-    let (status, tail) = blob(&ferry, &name, &layers[0], Some("bytes=-512"));
+    let (status, tail) = blob(&ferry, &name, &layers[1], Some("bytes=-512"));
     assert_eq!((status, tail.as_slice()), (206, &whole[whole.len() - 512..]));
     assert!(!ferry.logs().contains("exporting image from the engine"));
-    sh(&format!("docker -H {engine} rmi {name}:v1"));
+
+    // A blob before any manifest, on a fresh ferry with an empty cache (a client resuming
+    // a pull): found through the engine's image index and read directly too.
+    let again = scratch();
+    let fresh = Ferry::start(again.path(), &docker_chain(&engine, ""));
+    let (status, bytes) = blob(&fresh, &name, &layers[2], None);
+    assert_eq!(status, 200, "{}", fresh.logs());
+    assert_eq!(Some(&bytes), saved.get(&layers[2]));
+    assert!(
+        !fresh.logs().contains("exporting image from the engine"),
+        "{}",
+        fresh.logs()
+    );
+    sh(&format!("docker -H {engine} rmi {name}:v1 {name}-empty:v1"));
 }
 
 #[test]

@@ -47,7 +47,7 @@ fn exports_and_pulls_log_their_progress() {
         format!(
             "[cache]\ndir = \"{}\"\n[origins]\nallow = [\"{registry}\"]\n[server]\nlog_format = \"json\"\n{}",
             dir.path().join("data").display(),
-            docker_chain(&docker20(), "pull_missing = true")
+            docker_chain(&docker20(), "pull_missing = true\ndirect_reads = false")
         ),
     )
     .unwrap();
@@ -482,7 +482,10 @@ fn cancelled_requests_leave_one_recorded_export_within_the_limit() {
         build_big_image(&format!("{n}:v1"), 48);
     }
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), "max_parallel_exports = 1"));
+    let ferry = Ferry::start(
+        dir.path(),
+        &docker_chain(&docker20(), "max_parallel_exports = 1\ndirect_reads = false"),
+    );
     let impatient = reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_millis(150))
         .build()
@@ -567,7 +570,7 @@ fn a_crash_mid_export_and_mid_upload_loses_nothing_stored() {
     let name = unique("crash");
     build_big_image(&format!("{name}:v1"), 96);
     let dir = scratch();
-    let mut ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), ""));
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&docker20(), "direct_reads = false"));
     // Something stored before the crash.
     let kept = b"stored before the crash".to_vec();
     let kept_digest = format!("sha256:{}", sha256_hex(&kept));

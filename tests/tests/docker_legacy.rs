@@ -1,5 +1,7 @@
 //! The docker backend against Docker 20.10 (legacy docker-archive exports): containerd via a
 //! hosts.toml mirror, a second Docker and skopeo pull images that live only in the engine.
+//!
+//! These are the export path's tests: direct reads (tests/direct.rs) are switched off.
 
 mod common;
 
@@ -9,7 +11,7 @@ use common::*;
 fn docker20_images_reach_containerd_docker_and_skopeo() {
     let dir = scratch();
     let host = docker20();
-    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let name = unique("legacy");
     build_image(&host, &format!("{name}:v1"), 3);
 
@@ -67,7 +69,7 @@ fn docker20_images_reach_containerd_docker_and_skopeo() {
 fn rebuild_under_the_same_tag_is_served_fresh() {
     let dir = scratch();
     let host = docker20();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let name = unique("rebuild");
     build_image(&host, &format!("{name}:v1"), 1);
     let (_, first, _) = get_manifest(&ferry, &name, "v1", "");
@@ -87,7 +89,7 @@ fn rebuild_under_the_same_tag_is_served_fresh() {
 fn engine_images_are_listed_in_tags_and_catalog() {
     let dir = scratch();
     let host = docker20();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let name = unique("listed");
     build_image(&host, &format!("{name}:v1"), 0);
     sh(&format!("docker -H {host} tag {name}:v1 {name}:v2"));
@@ -120,7 +122,7 @@ fn engine_images_are_listed_in_tags_and_catalog() {
 fn shared_base_layer_is_stored_once() {
     let dir = scratch();
     let host = docker20();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let (base, a, b) = (unique("shareb"), unique("sharea"), unique("shareb"));
     build_image(&host, &format!("{base}:v1"), 0);
     build_image_from(&host, &format!("{a}:v1"), 1, &format!("{base}:v1"));
@@ -153,7 +155,7 @@ fn shared_base_layer_is_stored_once() {
 fn concurrent_cold_pulls_export_each_image_once() {
     let dir = scratch();
     let host = docker20();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let names: Vec<String> = (0..4).map(|i| unique(&format!("conc{i}x"))).collect();
     for n in &names {
         build_image(&host, &format!("{n}:v1"), 2);
@@ -199,7 +201,7 @@ fn concurrent_cold_pulls_export_each_image_once() {
 fn blobs_before_any_manifest_are_found_through_the_engine_index() {
     let dir = scratch();
     let host = docker20();
-    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, ""));
+    let mut ferry = Ferry::start(dir.path(), &docker_chain(&host, "direct_reads = false"));
     let name = unique("index");
     build_image(&host, &format!("{name}:v1"), 1);
     let (_, _, body) = get_manifest(&ferry, &name, "v1", "");
@@ -263,7 +265,10 @@ fn cache_size_limit_evicts_least_recently_used_images() {
     let host = docker20();
     // Each image is busybox (1.9 MiB, maybe shared) plus 1.5 MiB of its own: two do not fit
     // in 4 MiB, one does.
-    let ferry = Ferry::start(dir.path(), &docker_chain(&host, "max_cache_size = \"4MiB\""));
+    let ferry = Ferry::start(
+        dir.path(),
+        &docker_chain(&host, "max_cache_size = \"4MiB\"\ndirect_reads = false"),
+    );
     let (a, b) = (unique("evicta"), unique("evictb"));
     build_random_image(&host, &format!("{a}:v1"));
     build_random_image(&host, &format!("{b}:v1"));
@@ -312,7 +317,7 @@ fn cache_size_limit_evicts_least_recently_used_images() {
 fn a_mirror_for_every_registry_serves_engine_images_under_any_registry() {
     let engine = docker20();
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, "direct_reads = false"));
     let name = unique("star");
     build_image(&engine, &format!("{name}:v1"), 1);
     let k8s = format!("registry.k8s.io/{name}:3.9");

@@ -91,7 +91,7 @@ fn the_engine_stopped_mid_export_is_a_clean_error_and_the_retry_works() {
         ctx.path().display()
     ));
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&socket, ""));
+    let ferry = Ferry::start(dir.path(), &docker_chain(&socket, "direct_reads = false"));
     let url = ferry.url(&format!("/v2/{tag}/manifests/v1"));
     let request = std::thread::spawn(move || {
         let r = Client::builder()

@@ -26,7 +26,8 @@ fn value(s: &Value, key: &str) -> f64 {
 fn metrics_move_as_a_pull_happens() {
     let engine = docker20();
     let dir = scratch();
-    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    // Exports are what these metrics count: direct reads off.
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, "direct_reads = false"));
     let name = unique("met");
     build_image(&engine, &format!("{name}:v1"), 2);
     let before = samples(&ferry);

@@ -271,14 +271,29 @@ impl Engine {
         while let Some(item) = stream.next().await {
             match item {
                 Ok(info) => {
+                    // The engine's last "Downloading" of a layer need not be at 100%.
+                    let downloaded = matches!(
+                        info.status.as_deref(),
+                        Some("Verifying Checksum" | "Download complete" | "Extracting" | "Pull complete")
+                    );
+                    let mut moved = false;
+                    if let (Some(id), true) = (&info.id, downloaded) {
+                        if let Some(l) = layers.get_mut(id) {
+                            moved = l.0 != l.1;
+                            l.0 = l.1;
+                        }
+                    }
                     if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
                         if let (Some(current), Some(total)) = (detail.current, detail.total) {
                             if info.status.as_deref() == Some("Downloading") {
                                 layers.insert(id.clone(), (current.max(0) as u64, total.max(0) as u64));
-                                let (done, all) = layers.values().fold((0, 0), |(d, t), (c, s)| (d + c, t + s));
-                                progress.set(done, all);
+                                moved = true;
                             }
                         }
+                    }
+                    if moved {
+                        let (done, all) = layers.values().fold((0, 0), |(d, t), (c, s)| (d + c, t + s));
+                        progress.set(done, all);
                     }
                     if let Some(status) = info.status {
                         if status != last_status {

@@ -128,10 +128,14 @@ impl DockerConfig {
         });
         let engine = Arc::new(Engine::new(&self.name, &socket, tls_dir));
         let index = Arc::new(ImageIndex::new());
-        if let Err(e) = engine.client().await {
-            tracing::warn!(backend = %self.name, error = %e,
-                "engine not reachable now; the backend answers 'unavailable' until it is");
-        }
+        let reachable = match engine.client().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(backend = %self.name, error = %e,
+                    "engine not reachable now; the backend answers 'unavailable' until it is");
+                false
+            }
+        };
         index.follow(engine.clone());
         let (i, e, name) = (index.clone(), engine.clone(), self.name.clone());
         tokio::spawn(async move {
@@ -139,8 +143,14 @@ impl DockerConfig {
                 tracing::debug!(backend = %name, error = %err, "engine image index not built at start");
             }
         });
+        let direct = direct::Direct::new(&self.name, self.direct_reads);
+        if reachable {
+            // Whether the engine's storage can be read is asked at start, not on the first
+            // request (Podman's `info` takes a quarter of a second).
+            direct.in_use(&engine).await;
+        }
         Ok(Arc::new(DockerBackend {
-            direct: direct::Direct::new(&self.name, self.direct_reads),
+            direct,
             config: self.clone(),
             engine,
             cache,
@@ -553,6 +563,24 @@ impl DockerBackend {
         Ok(None)
     }
 
+    /// The layer `digest` from the engine's storage, when it is served from there.
+    async fn direct_blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<Option<BlobBody>> {
+        let Some(layer) = self.direct_layer(repo, digest).await? else {
+            return Ok(None);
+        };
+        let image = layer.image_id.clone();
+        if let Some(body) = self.direct.body(layer, range).await? {
+            return Ok(Some(body));
+        }
+        self.fall_back_to_export(&image).await?;
+        Ok(None)
+    }
+
     /// Stops reading `image` directly and drops its entry: its next request exports it.
     async fn fall_back_to_export(&self, image: &str) -> Result<()> {
         self.direct.refuse(image).await;
@@ -657,7 +685,14 @@ impl Backend for DockerBackend {
         if let Some(layer) = self.direct_layer(repo, digest).await? {
             return Ok(Some(layer.size));
         }
-        self.ensure_blob(repo, digest).await
+        let size = self.ensure_blob(repo, digest).await?;
+        if size.is_none() {
+            // Found through the engine's index and read directly just now.
+            if let Some(layer) = self.direct_layer(repo, digest).await? {
+                return Ok(Some(layer.size));
+            }
+        }
+        Ok(size)
     }
 
     fn blob_store(&self) -> Option<&ferry_core::BlobStore> {
@@ -685,7 +720,7 @@ impl Backend for DockerBackend {
                     Ok(s) => status.storage = Some(s),
                     Err(e) => status.error = Some(format!("storage driver unknown: {e}")),
                 }
-                status.direct_reads = self.direct.in_use();
+                status.direct_reads = self.direct.in_use(&self.engine).await;
             }
             Err(e) => status.error = Some(e.to_string()),
         }
@@ -742,15 +777,12 @@ impl Backend for DockerBackend {
         range: Option<ByteRange>,
         _ctx: &RequestCtx,
     ) -> Result<Option<BlobBody>> {
-        if let Some(layer) = self.direct_layer(repo, digest).await? {
-            let image = layer.image_id.clone();
-            if let Some(body) = self.direct.body(layer, range).await? {
-                return Ok(Some(body));
-            }
-            self.fall_back_to_export(&image).await?;
+        if let Some(body) = self.direct_blob(repo, digest, range).await? {
+            return Ok(Some(body));
         }
         if self.ensure_blob(repo, digest).await?.is_none() {
-            return Ok(None);
+            // Found through the engine's index and read directly just now.
+            return self.direct_blob(repo, digest, range).await;
         }
         let guard = self.cache.pins.pin(digest);
         let Some(mut body) = self.cache.store.open_blob(digest, range).await? else {
@@ -782,6 +814,11 @@ pub mod fuzzing {
         let repo = Repository::from_request("fuzz/image", None)?;
         export::interpret(&mut archive, store, &repo, "fuzz/image:latest").await?;
         Ok(())
+    }
+
+    /// The lengths of the pieces of an (uncompressed) tar-split stream.
+    pub fn tar_split_pieces(lines: &[u8]) -> impl Iterator<Item = Result<u64>> + '_ {
+        direct::tarsplit::Pieces::new(lines).map(|p| p.map(|p| p.len()))
     }
 }
 

@@ -101,9 +101,10 @@ impl Direct {
         probed.ok().and_then(Option::as_ref)
     }
 
-    /// Whether direct reads are in use (for status pages).
-    pub fn in_use(&self) -> bool {
-        self.root.get().is_some_and(Option::is_some)
+    /// Whether images are read from the engine's storage (probing it on first use), for
+    /// status pages and `ferry doctor`.
+    pub async fn in_use(&self, engine: &Engine) -> bool {
+        self.root(engine).await.is_some()
     }
 
     /// Reads image `image_id` from the engine's storage: writes its config and manifest into
