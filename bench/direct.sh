@@ -3,7 +3,7 @@
 # from a warm distribution (Debian's docker-registry), through the k3s path (ctr with a
 # hosts.toml mirror), on Docker 20 (overlay2) and rootful Podman (vfs). Also the time to the
 # first manifest of a 5-layer image on a fresh ferry, and ferry's peak RSS. Best of 3 runs.
-# Prints a markdown table. Usage: bench/direct.sh [SIZE_MIB]   (root; installs what it needs)
+# Prints a markdown table. Usage: [ENGINES="docker20 podman"] bench/direct.sh [SIZE_MIB]   (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export E2E_DIR=${E2E_DIR:-/tmp/fdirect-$$}
@@ -25,7 +25,13 @@ e2e_start_podman podman
 reg_port=$(e2e_free_port)
 e2e_start_registry registry "$reg_port"
 reg="127.0.0.1:$reg_port"
-engines=("docker20 unix://$E2E_DIR/docker20/docker.sock docker" "podman unix://$E2E_DIR/podman/podman.sock podman")
+engines=()
+for e in ${ENGINES:-docker20 podman}; do   # ENGINES=podman bench/direct.sh: one engine only
+    case $e in
+        docker20) engines+=("docker20 unix://$E2E_DIR/docker20/docker.sock docker") ;;
+        podman) engines+=("podman unix://$E2E_DIR/podman/podman.sock podman") ;;
+    esac
+done
 
 ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
 { echo "FROM scratch"; echo "COPY busybox /bin/busybox"

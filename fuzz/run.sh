@@ -3,7 +3,7 @@
 # the seeds in fuzz/corpus/<target>; findings land in fuzz/artifacts/<target>.
 # cargo fuzz wants a nightly compiler for its -Z flags: RUSTC_BOOTSTRAP lets this machine's
 # stable one take them, and no sanitizer is asked for (stable ships none to link).
-# Usage: fuzz/run.sh [SECONDS] [TARGET ...]   (FUZZ_QUICK=1: an unoptimised build, for the
+# Usage: fuzz/run.sh [SECONDS] [TARGET ...]   (FUZZ_QUICK=1: a debug build, for the
 # short pass of the test command, which builds faster than it fuzzes)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,7 +14,7 @@ targets=("$@")
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
 opt=(-O)
-[ "${FUZZ_QUICK:-}" = 1 ] && opt=()
+[ "${FUZZ_QUICK:-}" = 1 ] && opt=(--dev)
 cargo fuzz build -s none "${opt[@]}"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
