@@ -39,8 +39,17 @@ def pusher(i):
         descs = []
         for data in [config] + blobs:
             d = "sha256:" + hashlib.sha256(data).hexdigest()
-            status, body = request(conn, "POST", f"/v2/{name}/blobs/uploads/?digest={d}", data,
-                                   {"Content-Type": "application/octet-stream"})
+            conn.request("POST", f"/v2/{name}/blobs/uploads/?digest={d}", body=data,
+                         headers={"Content-Type": "application/octet-stream"})
+            r = conn.getresponse()
+            body, status, location = r.read(), r.status, r.getheader("Location", "")
+            if status == 202:
+                # A registry without one-request uploads (distribution) opens a session: PUT it.
+                path = location.split("://", 1)[-1]
+                path = path[path.index("/"):] if "://" in location else location
+                sep = "&" if "?" in path else "?"
+                status, body = request(conn, "PUT", f"{path}{sep}digest={d}", data,
+                                       {"Content-Type": "application/octet-stream"})
             if status != 201:
                 raise RuntimeError(f"blob {d}: {status} {body[:200]!r}")
             descs.append({"digest": d, "size": len(data)})

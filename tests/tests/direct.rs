@@ -318,3 +318,36 @@ fn podman_images_are_served_from_containers_storage_with_no_export() {
         sh(&format!("podman --url {engine} rmi {name}:v1"));
     }
 }
+
+/// An image rebuilt under its tag while ferry serves it directly: the next manifest is the
+/// new image's, its layers are the new ones, and the old image's blobs still read right (or
+/// fail cleanly) — nothing stale is served under the tag.
+#[test]
+fn a_rebuilt_image_is_served_as_rebuilt() {
+    let engine = docker20();
+    let name = unique("directre");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let (before, m1) = manifest(&ferry, &name);
+    let old_top = m1["layers"][1]["digest"].as_str().unwrap().to_string();
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let (after, m2) = manifest(&ferry, &name);
+    assert_ne!(before, after, "the tag follows the rebuild");
+    let new_top = m2["layers"][1]["digest"].as_str().unwrap().to_string();
+    assert_ne!(old_top, new_top);
+    let (status, bytes) = blob(&ferry, &name, &new_top, None);
+    assert_eq!((status, format!("sha256:{}", sha256_hex(&bytes))), (200, new_top));
+    // The old layer is still in the engine (the old image is only untagged): served right.
+    let (status, bytes) = blob(&ferry, &name, &old_top, None);
+    assert!(
+        status == 0 || status == 404 || format!("sha256:{}", sha256_hex(&bytes)) == old_top,
+        "{status}"
+    );
+    assert!(
+        !ferry.logs().contains("exporting image from the engine"),
+        "{}",
+        ferry.logs()
+    );
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}

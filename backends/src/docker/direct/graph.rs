@@ -67,10 +67,9 @@ impl GraphRoot {
             driver: driver.to_string(),
             layout,
         };
-        let probe = match layout {
-            Layout::Docker => g.image_dir().join("layerdb/sha256"),
-            Layout::ContainersStorage => g.root.clone(),
-        };
+        // The data root itself: an engine with no image yet has no layer store below it, and
+        // a root this user may not enter (Docker's is 0710) is what makes direct reads fail.
+        let probe = g.root.clone();
         std::fs::read_dir(&probe).map_err(|e| {
             format!(
                 "cannot read {} ({e}): mount the data root read-only into ferry's container, or run ferry as root",
@@ -508,6 +507,16 @@ mod tests {
         let (bytes, ok) = collect(stream(files, Digest::of(b"x"), 0, 12, false, |_| {})).await;
         assert!(!ok);
         assert!(!bytes.windows(6).any(|w| w == b"secret"), "{bytes:?}");
+    }
+
+    #[test]
+    fn an_engine_with_no_image_yet_can_be_read() {
+        // Found by the load bench: a fresh engine has no layer store yet, and probing for one
+        // turned direct reads off for good.
+        let t = tempfile::tempdir().unwrap();
+        assert!(GraphRoot::probe(t.path(), "overlay2", Layout::Docker).is_ok());
+        assert!(GraphRoot::probe(&t.path().join("missing"), "overlay2", Layout::Docker).is_err());
+        assert!(GraphRoot::probe(t.path(), "btrfs", Layout::Docker).is_err());
     }
 
     #[test]
