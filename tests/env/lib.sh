@@ -25,6 +25,7 @@ e2e_install_packages() {
     command -v newuidmap >/dev/null || need+=(uidmap)
     command -v slirp4netns >/dev/null || need+=(slirp4netns)
     command -v ip >/dev/null || need+=(iproute2)
+    command -v g++ >/dev/null || need+=(g++)   # libFuzzer, built by the fuzz targets
     if [ ${#need[@]} -gt 0 ]; then
         e2e_log "installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
