@@ -899,15 +899,7 @@ fn temp_files_a_crash_left_are_swept_at_start() {
 fn a_full_disk_is_said_as_such_and_leaves_nothing_partial() {
     let dir = scratch();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    sh(&format!("mount -t tmpfs -o size=2m tmpfs {}", data.display()));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = sh_result(&format!("umount {}", self.0.display()));
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let _unmount = Tmpfs::mount(&data, "2m");
     let ferry = Ferry::start(dir.path(), PUSH_ONLY);
     let http = Client::new();
     let small = b"fits".to_vec();

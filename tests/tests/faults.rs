@@ -159,15 +159,7 @@ fn the_engine_stopped_mid_export_is_a_clean_error_and_the_retry_works() {
 fn a_full_data_dir_refuses_writes_until_space_is_freed() {
     let dir = scratch();
     let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    sh(&format!("mount -t tmpfs -o size=4m tmpfs {}", data.display()));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = sh_result(&format!("umount {}", self.0.display()));
-        }
-    }
-    let _unmount = Unmount(data.clone());
+    let _unmount = Tmpfs::mount(&data, "4m");
     let ferry = Ferry::start(dir.path(), PUSH_ONLY);
     let kept = put_blob(&ferry, "full/a", b"stored while there was room");
     // Something else fills the file system.

@@ -252,6 +252,24 @@ impl Drop for Ferry {
     }
 }
 
+/// A small tmpfs mounted at a directory (a disk that fills up), unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`2m`, `4m`) at `dir`, made if needed.
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        sh(&format!("mount -t tmpfs -o size={size} tmpfs {}", dir.display()));
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = sh_result(&format!("umount {}", self.0.display()));
+    }
+}
+
 /// A raw HTTP/1.1 exchange, for requests an HTTP library would normalise (`..` in paths).
 /// Returns (status, body).
 pub fn raw_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
