@@ -169,16 +169,13 @@ impl Engine {
     /// with the containerd image store, `containerd image store (DRIVER)`. Asked on demand
     /// (Podman's `info` walks its whole storage), within [`CALL_TIMEOUT`].
     pub async fn storage(&self) -> Result<String> {
-        let (docker, info) = self.client().await?;
-        let answer = tokio::time::timeout(CALL_TIMEOUT, docker.info())
-            .await
-            .map_err(|_| self.unavailable(format!("info: no answer within {} s", CALL_TIMEOUT.as_secs())))?;
-        let system = match answer {
-            Ok(s) => s,
-            Err(e) => return Err(self.fail(e).await),
+        let (_, driver, containerd_store) = self.data_root().await?;
+        let driver = if driver.is_empty() {
+            "unknown".to_string()
+        } else {
+            driver
         };
-        let driver = system.driver.unwrap_or_else(|| "unknown".into());
-        Ok(if info.containerd_store {
+        Ok(if containerd_store {
             format!("containerd image store ({driver})")
         } else {
             driver
@@ -192,7 +189,7 @@ impl Engine {
         let system = match tokio::time::timeout(CALL_TIMEOUT, docker.info()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(self.fail(e).await),
-            Err(_) => return Err(self.unavailable("info: no answer")),
+            Err(_) => return Err(self.unavailable(format!("info: no answer within {} s", CALL_TIMEOUT.as_secs()))),
         };
         Ok((
             system.docker_root_dir.unwrap_or_default().into(),
