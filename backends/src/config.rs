@@ -12,6 +12,7 @@ use ferry_core::{BackendHandle, Result};
 use crate::containerd::ContainerdConfig;
 use crate::docker::DockerConfig;
 use crate::push::PushConfig;
+use crate::upstream::UpstreamConfig;
 
 /// One `[[backends]]` table, tagged by `type`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -23,6 +24,8 @@ pub enum BackendConfig {
     Containerd(ContainerdConfig),
     /// The push store.
     Push(PushConfig),
+    /// A pull-through cache of origin registries.
+    Upstream(UpstreamConfig),
 }
 
 impl BackendConfig {
@@ -38,7 +41,7 @@ impl BackendConfig {
                 }
             }
             BackendConfig::Containerd(c) => Some(c.socket.clone()),
-            BackendConfig::Push(_) => None,
+            BackendConfig::Push(_) | BackendConfig::Upstream(_) => None,
         }
     }
 
@@ -49,6 +52,7 @@ impl BackendConfig {
             BackendConfig::Docker(c) => Ok(BackendHandle::read_only(c.build(data_dir, origins.clone()).await?)),
             BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(c.build(origins.clone()).await?)),
             BackendConfig::Push(c) => Ok(BackendHandle::writable(c.build(data_dir).await?)),
+            BackendConfig::Upstream(c) => Ok(BackendHandle::read_only(c.build(data_dir).await?)),
         }
     }
 }

@@ -8,7 +8,9 @@ pub mod docker;
 mod fsutil;
 mod outbound;
 pub mod push;
+pub mod registry;
 mod size;
+pub mod upstream;
 
 pub use config::BackendConfig;
 pub use fsutil::probe_writable;

@@ -393,6 +393,12 @@ impl std::io::Write for BlobWriter {
 }
 
 impl BlobWriter {
+    /// The temp file the bytes go to until the commit: a reader may follow the write there
+    /// (a flushed byte is readable), and keeps reading after the commit through its open file.
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.tmp.as_deref()
+    }
+
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
         self.size

@@ -80,6 +80,9 @@ pub enum Error {
         realm: String,
         /// What to tell the client.
         message: String,
+        /// An origin registry's own `WWW-Authenticate` challenge, passed on as it came so the
+        /// client can authenticate with that registry (its token endpoint) and ask again.
+        challenge: Option<String>,
     },
     /// The client authenticated but may not do this.
     #[error("access denied: {0}")]
@@ -158,9 +161,14 @@ impl Clone for Error {
                 range: range.clone(),
                 size: *size,
             },
-            Error::Unauthorized { realm, message } => Error::Unauthorized {
+            Error::Unauthorized {
+                realm,
+                message,
+                challenge,
+            } => Error::Unauthorized {
                 realm: realm.clone(),
                 message: message.clone(),
+                challenge: challenge.clone(),
             },
             Error::Denied(m) => Error::Denied(m.clone()),
             Error::Unsupported(m) => Error::Unsupported(m.clone()),

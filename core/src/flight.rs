@@ -126,6 +126,7 @@ mod tests {
                         Err::<u32, _>(Error::Unauthorized {
                             realm: "r".into(),
                             message: "needs credentials".into(),
+                            challenge: None,
                         })
                     })
                     .await

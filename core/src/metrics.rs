@@ -28,8 +28,17 @@ struct OutcomeLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
+    status: String,
+}
+
 struct Metrics {
     registry: Registry,
+    upstream_requests: Family<HostLabels, Counter>,
+    upstream_bytes: Family<BackendLabels, Counter>,
+    upstream_cache: Family<OutcomeLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     bytes_served: Family<BackendLabels, Counter>,
     cache: Family<OutcomeLabels, Counter>,
@@ -55,6 +64,9 @@ fn metrics() -> &'static Metrics {
             engine_pulls: Family::default(),
             heals: Family::default(),
             upload_sessions: Gauge::default(),
+            upstream_requests: Family::default(),
+            upstream_bytes: Family::default(),
+            upstream_cache: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -93,6 +105,21 @@ fn metrics() -> &'static Metrics {
             "upload_sessions_open",
             "Upload sessions open in the push store",
             m.upload_sessions.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests to origin registries by host and HTTP status (error: no answer)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_fetched_bytes",
+            "Blob bytes fetched from origin registries by the backend that fetched them",
+            m.upstream_bytes.clone(),
+        );
+        registry.register(
+            "upstream_cache",
+            "Upstream cache lookups of blobs and manifests: hit, miss or stale",
+            m.upstream_cache.clone(),
         );
         Metrics { registry, ..m }
     })
@@ -181,6 +208,38 @@ pub fn heal(backend: &str, ok: bool) {
 /// Upload sessions opened (+1) or ended (-1).
 pub fn upload_sessions(delta: i64) {
     metrics().upload_sessions.inc_by(delta);
+}
+
+/// A request to an origin registry answered with `status` (or "error").
+pub fn upstream_request(host: &str, status: &str) {
+    metrics()
+        .upstream_requests
+        .get_or_create(&HostLabels {
+            host: host.to_string(),
+            status: status.to_string(),
+        })
+        .inc();
+}
+
+/// Blob bytes `backend` fetched from an origin.
+pub fn upstream_fetched(backend: &str, bytes: u64) {
+    metrics()
+        .upstream_bytes
+        .get_or_create(&BackendLabels {
+            backend: backend.to_string(),
+        })
+        .inc_by(bytes);
+}
+
+/// An upstream cache lookup: "hit", "miss" or "stale" (served while the origin failed).
+pub fn upstream_cache(backend: &str, outcome: &str) {
+    metrics()
+        .upstream_cache
+        .get_or_create(&OutcomeLabels {
+            backend: backend.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .inc();
 }
 
 /// Every metric in Prometheus text format.

@@ -202,6 +202,7 @@ fn unauthorized(message: &str) -> Error {
     Error::Unauthorized {
         realm: REALM.into(),
         message: message.into(),
+        challenge: None,
     }
 }
 

@@ -103,6 +103,7 @@ fn backend_name(b: &BackendConfig) -> &str {
         BackendConfig::Docker(c) => &c.name,
         BackendConfig::Containerd(c) => &c.name,
         BackendConfig::Push(c) => &c.name,
+        BackendConfig::Upstream(c) => &c.name,
     }
 }
 
@@ -111,6 +112,7 @@ fn kind(b: &BackendConfig) -> &'static str {
         BackendConfig::Docker(_) => "docker",
         BackendConfig::Containerd(_) => "containerd",
         BackendConfig::Push(_) => "push",
+        BackendConfig::Upstream(_) => "upstream",
     }
 }
 

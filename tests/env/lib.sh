@@ -180,8 +180,8 @@ e2e_start_dockerd() {
 # distribution (Debian's docker-registry) on $4:$2 (default 127.0.0.1), optionally with
 # htpasswd file $3, and with TLS when $5 is a directory holding ca.pem, server-cert.pem and
 # server-key.pem (see make_server_cert in the tests).
-e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host]
-    local name=$1 port=$2 htpasswd=${3:-} ip=${4:-127.0.0.1} tls=${5:-} host=${6:-} d="$E2E_DIR/$1" url curl_tls=() run=()
+e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host] [auth yaml]
+    local name=$1 port=$2 htpasswd=${3:-} ip=${4:-127.0.0.1} tls=${5:-} host=${6:-} auth=${7:-} d="$E2E_DIR/$1" url curl_tls=() run=()
     mkdir -p "$d/data"
     {
         echo "version: 0.1"
@@ -192,7 +192,9 @@ e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host]
         else
             echo "http: {addr: \"$ip:$port\"}"
         fi
-        if [ -n "$htpasswd" ]; then
+        if [ -n "$auth" ]; then
+            echo "auth: $auth"
+        elif [ -n "$htpasswd" ]; then
             echo "auth: {htpasswd: {realm: e2e, path: $htpasswd}}"
         fi
     } >"$d/config.yml"
@@ -202,6 +204,20 @@ e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host]
     [ -z "$host" ] || run=(ip netns exec "fe2e-$host")
     e2e_spawn "$name" "${run[@]}" docker-registry serve "$d/config.yml"
     e2e_wait "$name" 30 bash -c "curl -s ${curl_tls[*]} -o /dev/null -w '%{http_code}' $url | grep -qE '200|401'"
+}
+
+# A token service for distribution's auth.token (tests/env/token_server.py) on ip:port,
+# with a fresh self-signed signing certificate in $E2E_DIR/NAME (cert.pem, key.pem); grants
+# pull to USER:PASSWORD. Prints the auth YAML for e2e_start_registry's last argument.
+e2e_start_token_server() { # name ip port user password
+    local name=$1 ip=$2 port=$3 user=$4 password=$5 d="$E2E_DIR/$1"
+    mkdir -p "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/key.pem" -out "$d/cert.pem" -days 1 \
+        -subj "/CN=$name" >/dev/null 2>&1
+    e2e_spawn "$name" python3 "$(dirname "${BASH_SOURCE[0]}")/token_server.py" "$ip" "$port" "$name" \
+        "$user" "$password" "$d/key.pem" "$d/cert.pem"
+    e2e_wait "$name" 30 bash -c "curl -s -o /dev/null -w '%{http_code}' http://$ip:$port/token | grep -q 401"
+    echo "{token: {realm: \"http://$ip:$port/token\", service: $name, issuer: $name, rootcertbundle: $d/cert.pem}}"
 }
 
 # Test hosts: a network namespace joined to this one by a veth pair, on a private /30 from

@@ -6,7 +6,6 @@
 //! store without any `docker save`, and supplies the blobs that Docker's export drops when
 //! images share layers (moby#49473).
 
-mod origin;
 mod store;
 
 use std::collections::HashMap;
@@ -28,7 +27,7 @@ use ferry_core::{
     Result,
 };
 
-use origin::{OriginSettings, Origins};
+use crate::registry::{ClientSettings, RegistryClient, Target};
 use store::{Store, SOURCE_LABEL};
 
 /// `[[backends]] type = "containerd"`.
@@ -101,10 +100,11 @@ impl ContainerdConfig {
         }
         // Hosts this backend names for plain HTTP are named hosts of the origin policy too.
         let policy = Arc::new(policy.with_named(&self.plain_http));
-        let origins = Origins::new(
-            OriginSettings {
+        let origins = RegistryClient::new(
+            ClientSettings {
                 plain_http: self.plain_http.clone(),
                 ca_file: self.ca_file.clone(),
+                ..ClientSettings::default()
             },
             policy,
         )?;
@@ -124,7 +124,7 @@ type HealDone = Option<std::result::Result<(), String>>;
 pub struct ContainerdBackend {
     config: ContainerdConfig,
     store: Arc<Store>,
-    origins: Arc<Origins>,
+    origins: Arc<RegistryClient>,
     /// Heals in progress: later requests for the digest wait for the first one.
     healing: Arc<Mutex<HashMap<Digest, watch::Receiver<HealDone>>>>,
 }
@@ -207,7 +207,13 @@ impl ContainerdBackend {
         for origin in self.origins_for(repo, digest).await? {
             let resp = match self
                 .origins
-                .blob(reqwest::Method::GET, &origin, digest, ctx.authorization.as_deref())
+                .fetch(
+                    reqwest::Method::GET,
+                    &origin,
+                    Target::Blob(digest),
+                    &[],
+                    ctx.authorization.as_deref(),
+                )
                 .await
             {
                 Ok(Some(r)) => r,
@@ -459,7 +465,13 @@ impl Backend for ContainerdBackend {
         for origin in self.origins_for(repo, digest).await? {
             match self
                 .origins
-                .blob(reqwest::Method::HEAD, &origin, digest, ctx.authorization.as_deref())
+                .fetch(
+                    reqwest::Method::HEAD,
+                    &origin,
+                    Target::Blob(digest),
+                    &[],
+                    ctx.authorization.as_deref(),
+                )
                 .await
             {
                 Ok(Some(resp)) => {

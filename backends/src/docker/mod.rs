@@ -440,6 +440,7 @@ impl DockerBackend {
                             message: format!(
                                 "{image} is not in the engine and could not be pulled without credentials"
                             ),
+                            challenge: None,
                         })
                     }
                 }

@@ -65,8 +65,9 @@ impl IntoResponse for ApiError {
             .body(body.clone());
         let headers = resp.headers_mut();
         match &self.0 {
-            Error::Unauthorized { realm, .. } => {
-                if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{realm}\"")) {
+            Error::Unauthorized { realm, challenge, .. } => {
+                let value = challenge.clone().unwrap_or_else(|| format!("Basic realm=\"{realm}\""));
+                if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(header::WWW_AUTHENTICATE, v);
                 }
             }

@@ -1,0 +1,364 @@
+//! One blob being fetched from its origin into the cache while clients read it (a tee):
+//! the origin's bytes go to a temp file of the blob store and every client reads that file
+//! as it grows, from wherever its `Range` starts. One fill per digest, however many clients
+//! ask at once. The last byte is handed out only after the whole blob hashed to its digest,
+//! so no client ever gets a complete blob that is not the one it asked for; a blob that does
+//! not verify is not stored. A fill whose clients all went away goes on when it is well
+//! along (configurable), and stops otherwise.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{mpsc, watch, Notify};
+
+use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
+
+/// Bytes a reader hands on at most per chunk.
+const READ_CHUNK: u64 = 64 * 1024;
+/// Chunks from the origin queued for the writer thread.
+const QUEUED_CHUNKS: usize = 32;
+
+/// Where a fill stands.
+#[derive(Clone, Debug)]
+enum Progress {
+    /// Bytes written (and flushed) so far.
+    Writing(u64),
+    /// Verified and in the store.
+    Done,
+    /// Stopped; nothing was stored.
+    Failed(String),
+}
+
+/// A fill under way.
+pub struct Fill {
+    /// The repository it was fetched for (another repository's client must show the origin
+    /// lets it read the blob before joining).
+    pub repo: Repository,
+    /// The blob.
+    pub digest: Digest,
+    /// Its size, as the origin announced it.
+    pub size: u64,
+    temp: PathBuf,
+    progress: watch::Receiver<Progress>,
+    readers: AtomicUsize,
+    /// A fill with no reader left stops unless this many bytes have arrived.
+    keep_from: u64,
+    cancelled: AtomicBool,
+    cancel: Notify,
+}
+
+/// The blob a fill fetches: `size` bytes of `digest`, for `repo`.
+pub struct Wanted {
+    /// The repository asked for.
+    pub repo: Repository,
+    /// The blob.
+    pub digest: Digest,
+    /// Its size, as the origin announced it.
+    pub size: u64,
+}
+
+/// What a reader found when it tried to join.
+pub enum Joined {
+    /// The stream.
+    Body(BlobBody),
+    /// The fill ended meanwhile: the blob is in the store now, or the fill failed.
+    Gone,
+}
+
+impl Fill {
+    /// Starts filling `blob` from `origin`'s body into `store`. `keep_percent` is how far
+    /// along a fill goes on without readers. `done` runs once the fill ended, with whether
+    /// the blob is now stored.
+    pub fn spawn(
+        backend: &str,
+        store: &BlobStore,
+        blob: Wanted,
+        origin: reqwest::Response,
+        keep_percent: u8,
+        done: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<Arc<Fill>> {
+        let Wanted { repo, digest, size } = blob;
+        let writer = store.writer(Some(digest.clone()))?;
+        let temp = writer
+            .temp_path()
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Internal("blob writer without a temp file".into()))?;
+        let (progress_tx, progress) = watch::channel(Progress::Writing(0));
+        let fill = Arc::new(Fill {
+            repo,
+            digest,
+            size,
+            temp,
+            progress,
+            readers: AtomicUsize::new(0),
+            keep_from: size.saturating_mul(u64::from(keep_percent)) / 100,
+            cancelled: AtomicBool::new(false),
+            cancel: Notify::new(),
+        });
+        let (chunks_tx, mut chunks_rx) = mpsc::channel::<Option<Bytes>>(QUEUED_CHUNKS);
+        // The writer thread: appends each chunk, publishes how far the file is, and commits
+        // (verifying the digest) when the origin's body ended whole.
+        let written = {
+            let progress_tx = progress_tx.clone();
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                use std::io::Write;
+                let mut writer = writer;
+                while let Some(piece) = chunks_rx.blocking_recv() {
+                    let Some(chunk) = piece else {
+                        return writer.commit().map(|_| ());
+                    };
+                    writer
+                        .write_all(&chunk)
+                        .and_then(|()| writer.flush())
+                        .map_err(|e| Error::io("writing a fetched blob", e))?;
+                    progress_tx.send_replace(Progress::Writing(writer.size()));
+                }
+                Err(Error::Internal("the fetch stopped".into()))
+            })
+        };
+        let task_fill = fill.clone();
+        let backend = backend.to_string();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let fill = task_fill;
+            let fetched = fill.copy(&backend, origin, &chunks_tx).await;
+            if fetched.is_ok() {
+                let _ = chunks_tx.send(None).await;
+            }
+            drop(chunks_tx);
+            let stored = match written.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::Internal(format!("blob writer task: {e}"))),
+            };
+            let outcome = fetched.and(stored);
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(backend = %backend, origin = %fill.repo, digest = %fill.digest, size = fill.size,
+                        elapsed_ms, "fetched blob from its origin into the cache");
+                    progress_tx.send_replace(Progress::Done);
+                }
+                Err(e) => {
+                    tracing::warn!(backend = %backend, origin = %fill.repo, digest = %fill.digest, error = %e,
+                        elapsed_ms, "fetch of a blob from its origin failed; nothing stored");
+                    progress_tx.send_replace(Progress::Failed(e.to_string()));
+                }
+            }
+            done(outcome.is_ok());
+        });
+        Ok(fill)
+    }
+
+    /// Copies the origin's body to the writer thread, checking its length; stops when the
+    /// fill is abandoned.
+    async fn copy(&self, backend: &str, origin: reqwest::Response, to: &mpsc::Sender<Option<Bytes>>) -> Result<()> {
+        let mut body = origin.bytes_stream();
+        let mut received = 0u64;
+        loop {
+            let next = tokio::select! {
+                next = body.next() => next,
+                () = self.cancel.notified() => None,
+            };
+            if self.cancelled.load(Ordering::SeqCst) {
+                return Err(Error::Internal(format!(
+                    "every client left after {received} of {} bytes",
+                    self.size
+                )));
+            }
+            match next {
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if received > self.size {
+                        return Err(Error::Internal(format!(
+                            "origin {} sent more than the {} bytes it announced",
+                            self.repo, self.size
+                        )));
+                    }
+                    ferry_core::metrics::upstream_fetched(backend, chunk.len() as u64);
+                    if to.send(Some(chunk)).await.is_err() {
+                        return Err(Error::Internal("the blob writer stopped".into()));
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(Error::Unavailable {
+                        backend: backend.to_string(),
+                        reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
+                    })
+                }
+                None if received == self.size => return Ok(()),
+                None => {
+                    return Err(Error::Unavailable {
+                        backend: backend.to_string(),
+                        reason: format!("origin {} sent {received} of {} bytes", self.repo, self.size),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether the fill ended (stored or failed).
+    pub fn ended(&self) -> bool {
+        !matches!(*self.progress.borrow(), Progress::Writing(_))
+    }
+
+    /// Whether the fill failed: the blob must be fetched again.
+    pub fn failed(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Failed(_))
+    }
+
+    /// A stream of the blob (or `range` of it) that follows the fill.
+    pub async fn join(self: &Arc<Self>, range: Option<ByteRange>) -> Result<Joined> {
+        let (offset, len) = match range {
+            Some(r) => r.resolve(self.size)?,
+            None => (0, self.size),
+        };
+        let mut file = match tokio::fs::File::open(&self.temp).await {
+            Ok(f) => f,
+            // Committed (the temp name is gone) or failed meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Joined::Gone),
+            Err(e) => return Err(Error::io(format!("opening {}", self.temp.display()), e)),
+        };
+        if let Progress::Failed(_) = *self.progress.borrow() {
+            return Ok(Joined::Gone);
+        }
+        if offset > 0 {
+            file.seek(io::SeekFrom::Start(offset))
+                .await
+                .map_err(|e| Error::io("seeking in a blob being fetched", e))?;
+        }
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        let reader = Reader {
+            fill: self.clone(),
+            file,
+            pos: offset,
+            end: offset + len,
+            progress: self.progress.clone(),
+            failed: false,
+        };
+        Ok(Joined::Body(BlobBody {
+            size: self.size,
+            range: range.map(|_| (offset, len)),
+            stream: futures::stream::unfold(reader, |mut r| async move {
+                let item = r.next().await?;
+                Some((item, r))
+            })
+            .boxed(),
+        }))
+    }
+
+    /// A reader went away: when it was the last and the fill is not far enough along, stop.
+    fn reader_left(&self) {
+        if self.readers.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let far_enough = match *self.progress.borrow() {
+            Progress::Writing(n) => n >= self.keep_from,
+            _ => true,
+        };
+        if !far_enough {
+            self.cancelled.store(true, Ordering::SeqCst);
+            self.cancel.notify_one();
+        }
+    }
+}
+
+/// One client's view of a fill.
+struct Reader {
+    fill: Arc<Fill>,
+    file: tokio::fs::File,
+    pos: u64,
+    end: u64,
+    progress: watch::Receiver<Progress>,
+    failed: bool,
+}
+
+impl Reader {
+    /// The next chunk, waiting for the fill to write it; `None` at the end.
+    async fn next(&mut self) -> Option<io::Result<Bytes>> {
+        if self.failed || self.pos >= self.end {
+            return None;
+        }
+        loop {
+            let available = match &*self.progress.borrow_and_update() {
+                Progress::Done => self.fill.size,
+                // The last byte waits for the digest check.
+                Progress::Writing(n) => (*n).min(self.fill.size.saturating_sub(1)),
+                Progress::Failed(e) => {
+                    self.failed = true;
+                    return Some(Err(io::Error::other(format!("fetch from the origin failed: {e}"))));
+                }
+            };
+            if available > self.pos {
+                let want = (available.min(self.end) - self.pos).min(READ_CHUNK);
+                let mut buf = Vec::with_capacity(want as usize);
+                return match (&mut self.file).take(want).read_to_end(&mut buf).await {
+                    Ok(0) => {
+                        self.failed = true;
+                        Some(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "blob being fetched is short",
+                        )))
+                    }
+                    Ok(n) => {
+                        self.pos += n as u64;
+                        Some(Ok(Bytes::from(buf)))
+                    }
+                    Err(e) => {
+                        self.failed = true;
+                        Some(Err(e))
+                    }
+                };
+            }
+            if self.progress.changed().await.is_err() && !self.fill.ended() {
+                self.failed = true;
+                return Some(Err(io::Error::other("the fetch ended without an outcome")));
+            }
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.fill.reader_left();
+    }
+}
+
+/// The fills under way, by digest.
+#[derive(Default)]
+pub struct Fills {
+    active: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+impl Fills {
+    /// The fill of `digest`, if one is under way.
+    pub fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+            .cloned()
+    }
+
+    /// Records a fill that started.
+    pub fn insert(&self, fill: Arc<Fill>) {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(fill.digest.clone(), fill);
+    }
+
+    /// Forgets the fill of `digest` once it ended.
+    pub fn remove(&self, digest: &Digest) {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(digest);
+    }
+}

@@ -1,0 +1,610 @@
+//! The upstream backend: a pull-through cache for every registry at once. A request's origin
+//! (`?ns=`, a host as the first path component, else Docker Hub) is asked for what no
+//! earlier backend had; what it answers is kept in a blob store on disk, content-addressed,
+//! so later pulls — and pulls while the origin is down — come from the disk. Manifests and
+//! blobs keep the origin's exact bytes and digests. A tag is re-checked at the origin once its
+//! TTL ran out; a digest never is.
+
+mod fill;
+mod meta;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use reqwest::Method;
+use serde::Deserialize;
+
+use ferry_core::flight::Flights;
+use ferry_core::manifest::MAX_MANIFEST_SIZE;
+use ferry_core::origin::OriginPolicy;
+use ferry_core::status::BackendStatus;
+use ferry_core::{
+    Backend, BlobBody, BlobStore, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository,
+    RequestCtx, Result,
+};
+
+use crate::registry::{ClientSettings, HostConfig, RegistryClient, Target};
+use fill::{Fill, Fills, Joined, Wanted};
+use meta::Meta;
+
+/// `[[backends]] type = "upstream"`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name in logs and the `Ferry-Backend` header.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Where the cache lives; `<cache.dir>/upstream` by default.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// The only origins ever contacted: `host`, `host:port`, `*.domain`, or `*` (any host
+    /// on the public internet). Loopback and private addresses must be named exactly, here or
+    /// in `hosts`.
+    #[serde(default = "default_allow")]
+    pub allow: Vec<String>,
+    /// How long a tag's digest is served before the origin is asked again.
+    #[serde(default = "default_ttl")]
+    pub tag_ttl_secs: u64,
+    /// The cache's size limit ("20GiB"); least recently used blobs go first. No limit when
+    /// unset.
+    #[serde(default)]
+    pub max_cache_size: Option<String>,
+    /// A fetch whose clients all went away goes on when at least this share of the blob
+    /// arrived (0: always finish, 100: stop unless done).
+    #[serde(default = "default_keep_percent")]
+    pub keep_fill_from_percent: u8,
+    /// A Docker `config.json` whose `auths` are ferry's credentials per host.
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// A PEM CA certificate trusted for every host.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Per-host settings: plain HTTP, CA, endpoint, credentials.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostConfig>,
+}
+
+fn default_name() -> String {
+    "upstream".into()
+}
+fn default_allow() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_ttl() -> u64 {
+    300
+}
+fn default_keep_percent() -> u8 {
+    50
+}
+
+impl Default for UpstreamConfig {
+    /// The defaults of an empty `[[backends]] type = "upstream"` table.
+    fn default() -> Self {
+        UpstreamConfig {
+            name: default_name(),
+            dir: None,
+            allow: default_allow(),
+            tag_ttl_secs: default_ttl(),
+            max_cache_size: None,
+            keep_fill_from_percent: default_keep_percent(),
+            docker_config: None,
+            ca_file: None,
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Opens the cache under `data_dir` and builds the backend; fails on an unusable cache
+    /// directory, CA, password file or Docker config.
+    pub async fn build(&self, data_dir: &Path) -> Result<Arc<UpstreamBackend>> {
+        let settings = ClientSettings {
+            hosts: self.hosts.clone(),
+            plain_http: Vec::new(),
+            ca_file: self.ca_file.clone(),
+            docker_config: self.docker_config.clone(),
+        };
+        let mut allowed = self.allow.clone();
+        allowed.extend(settings.named_hosts());
+        let policy = Arc::new(OriginPolicy::new(&allowed, false));
+        let client = RegistryClient::new(settings, policy)?;
+        let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("upstream"));
+        let store = BlobStore::open(&dir).await?;
+        let meta = Meta::open(&dir).await?;
+        let max_bytes = self
+            .max_cache_size
+            .as_deref()
+            .map(|s| crate::size::parse(s, "max_cache_size"))
+            .transpose()?;
+        let mut used = 0;
+        for d in store.list().await? {
+            used += store.size(&d).await?.unwrap_or(0);
+        }
+        tracing::info!(backend = %self.name, dir = %dir.display(), cached_bytes = used, allow = ?self.allow,
+            "upstream cache open");
+        Ok(Arc::new(UpstreamBackend {
+            config: self.clone(),
+            client: Arc::new(client),
+            store,
+            meta: Arc::new(meta),
+            fills: Arc::new(Fills::default()),
+            starting: Arc::new(Flights::default()),
+            manifests: Flights::default(),
+            ttl: Duration::from_secs(self.tag_ttl_secs),
+            max_bytes,
+            used: Arc::new(AtomicU64::new(used)),
+        }))
+    }
+}
+
+/// The pull-through cache.
+pub struct UpstreamBackend {
+    config: UpstreamConfig,
+    client: Arc<RegistryClient>,
+    store: BlobStore,
+    meta: Arc<Meta>,
+    fills: Arc<Fills>,
+    /// Single flight for starting a fill: one origin request per digest.
+    starting: Arc<Flights<Option<Arc<Fill>>>>,
+    /// Single flight for manifest fetches, by repository, reference and credentials.
+    manifests: Flights<Option<Manifest>>,
+    ttl: Duration,
+    max_bytes: Option<u64>,
+    used: Arc<AtomicU64>,
+}
+
+/// The flight key part that keeps one client's fetch from answering another's credentials.
+fn credentials_key(ctx: &RequestCtx) -> String {
+    ctx.authorization
+        .as_deref()
+        .map(|a| Digest::of(a.as_bytes()).hex()[..16].to_string())
+        .unwrap_or_default()
+}
+
+impl UpstreamBackend {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Whether the origin may be contacted at all; logged once per request when not.
+    fn allowed(&self, repo: &Repository) -> bool {
+        match self.client.policy().check_registry(repo.registry()) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::debug!(backend = %self.name(), origin = %repo, %reason, "origin not in this backend's allow list");
+                false
+            }
+        }
+    }
+
+    /// A manifest in the cache, with its media type.
+    async fn cached_manifest(&self, digest: &Digest) -> Result<Option<Manifest>> {
+        let Some(media_type) = self.meta.media_type(digest).await? else {
+            return Ok(None);
+        };
+        let Some(bytes) = self.store.read(digest).await? else {
+            return Ok(None);
+        };
+        self.touch(digest);
+        Ok(Some(Manifest {
+            bytes,
+            media_type,
+            digest: digest.clone(),
+            missing: Vec::new(),
+        }))
+    }
+
+    /// Marks a blob used now, for the LRU order of eviction.
+    fn touch(&self, digest: &Digest) {
+        let path = self.store.path(digest);
+        tokio::task::spawn_blocking(move || {
+            if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
+        });
+    }
+
+    /// Fetches a manifest from the origin (once for concurrent callers with the same
+    /// credentials), checks it, and caches it — with the tag it was asked by, when it was,
+    /// before any waiting caller sees it. `expected` is the digest asked for.
+    async fn fetch_manifest(
+        &self,
+        repo: &Repository,
+        reference: &str,
+        expected: Option<&Digest>,
+        ctx: &RequestCtx,
+    ) -> Result<Option<Manifest>> {
+        let key = format!("{repo}:{reference}:{}", credentials_key(ctx));
+        let (client, store, meta) = (self.client.clone(), self.store.clone(), self.meta.clone());
+        let (repo, reference, expected) = (repo.clone(), reference.to_string(), expected.cloned());
+        let authorization = ctx.authorization.clone();
+        let backend = self.name().to_string();
+        self.manifests
+            .run(&key, async move {
+                let Some(resp) = client
+                    .fetch(
+                        Method::GET,
+                        &repo,
+                        Target::Manifest(&reference),
+                        &[],
+                        authorization.as_deref(),
+                    )
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let content_type = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &repo).await?;
+                let digest = Digest::of(&bytes);
+                if let Some(want) = &expected {
+                    if *want != digest {
+                        return Err(Error::Unavailable {
+                            backend,
+                            reason: format!("origin {repo} sent a manifest hashing to {digest} for {want}"),
+                        });
+                    }
+                }
+                let info = ManifestInfo::parse(&bytes, content_type.as_deref()).map_err(|e| Error::Unavailable {
+                    backend: backend.clone(),
+                    reason: format!("origin {repo} sent an unusable manifest for {reference}: {e}"),
+                })?;
+                store.write_bytes(bytes.clone()).await?;
+                meta.put_media_type(&digest, &info.media_type).await?;
+                meta.link(&repo, &digest).await?;
+                if expected.is_none() {
+                    meta.put_tag(&repo, &reference, &digest).await?;
+                }
+                tracing::info!(backend = %backend, origin = %repo, %reference, %digest, media_type = %info.media_type,
+                    "fetched manifest from its origin into the cache");
+                Ok(Some(Manifest {
+                    bytes,
+                    media_type: info.media_type,
+                    digest,
+                    missing: Vec::new(),
+                }))
+            })
+            .await
+    }
+
+    /// The digest the origin has for a tag now (a `HEAD`, which Docker Hub does not count
+    /// against its pull limit), when it says so in `Docker-Content-Digest`.
+    async fn origin_tag_digest(
+        &self,
+        repo: &Repository,
+        tag: &str,
+        ctx: &RequestCtx,
+    ) -> Result<Option<Option<Digest>>> {
+        let resp = self
+            .client
+            .fetch(
+                Method::HEAD,
+                repo,
+                Target::Manifest(tag),
+                &[],
+                ctx.authorization.as_deref(),
+            )
+            .await?;
+        Ok(resp.map(|r| {
+            r.headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        }))
+    }
+
+    async fn tagged(&self, repo: &Repository, tag: &str, ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        let entry = self.meta.tag(repo, tag).await?;
+        let cached = match &entry {
+            Some(e) => self.cached_manifest(&e.digest).await?,
+            None => None,
+        };
+        if let (Some(e), Some(m)) = (&entry, &cached) {
+            if e.fresh(self.ttl) {
+                ferry_core::metrics::upstream_cache(self.name(), "hit");
+                return Ok(Some(m.clone()));
+            }
+        }
+        let revalidated = match &cached {
+            Some(m) => match self.origin_tag_digest(repo, tag, ctx).await {
+                Ok(Some(Some(d))) if d == m.digest => Ok(Some(m.clone())),
+                Ok(Some(_)) => self.fetch_manifest(repo, tag, None, ctx).await,
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => self.fetch_manifest(repo, tag, None, ctx).await,
+        };
+        match revalidated {
+            Ok(Some(m)) => {
+                let moved = cached.as_ref().is_some_and(|c| c.digest != m.digest);
+                if moved {
+                    tracing::info!(backend = %self.name(), origin = %repo, %tag, digest = %m.digest,
+                        "tag moved at the origin");
+                }
+                let confirmed = cached.is_some() && !moved;
+                ferry_core::metrics::upstream_cache(self.name(), if confirmed { "hit" } else { "miss" });
+                if confirmed {
+                    self.meta.put_tag(repo, tag, &m.digest).await?;
+                }
+                Ok(Some(m))
+            }
+            Ok(None) => {
+                self.meta.remove_tag(repo, tag).await?;
+                Ok(None)
+            }
+            Err(e @ Error::Unavailable { .. }) if cached.is_some() => {
+                let age_s = entry.as_ref().map(|e| e.age().as_secs()).unwrap_or(0);
+                tracing::warn!(backend = %self.name(), origin = %repo, %tag, error = %e, checked_s_ago = age_s,
+                    "origin unreachable: serving the tag as last seen (stale)");
+                ferry_core::metrics::upstream_cache(self.name(), "stale");
+                Ok(cached)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the origin serves `digest` for `repo` (a `HEAD`), with its size; records the
+    /// link when it does.
+    async fn origin_blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {
+        let resp = self
+            .client
+            .fetch(
+                Method::HEAD,
+                repo,
+                Target::Blob(digest),
+                &[],
+                ctx.authorization.as_deref(),
+            )
+            .await?;
+        let Some(size) = resp.and_then(|r| r.content_length()) else {
+            return Ok(None);
+        };
+        if self.store.size(digest).await?.is_some() {
+            self.meta.link(repo, digest).await?;
+        }
+        Ok(Some(size))
+    }
+
+    /// Starts the fill of `digest` from `repo`'s origin, or joins the one under way (or
+    /// just done: joining it then says the blob is in the store). `None` when the origin
+    /// does not have the blob, or a fill stored it meanwhile.
+    async fn fill(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<Arc<Fill>>> {
+        if let Some(f) = self.fills.get(digest).filter(|f| !f.failed()) {
+            return Ok(Some(f));
+        }
+        let (client, fills, store, meta) = (
+            self.client.clone(),
+            self.fills.clone(),
+            self.store.clone(),
+            self.meta.clone(),
+        );
+        let (repo, digest, authorization) = (repo.clone(), digest.clone(), ctx.authorization.clone());
+        let (backend, keep, used, max) = (
+            self.name().to_string(),
+            self.config.keep_fill_from_percent,
+            self.used.clone(),
+            self.max_bytes,
+        );
+        self.starting
+            .clone()
+            .run(&digest.to_string(), async move {
+                if let Some(f) = fills.get(&digest).filter(|f| !f.failed()) {
+                    return Ok(Some(f));
+                }
+                if store.size(&digest).await?.is_some() {
+                    return Ok(None); // stored by a fill that just ended
+                }
+                let Some(resp) = client
+                    .fetch(
+                        Method::GET,
+                        &repo,
+                        Target::Blob(&digest),
+                        &[],
+                        authorization.as_deref(),
+                    )
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                let Some(size) = resp.content_length() else {
+                    return Err(Error::Unavailable {
+                        backend,
+                        reason: format!("origin {repo} sent {digest} without a Content-Length"),
+                    });
+                };
+                tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
+                ferry_core::metrics::upstream_cache(&backend, "miss");
+                let done = {
+                    let (fills, digest, repo, store, backend) = (
+                        fills.clone(),
+                        digest.clone(),
+                        repo.clone(),
+                        store.clone(),
+                        backend.clone(),
+                    );
+                    move |stored: bool| {
+                        tokio::spawn(async move {
+                            if stored {
+                                if let Err(e) = meta.link(&repo, &digest).await {
+                                    tracing::warn!(backend = %backend, %digest, error = %e, "cannot record the blob's repository");
+                                }
+                                let total = used.fetch_add(size, Ordering::SeqCst) + size;
+                                if let Some(max) = max.filter(|m| total > *m) {
+                                    evict(&backend, &store, &used, max).await;
+                                }
+                            }
+                            fills.remove(&digest);
+                        });
+                    }
+                };
+                let fill = Fill::spawn(&backend, &store, Wanted { repo, digest, size }, resp, keep, done)?;
+                fills.insert(fill.clone());
+                Ok(Some(fill))
+            })
+            .await
+    }
+}
+
+/// The bytes of a response, refusing more than `limit`.
+async fn read_limited(resp: reqwest::Response, limit: u64, repo: &Repository) -> Result<Bytes> {
+    let too_large = |size| Error::ManifestTooLarge { size, limit };
+    if let Some(len) = resp.content_length().filter(|l| *l > limit) {
+        return Err(too_large(len));
+    }
+    let mut out = BytesMut::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::Unavailable {
+            backend: "origin".into(),
+            reason: format!("origin {repo}: {}", ferry_core::error::with_causes(&e)),
+        })?;
+        if (out.len() + chunk.len()) as u64 > limit {
+            return Err(too_large((out.len() + chunk.len()) as u64));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
+}
+
+/// Deletes least recently used blobs until the cache is a tenth under `max`. A blob being
+/// served stays readable to its reader until the stream ends.
+async fn evict(backend: &str, store: &BlobStore, used: &AtomicU64, max: u64) {
+    let target = max - max / 10;
+    let mut blobs = Vec::new();
+    let Ok(all) = store.list().await else { return };
+    for d in all {
+        if let Ok(m) = tokio::fs::metadata(store.path(&d)).await {
+            blobs.push((m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), d));
+        }
+    }
+    blobs.sort_by_key(|(t, ..)| *t);
+    let mut total: u64 = blobs.iter().map(|(_, len, _)| len).sum();
+    let (mut freed, mut count) = (0u64, 0usize);
+    for (_, len, d) in blobs {
+        if total <= target {
+            break;
+        }
+        if matches!(store.delete(&d).await, Ok(true)) {
+            total -= len;
+            freed += len;
+            count += 1;
+        }
+    }
+    used.store(total, Ordering::SeqCst);
+    tracing::info!(
+        backend,
+        freed_bytes = freed,
+        blobs = count,
+        limit_bytes = max,
+        "upstream cache over its size limit: evicted least recently used blobs"
+    );
+}
+
+#[async_trait]
+impl Backend for UpstreamBackend {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn manifest(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        let repo = &image.repository;
+        if !self.allowed(repo) {
+            return Ok(None);
+        }
+        match &image.reference {
+            Reference::Digest(d) => {
+                if self.meta.linked(repo, d).await {
+                    if let Some(m) = self.cached_manifest(d).await? {
+                        ferry_core::metrics::upstream_cache(self.name(), "hit");
+                        return Ok(Some(m));
+                    }
+                }
+                ferry_core::metrics::upstream_cache(self.name(), "miss");
+                self.fetch_manifest(repo, &d.to_string(), Some(d), ctx).await
+            }
+            Reference::Tag(t) => self.tagged(repo, t, ctx).await,
+        }
+    }
+
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {
+        if !self.allowed(repo) {
+            return Ok(None);
+        }
+        if self.meta.linked(repo, digest).await {
+            if let Some(size) = self.store.size(digest).await? {
+                return Ok(Some(size));
+            }
+        }
+        if let Some(f) = self.fills.get(digest).filter(|f| f.repo == *repo) {
+            return Ok(Some(f.size));
+        }
+        self.origin_blob_size(repo, digest, ctx).await
+    }
+
+    async fn blob(
+        &self,
+        repo: &Repository,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        ctx: &RequestCtx,
+    ) -> Result<Option<BlobBody>> {
+        if !self.allowed(repo) {
+            return Ok(None);
+        }
+        let mut checked_access = self.meta.linked(repo, digest).await;
+        for _ in 0..3 {
+            if self.store.size(digest).await?.is_some() {
+                if !checked_access {
+                    // Cached for another repository: the origin must serve it for this one.
+                    if self.origin_blob_size(repo, digest, ctx).await?.is_none() {
+                        return Ok(None);
+                    }
+                    checked_access = true;
+                }
+                if let Some(body) = self.store.open_blob(digest, range).await? {
+                    ferry_core::metrics::upstream_cache(self.name(), "hit");
+                    self.touch(digest);
+                    return Ok(Some(body));
+                }
+                continue;
+            }
+            let Some(fill) = self.fill(repo, digest, ctx).await? else {
+                if self.store.size(digest).await?.is_some() {
+                    continue;
+                }
+                return Ok(None);
+            };
+            if fill.repo != *repo && !checked_access {
+                if self.origin_blob_size(repo, digest, ctx).await?.is_none() {
+                    return Ok(None);
+                }
+                checked_access = true;
+            }
+            match fill.join(range).await? {
+                Joined::Body(body) => return Ok(Some(body)),
+                Joined::Gone => continue,
+            }
+        }
+        Err(Error::Unavailable {
+            backend: self.name().to_string(),
+            reason: format!("fetching {digest} from {repo} kept failing"),
+        })
+    }
+
+    async fn status(&self) -> BackendStatus {
+        BackendStatus {
+            name: self.name().to_string(),
+            reachable: true,
+            ..BackendStatus::default()
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The upstream backend against real registries: distribution (`docker-registry`) instances
+//! on loopback addresses of their own stand in for several origin hosts — one anonymous,
+//! one with htpasswd (Basic) auth, one with token auth behind tests/env/token_server.py —
+//! and ferry, in the chain users run (docker, push, upstream), mirrors them all through one
+//! containerd `_default` hosts.toml.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+
+/// A distribution registry standing in for an origin host, stopped when dropped.
+struct Origin {
+    name: String,
+    /// `ip:port`.
+    addr: String,
+    token_server: Option<String>,
+}
+
+fn port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+impl Origin {
+    fn start(ip: &str, htpasswd: Option<&Path>) -> Origin {
+        let name = unique("origin");
+        let port = port_on(ip);
+        sh(&format!(
+            "source {} && e2e_start_registry {name} {port} '{}' {ip}",
+            lib(),
+            htpasswd.map(|p| p.display().to_string()).unwrap_or_default()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: None,
+        }
+    }
+
+    /// A registry whose clients need a token from a token server of its own, which grants
+    /// pulls (and pushes) to `user:password`.
+    fn start_with_token_auth(ip: &str, user: &str, password: &str) -> Origin {
+        let name = unique("origin");
+        let token = format!("{name}-token");
+        let (port, token_port) = (port_on(ip), port_on(ip));
+        sh(&format!(
+            "source {lib} && auth=$(e2e_start_token_server {token} {ip} {token_port} {user} {password}) \
+             && e2e_start_registry {name} {port} '' {ip} '' '' \"$auth\"",
+            lib = lib()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: Some(token),
+        }
+    }
+
+    /// The requests the registry logged (its access log), except the start-up probes.
+    fn requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(format!("{}/logs/{}.log", env("E2E_DIR"), self.name)).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("HTTP/1.1\"") && !l.contains("\"curl/"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn stop(&self) {
+        sh(&format!("source {} && e2e_stop {}", lib(), self.name));
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let mut cmd = format!("source {} && set +e && e2e_stop {}", lib(), self.name);
+        if let Some(t) = &self.token_server {
+            cmd.push_str(&format!(" && e2e_stop {t}"));
+        }
+        let _ = sh_result(&cmd);
+    }
+}
+
+/// Builds a runnable image in Docker 20 and copies it to `dest` (`host/repo:tag`) with
+/// skopeo; returns the origin's manifest digest. The image leaves the engine afterwards, so
+/// only the origin has it.
+fn push_image(dest: &str, creds: Option<&str>) -> String {
+    let engine = docker20();
+    let local = unique("upstream-src");
+    build_image(&engine, &local, 2);
+    let dest_creds = creds.map(|c| format!("--dest-creds {c}")).unwrap_or_default();
+    sh(&format!(
+        "skopeo copy -q --dest-tls-verify=false {dest_creds} --src-daemon-host {engine} docker-daemon:{local}:latest docker://{dest}"
+    ));
+    sh(&format!("docker -H {engine} rmi {local}"));
+    origin_digest(dest, creds)
+}
+
+/// The digest of `image`'s manifest as its registry serves it.
+fn origin_digest(image: &str, creds: Option<&str>) -> String {
+    let creds = creds.map(|c| format!("--creds {c}")).unwrap_or_default();
+    let raw = sh(&format!(
+        "skopeo inspect --raw --tls-verify=false {creds} docker://{image}"
+    ));
+    format!("sha256:{}", sha256_hex(raw.as_bytes()))
+}
+
+/// The chain users run, with the upstream backend last.
+fn chain_with_upstream(upstream: &str) -> String {
+    format!(
+        "{}[[backends]]\ntype = \"upstream\"\n{upstream}",
+        docker_chain(&docker20(), "")
+    )
+}
+
+/// `ctr image pull` through the `_default` mirror in a fresh namespace, `ctr run`, then the
+/// image and its content removed (`--sync`: containerd's GC runs before it returns), so a
+/// later pull fetches everything again. Returns what the container printed and the digest
+/// containerd recorded for the image.
+fn ctr_pull(ctd: &str, certs: &Path, image: &str, user: Option<&str>) -> (String, String) {
+    let ns = unique("up");
+    let user = user.map(|u| format!("--user {u}")).unwrap_or_default();
+    sh(&format!(
+        "ctr -a {ctd} -n {ns} image pull {user} --hosts-dir {} {image} >/dev/null",
+        certs.display()
+    ));
+    let digest = sh(&format!(
+        "ctr -a {ctd} -n {ns} image ls | awk -v r={image} '$1 == r {{ print $3 }}'"
+    ));
+    let mut out = String::new();
+    for _ in 0..3 {
+        out = sh(&format!("ctr -a {ctd} -n {ns} run --rm {image} {}", unique("run")));
+        if !out.trim().is_empty() {
+            break;
+        }
+    }
+    sh(&format!("ctr -a {ctd} -n {ns} image rm --sync {image} >/dev/null"));
+    (out.trim().to_string(), digest.trim().to_string())
+}
+
+#[test]
+fn one_ferry_mirrors_three_hosts_and_serves_the_second_pull_from_its_cache() {
+    let ctd = containerd16();
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let anon = Origin::start("127.0.0.2", None);
+    let basic = Origin::start("127.0.0.3", Some(&htpasswd));
+    let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
+
+    let images = [
+        (format!("{}/{}:v1", anon.addr, unique("team/anon")), None),
+        (
+            format!("{}/{}:v1", basic.addr, unique("team/basic")),
+            Some("basic-user:basic-pass"),
+        ),
+        (
+            format!("{}/{}:v1", token.addr, unique("team/token")),
+            Some("tok-user:tok-pass"),
+        ),
+    ];
+    let digests: Vec<String> = images.iter().map(|(i, c)| push_image(i, *c)).collect();
+
+    // ferry holds credentials for the Basic host; for the token host the client's own go
+    // through (ctr --user answers the origin's challenge that ferry passes on).
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!(
+            "allow = [\"{}\", \"{}\", \"{}\"]\n[backends.hosts.\"{}\"]\nusername = \"basic-user\"\npassword = \"basic-pass\"\n",
+            anon.addr, basic.addr, token.addr, basic.addr
+        )),
+    );
+    let certs = mirror_hosts(work.path(), "_default", &ferry.addr());
+    let origins = [&anon, &basic, &token];
+    let users = [None, None, Some("tok-user:tok-pass")];
+
+    for round in ["cold", "cached"] {
+        let before: Vec<usize> = origins.iter().map(|o| o.requests().len()).collect();
+        for (i, (image, _)) in images.iter().enumerate() {
+            let (out, digest) = ctr_pull(&ctd, &certs, image, users[i]);
+            assert!(out.starts_with("hello from upstream-src"), "[{round}] {image}: {out:?}");
+            assert_eq!(digest, digests[i], "[{round}] {image}: the origin's digest");
+        }
+        for (i, o) in origins.iter().enumerate() {
+            let new = o.requests()[before[i]..].to_vec();
+            match round {
+                "cold" => {
+                    assert!(!new.is_empty(), "the cold pull asked {}", o.addr);
+                    // Every request came from ferry, none from containerd going around it.
+                    for l in &new {
+                        assert!(l.contains("\"ferry/"), "{}: a request not from ferry: {l}", o.addr);
+                    }
+                }
+                _ => assert!(new.is_empty(), "the cached pull asked {}: {new:#?}", o.addr),
+            }
+        }
+    }
+    let logs = ferry.logs();
+    assert!(logs.contains("fetched blob from its origin into the cache"), "{logs}");
+    // The manifests carry the origin's digests to plain HTTP clients too.
+    for (i, (image, _)) in images.iter().enumerate() {
+        let (host, rest) = image.split_once('/').unwrap();
+        let (name, tag) = rest.rsplit_once(':').unwrap();
+        let (status, digest, _) = get_manifest(&ferry, name, tag, &format!("?ns={host}"));
+        if users[i].is_none() {
+            assert_eq!((status, digest.as_str()), (200, digests[i].as_str()), "{image}");
+        }
+    }
+}
+
+#[test]
+fn tags_follow_the_origin_after_their_ttl_and_are_served_stale_when_it_is_down() {
+    let origin = Origin::start("127.0.0.2", None);
+    let not_allowed = Origin::start("127.0.0.5", None);
+    let repo = unique("ttl/app");
+    let first = push_image(&format!("{}/{repo}:latest", origin.addr), None);
+    let elsewhere = format!("{}/{repo}:latest", not_allowed.addr);
+    push_image(&elsewhere, None);
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\ntag_ttl_secs = 2\n", origin.addr)),
+    );
+    let ns = format!("?ns={}", origin.addr);
+    let (status, digest, _) = get_manifest(&ferry, &repo, "latest", &ns);
+    assert_eq!((status, digest.as_str()), (200, first.as_str()));
+
+    // The tag moves at the origin: the cached digest until the TTL runs out, then the new one.
+    let second = push_image(&format!("{}/{repo}:latest", origin.addr), None);
+    assert_ne!(first, second);
+    let (_, digest, _) = get_manifest(&ferry, &repo, "latest", &ns);
+    assert_eq!(digest, first, "within the TTL the cached digest is served");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (status, digest, manifest) = get_manifest(&ferry, &repo, "latest", &ns);
+    assert_eq!((status, digest.as_str()), (200, second.as_str()), "{}", ferry.logs());
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{repo}/blobs/{layer}{ns}"))).unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), layer);
+
+    // The origin goes away: once the TTL ran out the tag is served as last seen, with a
+    // warning, and so are its blobs.
+    origin.stop();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (status, digest, _) = get_manifest(&ferry, &repo, "latest", &ns);
+    assert_eq!((status, digest.as_str()), (200, second.as_str()), "{}", ferry.logs());
+    assert!(
+        ferry
+            .logs()
+            .contains("origin unreachable: serving the tag as last seen (stale)"),
+        "{}",
+        ferry.logs()
+    );
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{repo}/blobs/{layer}{ns}"))).unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), layer);
+
+    // A host that is not on the allow list is never contacted: 404, and not one request in
+    // its log.
+    let before = not_allowed.requests().len();
+    let (status, _, body) = get_manifest(&ferry, &repo, "latest", &format!("?ns={}", not_allowed.addr));
+    assert_oci_error(status, &String::from_utf8_lossy(&body), 404, "MANIFEST_UNKNOWN");
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{}/{repo}/blobs/{layer}", not_allowed.addr))).unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        not_allowed.requests().len(),
+        before,
+        "the host outside the allow list was asked"
+    );
+}
+
+/// Files the upstream cache holds: blobs and tags.
+fn cached_files(data: &Path) -> usize {
+    ["upstream/blobs", "upstream/tags"]
+        .iter()
+        .map(|d| walk(&data.join(d)))
+        .sum()
+}
+
+fn walk(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
+        .sum()
+}
+
+#[test]
+fn refused_credentials_pass_the_origins_challenge_on_and_cache_nothing() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let basic = Origin::start("127.0.0.3", Some(&htpasswd));
+    let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
+    let basic_repo = unique("private/basic");
+    let token_repo = unique("private/token");
+    let basic_digest = push_image(
+        &format!("{}/{basic_repo}:v1", basic.addr),
+        Some("basic-user:basic-pass"),
+    );
+    let token_digest = push_image(&format!("{}/{token_repo}:v1", token.addr), Some("tok-user:tok-pass"));
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\", \"{}\"]\n", basic.addr, token.addr)),
+    );
+    let http = reqwest::blocking::Client::new();
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+    let get = |origin: &Origin, repo: &str, auth: Option<(&str, &str)>| {
+        let mut req = http
+            .get(ferry.url(&format!("/v2/{repo}/manifests/v1?ns={}", origin.addr)))
+            .header("Accept", accept);
+        if let Some((u, p)) = auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        let r = req.send().unwrap();
+        let challenge = r
+            .headers()
+            .get("WWW-Authenticate")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let digest = r
+            .headers()
+            .get("Docker-Content-Digest")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let status = r.status().as_u16();
+        (status, challenge, digest, r.text().unwrap())
+    };
+
+    for auth in [None, Some(("basic-user", "wrong"))] {
+        let (status, challenge, _, body) = get(&basic, &basic_repo, auth);
+        assert_oci_error(status, &body, 401, "UNAUTHORIZED");
+        assert_eq!(challenge, "Basic realm=\"e2e\"", "the origin's own challenge");
+    }
+    for auth in [None, Some(("tok-user", "wrong"))] {
+        let (status, challenge, _, body) = get(&token, &token_repo, auth);
+        assert_oci_error(status, &body, 401, "UNAUTHORIZED");
+        let realm = format!("Bearer realm=\"http://{}", token.addr.split(':').next().unwrap());
+        assert!(
+            challenge.starts_with(&realm),
+            "the origin's token challenge: {challenge}"
+        );
+    }
+    assert_eq!(cached_files(&ferry.dir), 0, "nothing cached after refusals");
+
+    // The right credentials go through, Basic to the Basic host, to the token endpoint for
+    // the other.
+    let (status, _, digest, _) = get(&basic, &basic_repo, Some(("basic-user", "basic-pass")));
+    assert_eq!(
+        (status, digest.as_str()),
+        (200, basic_digest.as_str()),
+        "{}",
+        ferry.logs()
+    );
+    let (status, _, digest, _) = get(&token, &token_repo, Some(("tok-user", "tok-pass")));
+    assert_eq!(
+        (status, digest.as_str()),
+        (200, token_digest.as_str()),
+        "{}",
+        ferry.logs()
+    );
+}
+
+#[test]
+fn fifty_cold_pulls_of_one_image_fetch_each_blob_once() {
+    let origin = Origin::start("127.0.0.2", None);
+    // A layer big enough that the pulls overlap while it is fetched.
+    let work = scratch();
+    let engine = docker20();
+    let local = unique("upstream-big");
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    sh(&format!(
+        "cp /bin/busybox {c}/ && head -c 24M /dev/urandom > {c}/big && printf 'FROM scratch\\nCOPY busybox /bin/busybox\\nCOPY big /big\\n' > {c}/Dockerfile \
+         && DOCKER_BUILDKIT=0 docker -H {engine} build --no-cache -q -t {local} {c} >/dev/null",
+        c = ctx.display()
+    ));
+    let repo = unique("load/big");
+    let image = format!("{}/{repo}:v1", origin.addr);
+    sh(&format!(
+        "skopeo copy -q --dest-tls-verify=false --src-daemon-host {engine} docker-daemon:{local}:latest docker://{image} && docker -H {engine} rmi {local}"
+    ));
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
+    );
+    let ns = format!("?ns={}", origin.addr);
+    let ferry = Arc::new(ferry);
+    let pulls: Vec<_> = (0..50)
+        .map(|i| {
+            let (ferry, repo, ns) = (ferry.clone(), repo.clone(), ns.clone());
+            std::thread::spawn(move || {
+                let (status, digest, manifest) = get_manifest(&ferry, &repo, "v1", &ns);
+                assert_eq!(status, 200, "pull {i}");
+                let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+                let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+                blobs.extend(
+                    m["layers"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|l| l["digest"].as_str().unwrap().to_string()),
+                );
+                // 50 clients share one debug build's bandwidth: more than reqwest's 30 s.
+                let http = reqwest::blocking::Client::builder()
+                    .timeout(std::time::Duration::from_secs(300))
+                    .build()
+                    .unwrap();
+                for b in &blobs {
+                    let r = http
+                        .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status(), 200, "pull {i} {b}");
+                    let body = r.bytes().map_err(|e| format!("pull {i} {b}: {e}"))?;
+                    assert_eq!(&format!("sha256:{}", sha256_hex(&body)), b, "pull {i}");
+                }
+                // A range of the big layer, wherever its fill stands.
+                let big = blobs.last().unwrap();
+                let r = http
+                    .get(ferry.url(&format!("/v2/{repo}/blobs/{big}{ns}")))
+                    .header("Range", "bytes=1000-1999")
+                    .send()
+                    .unwrap();
+                assert_eq!(r.status(), 206);
+                assert_eq!(r.bytes().map_err(|e| format!("pull {i} range: {e}"))?.len(), 1000);
+                Ok::<_, String>((digest, blobs))
+            })
+        })
+        .collect();
+    let results: Vec<(String, Vec<String>)> = pulls
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{e}\n{}", ferry.logs()));
+    let (_, blobs) = &results[0];
+    for b in blobs {
+        let gets = origin
+            .requests()
+            .iter()
+            .filter(|l| l.contains(&format!("GET /v2/{repo}/blobs/{b}")))
+            .count();
+        assert_eq!(gets, 1, "{b} fetched {gets} times from the origin");
+    }
+    let manifest_gets = origin
+        .requests()
+        .iter()
+        .filter(|l| l.contains(&format!("GET /v2/{repo}/manifests/v1")))
+        .count();
+    assert_eq!(manifest_gets, 1, "the tag fetched {manifest_gets} times");
+}
+
+#[test]
+fn a_fill_goes_on_when_its_client_leaves() {
+    let origin = Origin::start("127.0.0.2", None);
+    let work = scratch();
+    let blob = work.path().join("blob");
+    sh(&format!("head -c 32M /dev/urandom > {}", blob.display()));
+    let repo = unique("leave/app");
+    let digest = sh(&format!(
+        "source {} && e2e_upload_blob {} {repo} {}",
+        lib(),
+        origin.addr,
+        blob.display()
+    ))
+    .trim()
+    .to_string();
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\nkeep_fill_from_percent = 0\n", origin.addr)),
+    );
+    // Read the first bytes of the body and hang up.
+    let url = ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={}", origin.addr));
+    {
+        let mut r = reqwest::blocking::get(&url).unwrap();
+        assert_eq!(r.status(), 200);
+        let mut head = [0u8; 1024];
+        std::io::Read::read_exact(&mut r, &mut head).unwrap();
+    }
+    let stored = ferry
+        .dir
+        .join(format!("upstream/blobs/sha256/{}/{}", &digest[7..9], &digest[7..]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !stored.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        stored.exists(),
+        "the fill finished without its client\n{}",
+        ferry.logs()
+    );
+    assert_eq!(std::fs::read(&stored).unwrap(), std::fs::read(&blob).unwrap());
+    let r = reqwest::blocking::get(&url).unwrap();
+    assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), digest);
+    let gets = origin
+        .requests()
+        .iter()
+        .filter(|l| l.contains("GET /v2/") && l.contains("/blobs/"))
+        .count();
+    assert_eq!(gets, 1, "one fetch from the origin");
+}
