@@ -508,3 +508,126 @@ fn a_fill_goes_on_when_its_client_leaves() {
         .count();
     assert_eq!(gets, 1, "one fetch from the origin");
 }
+
+#[test]
+fn a_developers_ferry_goes_through_a_shared_tier() {
+    let origin = Origin::start("127.0.0.2", None);
+    let repo = unique("tier/app");
+    let digest = push_image(&format!("{}/{repo}:v1", origin.addr), None);
+
+    // The team's tier: a ferry (upstream backend) and a distribution proxy of the origin.
+    let team_dir = scratch();
+    let team = Ferry::start(
+        team_dir.path(),
+        &format!("[[backends]]\ntype = \"upstream\"\nallow = [\"{}\"]\n", origin.addr),
+    );
+    let proxy = unique("proxy");
+    let proxy_port = port_on("127.0.0.1");
+    sh(&format!(
+        "source {lib} && d=$E2E_DIR/{proxy} && mkdir -p $d/data && printf 'version: 0.1\\nlog: {{level: warn}}\\nstorage: {{filesystem: {{rootdirectory: %s}}}}\\nhttp: {{addr: \"127.0.0.1:{proxy_port}\"}}\\nproxy: {{remoteurl: \"http://{origin}\"}}\\n' $d/data > $d/config.yml \
+         && e2e_spawn {proxy} docker-registry serve $d/config.yml && e2e_wait {proxy} 30 curl -sf http://127.0.0.1:{proxy_port}/v2/",
+        lib = lib(),
+        origin = origin.addr
+    ));
+    struct Stop(String);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = sh_result(&format!("source {} && e2e_stop {}", lib(), self.0));
+        }
+    }
+    let _proxy = Stop(proxy);
+
+    for tier in [team.addr(), format!("127.0.0.1:{proxy_port}")] {
+        let before = origin.requests().len();
+        let dir = scratch();
+        let dev = Ferry::start(
+            dir.path(),
+            &chain_with_upstream(&format!(
+                "allow = [\"{o}\"]\n[backends.hosts.\"{o}\"]\nendpoint = \"http://{tier}\"\n",
+                o = origin.addr
+            )),
+        );
+        let (status, got, manifest) = get_manifest(&dev, &repo, "v1", &format!("?ns={}", origin.addr));
+        assert_eq!(
+            (status, got.as_str()),
+            (200, digest.as_str()),
+            "through {tier}\n{}",
+            dev.logs()
+        );
+        let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        for l in m["layers"].as_array().unwrap() {
+            let d = l["digest"].as_str().unwrap();
+            let r = reqwest::blocking::get(dev.url(&format!("/v2/{}/{repo}/blobs/{d}", origin.addr))).unwrap();
+            assert_eq!(r.status(), 200, "through {tier}");
+            assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), d);
+        }
+        let asked = origin.requests()[before..].to_vec();
+        assert!(!asked.is_empty(), "the tier at {tier} asked the origin");
+        if tier != team.addr() {
+            // Only the proxy talks to the origin: no ferry did.
+            assert!(asked.iter().all(|l| !l.contains("\"ferry/")), "{asked:#?}");
+        }
+    }
+    // The team's ferry learnt the origin from ?ns=.
+    assert!(
+        count_lines(
+            &team.logs(),
+            &["fetched blob from its origin into the cache", &origin.addr]
+        ) > 0,
+        "{}",
+        team.logs()
+    );
+}
+
+#[test]
+fn an_origin_behind_tls_with_its_own_ca() {
+    let work = scratch();
+    let tls = work.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    make_server_cert(&tls, "127.0.0.6");
+    let name = unique("origin-tls");
+    let port = port_on("127.0.0.6");
+    sh(&format!(
+        "source {} && e2e_start_registry {name} {port} '' 127.0.0.6 {}",
+        lib(),
+        tls.display()
+    ));
+    let origin = Origin {
+        name,
+        addr: format!("127.0.0.6:{port}"),
+        token_server: None,
+    };
+    let repo = unique("tls/app");
+    let engine = docker20();
+    let local = unique("upstream-src");
+    build_image(&engine, &local, 1);
+    // skopeo takes CAs as *.crt files of a directory.
+    let certs = work.path().join("skopeo-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(tls.join("ca.pem"), certs.join("ca.crt")).unwrap();
+    sh(&format!(
+        "skopeo copy -q --dest-cert-dir {t} --src-daemon-host {engine} docker-daemon:{local}:latest docker://{o}/{repo}:v1 && docker -H {engine} rmi {local}",
+        t = certs.display(),
+        o = origin.addr
+    ));
+
+    // Without the CA the origin's certificate is refused; with it the pull works.
+    for (ca, want) in [
+        ("plain_http = false\n", 404),
+        (&*format!("ca_file = \"{}/ca.pem\"\n", tls.display()), 200),
+    ] {
+        let dir = scratch();
+        let ferry = Ferry::start(
+            dir.path(),
+            &chain_with_upstream(&format!(
+                "allow = [\"{o}\"]\n[backends.hosts.\"{o}\"]\n{ca}",
+                o = origin.addr
+            )),
+        );
+        let (status, _, _) = get_manifest(&ferry, &repo, "v1", &format!("?ns={}", origin.addr));
+        assert_eq!(status, want, "{ca:?}\n{}", ferry.logs());
+        if want == 404 {
+            assert!(ferry.logs().contains("certificate"), "{}", ferry.logs());
+        }
+    }
+}

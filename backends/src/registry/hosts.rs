@@ -14,9 +14,10 @@ use ferry_core::{Error, Result, DOCKER_HUB};
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
-    /// Reach the host over plain HTTP (loopback hosts always are).
+    /// Reach the host over plain HTTP (`true`) or TLS (`false`). Unset: plain HTTP for
+    /// loopback hosts without a `ca_file`, TLS for every other.
     #[serde(default)]
-    pub plain_http: bool,
+    pub plain_http: Option<bool>,
     /// A PEM CA certificate to trust for this host (and its endpoint).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -24,6 +25,10 @@ pub struct HostConfig {
     /// instead of the host itself; it gets `?ns=<host>` so it knows the origin.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// Put in front of repository paths at the endpoint: Harbor's proxy-cache project
+    /// (`dockerhub` → `/v2/dockerhub/library/alpine/...`).
+    #[serde(default)]
+    pub repository_prefix: Option<String>,
     /// User for this host's Basic or token flow (ferry's own credentials, used instead of
     /// the client's).
     #[serde(default)]

@@ -124,9 +124,14 @@ impl RegistryClient {
         }
         let (host, _) = ferry_core::origin::split_host(registry);
         let loopback = host == "localhost" || host.starts_with("127.") || host == "::1";
-        let plain = loopback
-            || host_config.is_some_and(|c| c.plain_http)
-            || self.settings.plain_http.iter().any(|h| h == registry || h == host);
+        let plain = match host_config {
+            Some(HostConfig {
+                plain_http: Some(plain),
+                ..
+            }) => *plain,
+            Some(HostConfig { ca_file: Some(_), .. }) => false,
+            _ => loopback || self.settings.plain_http.iter().any(|h| h == registry || h == host),
+        };
         (format!("{}://{registry}", if plain { "http" } else { "https" }), false)
     }
 
@@ -167,12 +172,20 @@ impl RegistryClient {
             return Ok(None);
         }
         let (base, via_endpoint) = self.base_url(registry);
+        let path = match self
+            .settings
+            .host(registry)
+            .and_then(|c| c.repository_prefix.as_deref())
+        {
+            Some(prefix) if via_endpoint => format!("{}/{}", prefix.trim_matches('/'), repo.path()),
+            _ => repo.path().to_string(),
+        };
         let url = match target {
-            Target::Blob(d) => format!("{base}/v2/{}/blobs/{d}", repo.path()),
-            Target::Manifest(r) => format!("{base}/v2/{}/manifests/{r}", repo.path()),
+            Target::Blob(d) => format!("{base}/v2/{path}/blobs/{d}"),
+            Target::Manifest(r) => format!("{base}/v2/{path}/manifests/{r}"),
         };
         let creds = self.credentials.get(registry).map(String::as_str).or(authorization);
-        let scope = format!("repository:{}:pull", repo.path());
+        let scope = format!("repository:{path}:pull");
         let key = (registry.to_string(), scope.clone(), creds.map(str::to_string));
         let mut auth = match creds {
             Some(c) if is_bearer(c) => Some(c.to_string()),
@@ -318,7 +331,7 @@ mod tests {
         hosts.insert(
             "reg.lan".to_string(),
             HostConfig {
-                plain_http: true,
+                plain_http: Some(true),
                 ..HostConfig::default()
             },
         );
@@ -327,10 +340,19 @@ mod tests {
             plain_http: vec!["old.lan:5000".into()],
             ..ClientSettings::default()
         };
+        let mut settings = settings;
+        settings.hosts.insert(
+            "127.0.0.6:5000".to_string(),
+            HostConfig {
+                plain_http: Some(false),
+                ..HostConfig::default()
+            },
+        );
         let c = RegistryClient::new(settings.clone(), Arc::new(OriginPolicy::default())).unwrap();
         let base = |r: &str| c.base_url(r);
         assert_eq!(base("127.0.0.1:5000"), ("http://127.0.0.1:5000".into(), false));
         assert_eq!(base("localhost:5000"), ("http://localhost:5000".into(), false));
+        assert_eq!(base("127.0.0.6:5000"), ("https://127.0.0.6:5000".into(), false));
         assert_eq!(base("old.lan:5000"), ("http://old.lan:5000".into(), false));
         assert_eq!(base("reg.lan:5000"), ("http://reg.lan:5000".into(), false));
         assert_eq!(base("quay.io"), ("https://quay.io".into(), false));
@@ -338,7 +360,16 @@ mod tests {
         assert_eq!(base("ghcr.io"), ("https://mirror.example.com".into(), true));
         let mut named = settings.named_hosts();
         named.sort();
-        assert_eq!(named, ["ghcr.io", "mirror.example.com", "old.lan:5000", "reg.lan"]);
+        assert_eq!(
+            named,
+            [
+                "127.0.0.6:5000",
+                "ghcr.io",
+                "mirror.example.com",
+                "old.lan:5000",
+                "reg.lan"
+            ]
+        );
         assert_eq!(c.metric_host("ghcr.io"), "ghcr.io");
         assert_eq!(c.metric_host("random.example:1234"), "other");
     }
