@@ -34,17 +34,20 @@ static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 
 /// The chunk size for the next read: [`READ_CHUNK`] while few blobs are served, less when
 /// many are, so that memory stays near [`SERVE_BUDGET`] — 200 clients pulling at once must
-/// not hold 200 × 768 KiB.
-fn chunk_size() -> usize {
+/// not hold 200 × 768 KiB. Every stream that reads ahead (files here, layers read straight
+/// from an engine's storage, blobs being fetched) takes its chunks from this budget while it
+/// holds a [`Serving`].
+pub fn chunk_size() -> usize {
     let serving = SERVING.load(std::sync::atomic::Ordering::Relaxed).max(1);
     (SERVE_BUDGET / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
 }
 
-/// Counts a stream in [`SERVING`] while it lives.
-struct Serving;
+/// Counts a stream in the shared read-ahead budget while it lives.
+pub struct Serving;
 
 impl Serving {
-    fn start() -> Self {
+    /// Counts one more stream until the guard drops.
+    pub fn start() -> Self {
         SERVING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Serving
     }

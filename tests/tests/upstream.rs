@@ -259,6 +259,20 @@ fn tags_follow_the_origin_after_their_ttl_and_are_served_stale_when_it_is_down()
     assert_eq!(r.status(), 200);
     assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), layer);
 
+    // /metrics counts origin requests by host and status, bytes fetched, and cache outcomes.
+    let metrics = reqwest::blocking::get(ferry.url("/metrics")).unwrap().text().unwrap();
+    let host = format!("host=\"{}\"", origin.addr);
+    for want in [
+        &[&*host, "status=\"200\"", "ferry_upstream_requests_total"][..],
+        &[&*host, "status=\"error\"", "ferry_upstream_requests_total"],
+        &["ferry_upstream_fetched_bytes_total", "backend=\"upstream\""],
+        &["ferry_upstream_cache_total", "outcome=\"stale\""],
+        &["ferry_upstream_cache_total", "outcome=\"hit\""],
+        &["ferry_upstream_cache_total", "outcome=\"miss\""],
+    ] {
+        assert!(count_lines(&metrics, want) == 1, "{want:?} in\n{metrics}");
+    }
+
     // A host that is not on the allow list is never contacted: 404, and not one request in
     // its log.
     let before = not_allowed.requests().len();
@@ -630,4 +644,61 @@ fn an_origin_behind_tls_with_its_own_ca() {
             assert!(ferry.logs().contains("certificate"), "{}", ferry.logs());
         }
     }
+}
+
+#[test]
+fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
+    let origin = Origin::start("127.0.0.2", None);
+    let work = scratch();
+    let repo = unique("lru/app");
+    let digests: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let f = work.path().join(n);
+            sh(&format!("head -c 1536K /dev/urandom > {}", f.display()));
+            sh(&format!(
+                "source {} && e2e_upload_blob {} {repo} {}",
+                lib(),
+                origin.addr,
+                f.display()
+            ))
+            .trim()
+            .to_string()
+        })
+        .collect();
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\nmax_cache_size = \"4MiB\"\n", origin.addr)),
+    );
+    let cached = |d: &str| {
+        ferry
+            .dir
+            .join(format!("upstream/blobs/sha256/{}/{}", &d[7..9], &d[7..]))
+            .exists()
+    };
+    let fetch = |d: &str| {
+        let r = reqwest::blocking::get(ferry.url(&format!("/v2/{repo}/blobs/{d}?ns={}", origin.addr))).unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), d);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let (a, b, c) = (&digests[0], &digests[1], &digests[2]);
+    fetch(a);
+    fetch(b);
+    fetch(a); // a is now the more recently used
+    assert!(cached(a) && cached(b));
+    fetch(c); // 4.5 MiB > 4 MiB: the least recently used (b) goes
+    assert!(cached(a) && cached(c), "{}", ferry.logs());
+    assert!(!cached(b), "b was the least recently used\n{}", ferry.logs());
+    assert!(ferry.logs().contains("evicted least recently used blobs"));
+    let before = origin.requests().len();
+    fetch(b); // fetched again from the origin
+    assert_eq!(
+        origin.requests()[before..]
+            .iter()
+            .filter(|l| l.contains("GET "))
+            .count(),
+        1
+    );
 }

@@ -52,6 +52,8 @@ pub struct ClientSettings {
     pub ca_file: Option<PathBuf>,
     /// A Docker `config.json` whose `auths` give credentials per host.
     pub docker_config: Option<PathBuf>,
+    /// More hosts named in metrics' `host` label (an allow list's exact entries).
+    pub metric_hosts: Vec<String>,
 }
 
 impl ClientSettings {

@@ -145,7 +145,10 @@ impl RegistryClient {
     /// The `host` label of metrics: a host the config or the public list names, else
     /// "other" (a client choosing origins must not grow the label set without bound).
     pub fn metric_host(&self, registry: &str) -> String {
-        if self.settings.host(registry).is_some() || PUBLIC_REGISTRIES.contains(&registry) {
+        if self.settings.host(registry).is_some()
+            || PUBLIC_REGISTRIES.contains(&registry)
+            || self.settings.metric_hosts.iter().any(|h| h == registry)
+        {
             registry.to_string()
         } else {
             "other".to_string()

@@ -20,16 +20,18 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
 
-/// Bytes a reader hands on at most per chunk.
-const READ_CHUNK: u64 = 64 * 1024;
-/// Chunks from the origin queued for the writer thread.
-const QUEUED_CHUNKS: usize = 32;
+/// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
+/// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
+const QUEUED_CHUNKS: usize = 4;
 
 /// Where a fill stands.
 #[derive(Clone, Debug)]
 enum Progress {
     /// Bytes written (and flushed) so far.
     Writing(u64),
+    /// Whole and hashed to its digest: readers may have the last byte while it is made
+    /// durable (fsync) and put in place.
+    Verified,
     /// Verified and in the store.
     Done,
     /// Stopped; nothing was stored.
@@ -112,7 +114,9 @@ impl Fill {
                 let mut writer = writer;
                 while let Some(piece) = chunks_rx.blocking_recv() {
                     let Some(chunk) = piece else {
-                        return writer.commit().map(|_| ());
+                        let sealed = writer.seal()?;
+                        progress_tx.send_replace(Progress::Verified);
+                        return sealed.persist();
                     };
                     writer
                         .write_all(&chunk)
@@ -205,7 +209,7 @@ impl Fill {
 
     /// Whether the fill ended (stored or failed).
     pub fn ended(&self) -> bool {
-        !matches!(*self.progress.borrow(), Progress::Writing(_))
+        matches!(*self.progress.borrow(), Progress::Done | Progress::Failed(_))
     }
 
     /// Whether the fill failed: the blob must be fetched again.
@@ -241,6 +245,7 @@ impl Fill {
             end: offset + len,
             progress: self.progress.clone(),
             failed: false,
+            _serving: ferry_core::blobstore::Serving::start(),
         };
         Ok(Joined::Body(BlobBody {
             size: self.size,
@@ -277,6 +282,8 @@ struct Reader {
     end: u64,
     progress: watch::Receiver<Progress>,
     failed: bool,
+    /// Counted in the shared read-ahead budget.
+    _serving: ferry_core::blobstore::Serving,
 }
 
 impl Reader {
@@ -287,7 +294,7 @@ impl Reader {
         }
         loop {
             let available = match &*self.progress.borrow_and_update() {
-                Progress::Done => self.fill.size,
+                Progress::Verified | Progress::Done => self.fill.size,
                 // The last byte waits for the digest check.
                 Progress::Writing(n) => (*n).min(self.fill.size.saturating_sub(1)),
                 Progress::Failed(e) => {
@@ -296,7 +303,8 @@ impl Reader {
                 }
             };
             if available > self.pos {
-                let want = (available.min(self.end) - self.pos).min(READ_CHUNK);
+                let chunk = ferry_core::blobstore::chunk_size() as u64;
+                let want = (available.min(self.end) - self.pos).min(chunk);
                 let mut buf = Vec::with_capacity(want as usize);
                 return match (&mut self.file).take(want).read_to_end(&mut buf).await {
                     Ok(0) => {

@@ -109,6 +109,7 @@ impl UpstreamConfig {
             plain_http: Vec::new(),
             ca_file: self.ca_file.clone(),
             docker_config: self.docker_config.clone(),
+            metric_hosts: self.allow.iter().filter(|h| !h.contains('*')).cloned().collect(),
         };
         let mut allowed = self.allow.clone();
         allowed.extend(settings.named_hosts());
@@ -204,7 +205,8 @@ impl UpstreamBackend {
     fn touch(&self, digest: &Digest) {
         let path = self.store.path(digest);
         tokio::task::spawn_blocking(move || {
-            if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+            // Times change through the descriptor of a read-only open: the owner may.
+            if let Ok(f) = std::fs::File::open(&path) {
                 let _ = f.set_modified(SystemTime::now());
             }
         });

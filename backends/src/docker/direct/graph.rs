@@ -14,9 +14,6 @@ use ferry_core::{ByteStream, Digest, Error, Result};
 
 use super::tarsplit::{self, Piece};
 
-/// Bytes read from a layer file at a time, and sent on as one chunk.
-const CHUNK: usize = 256 * 1024;
-
 /// How the engine lays its storage out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -274,6 +271,7 @@ pub fn stream(
     use futures::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(2);
     tokio::task::spawn_blocking(move || {
+        let _serving = ferry_core::blobstore::Serving::start();
         let mut out = Assembler {
             tx,
             skip: offset,
@@ -354,7 +352,7 @@ impl Assembler {
                     let mut file = std::fs::File::open(&file_path)?;
                     let mut remaining = size;
                     while remaining > 0 {
-                        let want = remaining.min(CHUNK as u64) as usize;
+                        let want = remaining.min(ferry_core::blobstore::chunk_size() as u64) as usize;
                         let mut buf = Vec::with_capacity(want);
                         let n = (&mut file).take(want as u64).read_to_end(&mut buf)?;
                         if n == 0 {

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Pull benchmark of the upstream backend (a pull-through cache) beside the origin itself:
+# distribution (Debian's docker-registry 2.8) holds an image of SIZE MiB in 8 layers, and
+# containerd's `ctr image pull` fetches it
+#   - straight from the origin (warm page cache): the reference;
+#   - through ferry with an empty cache (cold: every blob fetched from the origin while it is
+#     streamed to ctr) and with a full one (warm);
+#   - the same, with the origin behind bench/throttle.py's capped link, as across a network.
+# Also ferry's peak RSS over all of it. Every figure is the best of 3 runs. Prints a markdown
+# table. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export E2E_DIR=${E2E_DIR:-/tmp/fupstream-$$}
+source tests/env/lib.sh
+size_mib=${1:-512}
+layers=8
+runs=3
+e2e_install_packages
+command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
+trap 'e2e_stop_all' EXIT
+
+cargo build --release -q -p ferry-server
+# The client: containerd with isolated content per namespace, so every pull fetches.
+e2e_start_containerd client
+sed -i 's/^\[plugins."io.containerd.grpc.v1.cri"\]/[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n&/' "$E2E_DIR/client/config.toml"
+e2e_stop client && e2e_start_containerd client
+client="$E2E_DIR/client/containerd.sock"
+e2e_start_containerd ctd16
+e2e_start_dockerd docker20 ctd16
+d20="unix://$E2E_DIR/docker20/docker.sock"
+reg_port=$(e2e_free_port)
+e2e_start_registry origin "$reg_port"
+reg="127.0.0.1:$reg_port"
+slow_port=$(e2e_free_port)
+e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
+e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
+slow="127.0.0.1:$slow_port"
+
+# The image: busybox + 8 layers of random (incompressible) data, pushed to the origin.
+ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
+{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
+  for i in $(seq 1 $layers); do
+      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
+  done
+  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t "$reg/bench/img:1" "$ctx" >/dev/null
+rm -rf "$ctx"
+docker -H "$d20" push -q "$reg/bench/img:1" >/dev/null
+
+now() { date +%s.%N; }
+secs() { echo "$2 - $1" | bc -l; }
+# Times one ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or
+# plain HTTP when $2 is empty), appending the seconds to file $3; then removes the image,
+# its content and snapshots.
+timed_pull() { # image hosts-dir times-file
+    local ns t0 t1; ns="b$(date +%s%N)"
+    sync
+    t0=$(now)
+    if [ -n "$2" ]; then
+        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
+    else
+        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
+    fi
+    t1=$(now)
+    secs "$t0" "$t1" >>"$3"
+    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
+    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
+    sync
+}
+best() { sort -n "$1" | head -1; }
+hosts() { # dir registry target
+    mkdir -p "$1/$2"
+    printf 'server = "http://127.0.0.1:9"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$3" >"$1/$2/hosts.toml"
+}
+rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/status"; }
+
+port=$(e2e_free_port)
+f="127.0.0.1:$port"
+mkdir -p "$E2E_DIR/ferry"
+printf '[cache]\ndir = "%s/ferry/data"\n[[backends]]\ntype = "upstream"\nallow = ["%s", "%s"]\n' \
+    "$E2E_DIR" "$reg" "$slow" >"$E2E_DIR/ferry/config.toml"
+start_ferry() { # fresh: with an empty cache
+    e2e_stop ferry
+    [ "$1" != fresh ] || rm -rf "$E2E_DIR/ferry/data"
+    e2e_spawn ferry target/release/ferry serve --config "$E2E_DIR/ferry/config.toml" --addr "$f" --log-level warn
+    e2e_wait ferry 30 curl -sf "http://$f/v2/"
+}
+hosts "$E2E_DIR/hosts" "$reg" "$f"
+hosts "$E2E_DIR/hosts" "$slow" "$f"
+
+T="$E2E_DIR/times"; mkdir -p "$T"
+peak=0
+keep_peak() { peak=$(echo "r=$(rss); if (r > $peak) r else $peak" | bc -l); }
+timed_pull "$reg/bench/img:1" "" "$T/warmup"        # the origin's page cache is warm from here on
+for origin in "$reg" "$slow"; do
+    for _ in $(seq 1 $runs); do timed_pull "$origin/bench/img:1" "" "$T/$origin-direct"; done
+    for _ in $(seq 1 $runs); do
+        start_ferry fresh
+        timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-cold"
+        keep_peak
+    done
+    for _ in $(seq 1 $runs); do timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-warm"; done
+    keep_peak
+done
+
+ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
+mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
+echo
+echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio |"
+echo "|---|---|---|"
+for origin in "$reg" "$slow"; do
+    label="origin on loopback"
+    [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
+    direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
+    printf '| %s: straight from distribution | %.2f | |\n' "$label" "$direct"
+    printf '| %s: through ferry, cold cache | %.2f | %s× direct |\n' "$label" "$cold" "$(ratio "$cold" "$direct")"
+    printf '| %s: through ferry, warm cache | %.2f | %s× direct |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")"
+done
+echo
+echo "| ferry peak RSS (MiB), over every pull | $peak |"
+echo "|---|---|"
