@@ -73,6 +73,8 @@ hosts() { # dir registry target
     printf 'server = "http://127.0.0.1:9"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$3" >"$1/$2/hosts.toml"
 }
 rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/status"; }
+# ferry's CPU seconds so far (user + system).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/stat"; }
 
 port=$(e2e_free_port)
 f="127.0.0.1:$port"
@@ -97,24 +99,28 @@ for origin in "$reg" "$slow"; do
     for _ in $(seq 1 $runs); do
         start_ferry fresh
         timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-cold"
+        cpu >>"$T/$origin-cold-cpu"
         keep_peak
     done
+    c0=$(cpu)
     for _ in $(seq 1 $runs); do timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-warm"; done
+    echo "($(cpu) - $c0) / $runs" | bc -l >"$T/$origin-warm-cpu"
     keep_peak
 done
 
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
 mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
 echo
-echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio |"
-echo "|---|---|---|"
+echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) |"
+echo "|---|---|---|---|"
 for origin in "$reg" "$slow"; do
     label="origin on loopback"
     [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
     direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
-    printf '| %s: straight from distribution | %.2f | |\n' "$label" "$direct"
-    printf '| %s: through ferry, cold cache | %.2f | %s× direct |\n' "$label" "$cold" "$(ratio "$cold" "$direct")"
-    printf '| %s: through ferry, warm cache | %.2f | %s× direct |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")"
+    cold_cpu=$(awk '{s += $1} END {printf "%.2f", s / NR}' "$T/$origin-cold-cpu")
+    printf '| %s: straight from distribution | %.2f | | |\n' "$label" "$direct"
+    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu"
+    printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(cat "$T/$origin-warm-cpu")"
 done
 echo
 echo "| ferry peak RSS (MiB), over every pull | $peak |"

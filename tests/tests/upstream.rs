@@ -669,7 +669,10 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),
-        &chain_with_upstream(&format!("allow = [\"{}\"]\nmax_cache_size = \"4MiB\"\n", origin.addr)),
+        &format!(
+            "[admin]\ntoken = \"admin-secret\"\n{}",
+            chain_with_upstream(&format!("allow = [\"{}\"]\nmax_cache_size = \"4MiB\"\n", origin.addr))
+        ),
     );
     let cached = |d: &str| {
         ferry
@@ -701,4 +704,13 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
             .count(),
         1
     );
+
+    // The admin API empties the cache.
+    let r = reqwest::blocking::Client::new()
+        .delete(ferry.url("/api/v1/cache"))
+        .bearer_auth("admin-secret")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!cached(a) && !cached(b) && !cached(c));
 }

@@ -6,7 +6,7 @@
 //! not verify is not stored. A fill whose clients all went away goes on when it is well
 //! along (configurable), and stops otherwise.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -15,11 +15,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{mpsc, watch, Notify};
 
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
 
+/// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
+/// that readers keeping pace with the fetch get them without reading the file back.
+const RECENT_BYTES: usize = 1024 * 1024;
 /// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
 /// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
 const QUEUED_CHUNKS: usize = 4;
@@ -49,6 +51,8 @@ pub struct Fill {
     pub size: u64,
     temp: PathBuf,
     progress: watch::Receiver<Progress>,
+    /// The newest chunks written, with their offsets.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
     readers: AtomicUsize,
     /// A fill with no reader left stops unless this many bytes have arrived.
     keep_from: u64,
@@ -99,6 +103,7 @@ impl Fill {
             size,
             temp,
             progress,
+            recent: Mutex::new(VecDeque::new()),
             readers: AtomicUsize::new(0),
             keep_from: size.saturating_mul(u64::from(keep_percent)) / 100,
             cancelled: AtomicBool::new(false),
@@ -109,6 +114,7 @@ impl Fill {
         // (verifying the digest) when the origin's body ended whole.
         let written = {
             let progress_tx = progress_tx.clone();
+            let fill = fill.clone();
             tokio::task::spawn_blocking(move || -> Result<()> {
                 use std::io::Write;
                 let mut writer = writer;
@@ -118,10 +124,12 @@ impl Fill {
                         progress_tx.send_replace(Progress::Verified);
                         return sealed.persist();
                     };
+                    let offset = writer.size();
                     writer
                         .write_all(&chunk)
                         .and_then(|()| writer.flush())
                         .map_err(|e| Error::io("writing a fetched blob", e))?;
+                    fill.remember(offset, chunk);
                     progress_tx.send_replace(Progress::Writing(writer.size()));
                 }
                 Err(Error::Internal("the fetch stopped".into()))
@@ -207,6 +215,28 @@ impl Fill {
         }
     }
 
+    /// Keeps a chunk just written among the recent ones, dropping the oldest beyond
+    /// [`RECENT_BYTES`].
+    fn remember(&self, offset: u64, chunk: Bytes) {
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.push_back((offset, chunk));
+        let mut held: usize = recent.iter().map(|(_, b)| b.len()).sum();
+        while held > RECENT_BYTES && recent.len() > 1 {
+            if let Some((_, b)) = recent.pop_front() {
+                held -= b.len();
+            }
+        }
+    }
+
+    /// Up to `want` bytes at `pos` from the recent chunks, if they hold `pos`.
+    fn recent_at(&self, pos: u64, want: u64) -> Option<Bytes> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let (offset, chunk) = recent.iter().find(|(o, b)| *o <= pos && pos < *o + b.len() as u64)?;
+        let start = (pos - offset) as usize;
+        let end = (start as u64 + want).min(chunk.len() as u64) as usize;
+        Some(chunk.slice(start..end))
+    }
+
     /// Whether the fill ended (stored or failed).
     pub fn ended(&self) -> bool {
         matches!(*self.progress.borrow(), Progress::Done | Progress::Failed(_))
@@ -223,19 +253,14 @@ impl Fill {
             Some(r) => r.resolve(self.size)?,
             None => (0, self.size),
         };
-        let mut file = match tokio::fs::File::open(&self.temp).await {
-            Ok(f) => f,
+        let file = match std::fs::File::open(&self.temp) {
+            Ok(f) => Arc::new(f),
             // Committed (the temp name is gone) or failed meanwhile.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Joined::Gone),
             Err(e) => return Err(Error::io(format!("opening {}", self.temp.display()), e)),
         };
         if let Progress::Failed(_) = *self.progress.borrow() {
             return Ok(Joined::Gone);
-        }
-        if offset > 0 {
-            file.seek(io::SeekFrom::Start(offset))
-                .await
-                .map_err(|e| Error::io("seeking in a blob being fetched", e))?;
         }
         self.readers.fetch_add(1, Ordering::SeqCst);
         let reader = Reader {
@@ -277,7 +302,7 @@ impl Fill {
 /// One client's view of a fill.
 struct Reader {
     fill: Arc<Fill>,
-    file: tokio::fs::File,
+    file: Arc<std::fs::File>,
     pos: u64,
     end: u64,
     progress: watch::Receiver<Progress>,
@@ -305,17 +330,30 @@ impl Reader {
             if available > self.pos {
                 let chunk = ferry_core::blobstore::chunk_size() as u64;
                 let want = (available.min(self.end) - self.pos).min(chunk);
-                let mut buf = Vec::with_capacity(want as usize);
-                return match (&mut self.file).take(want).read_to_end(&mut buf).await {
-                    Ok(0) => {
+                if let Some(bytes) = self.fill.recent_at(self.pos, want) {
+                    self.pos += bytes.len() as u64;
+                    return Some(Ok(bytes));
+                }
+                let (file, pos) = (self.file.clone(), self.pos);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; want as usize];
+                    let n = file.read_at(&mut buf, pos)?;
+                    buf.truncate(n);
+                    Ok::<_, io::Error>(buf)
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                return match read {
+                    Ok(buf) if buf.is_empty() => {
                         self.failed = true;
                         Some(Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "blob being fetched is short",
                         )))
                     }
-                    Ok(n) => {
-                        self.pos += n as u64;
+                    Ok(buf) => {
+                        self.pos += buf.len() as u64;
                         Some(Ok(Bytes::from(buf)))
                     }
                     Err(e) => {

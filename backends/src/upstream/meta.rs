@@ -63,6 +63,10 @@ impl Meta {
                 .await
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
+        // What a crash cut short in write_atomic.
+        for d in ["tags", "types"] {
+            crate::fsutil::sweep_temp_files(&root.join(d)).await?;
+        }
         Ok(Meta {
             root: root.to_path_buf(),
         })
@@ -99,6 +103,16 @@ impl Meta {
     /// Forgets a tag the origin no longer has.
     pub async fn remove_tag(&self, repo: &Repository, tag: &str) -> Result<()> {
         remove_optional(&self.tag_path(repo, tag)).await.map(|_| ())
+    }
+
+    /// Forgets every tag; how many there were.
+    pub async fn clear_tags(&self) -> Result<usize> {
+        let dir = self.root.join("tags");
+        let names = crate::fsutil::list_names(&dir).await?;
+        for n in &names {
+            remove_optional(&dir.join(n)).await?;
+        }
+        Ok(names.len())
     }
 
     /// A cached manifest's media type.

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use ferry_core::flight::Flights;
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::origin::OriginPolicy;
-use ferry_core::status::BackendStatus;
+use ferry_core::status::{BackendStatus, Evicted};
 use ferry_core::{
     Backend, BlobBody, BlobStore, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository,
     RequestCtx, Result,
@@ -605,8 +605,28 @@ impl Backend for UpstreamBackend {
     async fn status(&self) -> BackendStatus {
         BackendStatus {
             name: self.name().to_string(),
+            kind: "upstream".into(),
             reachable: true,
+            location: self.store.root().display().to_string(),
             ..BackendStatus::default()
         }
+    }
+
+    /// Empties the cache (`image: None`); single images are not tracked here.
+    async fn evict(&self, image: Option<&str>) -> Result<Option<Evicted>> {
+        if image.is_some() {
+            return Ok(None);
+        }
+        let mut out = Evicted::default();
+        for d in self.store.list().await? {
+            let size = self.store.size(&d).await?.unwrap_or(0);
+            if self.store.delete(&d).await? {
+                out.bytes += size;
+            }
+        }
+        out.images = self.meta.clear_tags().await?;
+        self.used.store(0, Ordering::SeqCst);
+        tracing::info!(backend = %self.name(), tags = out.images, freed_bytes = out.bytes, "upstream cache emptied");
+        Ok(Some(out))
     }
 }
