@@ -1,7 +1,8 @@
-//! The containerd backend's registry client against a small fake origin registry. The fake
-//! exists because no engine available here shows these behaviours: the Bearer-token flow
-//! (Docker Hub's; distribution needs an external token issuer for it) and a way to count how
-//! often one blob is fetched. It speaks just enough of the distribution API for a blob fetch.
+//! The containerd backend's heal against a small fake origin registry, for what no registry
+//! here shows on demand: a blob body sent slowly enough that concurrent heals overlap, and an
+//! exact count of how often it is fetched, behind a Bearer challenge. It speaks just enough
+//! of the distribution API for a blob fetch. (The same registry client against a real
+//! distribution with token auth, behind tests/env/token_server.py, is in tests/upstream.rs.)
 
 mod common;
 
