@@ -6,15 +6,15 @@
 #   - through ferry with an empty cache (cold: every blob fetched from the origin while it is
 #     streamed to ctr) and with a full one (warm);
 #   - the same, with the origin behind bench/throttle.py's capped link, as across a network.
-# Also ferry's peak RSS over all of it. Every figure is the best of 3 runs. Prints a markdown
-# table. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
+# Also ferry's peak RSS over all of it, and its CPU time per pull. Every figure is the best
+# of 3 runs (RUNS=N for more). Prints a markdown table. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export E2E_DIR=${E2E_DIR:-/tmp/fupstream-$$}
 source tests/env/lib.sh
 size_mib=${1:-512}
 layers=8
-runs=3
+runs=${RUNS:-3}
 e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 trap 'e2e_stop_all' EXIT
@@ -74,7 +74,7 @@ hosts() { # dir registry target
 }
 rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/status"; }
 # ferry's CPU seconds so far (user + system).
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/stat"; }
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/stat"; }
 
 port=$(e2e_free_port)
 f="127.0.0.1:$port"

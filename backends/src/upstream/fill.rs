@@ -21,7 +21,9 @@ use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Resu
 
 /// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
 /// that readers keeping pace with the fetch get them without reading the file back.
-const RECENT_BYTES: usize = 1024 * 1024;
+const RECENT_BYTES: usize = 512 * 1024;
+/// Bytes written at most before readers are told.
+const PUBLISH_EVERY: usize = 512 * 1024;
 /// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
 /// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
 const QUEUED_CHUNKS: usize = 4;
@@ -118,19 +120,35 @@ impl Fill {
             tokio::task::spawn_blocking(move || -> Result<()> {
                 use std::io::Write;
                 let mut writer = writer;
-                while let Some(piece) = chunks_rx.blocking_recv() {
+                // Chunks that queued up meanwhile are written as one batch (through the
+                // writer's buffer) and published once: fewer syscalls and reader wake-ups.
+                let mut unpublished = 0usize;
+                let mut next = chunks_rx.blocking_recv();
+                while let Some(piece) = next {
                     let Some(chunk) = piece else {
                         let sealed = writer.seal()?;
                         progress_tx.send_replace(Progress::Verified);
                         return sealed.persist();
                     };
                     let offset = writer.size();
+                    unpublished += chunk.len();
                     writer
                         .write_all(&chunk)
-                        .and_then(|()| writer.flush())
                         .map_err(|e| Error::io("writing a fetched blob", e))?;
                     fill.remember(offset, chunk);
-                    progress_tx.send_replace(Progress::Writing(writer.size()));
+                    next = match chunks_rx.try_recv() {
+                        Ok(piece) if unpublished < PUBLISH_EVERY => Some(piece),
+                        queued => {
+                            writer.flush().map_err(|e| Error::io("writing a fetched blob", e))?;
+                            progress_tx.send_replace(Progress::Writing(writer.size()));
+                            unpublished = 0;
+                            match queued {
+                                Ok(piece) => Some(piece),
+                                Err(mpsc::error::TryRecvError::Empty) => chunks_rx.blocking_recv(),
+                                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                            }
+                        }
+                    };
                 }
                 Err(Error::Internal("the fetch stopped".into()))
             })
