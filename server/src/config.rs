@@ -329,7 +329,9 @@ impl Config {
         Ok(leaves
             .into_iter()
             .map(|(key, value)| {
-                let value = if key == "admin.token" && value != "null" {
+                // Secrets are said to be set, never shown.
+                let secret = key == "admin.token" || key.ends_with(".password");
+                let value = if secret && value != "null" {
                     "(set)".to_string()
                 } else {
                     value
@@ -433,12 +435,20 @@ fn source_of(fig: &Figment, key: &str) -> String {
         Some(i) => {
             let head = parts[..i].join(".");
             let mut v = fig.find_value(&head).ok();
-            for p in &parts[i..] {
-                v = v.and_then(|v| match (v, p.parse::<usize>()) {
-                    (figment::value::Value::Array(_, items), Ok(n)) => items.get(n).cloned(),
-                    (figment::value::Value::Dict(_, map), _) => map.get(*p).cloned(),
+            let rest = &parts[i..];
+            let mut j = 0;
+            while j < rest.len() {
+                let step = match (v.take(), rest[j].parse::<usize>()) {
+                    (Some(figment::value::Value::Array(_, items)), Ok(n)) => items.get(n).cloned().map(|x| (x, 1)),
+                    // A map key may hold dots itself (`hosts."reg.lan"`): the longest that is one.
+                    (Some(figment::value::Value::Dict(_, map)), _) => (1..=rest.len() - j)
+                        .rev()
+                        .find_map(|n| map.get(&rest[j..j + n].join(".")).cloned().map(|x| (x, n))),
                     _ => None,
-                });
+                };
+                let Some((value, used)) = step else { break };
+                v = Some(value);
+                j += used;
             }
             v.and_then(|_| fig.find_metadata(&head).map(|m| (m, head)))
         }
@@ -493,7 +503,7 @@ mod tests {
         let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml");
         let c = Config::load(Some(Path::new(example)), &Flags::default()).unwrap();
         assert_eq!(c.backends.len(), 2);
-        // Its commented-out containerd table is valid too.
+        // Its commented-out containerd and upstream tables are valid too.
         let text = std::fs::read_to_string(example).unwrap();
         let uncommented: String = text
             .lines()
@@ -504,7 +514,7 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         let c = load_toml(&uncommented, &Flags::default()).unwrap();
-        assert_eq!(c.backends.len(), 3, "{uncommented}");
+        assert_eq!(c.backends.len(), 4, "{uncommented}");
     }
 
     #[test]
@@ -514,7 +524,8 @@ mod tests {
         std::fs::write(
             &path,
             "[server]\naddr = \"127.0.0.1:7000\"\nlog_level = \"debug\"\n[admin]\ntoken = \"hush\"\n\
-             [[backends]]\ntype = \"push\"\nallow_delete = true\n",
+             [[backends]]\ntype = \"push\"\nallow_delete = true\n\
+             [[backends]]\ntype = \"upstream\"\n[backends.hosts.\"reg.lan\"]\nusername = \"u\"\npassword = \"hush\"\n",
         )
         .unwrap();
         let flags = Flags {
@@ -536,6 +547,7 @@ mod tests {
         assert_eq!(get("admin.token"), ("(set)", file.as_str()), "never printed");
         assert_eq!(get("backends.0.allow_delete"), ("true", file.as_str()));
         assert_eq!(get("backends.0.upload_ttl_secs"), ("3600", "default"));
+        assert_eq!(get("backends.1.hosts.reg.lan.password"), ("(set)", file.as_str()));
         assert!(lines.iter().all(|(_, v, _)| !v.contains("hush")));
     }
 
