@@ -21,9 +21,9 @@ use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Resu
 
 /// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
 /// that readers keeping pace with the fetch get them without reading the file back.
-const RECENT_BYTES: usize = 512 * 1024;
+const RECENT_BYTES: usize = 256 * 1024;
 /// Bytes written at most before readers are told.
-const PUBLISH_EVERY: usize = 512 * 1024;
+const PUBLISH_EVERY: usize = 256 * 1024;
 /// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
 /// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
 const QUEUED_CHUNKS: usize = 4;
