@@ -55,14 +55,15 @@ secs() { echo "$2 - $1" | bc -l; }
 timed_pull() { # image hosts-dir times-file
     local ns t0 t1; ns="b$(date +%s%N)"
     sync
-    t0=$(now)
+    b0=$(busy); t0=$(now)
     if [ -n "$2" ]; then
         ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
     else
         ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
     fi
-    t1=$(now)
+    t1=$(now); b1=$(busy)
     secs "$t0" "$t1" >>"$3"
+    echo "($b1 - $b0) / ($t1 - $t0)" | bc -l >>"$3-busy"
     ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
     ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
     sync
@@ -73,6 +74,8 @@ hosts() { # dir registry target
     printf 'server = "http://127.0.0.1:9"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$3" >"$1/$2/hosts.toml"
 }
 rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/status"; }
+# The machine's busy CPU seconds so far (every process: user, nice, system, irq, softirq).
+busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f\n", ($2 + $3 + $4 + $7 + $8) / hz}' /proc/stat; }
 # ferry's CPU seconds so far (user + system).
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/stat"; }
 
@@ -111,16 +114,17 @@ done
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
 mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
 echo
-echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) |"
-echo "|---|---|---|---|"
+echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) | machine's cores busy (mean, of $(nproc)) |"
+echo "|---|---|---|---|---|"
 for origin in "$reg" "$slow"; do
     label="origin on loopback"
     [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
     direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
     cold_cpu=$(awk '{s += $1} END {printf "%.2f", s / NR}' "$T/$origin-cold-cpu")
-    printf '| %s: straight from distribution | %.2f | | |\n' "$label" "$direct"
-    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu"
-    printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(cat "$T/$origin-warm-cpu")"
+    mean_busy() { awk '{s += $1} END {printf "%.2f", s / NR}' "$1-busy"; }
+    printf '| %s: straight from distribution | %.2f | | | %s |\n' "$label" "$direct" "$(mean_busy "$T/$origin-direct")"
+    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu" "$(mean_busy "$T/$origin-cold")"
+    printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f | %s |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(cat "$T/$origin-warm-cpu")" "$(mean_busy "$T/$origin-warm")"
 done
 echo
 echo "| ferry peak RSS (MiB), over every pull | $peak |"

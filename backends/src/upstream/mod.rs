@@ -423,6 +423,11 @@ impl UpstreamBackend {
                         reason: format!("origin {repo} sent {digest} without a Content-Length"),
                     });
                 };
+                if let Some(max) = max.filter(|m| size > *m) {
+                    return Err(Error::TooLarge(format!(
+                        "{digest} from {repo} is {size} bytes, more than the whole cache may hold ({max})"
+                    )));
+                }
                 tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
                 ferry_core::metrics::upstream_cache(&backend, "miss");
                 let done = {
