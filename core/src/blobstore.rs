@@ -32,8 +32,8 @@ const MIN_READ_CHUNK: usize = 16 * 1024;
 /// Blob streams being served right now.
 static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// The chunk size for the next read: [`READ_CHUNK`] while few blobs are served, less when
-/// many are, so that memory stays near [`SERVE_BUDGET`] — 200 clients pulling at once must
+/// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
+/// 16 KiB) when many are, so that memory stays near a 12 MiB budget — 200 clients pulling at once must
 /// not hold 200 × 768 KiB. Every stream that reads ahead (files here, layers read straight
 /// from an engine's storage, blobs being fetched) takes its chunks from this budget while it
 /// holds a [`Serving`].

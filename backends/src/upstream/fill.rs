@@ -24,6 +24,8 @@ use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Resu
 const RECENT_BYTES: usize = 256 * 1024;
 /// Bytes written at most before readers are told.
 const PUBLISH_EVERY: usize = 256 * 1024;
+/// Bytes of the origin's chunks at hand joined into one before they go to the writer.
+const BATCH_BYTES: usize = 256 * 1024;
 /// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
 /// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
 const QUEUED_CHUNKS: usize = 4;
@@ -189,8 +191,13 @@ impl Fill {
     /// Copies the origin's body to the writer thread, checking its length; stops when the
     /// fill is abandoned.
     async fn copy(&self, backend: &str, origin: reqwest::Response, to: &mpsc::Sender<Option<Bytes>>) -> Result<()> {
+        use futures::FutureExt;
         let mut body = origin.bytes_stream();
         let mut received = 0u64;
+        // Small chunks (a paced link hands them out one by one) that are already there are
+        // joined into one before they go to the writer: one hop and one write per batch.
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batched = 0usize;
         loop {
             let next = tokio::select! {
                 next = body.next() => next,
@@ -202,33 +209,63 @@ impl Fill {
                     self.size
                 )));
             }
-            match next {
-                Some(Ok(chunk)) => {
-                    received += chunk.len() as u64;
-                    if received > self.size {
-                        return Err(Error::Internal(format!(
-                            "origin {} sent more than the {} bytes it announced",
-                            self.repo, self.size
-                        )));
+            let mut next = next;
+            let end = loop {
+                match next {
+                    Some(Ok(chunk)) => {
+                        received += chunk.len() as u64;
+                        if received > self.size {
+                            return Err(Error::Internal(format!(
+                                "origin {} sent more than the {} bytes it announced",
+                                self.repo, self.size
+                            )));
+                        }
+                        ferry_core::metrics::upstream_fetched(backend, chunk.len() as u64);
+                        batched += chunk.len();
+                        batch.push(chunk);
                     }
-                    ferry_core::metrics::upstream_fetched(backend, chunk.len() as u64);
-                    if to.send(Some(chunk)).await.is_err() {
-                        return Err(Error::Internal("the blob writer stopped".into()));
+                    Some(Err(e)) => {
+                        return Err(Error::Unavailable {
+                            backend: backend.to_string(),
+                            reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
+                        })
                     }
+                    None => break true,
                 }
-                Some(Err(e)) => {
-                    return Err(Error::Unavailable {
-                        backend: backend.to_string(),
-                        reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
-                    })
+                if batched >= BATCH_BYTES {
+                    break false;
                 }
-                None if received == self.size => return Ok(()),
-                None => {
-                    return Err(Error::Unavailable {
+                match body.next().now_or_never() {
+                    Some(more) => next = more,
+                    None => break false,
+                }
+            };
+            let joined = match batch.len() {
+                0 => None,
+                1 => batch.pop(),
+                _ => {
+                    let mut all = bytes::BytesMut::with_capacity(batched);
+                    for chunk in batch.drain(..) {
+                        all.extend_from_slice(&chunk);
+                    }
+                    Some(all.freeze())
+                }
+            };
+            batched = 0;
+            if let Some(chunk) = joined {
+                if to.send(Some(chunk)).await.is_err() {
+                    return Err(Error::Internal("the blob writer stopped".into()));
+                }
+            }
+            if end {
+                return if received == self.size {
+                    Ok(())
+                } else {
+                    Err(Error::Unavailable {
                         backend: backend.to_string(),
                         reason: format!("origin {} sent {received} of {} bytes", self.repo, self.size),
                     })
-                }
+                };
             }
         }
     }
