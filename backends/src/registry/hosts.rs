@@ -64,7 +64,7 @@ impl ClientSettings {
         for (host, c) in &self.hosts {
             named.push(host.clone());
             if let Some(url) = c.endpoint.as_deref().and_then(|e| reqwest::Url::parse(e).ok()) {
-                named.push(super::authority_of(&url));
+                named.push(crate::outbound::authority(&url));
             }
         }
         named

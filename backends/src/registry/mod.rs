@@ -41,11 +41,6 @@ pub struct RegistryClient {
     tokens: Tokens,
 }
 
-/// `host` or `host:port` of a URL.
-pub fn authority_of(url: &reqwest::Url) -> String {
-    outbound::authority(url)
-}
-
 fn read_ca(path: &std::path::Path) -> Result<reqwest::Certificate> {
     let pem = std::fs::read(path).map_err(|e| Error::io(format!("reading CA file {}", path.display()), e))?;
     reqwest::Certificate::from_pem(&pem).map_err(|e| Error::Internal(format!("CA file {}: {e}", path.display())))

@@ -169,10 +169,6 @@ fn credentials_key(ctx: &RequestCtx) -> String {
 }
 
 impl UpstreamBackend {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
     /// Whether the origin may be contacted at all; logged once per request when not.
     fn allowed(&self, repo: &Repository) -> bool {
         match self.client.policy().check_registry(repo.registry()) {
