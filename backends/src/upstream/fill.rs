@@ -20,15 +20,20 @@ use tokio::sync::{mpsc, watch, Notify};
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
 
 /// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
-/// that readers keeping pace with the fetch get them without reading the file back.
+/// that readers keeping pace with the fetch get them without reading the file back. The newest
+/// batch is always kept whole.
 const RECENT_BYTES: usize = 256 * 1024;
-/// Bytes written at most before readers are told.
-const PUBLISH_EVERY: usize = 256 * 1024;
-/// Bytes of the origin's chunks at hand joined into one before they go to the writer.
+/// The origin's chunks are gathered into batches of this many bytes: one write, one wake-up of
+/// the writer and one of the readers per batch, rather than per chunk (a paced link or TLS
+/// hands its bytes over in small pieces; the page cache takes large writes at a fraction of
+/// the cost per byte).
 const BATCH_BYTES: usize = 256 * 1024;
-/// Chunks from the origin queued for the writer thread (hyper's chunks reach a few hundred
-/// KiB: a longer queue is memory, not speed — the writer only copies into the page cache).
-const QUEUED_CHUNKS: usize = 4;
+/// How long a batch waits to fill up before it goes anyway: how far readers may lag behind
+/// a slow origin (nothing, for a download of seconds).
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+/// Batches queued for the writer thread (a longer queue is memory, not speed: the writer only
+/// hashes and copies into the page cache).
+const QUEUED_BATCHES: usize = 2;
 
 /// Where a fill stands.
 #[derive(Clone, Debug)]
@@ -113,8 +118,8 @@ impl Fill {
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
         });
-        let (chunks_tx, mut chunks_rx) = mpsc::channel::<Option<Bytes>>(QUEUED_CHUNKS);
-        // The writer thread: appends each chunk, publishes how far the file is, and commits
+        let (batches_tx, mut batches_rx) = mpsc::channel::<Option<Vec<Bytes>>>(QUEUED_BATCHES);
+        // The writer thread: appends each batch, publishes how far the file is, and commits
         // (verifying the digest) when the origin's body ended whole.
         let written = {
             let progress_tx = progress_tx.clone();
@@ -122,35 +127,19 @@ impl Fill {
             tokio::task::spawn_blocking(move || -> Result<()> {
                 use std::io::Write;
                 let mut writer = writer;
-                // Chunks that queued up meanwhile are written as one batch (through the
-                // writer's buffer) and published once: fewer syscalls and reader wake-ups.
-                let mut unpublished = 0usize;
-                let mut next = chunks_rx.blocking_recv();
-                while let Some(piece) = next {
-                    let Some(chunk) = piece else {
+                while let Some(piece) = batches_rx.blocking_recv() {
+                    let Some(batch) = piece else {
                         let sealed = writer.seal()?;
                         progress_tx.send_replace(Progress::Verified);
                         return sealed.persist();
                     };
                     let offset = writer.size();
-                    unpublished += chunk.len();
                     writer
-                        .write_all(&chunk)
+                        .write_chunks(&batch)
+                        .and_then(|()| writer.flush())
                         .map_err(|e| Error::io("writing a fetched blob", e))?;
-                    fill.remember(offset, chunk);
-                    next = match chunks_rx.try_recv() {
-                        Ok(piece) if unpublished < PUBLISH_EVERY => Some(piece),
-                        queued => {
-                            writer.flush().map_err(|e| Error::io("writing a fetched blob", e))?;
-                            progress_tx.send_replace(Progress::Writing(writer.size()));
-                            unpublished = 0;
-                            match queued {
-                                Ok(piece) => Some(piece),
-                                Err(mpsc::error::TryRecvError::Empty) => chunks_rx.blocking_recv(),
-                                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                            }
-                        }
-                    };
+                    fill.remember(offset, batch);
+                    progress_tx.send_replace(Progress::Writing(writer.size()));
                 }
                 Err(Error::Internal("the fetch stopped".into()))
             })
@@ -160,11 +149,11 @@ impl Fill {
         tokio::spawn(async move {
             let started = Instant::now();
             let fill = task_fill;
-            let fetched = fill.copy(&backend, origin, &chunks_tx).await;
+            let fetched = fill.copy(&backend, origin, &batches_tx).await;
             if fetched.is_ok() {
-                let _ = chunks_tx.send(None).await;
+                let _ = batches_tx.send(None).await;
             }
-            drop(chunks_tx);
+            drop(batches_tx);
             let stored = match written.await {
                 Ok(r) => r,
                 Err(e) => Err(Error::Internal(format!("blob writer task: {e}"))),
@@ -188,20 +177,30 @@ impl Fill {
         Ok(fill)
     }
 
-    /// Copies the origin's body to the writer thread, checking its length; stops when the
-    /// fill is abandoned.
-    async fn copy(&self, backend: &str, origin: reqwest::Response, to: &mpsc::Sender<Option<Bytes>>) -> Result<()> {
-        use futures::FutureExt;
+    /// Copies the origin's body to the writer thread in batches, checking its length; stops
+    /// when the fill is abandoned.
+    async fn copy(
+        &self,
+        backend: &str,
+        origin: reqwest::Response,
+        to: &mpsc::Sender<Option<Vec<Bytes>>>,
+    ) -> Result<()> {
+        enum Step {
+            Chunk(Option<reqwest::Result<Bytes>>),
+            Cancelled,
+            Due,
+        }
         let mut body = origin.bytes_stream();
         let mut received = 0u64;
-        // Small chunks (a paced link hands them out one by one) that are already there are
-        // joined into one before they go to the writer: one hop and one write per batch.
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
+        let due = tokio::time::sleep(BATCH_WAIT);
+        tokio::pin!(due);
         loop {
-            let next = tokio::select! {
-                next = body.next() => next,
-                () = self.cancel.notified() => None,
+            let step = tokio::select! {
+                next = body.next() => Step::Chunk(next),
+                () = self.cancel.notified() => Step::Cancelled,
+                () = &mut due, if !batch.is_empty() => Step::Due,
             };
             if self.cancelled.load(Ordering::SeqCst) {
                 return Err(Error::Internal(format!(
@@ -209,51 +208,38 @@ impl Fill {
                     self.size
                 )));
             }
-            let mut next = next;
-            let end = loop {
-                match next {
-                    Some(Ok(chunk)) => {
-                        received += chunk.len() as u64;
-                        if received > self.size {
-                            return Err(Error::Internal(format!(
-                                "origin {} sent more than the {} bytes it announced",
-                                self.repo, self.size
-                            )));
-                        }
-                        ferry_core::metrics::upstream_fetched(backend, chunk.len() as u64);
-                        batched += chunk.len();
-                        batch.push(chunk);
+            let due_now = matches!(step, Step::Due);
+            let end = match step {
+                Step::Chunk(Some(Ok(chunk))) => {
+                    received += chunk.len() as u64;
+                    if received > self.size {
+                        return Err(Error::Internal(format!(
+                            "origin {} sent more than the {} bytes it announced",
+                            self.repo, self.size
+                        )));
                     }
-                    Some(Err(e)) => {
-                        return Err(Error::Unavailable {
-                            backend: backend.to_string(),
-                            reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
-                        })
+                    ferry_core::metrics::upstream_fetched(backend, chunk.len() as u64);
+                    if batch.is_empty() {
+                        due.as_mut().reset(tokio::time::Instant::now() + BATCH_WAIT);
                     }
-                    None => break true,
+                    batched += chunk.len();
+                    batch.push(chunk);
+                    false
                 }
-                if batched >= BATCH_BYTES {
-                    break false;
+                Step::Chunk(Some(Err(e))) => {
+                    return Err(Error::Unavailable {
+                        backend: backend.to_string(),
+                        reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
+                    })
                 }
-                match body.next().now_or_never() {
-                    Some(more) => next = more,
-                    None => break false,
-                }
+                Step::Chunk(None) => true,
+                Step::Cancelled => continue,
+                Step::Due => false,
             };
-            let joined = match batch.len() {
-                0 => None,
-                1 => batch.pop(),
-                _ => {
-                    let mut all = bytes::BytesMut::with_capacity(batched);
-                    for chunk in batch.drain(..) {
-                        all.extend_from_slice(&chunk);
-                    }
-                    Some(all.freeze())
-                }
-            };
-            batched = 0;
-            if let Some(chunk) = joined {
-                if to.send(Some(chunk)).await.is_err() {
+            let full = batched >= BATCH_BYTES || due_now;
+            if !batch.is_empty() && (end || full) {
+                batched = 0;
+                if to.send(Some(std::mem::take(&mut batch))).await.is_err() {
                     return Err(Error::Internal("the blob writer stopped".into()));
                 }
             }
@@ -270,13 +256,19 @@ impl Fill {
         }
     }
 
-    /// Keeps a chunk just written among the recent ones, dropping the oldest beyond
-    /// [`RECENT_BYTES`].
-    fn remember(&self, offset: u64, chunk: Bytes) {
+    /// Keeps a batch just written at `offset` among the recent chunks, dropping the oldest
+    /// beyond [`RECENT_BYTES`] (never the batch's own).
+    fn remember(&self, offset: u64, batch: Vec<Bytes>) {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        recent.push_back((offset, chunk));
+        let kept = batch.len();
+        let mut at = offset;
+        for chunk in batch {
+            let len = chunk.len() as u64;
+            recent.push_back((at, chunk));
+            at += len;
+        }
         let mut held: usize = recent.iter().map(|(_, b)| b.len()).sum();
-        while held > RECENT_BYTES && recent.len() > 1 {
+        while held > RECENT_BYTES && recent.len() > kept {
             if let Some((_, b)) = recent.pop_front() {
                 held -= b.len();
             }
