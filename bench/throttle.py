@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""A TCP forwarder on loopback that caps each connection's download rate, to stand in for a
-registry reached over a real network in benchmarks.
+"""A TCP forwarder on loopback that caps the download rate, to stand in for a registry reached
+over a real network in benchmarks. Like a network link, the rate is shared: all connections
+together get MBYTES_PER_SECOND, however many a client opens.
 
 Usage: throttle.py LISTEN_PORT TARGET_PORT MBYTES_PER_SECOND
 """
@@ -10,17 +11,18 @@ import time
 
 LISTEN, TARGET, RATE = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) * 1024 * 1024
 CHUNK = 64 * 1024
+# When the link is free again: each chunk sent downstream takes its turn on it. Idle time
+# earns no credit, so the link cannot burst.
+link_free = time.monotonic()
 
 
 async def pipe(reader, writer, limit):
-    # When the next chunk may go: idle time earns no credit, so a kept-alive connection
-    # cannot burst.
-    next_send = time.monotonic()
+    global link_free
     try:
         while data := await reader.read(CHUNK):
             if limit:
-                next_send = max(next_send, time.monotonic()) + len(data) / RATE
-                wait = next_send - time.monotonic()
+                link_free = max(link_free, time.monotonic()) + len(data) / RATE
+                wait = link_free - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
             writer.write(data)
