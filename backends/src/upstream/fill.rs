@@ -383,10 +383,13 @@ impl Reader {
                 }
                 let (file, pos) = (self.file.clone(), self.pos);
                 let read = tokio::task::spawn_blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; want as usize];
-                    let n = file.read_at(&mut buf, pos)?;
-                    buf.truncate(n);
+                    use std::io::{Read, Seek};
+                    // The file is this reader's own: seek, then read_to_end, which fills spare
+                    // capacity without zeroing it first.
+                    let mut file = &*file;
+                    file.seek(io::SeekFrom::Start(pos))?;
+                    let mut buf = Vec::with_capacity(want as usize);
+                    file.take(want).read_to_end(&mut buf)?;
                     Ok::<_, io::Error>(buf)
                 })
                 .await
