@@ -23,7 +23,7 @@ use crate::range::ByteRange;
 /// Read buffer for serving blobs: large enough to keep syscalls off the profile.
 const READ_CHUNK: usize = 256 * 1024;
 /// A blob being written starts going to the disk every this many bytes.
-const WRITEBACK_EVERY: u64 = 4 * 1024 * 1024;
+const WRITEBACK_EVERY: u64 = 1024 * 1024;
 /// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
 /// up to four chunks (two queued, one waiting to be queued, one being sent), so chunks
 /// shrink as streams multiply (up to 12 streams still read 256 KiB chunks).
