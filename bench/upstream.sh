@@ -5,7 +5,8 @@
 #   - straight from the origin (warm page cache): the reference;
 #   - through ferry with an empty cache (cold: every blob fetched from the origin while it is
 #     streamed to ctr) and with a full one (warm);
-#   - the same, with the origin behind bench/throttle.py's capped link, as across a network.
+#   - the same, with the origin behind bench/throttle.py's link (100 MiB/s for all connections
+#     together), as across a network.
 # Also ferry's peak RSS over all of it, and its CPU time per pull. Every figure is the best
 # of 3 runs (RUNS=N for more). Prints a markdown table. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
