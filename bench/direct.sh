@@ -6,13 +6,15 @@
 # Prints a markdown table. Usage: [ENGINES="docker20 podman"] bench/direct.sh [SIZE_MIB]   (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fdirect-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fdirect-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 size_mib=${1:-512}
 layers=8
 e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 
 cargo build --release -q -p ferry-server
 e2e_start_containerd client

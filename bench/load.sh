@@ -8,13 +8,15 @@
 # Usage: bench/load.sh [SIZE_MIB] [CLIENTS]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fload-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fload-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 size_mib=${1:-270}
 clients=${2:-200}
 layers=8
 e2e_install_packages
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 
 cargo build --release -q -p ferry-server
 e2e_start_containerd ctd16

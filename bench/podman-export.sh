@@ -5,11 +5,13 @@
 # Usage: bench/podman-export.sh [SIZE_MIB]   (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fpodman-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fpodman-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 size_mib=${1:-256}
 e2e_install_packages
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 e2e_start_podman podman
 sock="$E2E_DIR/podman/podman.sock"
 ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"

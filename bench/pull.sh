@@ -15,14 +15,16 @@
 # Every figure is the best of 3 runs. Usage: bench/pull.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fpull-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fpull-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 size_mib=${1:-512}
 layers=8
 e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 command -v python3 >/dev/null || apt-get install -y -q python3 >/dev/null
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 
 cargo build --release -q -p ferry-server
 # The client: containerd 1.6 with isolated content per namespace, so every pull fetches.

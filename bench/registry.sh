@@ -5,12 +5,14 @@
 # Usage: bench/registry.sh [BLOB_MIB]   (run as root; installs wrk and the engines' packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fbench-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fbench-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 size_mib=${1:-1024}
 e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 
 cargo build --release -q -p ferry-server
 ferry_port=5201 registry_port=5202

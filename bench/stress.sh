@@ -11,12 +11,14 @@
 # Usage: bench/stress.sh [SECONDS]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export E2E_DIR=${E2E_DIR:-/tmp/fstress-$$}
+# A directory of its own, removed at the end (set E2E_DIR to keep one).
+own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fstress-$$
+export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
 seconds=${1:-60}
 e2e_install_packages
 command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null
-trap 'e2e_stop_all' EXIT
+trap 'e2e_cleanup "$own_dir"' EXIT
 
 cargo build --release -q -p ferry-server
 e2e_start_containerd ctd16

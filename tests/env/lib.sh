@@ -121,6 +121,24 @@ e2e_stop_all() {
     return 0
 }
 
+# Stops everything (e2e_stop_all), then removes directory $1 when given (a bench's own
+# $E2E_DIR: a gigabyte or more of engine data per run). Mounts left under it are unmounted
+# first and rm stays on the directory's file system: nothing outside it is touched. With
+# mounts that will not go, the directory stays and says so.
+e2e_cleanup() { # [dir]
+    local m
+    e2e_stop_all
+    [ -n "${1:-}" ] && [ -d "$1" ] || return 0
+    for m in $(findmnt -rn -o TARGET | grep "^$1/" | sort -r); do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+    done
+    if findmnt -rn -o TARGET | grep -q "^$1/"; then
+        echo "[env] mounts left under $1: not removed" >&2
+        return 0
+    fi
+    rm -rf --one-file-system "$1"
+}
+
 # Docker 26.1 and containerd 1.7 from Debian 13's packages, unpacked (not installed) under
 # $E2E_DIR/trixie/root; their binaries run on Debian 12. Prints the unpacked root.
 e2e_fetch_trixie() {
