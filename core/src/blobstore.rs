@@ -396,13 +396,6 @@ impl std::io::Write for BlobWriter {
         Ok(n)
     }
 
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let n = self.file.write_vectored(bufs)?;
-        self.hash_written(bufs, n);
-        self.write_back();
-        Ok(n)
-    }
-
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
     }

@@ -125,7 +125,6 @@ impl Fill {
             let progress_tx = progress_tx.clone();
             let fill = fill.clone();
             tokio::task::spawn_blocking(move || -> Result<()> {
-                use std::io::Write;
                 let mut writer = writer;
                 while let Some(piece) = batches_rx.blocking_recv() {
                     let Some(batch) = piece else {
@@ -134,9 +133,9 @@ impl Fill {
                         return sealed.persist();
                     };
                     let offset = writer.size();
+                    // Straight to the file: readers may read it as soon as it is published.
                     writer
                         .write_chunks(&batch)
-                        .and_then(|()| writer.flush())
                         .map_err(|e| Error::io("writing a fetched blob", e))?;
                     fill.remember(offset, batch);
                     progress_tx.send_replace(Progress::Writing(writer.size()));
@@ -208,8 +207,8 @@ impl Fill {
                     self.size
                 )));
             }
-            let due_now = matches!(step, Step::Due);
-            let end = match step {
+            // Whether the body ended, and whether the batch goes now.
+            let (end, send) = match step {
                 Step::Chunk(Some(Ok(chunk))) => {
                     received += chunk.len() as u64;
                     if received > self.size {
@@ -224,7 +223,7 @@ impl Fill {
                     }
                     batched += chunk.len();
                     batch.push(chunk);
-                    false
+                    (false, batched >= BATCH_BYTES)
                 }
                 Step::Chunk(Some(Err(e))) => {
                     return Err(Error::Unavailable {
@@ -232,12 +231,11 @@ impl Fill {
                         reason: format!("origin {}: {}", self.repo, ferry_core::error::with_causes(&e)),
                     })
                 }
-                Step::Chunk(None) => true,
+                Step::Chunk(None) => (true, true),
                 Step::Cancelled => continue,
-                Step::Due => false,
+                Step::Due => (false, true),
             };
-            let full = batched >= BATCH_BYTES || due_now;
-            if !batch.is_empty() && (end || full) {
+            if send && !batch.is_empty() {
                 batched = 0;
                 if to.send(Some(std::mem::take(&mut batch))).await.is_err() {
                     return Err(Error::Internal("the blob writer stopped".into()));
