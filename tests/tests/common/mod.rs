@@ -156,6 +156,8 @@ impl Ferry {
         let bin = std::env::var("FERRY_BIN_PATH")
             .map(PathBuf::from)
             .unwrap_or_else(|_| ferry_bin());
+        // Where this start's lines begin (a restart appends to the same log).
+        let log_start = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -182,7 +184,13 @@ impl Ferry {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            // The free port was released before ferry bound it, so another process may hold it
+            // now: only ferry's own "listening" line says the port is this ferry's.
+            let listening = self
+                .logs()
+                .get(log_start..)
+                .is_some_and(|l| l.contains("ferry listening"));
+            if listening && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
