@@ -714,3 +714,61 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
     assert_eq!(r.status(), 200);
     assert!(!cached(a) && !cached(b) && !cached(c));
 }
+
+/// What a client can make ferry write is bounded: a blob over `max_blob_size` is refused
+/// (413) before its body is read, and one that would not fit on the cache's disk is not
+/// fetched (404, so the client pulls from the origin itself); neither leaves a file behind.
+#[test]
+fn a_blob_too_large_for_the_limit_or_the_disk_is_not_fetched() {
+    let origin = Origin::start("127.0.0.2", None);
+    let work = scratch();
+    let repo = unique("limits/app");
+    let blob = |name: &str, size: &str| -> (String, Vec<u8>) {
+        let f = work.path().join(name);
+        sh(&format!("head -c {size} /dev/urandom > {}", f.display()));
+        let digest = sh(&format!(
+            "source {} && e2e_upload_blob {} {repo} {}",
+            lib(),
+            origin.addr,
+            f.display()
+        ));
+        (digest.trim().to_string(), std::fs::read(&f).unwrap())
+    };
+    let (small, small_bytes) = blob("small", "512K");
+    let (big, _) = blob("big", "9M");
+    let (huge, _) = blob("huge", "6M");
+    let dir = scratch();
+    let cache = dir.path().join("small-disk");
+    let _disk = Tmpfs::mount(&cache, "5m");
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!(
+            "allow = [\"{}\"]\nmax_blob_size = \"8MiB\"\ndir = \"{}\"\n",
+            origin.addr,
+            cache.display()
+        )),
+    );
+    let get = |d: &str| reqwest::blocking::get(ferry.url(&format!("/v2/{repo}/blobs/{d}?ns={}", origin.addr))).unwrap();
+
+    let r = get(&big);
+    assert_eq!(r.status(), 413);
+    let body = r.text().unwrap();
+    assert!(
+        body.contains("SIZE_INVALID") && body.contains("max_blob_size"),
+        "{body}"
+    );
+
+    // 6 MiB on a 5 MiB disk: not fetched, the client is told the blob is not here.
+    let r = get(&huge);
+    assert_eq!(r.status(), 404, "{}", ferry.logs());
+    assert!(r.text().unwrap().contains("BLOB_UNKNOWN"));
+    assert!(ferry.logs().contains("not fetching it"), "{}", ferry.logs());
+    assert_eq!(walk(&cache.join("blobs")), 0, "nothing of the refused blobs is on disk");
+    assert_eq!(walk(&cache.join("tmp")), 0);
+
+    // A blob within both limits is served and cached.
+    let r = get(&small);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().unwrap().as_ref(), small_bytes.as_slice());
+    assert_eq!(walk(&cache.join("blobs")), 1);
+}

@@ -282,6 +282,14 @@ impl Fill {
         Some(chunk.slice(start..end))
     }
 
+    /// Bytes still to be written.
+    fn remaining(&self) -> u64 {
+        match *self.progress.borrow() {
+            Progress::Writing(n) => self.size.saturating_sub(n),
+            _ => 0,
+        }
+    }
+
     /// Whether the fill ended (stored or failed).
     pub fn ended(&self) -> bool {
         matches!(*self.progress.borrow(), Progress::Done | Progress::Failed(_))
@@ -438,6 +446,16 @@ impl Fills {
             .unwrap_or_else(PoisonError::into_inner)
             .get(digest)
             .cloned()
+    }
+
+    /// The bytes the fills under way will still write to disk.
+    pub fn promised(&self) -> u64 {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|f| f.remaining())
+            .sum()
     }
 
     /// Records a fill that started.

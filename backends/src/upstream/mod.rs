@@ -55,6 +55,10 @@ pub struct UpstreamConfig {
     /// unset.
     #[serde(default)]
     pub max_cache_size: Option<String>,
+    /// The largest blob fetched ("16GiB"): a bigger one is refused before its body is read,
+    /// so no client can fill the disk with one huge blob from an allowed origin.
+    #[serde(default = "default_max_blob_size")]
+    pub max_blob_size: String,
     /// A fetch whose clients all went away goes on when at least this share of the blob
     /// arrived (0: always finish, 100: stop unless done).
     #[serde(default = "default_keep_percent")]
@@ -82,6 +86,9 @@ fn default_ttl() -> u64 {
 fn default_keep_percent() -> u8 {
     50
 }
+fn default_max_blob_size() -> String {
+    "16GiB".into()
+}
 
 impl Default for UpstreamConfig {
     /// The defaults of an empty `[[backends]] type = "upstream"` table.
@@ -92,6 +99,7 @@ impl Default for UpstreamConfig {
             allow: default_allow(),
             tag_ttl_secs: default_ttl(),
             max_cache_size: None,
+            max_blob_size: default_max_blob_size(),
             keep_fill_from_percent: default_keep_percent(),
             docker_config: None,
             ca_file: None,
@@ -123,6 +131,7 @@ impl UpstreamConfig {
             .as_deref()
             .map(|s| crate::size::parse(s, "max_cache_size"))
             .transpose()?;
+        let max_blob = crate::size::parse(&self.max_blob_size, "max_blob_size")?;
         let mut used = 0;
         for d in store.list().await? {
             used += store.size(&d).await?.unwrap_or(0);
@@ -139,6 +148,7 @@ impl UpstreamConfig {
             manifests: Flights::default(),
             ttl: Duration::from_secs(self.tag_ttl_secs),
             max_bytes,
+            max_blob,
             used: Arc::new(AtomicU64::new(used)),
         }))
     }
@@ -157,6 +167,8 @@ pub struct UpstreamBackend {
     manifests: Flights<Option<Manifest>>,
     ttl: Duration,
     max_bytes: Option<u64>,
+    /// `max_blob_size`, in bytes.
+    max_blob: u64,
     used: Arc<AtomicU64>,
 }
 
@@ -386,11 +398,12 @@ impl UpstreamBackend {
             self.meta.clone(),
         );
         let (repo, digest, authorization) = (repo.clone(), digest.clone(), ctx.authorization.clone());
-        let (backend, keep, used, max) = (
+        let (backend, keep, used, max, max_blob) = (
             self.name().to_string(),
             self.config.keep_fill_from_percent,
             self.used.clone(),
             self.max_bytes,
+            self.max_blob,
         );
         self.starting
             .clone()
@@ -424,6 +437,24 @@ impl UpstreamBackend {
                         "{digest} from {repo} is {size} bytes, more than the whole cache may hold ({max})"
                     )));
                 }
+                if size > max_blob {
+                    return Err(Error::TooLarge(format!(
+                        "{digest} from {repo} is {size} bytes, more than a blob may be (max_blob_size: {max_blob})"
+                    )));
+                }
+                let free = free_bytes(store.root())?;
+                let promised = fills.promised();
+                if !fits(size, free, promised) {
+                    // Unavailable, not an error of the request: the chain answers 404 and the
+                    // client pulls from the origin itself.
+                    return Err(Error::Unavailable {
+                        backend,
+                        reason: format!(
+                            "{digest} from {repo} is {size} bytes and the cache's disk has {free} bytes free \
+                             ({promised} promised to fetches under way): not fetching it"
+                        ),
+                    });
+                }
                 tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
                 ferry_core::metrics::upstream_cache(&backend, "miss");
                 let done = {
@@ -455,6 +486,20 @@ impl UpstreamBackend {
             })
             .await
     }
+}
+
+/// Bytes free for this user on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let v =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io(format!("free space of {}", dir.display()), e.into()))?;
+    Ok(v.blocks_available().saturating_mul(v.fragment_size()))
+}
+
+/// Whether a blob of `size` bytes fits in `free` bytes beside what fetches under way will
+/// still write (`promised`), leaving a sixty-fourth of the room for everything else.
+fn fits(size: u64, free: u64, promised: u64) -> bool {
+    let room = free.saturating_sub(promised);
+    size <= room - room / 64
 }
 
 /// The bytes of a response, refusing more than `limit`.
@@ -629,5 +674,24 @@ impl Backend for UpstreamBackend {
         self.used.store(0, Ordering::SeqCst);
         tracing::info!(backend = %self.name(), tags = out.images, freed_bytes = out.bytes, "upstream cache emptied");
         Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits;
+
+    #[test]
+    fn a_blob_fits_only_beside_what_fetches_under_way_will_write() {
+        let gib = 1u64 << 30;
+        assert!(fits(gib, 10 * gib, 0));
+        assert!(fits(9 * gib, 10 * gib, 0));
+        // A sixty-fourth of the room stays free.
+        assert!(!fits(10 * gib, 10 * gib, 0));
+        assert!(!fits(5 * gib, 10 * gib, 6 * gib));
+        assert!(fits(3 * gib, 10 * gib, 6 * gib));
+        // More promised than free (another writer filled the disk): nothing fits.
+        assert!(!fits(1, gib, 2 * gib));
+        assert!(fits(0, 0, 0));
     }
 }
