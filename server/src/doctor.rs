@@ -4,8 +4,11 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use ferry_backends::upstream::UpstreamConfig;
 use ferry_backends::BackendConfig;
+use ferry_core::Error;
 
 use ferry_server::config::Config;
 
@@ -70,11 +73,17 @@ pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<
         }
         match b.build(&config.cache.dir, &origins).await {
             Ok(handle) => report_status(&mut r, &what, b, handle.backend.status().await),
-            Err(e) => r.fail(
-                &what,
-                format!("cannot start: {e}"),
-                format!("see backends[{i}] in the config"),
-            ),
+            Err(e) => {
+                r.fail(
+                    &what,
+                    format!("cannot start: {e}"),
+                    format!("see backends[{i}] in the config"),
+                );
+                continue;
+            }
+        }
+        if let BackendConfig::Upstream(c) = b {
+            check_origins(&mut r, &what, c).await;
         }
     }
     check_listen(&mut r, "listen", config.server.addr).await;
@@ -247,6 +256,84 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
             );
         }
         _ => r.ok(what, detail),
+    }
+}
+
+/// How long an origin may take to answer `GET /v2/`.
+const ORIGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks every origin the upstream backend names (`allow` without patterns, `hosts`) for
+/// `GET /v2/` with ferry's own credentials and CAs, all at once: a wrong password, a missing
+/// CA or an endpoint that is not a registry shows here rather than in the first pull.
+async fn check_origins(r: &mut Report, what: &str, c: &UpstreamConfig) {
+    let named = c.named_origins();
+    if named.is_empty() {
+        r.ok(what, "no origin named one by one (allow patterns only): none asked");
+        return;
+    }
+    let client = match c.client() {
+        Ok(client) => client,
+        Err(e) => return r.fail(what, e.to_string(), "correct the CA or password file named above"),
+    };
+    let answers = futures::future::join_all(named.iter().map(|host| {
+        let client = &client;
+        async move {
+            let answer = tokio::time::timeout(ORIGIN_TIMEOUT, client.ping(host)).await;
+            (host, client.api_url(host), answer)
+        }
+    }))
+    .await;
+    for (host, url, answer) in answers {
+        let what = format!("{what} origin {host}");
+        let settings = format!("under [backends.hosts.\"{host}\"]");
+        match answer {
+            Err(_) => r.warn(
+                &what,
+                format!("{url}/v2/ did not answer within {}s", ORIGIN_TIMEOUT.as_secs()),
+                format!(
+                    "check that {url} is reachable from here (DNS, firewall, proxy); cached images are still served"
+                ),
+            ),
+            Ok(Ok(Some(true))) => r.ok(&what, format!("{url} answers, ferry's credentials accepted")),
+            Ok(Ok(Some(false))) => r.ok(&what, format!("{url} answers")),
+            Ok(Ok(None)) => r.fail(
+                &what,
+                format!("{url}/v2/ answered 404: not a registry's API"),
+                format!("set endpoint {settings} to the registry's API address"),
+            ),
+            Ok(Err(Error::Unauthorized { message, .. })) if message.contains("refused") => r.fail(
+                &what,
+                message,
+                format!(
+                    "correct username and password (or password_file) {settings}, or the host's entry in docker_config"
+                ),
+            ),
+            Ok(Err(Error::Unauthorized { .. })) => r.warn(
+                &what,
+                format!("{url} needs credentials and ferry has none for it: only clients that send their own can pull"),
+                format!("set username and password_file {settings} (or docker_config) for clients that do not log in"),
+            ),
+            Ok(Err(e)) => {
+                let text = match e {
+                    Error::Unavailable { reason, .. } => reason,
+                    e => e.to_string(),
+                };
+                let fix = if text.contains("certificate") {
+                    format!("set ca_file {settings} to the CA that signed its certificate")
+                } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
+                    format!("it speaks plain HTTP: set plain_http = true {settings}")
+                } else if text.contains("not contacted") {
+                    "name the host in allow, or under [backends.hosts]".to_string()
+                } else {
+                    format!("check that {url} is reachable from here (DNS, firewall, proxy); cached images are still served")
+                };
+                if text.contains("certificate") || text.contains("corrupt message") {
+                    r.fail(&what, text, fix);
+                } else {
+                    r.warn(&what, text, fix);
+                }
+            }
+        }
     }
 }
 

@@ -772,3 +772,155 @@ fn a_blob_too_large_for_the_limit_or_the_disk_is_not_fetched() {
     assert_eq!(r.bytes().unwrap().as_ref(), small_bytes.as_slice());
     assert_eq!(walk(&cache.join("blobs")), 1);
 }
+
+/// `ferry doctor` asks each origin the upstream backend names for `GET /v2/` with ferry's
+/// own credentials and CAs, and says what is wrong with each and the fix.
+#[test]
+fn doctor_checks_every_named_origin_with_ferrys_credentials() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let anonymous = Origin::start("127.0.0.2", None);
+    let basic = Origin::start("127.0.0.3", Some(&htpasswd));
+    let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
+    let no_creds = Origin::start("127.0.0.5", Some(&htpasswd));
+    let plain = Origin::start("127.0.0.8", None);
+    let tls = work.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    make_server_cert(&tls, "127.0.0.6");
+    let tls_origin = Origin {
+        name: unique("origin-tls"),
+        addr: format!("127.0.0.6:{}", port_on("127.0.0.6")),
+        token_server: None,
+    };
+    sh(&format!(
+        "source {} && e2e_start_registry {} {} '' 127.0.0.6 {}",
+        lib(),
+        tls_origin.name,
+        tls_origin.addr.rsplit(':').next().unwrap(),
+        tls.display()
+    ));
+    let down = format!("127.0.0.7:{}", port_on("127.0.0.7")); // nothing listens there
+
+    let dir = scratch();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{data}\"\n[[backends]]\ntype = \"upstream\"\nallow = [\"{a}\", \"{down}\"]\n\
+             [backends.hosts.\"{b}\"]\nusername = \"basic-user\"\npassword = \"basic-pass\"\n\
+             [backends.hosts.\"{t}\"]\nusername = \"tok-user\"\npassword = \"wrong\"\n\
+             [backends.hosts.\"{n}\"]\nplain_http = true\n\
+             [backends.hosts.\"{p}\"]\nplain_http = false\n\
+             [backends.hosts.\"{s}\"]\nplain_http = false\n",
+            data = dir.path().join("data").display(),
+            a = anonymous.addr,
+            b = basic.addr,
+            t = token.addr,
+            n = no_creds.addr,
+            p = plain.addr,
+            s = tls_origin.addr,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(ferry_bin())
+        .args([
+            "doctor",
+            "--config",
+            &config.display().to_string(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |host: &str| -> String {
+        let mark = format!("origin {host}: ");
+        let at = text
+            .find(&mark)
+            .unwrap_or_else(|| panic!("no line for {host}:\n{text}"));
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        // The verdict and its fix line.
+        text[start..].lines().take(2).collect::<Vec<_>>().join("\n")
+    };
+    assert!(line(&anonymous.addr).starts_with("ok "), "{text}");
+    assert!(
+        line(&basic.addr).starts_with("ok ") && line(&basic.addr).contains("credentials accepted"),
+        "{text}"
+    );
+    let refused = line(&token.addr);
+    assert!(
+        refused.starts_with("FAIL") && refused.contains("refused the credentials"),
+        "{text}"
+    );
+    assert!(refused.contains("correct username and password"), "{text}");
+    let needs = line(&no_creds.addr);
+    assert!(
+        needs.starts_with("warn") && needs.contains("needs credentials"),
+        "{text}"
+    );
+    let https_to_plain = line(&plain.addr);
+    assert!(
+        https_to_plain.starts_with("FAIL") && https_to_plain.contains("plain_http = true"),
+        "{text}"
+    );
+    let no_ca = line(&tls_origin.addr);
+    assert!(
+        no_ca.starts_with("FAIL") && no_ca.contains("certificate") && no_ca.contains("ca_file"),
+        "{text}"
+    );
+    let unreachable = line(&down);
+    assert!(
+        unreachable.starts_with("warn") && unreachable.contains("reachable"),
+        "{text}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("3 problems found"), "{text}");
+
+    // With the CA and the right password, both pass.
+    let fixed = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("password = \"wrong\"", "password = \"tok-pass\"")
+        .replace(
+            &format!("[backends.hosts.\"{}\"]\nplain_http = false\n", tls_origin.addr),
+            &format!(
+                "[backends.hosts.\"{}\"]\nca_file = \"{}/ca.pem\"\n",
+                tls_origin.addr,
+                tls.display()
+            ),
+        );
+    std::fs::write(&config, fixed).unwrap();
+    let out = std::process::Command::new(ferry_bin())
+        .args([
+            "doctor",
+            "--config",
+            &config.display().to_string(),
+            "--addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "origin {t}: http://{t} answers, ferry's credentials accepted",
+            t = token.addr
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "ok    backend upstream (upstream) origin {}: https://{} answers",
+            tls_origin.addr, tls_origin.addr
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 problem found"),
+        "only the plain-HTTP host is left: {text}"
+    );
+}

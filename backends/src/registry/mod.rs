@@ -29,6 +29,20 @@ pub enum Target<'a> {
     Manifest(&'a str),
 }
 
+/// One request to a registry, before its auth flow.
+struct Request<'a> {
+    method: Method,
+    registry: &'a str,
+    url: &'a str,
+    /// Asked at an endpoint in front of the registry: `?ns=<registry>` goes with it.
+    via_endpoint: bool,
+    /// The token scope (`repository:<path>:pull`); none for `/v2/`.
+    scope: Option<String>,
+    /// A manifest: the media types ferry reads go in `Accept`.
+    manifest: bool,
+    headers: &'a [(HeaderName, String)],
+}
+
 /// A client for origin registries; one per backend, shared by its requests.
 pub struct RegistryClient {
     http: reqwest::Client,
@@ -182,8 +196,52 @@ impl RegistryClient {
             Target::Blob(d) => format!("{base}/v2/{path}/blobs/{d}"),
             Target::Manifest(r) => format!("{base}/v2/{path}/manifests/{r}"),
         };
+        let request = Request {
+            method,
+            registry,
+            url: &url,
+            via_endpoint,
+            scope: Some(format!("repository:{path}:pull")),
+            manifest: matches!(target, Target::Manifest(_)),
+            headers,
+        };
+        self.send(request, authorization).await
+    }
+
+    /// `GET /v2/` of a registry with ferry's own credentials, as a client would check it
+    /// before a pull: `Ok(true)` when it answered with those credentials, `Ok(false)` when it
+    /// answered without any (anonymous, or a token the token endpoint gives anyone); `None`
+    /// when `/v2/` is not there. A refusal is [`Error::Unauthorized`], anything else
+    /// [`Error::Unavailable`] saying why (connection, TLS, status).
+    pub async fn ping(&self, registry: &str) -> Result<Option<bool>> {
+        self.policy
+            .check_registry(registry)
+            .map_err(|reason| unavailable(registry, format!("not contacted: {reason}")))?;
+        let (base, via_endpoint) = self.base_url(registry);
+        let url = format!("{base}/v2/");
+        let request = Request {
+            method: Method::GET,
+            registry,
+            url: &url,
+            via_endpoint,
+            scope: None,
+            manifest: false,
+            headers: &[],
+        };
+        let answered = self.send(request, None).await?;
+        Ok(answered.map(|_| self.credentials.contains_key(registry)))
+    }
+
+    /// Where the registry's API is asked (an endpoint in front of it, or the registry).
+    pub fn api_url(&self, registry: &str) -> String {
+        self.base_url(registry).0
+    }
+
+    /// Sends `r` through the registry's auth flow (see [`RegistryClient::fetch`]).
+    async fn send(&self, r: Request<'_>, authorization: Option<&str>) -> Result<Option<Response>> {
+        let registry = r.registry;
         let creds = self.credentials.get(registry).map(String::as_str).or(authorization);
-        let scope = format!("repository:{path}:pull");
+        let scope = r.scope.clone().unwrap_or_default();
         let key = (registry.to_string(), scope.clone(), creds.map(str::to_string));
         let mut auth = match creds {
             Some(c) if is_bearer(c) => Some(c.to_string()),
@@ -193,21 +251,21 @@ impl RegistryClient {
         let mut fetched_token = false;
         let host_label = self.metric_host(registry);
         loop {
-            let mut req = self.http(registry).request(method.clone(), &url);
-            if via_endpoint {
+            let mut req = self.http(registry).request(r.method.clone(), r.url);
+            if r.via_endpoint {
                 req = req.query(&[("ns", registry)]);
             }
-            if matches!(target, Target::Manifest(_)) {
+            if r.manifest {
                 req = req.header(ACCEPT, media::MANIFEST_TYPES.join(", "));
             }
-            for (name, value) in headers {
+            for (name, value) in r.headers {
                 req = req.header(name, value);
             }
             if let Some(a) = &auth {
                 req = req.header(AUTHORIZATION, a);
             }
             let resp = match req.send().await {
-                Ok(r) => r,
+                Ok(resp) => resp,
                 Err(e) => {
                     ferry_core::metrics::upstream_request(&host_label, "error");
                     return Err(unavailable(registry, with_causes(&e)));
@@ -236,9 +294,16 @@ impl RegistryClient {
                         }) if !fetched_token && !creds.is_some_and(is_bearer) => {
                             self.tokens.forget(&key).await;
                             fetched_token = true;
-                            let wanted = s.as_deref().unwrap_or(&scope);
+                            let wanted = s.or_else(|| r.scope.clone());
                             let token = self
-                                .token(registry, &realm, service.as_deref(), wanted, basic_creds, raw.clone())
+                                .token(
+                                    registry,
+                                    &realm,
+                                    service.as_deref(),
+                                    wanted.as_deref(),
+                                    basic_creds,
+                                    raw.clone(),
+                                )
                                 .await?;
                             self.tokens.put(key.clone(), token.0.clone(), token.1).await;
                             auth = Some(format!("Bearer {}", token.0));
@@ -250,9 +315,12 @@ impl RegistryClient {
                     }
                 }
                 StatusCode::FORBIDDEN => {
-                    return Err(Error::Denied(format!("registry {registry} refused access to {repo}")));
+                    return Err(Error::Denied(format!(
+                        "registry {registry} refused access to {}",
+                        r.url
+                    )));
                 }
-                s => return Err(unavailable(registry, format!("{method} {url} answered {s}"))),
+                s => return Err(unavailable(registry, format!("{} {} answered {s}", r.method, r.url))),
             }
         }
     }
@@ -264,7 +332,7 @@ impl RegistryClient {
         registry: &str,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scope: Option<&str>,
         basic_creds: Option<&str>,
         challenge: Option<String>,
     ) -> Result<(String, std::time::Duration)> {
@@ -280,7 +348,10 @@ impl RegistryClient {
                 .check_address(&realm_host, ip)
                 .map_err(|reason| unavailable(registry, format!("token realm {realm}: {reason}")))?;
         }
-        let mut req = self.http(registry).get(url).query(&[("scope", scope)]);
+        let mut req = self.http(registry).get(url);
+        if let Some(s) = scope {
+            req = req.query(&[("scope", s)]);
+        }
         if let Some(s) = service {
             req = req.query(&[("service", s)]);
         }

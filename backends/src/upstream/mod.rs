@@ -112,17 +112,7 @@ impl UpstreamConfig {
     /// Opens the cache under `data_dir` and builds the backend; fails on an unusable cache
     /// directory, CA, password file or Docker config.
     pub async fn build(&self, data_dir: &Path) -> Result<Arc<UpstreamBackend>> {
-        let settings = ClientSettings {
-            hosts: self.hosts.clone(),
-            plain_http: Vec::new(),
-            ca_file: self.ca_file.clone(),
-            docker_config: self.docker_config.clone(),
-            metric_hosts: self.allow.iter().filter(|h| !h.contains('*')).cloned().collect(),
-        };
-        let mut allowed = self.allow.clone();
-        allowed.extend(settings.named_hosts());
-        let policy = Arc::new(OriginPolicy::new(&allowed, false));
-        let client = RegistryClient::new(settings, policy)?;
+        let client = self.client()?;
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("upstream"));
         let store = BlobStore::open(&dir).await?;
         let meta = Meta::open(&dir).await?;
@@ -151,6 +141,36 @@ impl UpstreamConfig {
             max_blob,
             used: Arc::new(AtomicU64::new(used)),
         }))
+    }
+}
+
+impl UpstreamConfig {
+    /// The registry client of this backend: its hosts' settings, credentials and CAs, and
+    /// the allow-list.
+    pub fn client(&self) -> Result<RegistryClient> {
+        let settings = ClientSettings {
+            hosts: self.hosts.clone(),
+            plain_http: Vec::new(),
+            ca_file: self.ca_file.clone(),
+            docker_config: self.docker_config.clone(),
+            metric_hosts: self.named_origins(),
+        };
+        let mut allowed = self.allow.clone();
+        allowed.extend(settings.named_hosts());
+        RegistryClient::new(settings, Arc::new(OriginPolicy::new(&allowed, false)))
+    }
+
+    /// The origins the config names one by one (`allow` without patterns, and `hosts`).
+    pub fn named_origins(&self) -> Vec<String> {
+        let mut named: Vec<String> = self.allow.iter().filter(|h| !h.contains('*')).cloned().collect();
+        named.extend(
+            self.hosts
+                .keys()
+                .filter(|h| !named.contains(h))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        named
     }
 }
 
