@@ -924,3 +924,90 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
         "only the plain-HTTP host is left: {text}"
     );
 }
+
+/// The upstream backend last in the other chains users run — Docker 26 with the containerd
+/// image store (containerd first, docker, push) and rootful Podman (docker on Podman's
+/// socket, push): an image only the origin has comes through the cache; one the engine holds
+/// under the origin's name comes from the engine, even when the origin has another image by
+/// that name, and the origin is not asked for it.
+#[test]
+fn upstream_after_a_containerd_first_chain_and_after_podman() {
+    let ctd = containerd16();
+    let origin = Origin::start("127.0.0.2", None);
+    let setups = [
+        (
+            "c26",
+            env("E2E_DOCKER26_HOST"),
+            format!(
+                "[[backends]]\ntype = \"containerd\"\nsocket = \"{}\"\nnamespace = \"moby\"\n{}",
+                env("E2E_CONTAINERD17_SOCK"),
+                docker_chain(&env("E2E_DOCKER26_HOST"), "")
+            ),
+        ),
+        (
+            "podman",
+            env("E2E_PODMAN_HOST"),
+            docker_chain(&env("E2E_PODMAN_HOST"), ""),
+        ),
+    ];
+    for (label, engine, chain) in setups {
+        let remote = format!("{}/{}:v1", origin.addr, unique(&format!("{label}/remote")));
+        let remote_digest = push_image(&remote, None);
+        let both = format!("{}/{}:v1", origin.addr, unique(&format!("{label}/both")));
+        let both_origin_digest = push_image(&both, None);
+        build_image(&engine, &both, 1);
+        let local = format!("{}/{}:v1", origin.addr, unique(&format!("{label}/local")));
+        build_image(&engine, &local, 1);
+
+        let dir = scratch();
+        let ferry = Ferry::start(
+            dir.path(),
+            &format!(
+                "{chain}[[backends]]\ntype = \"upstream\"\nallow = [\"{}\"]\n",
+                origin.addr
+            ),
+        );
+        let certs = mirror_hosts(dir.path(), "_default", &ferry.addr());
+        let before = origin.requests().len();
+        let (out, digest) = ctr_pull(&ctd, &certs, &remote, None);
+        assert!(
+            out.starts_with("hello from upstream-src"),
+            "[{label}] {remote}: {out:?}\n{}",
+            ferry.logs()
+        );
+        assert_eq!(digest, remote_digest, "[{label}] the origin's digest");
+        assert!(
+            origin.requests().len() > before,
+            "[{label}] the origin was asked for {remote}"
+        );
+
+        let before = origin.requests().len();
+        for image in [&both, &local] {
+            let (out, digest) = ctr_pull(&ctd, &certs, image, None);
+            assert_eq!(
+                out,
+                format!("hello from {image}"),
+                "[{label}] the engine's {image}\n{}",
+                ferry.logs()
+            );
+            assert_ne!(digest, both_origin_digest, "[{label}] {image}");
+        }
+        let asked = origin.requests()[before..].to_vec();
+        assert!(
+            asked.is_empty(),
+            "[{label}] the origin was asked for engine images: {asked:#?}"
+        );
+
+        // The cached remote image is served again without the origin.
+        let before = origin.requests().len();
+        let (out, _) = ctr_pull(&ctd, &certs, &remote, None);
+        assert!(out.starts_with("hello from upstream-src"), "[{label}] {out:?}");
+        assert!(
+            origin.requests()[before..].is_empty(),
+            "[{label}] the cached pull asked the origin"
+        );
+        for image in [&both, &local] {
+            sh(&format!("docker -H {engine} rmi {image}"));
+        }
+    }
+}
