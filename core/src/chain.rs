@@ -226,9 +226,11 @@ impl Chain {
     }
 
     /// The union of every backend's tags, sorted; [`Error::NameUnknown`] when none knows
-    /// the repository.
+    /// the repository. An origin's refusal (the upstream backend) is the answer only when no
+    /// backend knows the repository: a local image's name is often one an origin refuses.
     pub async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Vec<String>> {
         let mut all: Option<Vec<String>> = None;
+        let mut refused = None;
         for h in &self.backends {
             match h.backend.tags(repo, ctx).await {
                 Ok(Some(t)) => all.get_or_insert_with(Vec::new).extend(t),
@@ -236,10 +238,18 @@ impl Chain {
                 Err(e @ Error::Unavailable { .. }) => {
                     tracing::warn!(backend = h.backend.name(), error = %e, "backend unavailable for tags list")
                 }
+                Err(e @ (Error::Unauthorized { .. } | Error::Denied(_))) => {
+                    tracing::debug!(backend = h.backend.name(), error = %e, "tags list refused");
+                    refused.get_or_insert(e);
+                }
                 Err(e) => return Err(e),
             }
         }
-        let mut all = all.ok_or_else(|| Error::NameUnknown(repo.to_string()))?;
+        let mut all = match (all, refused) {
+            (Some(all), _) => all,
+            (None, Some(e)) => return Err(e),
+            (None, None) => return Err(Error::NameUnknown(repo.to_string())),
+        };
         all.sort();
         all.dedup();
         Ok(all)

@@ -2,7 +2,8 @@
 //! on loopback addresses of their own stand in for several origin hosts — one anonymous,
 //! one with htpasswd (Basic) auth, one with token auth behind tests/env/token_server.py —
 //! and ferry, in the chain users run (docker, push, upstream), mirrors them all through one
-//! containerd `_default` hosts.toml.
+//! containerd `_default` hosts.toml. One small fake origin stands in for registries that
+//! page their tag lists, which Debian's distribution does not.
 
 mod common;
 
@@ -1010,4 +1011,179 @@ fn upstream_after_a_containerd_first_chain_and_after_podman() {
             sh(&format!("docker -H {engine} rmi {image}"));
         }
     }
+}
+
+/// `tags/list` through ferry lists the origin's tags beside the engine's; an origin that
+/// refuses the list does not hide the engine's tags, and its refusal is the answer when no
+/// backend knows the name.
+#[test]
+fn tag_lists_come_from_the_origin_beside_the_engines() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let origin = Origin::start("127.0.0.2", None);
+    let private = Origin::start("127.0.0.3", Some(&htpasswd));
+    let repo = unique("many/tags");
+    push_image(&format!("{}/{repo}:v1", origin.addr), None);
+    // More tags of the same manifest, put straight into the origin.
+    let http = reqwest::blocking::Client::new();
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+    let m = http
+        .get(format!("http://{}/v2/{repo}/manifests/v1", origin.addr))
+        .header("Accept", accept)
+        .send()
+        .unwrap();
+    let media_type = m.headers()["Content-Type"].to_str().unwrap().to_string();
+    let manifest = m.bytes().unwrap();
+    let mut want: Vec<String> = (0..30).map(|i| format!("t{i:02}")).collect();
+    for t in &want {
+        let r = http
+            .put(format!("http://{}/v2/{repo}/manifests/{t}", origin.addr))
+            .header("Content-Type", &media_type)
+            .body(manifest.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "{t}");
+    }
+    want.push("v1".into());
+
+    let engine = docker20();
+    let local = format!("{}/{}", private.addr, unique("local/app"));
+    build_image(&engine, &format!("{local}:dev"), 1);
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\", \"{}\"]\n", origin.addr, private.addr)),
+    );
+    let tags = |name: &str, ns: &str, auth: Option<(&str, &str)>| tag_list(&ferry, name, ns, auth);
+
+    let (status, _, body) = tags(&repo, &origin.addr, None);
+    assert_eq!(status, 200, "{body}\n{}", ferry.logs());
+    assert_eq!(tag_names(&body), want, "every tag of the origin, in order");
+
+    // The engine's image under the private origin's name: listed although the origin
+    // refuses ferry, which has no credentials for it.
+    let local_name = local.split_once('/').unwrap().1;
+    let (status, _, body) = tags(local_name, &private.addr, None);
+    assert_eq!(
+        (status, tag_names(&body)),
+        (200, vec!["dev".to_string()]),
+        "{}",
+        ferry.logs()
+    );
+    // A name only the private origin could know: its refusal, with its challenge.
+    let (status, challenge, body) = tags("nobody/here", &private.addr, None);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(challenge, "Basic realm=\"e2e\"");
+    // With the client's credentials the origin answers (it knows no such repository).
+    let (status, _, body) = tags("nobody/here", &private.addr, Some(("basic-user", "basic-pass")));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
+    sh(&format!("docker -H {engine} rmi {local}:dev"));
+}
+
+/// GET of ferry's tag list: status, `WWW-Authenticate`, body.
+fn tag_list(ferry: &Ferry, name: &str, ns: &str, auth: Option<(&str, &str)>) -> (u16, String, serde_json::Value) {
+    let mut req = reqwest::blocking::Client::new().get(ferry.url(&format!("/v2/{name}/tags/list?ns={ns}")));
+    if let Some((u, p)) = auth {
+        req = req.basic_auth(u, Some(p));
+    }
+    let r = req.send().unwrap();
+    let status = r.status().as_u16();
+    let challenge = r
+        .headers()
+        .get("WWW-Authenticate")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = serde_json::from_str(&r.text().unwrap()).unwrap_or(serde_json::Value::Null);
+    (status, challenge, body)
+}
+
+fn tag_names(body: &serde_json::Value) -> Vec<String> {
+    body["tags"]
+        .as_array()
+        .map(|a| a.iter().map(|t| t.as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
+/// An origin that pages its tag list as registries do when asked with `n` (distribution 3,
+/// Quay, Harbor; Debian's distribution 2.8 ignores `n` and sends every tag at once, so this
+/// small fake stands in for them): `tags` in pages of at most `n`, each with a `Link` to
+/// the next that names another host. Counts the tag list requests it answered.
+fn paging_origin(tags: Vec<String>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let pages = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = pages.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let path = line.split(' ').nth(1).unwrap_or("").to_string();
+            let (route, query) = path.split_once('?').unwrap_or((&path, ""));
+            let param = |k: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                    .map(str::to_string)
+            };
+            let (status, extra, body) = if route == "/v2/" {
+                ("200 OK", String::new(), "{}".to_string())
+            } else if let Some(name) = route.strip_prefix("/v2/").and_then(|r| r.strip_suffix("/tags/list")) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let n: usize = param("n").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                let last = param("last").unwrap_or_default();
+                let rest: Vec<&String> = tags.iter().filter(|t| t.as_str() > last.as_str()).collect();
+                let page: Vec<&String> = rest.iter().take(n).copied().collect();
+                let link = match page.last() {
+                    Some(l) if rest.len() > n => {
+                        format!("Link: <http://elsewhere.invalid/v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\"\r\n")
+                    }
+                    _ => String::new(),
+                };
+                (
+                    "200 OK",
+                    link,
+                    serde_json::json!({ "name": name, "tags": page }).to_string(),
+                )
+            } else {
+                ("404 Not Found", String::new(), "{}".to_string())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, pages)
+}
+
+/// An origin's tag list in pages is read whole, page after page, from the origin itself:
+/// the `Link` it sends is not followed to another host.
+#[test]
+fn a_paged_tag_list_is_read_whole_from_the_origin() {
+    let want: Vec<String> = (0..2500).map(|i| format!("t{i:05}")).collect();
+    let (addr, pages) = paging_origin(want.clone());
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &chain_with_upstream(&format!("allow = [\"{addr}\"]\n")));
+    let (status, _, body) = tag_list(&ferry, "paged/app", &addr, None);
+    assert_eq!(status, 200, "{body}\n{}", ferry.logs());
+    assert_eq!(tag_names(&body), want);
+    assert_eq!(
+        pages.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "2500 tags in pages of 1000"
+    );
 }

@@ -27,6 +27,13 @@ pub enum Target<'a> {
     Blob(&'a Digest),
     /// A manifest by tag or digest.
     Manifest(&'a str),
+    /// A page of the repository's tag list: `n` tags after `last`.
+    Tags {
+        /// The last tag of the page before.
+        last: Option<&'a str>,
+        /// Tags per page.
+        n: usize,
+    },
 }
 
 /// One request to a registry, before its auth flow.
@@ -34,6 +41,8 @@ struct Request<'a> {
     method: Method,
     registry: &'a str,
     url: &'a str,
+    /// Query parameters besides `ns`.
+    query: Vec<(&'static str, String)>,
     /// Asked at an endpoint in front of the registry: `?ns=<registry>` goes with it.
     via_endpoint: bool,
     /// The token scope (`repository:<path>:pull`); none for `/v2/`.
@@ -192,14 +201,21 @@ impl RegistryClient {
             Some(prefix) if via_endpoint => format!("{}/{}", prefix.trim_matches('/'), repo.path()),
             _ => repo.path().to_string(),
         };
+        let mut query = Vec::new();
         let url = match target {
             Target::Blob(d) => format!("{base}/v2/{path}/blobs/{d}"),
             Target::Manifest(r) => format!("{base}/v2/{path}/manifests/{r}"),
+            Target::Tags { last, n } => {
+                query.push(("n", n.to_string()));
+                query.extend(last.map(|l| ("last", l.to_string())));
+                format!("{base}/v2/{path}/tags/list")
+            }
         };
         let request = Request {
             method,
             registry,
             url: &url,
+            query,
             via_endpoint,
             scope: Some(format!("repository:{path}:pull")),
             manifest: matches!(target, Target::Manifest(_)),
@@ -223,6 +239,7 @@ impl RegistryClient {
             method: Method::GET,
             registry,
             url: &url,
+            query: Vec::new(),
             via_endpoint,
             scope: None,
             manifest: false,
@@ -254,6 +271,9 @@ impl RegistryClient {
             let mut req = self.http(registry).request(r.method.clone(), r.url);
             if r.via_endpoint {
                 req = req.query(&[("ns", registry)]);
+            }
+            if !r.query.is_empty() {
+                req = req.query(&r.query);
             }
             if r.manifest {
                 req = req.header(ACCEPT, media::MANIFEST_TYPES.join(", "));

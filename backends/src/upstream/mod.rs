@@ -274,7 +274,11 @@ impl UpstreamBackend {
                     .get(reqwest::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &repo).await?;
+                let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &repo, |size| Error::ManifestTooLarge {
+                    size,
+                    limit: MAX_MANIFEST_SIZE,
+                })
+                .await?;
                 let digest = Digest::of(&bytes);
                 if let Some(want) = &expected {
                     if *want != digest {
@@ -508,6 +512,19 @@ impl UpstreamBackend {
     }
 }
 
+/// Tags asked for per page of an origin's tag list.
+const TAGS_PER_PAGE: usize = 1000;
+/// Pages of an origin's tag list read at most.
+const MAX_TAG_PAGES: usize = 100;
+/// The most of a tag list read, all pages together: a request cannot make ferry hold more.
+const MAX_TAG_LIST_SIZE: u64 = 4 << 20;
+
+/// A page of a tag list, as the distribution spec has it (`tags` may be null).
+#[derive(Deserialize)]
+struct TagPage {
+    tags: Option<Vec<String>>,
+}
+
 /// Bytes free for this user on the file system of `dir`.
 fn free_bytes(dir: &Path) -> Result<u64> {
     let v =
@@ -522,9 +539,13 @@ fn fits(size: u64, free: u64, promised: u64) -> bool {
     size <= room - room / 64
 }
 
-/// The bytes of a response, refusing more than `limit`.
-async fn read_limited(resp: reqwest::Response, limit: u64, repo: &Repository) -> Result<Bytes> {
-    let too_large = |size| Error::ManifestTooLarge { size, limit };
+/// The bytes of a response; more than `limit` is the error `too_large` makes of the size.
+async fn read_limited(
+    resp: reqwest::Response,
+    limit: u64,
+    repo: &Repository,
+    too_large: impl Fn(u64) -> Error,
+) -> Result<Bytes> {
     if let Some(len) = resp.content_length().filter(|l| *l > limit) {
         return Err(too_large(len));
     }
@@ -666,6 +687,66 @@ impl Backend for UpstreamBackend {
             backend: self.name().to_string(),
             reason: format!("fetching {digest} from {repo} kept failing"),
         })
+    }
+
+    /// The origin's tag list, page by page (at most [`MAX_TAG_PAGES`] of [`TAGS_PER_PAGE`],
+    /// [`MAX_TAG_LIST_SIZE`] in all); not cached: a list is asked for rarely and should be
+    /// current.
+    async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
+        if !self.allowed(repo) {
+            return Ok(None);
+        }
+        let mut all: Option<Vec<String>> = None;
+        let mut last: Option<String> = None;
+        let mut budget = MAX_TAG_LIST_SIZE;
+        for _ in 0..MAX_TAG_PAGES {
+            let target = Target::Tags {
+                last: last.as_deref(),
+                n: TAGS_PER_PAGE,
+            };
+            let Some(resp) = self
+                .client
+                .fetch(Method::GET, repo, target, &[], ctx.authorization.as_deref())
+                .await?
+            else {
+                return Ok(all);
+            };
+            let more = resp.headers().contains_key(reqwest::header::LINK);
+            let read = read_limited(resp, budget, repo, |size| Error::Unavailable {
+                backend: self.name().to_string(),
+                reason: format!(
+                    "origin {repo} sent a tag list of more than {MAX_TAG_LIST_SIZE} bytes (at least {size})"
+                ),
+            })
+            .await;
+            let body = match read {
+                Ok(body) => body,
+                // Later pages that cannot be read leave the list shorter, not empty.
+                Err(e) if all.is_some() => {
+                    tracing::warn!(backend = %self.name(), origin = %repo, error = %e,
+                        "reading the origin's tag list stopped: listing the pages read");
+                    return Ok(all);
+                }
+                Err(e) => return Err(e),
+            };
+            budget -= body.len() as u64;
+            let page: TagPage = serde_json::from_slice(&body).map_err(|e| Error::Unavailable {
+                backend: self.name().to_string(),
+                reason: format!("origin {repo} sent a tag list that is not one: {e}"),
+            })?;
+            let tags = page.tags.unwrap_or_default();
+            let next = tags.last().cloned();
+            all.get_or_insert_with(Vec::new).extend(tags);
+            // The next page starts after this one's last tag; the origin's `Link` only says
+            // there is one (its address is not followed: it could name any host).
+            match next {
+                Some(n) if more && last.as_ref() != Some(&n) => last = Some(n),
+                _ => return Ok(all),
+            }
+        }
+        tracing::warn!(backend = %self.name(), origin = %repo, pages = MAX_TAG_PAGES,
+            "the origin's tag list is longer than ferry reads: listing its first pages");
+        Ok(all)
     }
 
     async fn status(&self) -> BackendStatus {
