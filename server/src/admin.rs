@@ -220,7 +220,8 @@ impl Api {
         })
     }
 
-    /// The images the export caches hold, most recently used first.
+    /// The images the caches hold (the docker backend's exports, the upstream cache), most
+    /// recently used first within each.
     #[oai(path = "/cache/images", method = "get")]
     async fn cached_images(&self, state: poem::web::Data<&Arc<AdminState>>) -> ListResponse<CachedImage> {
         let mut all = Vec::new();
@@ -233,8 +234,9 @@ impl Api {
         ListResponse::Ok(Json(all))
     }
 
-    /// Evicts one image (by image id or manifest digest) from every export cache. Its blobs
-    /// are deleted unless another cached image uses them or they are being served.
+    /// Evicts one image (by image id or manifest digest; in the upstream cache also by
+    /// `registry/path:tag`) from every cache. Its blobs are deleted unless another cached
+    /// image uses them or they are being served.
     #[oai(path = "/cache/images/:image", method = "delete")]
     async fn evict_image(
         &self,
@@ -245,7 +247,7 @@ impl Api {
         evict(&state, Some(&image.0)).await
     }
 
-    /// Empties every export cache (images are exported again on their next request).
+    /// Empties every cache (images are exported or fetched again on their next request).
     #[oai(path = "/cache", method = "delete")]
     async fn evict_all(&self, state: poem::web::Data<&Arc<AdminState>>, _auth: AdminToken) -> EvictResponse {
         evict(&state, None).await
@@ -285,7 +287,9 @@ async fn evict(state: &AdminState, image: Option<&str>) -> EvictResponse {
     }
     match image {
         Some(i) if total.images == 0 => EvictResponse::NotFound(Json(Problem {
-            message: format!("no export cache holds an image {i:?} (give an image id or a manifest digest)"),
+            message: format!(
+                "no cache holds an image {i:?} (give an image id, a manifest digest, or for the upstream cache registry/path:tag)"
+            ),
         })),
         _ => EvictResponse::Ok(Json(total)),
     }

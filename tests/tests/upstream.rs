@@ -1187,3 +1187,116 @@ fn a_paged_tag_list_is_read_whole_from_the_origin() {
         "2500 tags in pages of 1000"
     );
 }
+
+/// The admin API lists the upstream cache image by image (names, size) and evicts one by
+/// name or digest: what another cached image uses stays, so that image is still served
+/// without the origin, and the evicted one is fetched again without its shared layers.
+#[test]
+fn the_admin_api_lists_and_evicts_cached_upstream_images() {
+    let ctd = containerd16();
+    let origin = Origin::start("127.0.0.2", None);
+    let engine = docker20();
+    let (base, child) = (unique("inv-base"), unique("inv-child"));
+    build_image(&engine, &base, 2);
+    build_image_from(&engine, &child, 1, &base);
+    let a = format!("{}/{}:v1", origin.addr, unique("inv/a"));
+    let b = format!("{}/{}:v1", origin.addr, unique("inv/b"));
+    for (local, dest) in [(&base, &a), (&child, &b)] {
+        sh(&format!(
+            "skopeo copy -q --dest-tls-verify=false --src-daemon-host {engine} docker-daemon:{local}:latest docker://{dest}"
+        ));
+    }
+    sh(&format!("docker -H {engine} rmi {child} {base}"));
+    let b_digest = origin_digest(&b, None);
+
+    let dir = scratch();
+    let token = "inventory-admin-token";
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!(
+            "[admin]\ntoken = \"{token}\"\n{}",
+            chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr))
+        ),
+    );
+    let certs = mirror_hosts(dir.path(), "_default", &ferry.addr());
+    for image in [&a, &b] {
+        let (out, _) = ctr_pull(&ctd, &certs, image, None);
+        assert!(out.starts_with("hello from inv-"), "{image}: {out:?}\n{}", ferry.logs());
+    }
+    let http = reqwest::blocking::Client::new();
+    let list = || -> Vec<serde_json::Value> {
+        let v: serde_json::Value = http
+            .get(ferry.url("/api/v1/cache/images"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["backend"] == "upstream")
+            .cloned()
+            .collect()
+    };
+    let images = list();
+    assert_eq!(images.len(), 2, "{images:#?}");
+    let entry = |name: &str| {
+        images
+            .iter()
+            .find(|i| i["names"] == serde_json::json!([name]))
+            .unwrap_or_else(|| panic!("no entry for {name}: {images:#?}"))
+            .clone()
+    };
+    let (ea, eb) = (entry(&a), entry(&b));
+    assert_eq!(eb["digest"], b_digest.as_str());
+    let (size_a, size_b) = (ea["size"].as_u64().unwrap(), eb["size"].as_u64().unwrap());
+    assert!(
+        size_a > 1_000_000 && size_b > size_a,
+        "b holds a's layers and one more: {images:#?}"
+    );
+
+    // Evicting needs the token; an unknown name is a 404.
+    let evict = |what: &str, auth: Option<&str>| {
+        let mut req = http.delete(ferry.url(&format!("/api/v1/cache/images/{}", what.replace('/', "%2F"))));
+        if let Some(t) = auth {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(evict(&a, None).0, 401);
+    assert_eq!(list().len(), 2);
+    assert_eq!(evict(&format!("{}/inv/none:v1", origin.addr), Some(token)).0, 404);
+
+    // a by name: only what b does not use goes (its manifest and config).
+    let (code, body) = evict(&a, Some(token));
+    assert_eq!(code, 200, "{body}");
+    let evicted: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(evicted["images"], 1, "{body}");
+    let freed = evicted["bytes"].as_u64().unwrap();
+    assert!(freed > 0 && freed < 100_000, "a's layers are b's too: {body}");
+    let left = list();
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["names"], serde_json::json!([b]));
+
+    // b is still whole in the cache; a comes back with one blob fetched (its config).
+    let before = origin.requests().len();
+    let (out, _) = ctr_pull(&ctd, &certs, &b, None);
+    assert!(out.starts_with("hello from inv-child"), "{out:?}");
+    assert!(
+        origin.requests()[before..].is_empty(),
+        "b after a's eviction asked the origin"
+    );
+    let (out, _) = ctr_pull(&ctd, &certs, &a, None);
+    assert!(out.starts_with("hello from inv-base"), "{out:?}");
+    let blob_gets = origin.requests()[before..]
+        .iter()
+        .filter(|l| l.contains("GET ") && l.contains("/blobs/"))
+        .count();
+    assert_eq!(blob_gets, 1, "only a's config: {:#?}", &origin.requests()[before..]);
+
+    // b by digest.
+    let (code, body) = evict(&b_digest, Some(token));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(list().len(), 1, "a is left");
+}

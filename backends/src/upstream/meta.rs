@@ -73,7 +73,12 @@ impl Meta {
     }
 
     fn tag_path(&self, repo: &Repository, tag: &str) -> PathBuf {
-        let key = Digest::of(format!("{repo}:{tag}").as_bytes());
+        self.tag_file(&repo.to_string(), tag)
+    }
+
+    /// The entry's file: named by the hash of `registry/path:tag`.
+    fn tag_file(&self, repository: &str, tag: &str) -> PathBuf {
+        let key = Digest::of(format!("{repository}:{tag}").as_bytes());
         self.root.join("tags").join(format!("{}.json", key.hex()))
     }
 
@@ -103,6 +108,60 @@ impl Meta {
     /// Forgets a tag the origin no longer has.
     pub async fn remove_tag(&self, repo: &Repository, tag: &str) -> Result<()> {
         remove_optional(&self.tag_path(repo, tag)).await.map(|_| ())
+    }
+
+    /// Every tag entry the cache holds.
+    pub async fn tags(&self) -> Result<Vec<TagEntry>> {
+        let dir = self.root.join("tags");
+        let mut out = Vec::new();
+        for n in crate::fsutil::list_names(&dir).await? {
+            if let Some(bytes) = read_optional(&dir.join(&n)).await? {
+                out.extend(serde_json::from_slice::<TagEntry>(&bytes).ok());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a tag entry.
+    pub async fn remove_entry(&self, entry: &TagEntry) -> Result<()> {
+        remove_optional(&self.tag_file(&entry.repository, &entry.tag))
+            .await
+            .map(|_| ())
+    }
+
+    /// The manifests the cache knows the media type of: every manifest it holds.
+    pub async fn manifests(&self) -> Result<Vec<Digest>> {
+        Ok(crate::fsutil::list_names(&self.root.join("types"))
+            .await?
+            .iter()
+            .filter_map(|hex| format!("sha256:{hex}").parse().ok())
+            .collect())
+    }
+
+    /// The repositories (`registry/path`) each digest was served for, by digest.
+    pub async fn linked_repositories(&self) -> Result<std::collections::HashMap<Digest, Vec<String>>> {
+        let root = self.root.join("links");
+        tokio::task::spawn_blocking(move || {
+            let mut out: std::collections::HashMap<Digest, Vec<String>> = Default::default();
+            let mut dirs = vec![root.clone()];
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                for e in entries.flatten() {
+                    let path = e.path();
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        dirs.push(path);
+                        continue;
+                    }
+                    let digest = format!("sha256:{}", e.file_name().to_string_lossy()).parse::<Digest>();
+                    if let (Ok(d), Ok(repo)) = (digest, dir.strip_prefix(&root)) {
+                        out.entry(d).or_default().push(repo.display().to_string());
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("listing links: {e}")))
     }
 
     /// Forgets every tag; how many there were.

@@ -6,6 +6,7 @@
 //! TTL ran out; a digest never is.
 
 mod fill;
+mod inventory;
 mod meta;
 
 use std::collections::BTreeMap;
@@ -23,7 +24,7 @@ use serde::Deserialize;
 use ferry_core::flight::Flights;
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::origin::OriginPolicy;
-use ferry_core::status::{BackendStatus, Evicted};
+use ferry_core::status::{BackendStatus, CachedImage, Evicted};
 use ferry_core::{
     Backend, BlobBody, BlobStore, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository,
     RequestCtx, Result,
@@ -759,10 +760,34 @@ impl Backend for UpstreamBackend {
         }
     }
 
-    /// Empties the cache (`image: None`); single images are not tracked here.
+    /// The images in the cache, most recently used first; a manifest digest is their id.
+    async fn cached_images(&self) -> Result<Vec<CachedImage>> {
+        Ok(inventory::images(&self.store, &self.meta)
+            .await?
+            .into_iter()
+            .map(|i| CachedImage {
+                image_id: i.digest.to_string(),
+                digest: i.digest.to_string(),
+                names: i.names,
+                size: i.size,
+                last_used_ms: i.last_used_ms,
+                backend: self.name().to_string(),
+            })
+            .collect())
+    }
+
+    /// Drops the image whose manifest digest or `registry/path:tag` is `image` (what other
+    /// images use stays), or empties the cache (`None`).
     async fn evict(&self, image: Option<&str>) -> Result<Option<Evicted>> {
-        if image.is_some() {
-            return Ok(None);
+        if let Some(image) = image {
+            let (images, bytes) = inventory::evict(&self.store, &self.meta, image).await?;
+            let _ = self
+                .used
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| Some(u.saturating_sub(bytes)));
+            if images > 0 {
+                tracing::info!(backend = %self.name(), image, freed_bytes = bytes, "evicted from the upstream cache");
+            }
+            return Ok(Some(Evicted { images, bytes }));
         }
         let mut out = Evicted::default();
         for d in self.store.list().await? {
