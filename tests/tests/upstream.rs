@@ -668,21 +668,20 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
         })
         .collect();
     let dir = scratch();
-    let ferry = Ferry::start(
+    let mut ferry = Ferry::start(
         dir.path(),
         &format!(
             "[admin]\ntoken = \"admin-secret\"\n{}",
             chain_with_upstream(&format!("allow = [\"{}\"]\nmax_cache_size = \"4MiB\"\n", origin.addr))
         ),
     );
+    let (data, addr) = (ferry.dir.clone(), ferry.addr());
     let cached = |d: &str| {
-        ferry
-            .dir
-            .join(format!("upstream/blobs/sha256/{}/{}", &d[7..9], &d[7..]))
+        data.join(format!("upstream/blobs/sha256/{}/{}", &d[7..9], &d[7..]))
             .exists()
     };
     let fetch = |d: &str| {
-        let r = reqwest::blocking::get(ferry.url(&format!("/v2/{repo}/blobs/{d}?ns={}", origin.addr))).unwrap();
+        let r = reqwest::blocking::get(format!("http://{addr}/v2/{repo}/blobs/{d}?ns={}", origin.addr)).unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), d);
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -706,6 +705,30 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
         1
     );
 
+    // After a restart the limit still holds: what the cache held is counted at start.
+    let evictions = |logs: &str| logs.matches("evicted least recently used blobs").count();
+    ferry.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ferry.logs().contains("upstream cache counted") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let before = evictions(&ferry.logs());
+    let d = &{
+        let f = work.path().join("d");
+        sh(&format!("head -c 1536K /dev/urandom > {}", f.display()));
+        sh(&format!(
+            "source {} && e2e_upload_blob {} {repo} {}",
+            lib(),
+            origin.addr,
+            f.display()
+        ))
+        .trim()
+        .to_string()
+    };
+    fetch(d); // 3 cached + 1.5 MiB > 4 MiB
+    assert_eq!(evictions(&ferry.logs()), before + 1, "{}", ferry.logs());
+    assert!(cached(d));
+
     // The admin API empties the cache.
     let r = reqwest::blocking::Client::new()
         .delete(ferry.url("/api/v1/cache"))
@@ -713,7 +736,7 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert!(!cached(a) && !cached(b) && !cached(c));
+    assert!(!cached(a) && !cached(b) && !cached(c) && !cached(d));
 }
 
 /// What a client can make ferry write is bounded: a blob over `max_blob_size` is refused

@@ -123,12 +123,29 @@ impl UpstreamConfig {
             .map(|s| crate::size::parse(s, "max_cache_size"))
             .transpose()?;
         let max_blob = crate::size::parse(&self.max_blob_size, "max_blob_size")?;
-        let mut used = 0;
-        for d in store.list().await? {
-            used += store.size(&d).await?.unwrap_or(0);
+        let used = Arc::new(AtomicU64::new(0));
+        tracing::info!(backend = %self.name, dir = %dir.display(), allow = ?self.allow, "upstream cache open");
+        if max_bytes.is_some() {
+            // The size limit needs what the cache holds: counted beside serving, not before
+            // it (one stat per blob). A fill that ends meanwhile may count twice; the
+            // eviction it might trigger early recounts exactly.
+            let (store, used, name) = (store.clone(), used.clone(), self.name.clone());
+            tokio::spawn(async move {
+                let blobs = match store.list().await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return tracing::warn!(backend = %name, error = %e,
+                            "cannot count the upstream cache: its size limit applies from the next fill on")
+                    }
+                };
+                let mut total = 0;
+                for d in blobs {
+                    total += store.size(&d).await.ok().flatten().unwrap_or(0);
+                }
+                used.fetch_add(total, Ordering::SeqCst);
+                tracing::info!(backend = %name, cached_bytes = total, "upstream cache counted");
+            });
         }
-        tracing::info!(backend = %self.name, dir = %dir.display(), cached_bytes = used, allow = ?self.allow,
-            "upstream cache open");
         Ok(Arc::new(UpstreamBackend {
             config: self.clone(),
             client: Arc::new(client),
@@ -140,7 +157,7 @@ impl UpstreamConfig {
             ttl: Duration::from_secs(self.tag_ttl_secs),
             max_bytes,
             max_blob,
-            used: Arc::new(AtomicU64::new(used)),
+            used,
         }))
     }
 }
