@@ -134,7 +134,12 @@ today=$(echo "$push + $reg_pull" | bc -l)
 
 # --- containerd backend: fast path (ferry keeps no cache here: every pull is cold) ---
 docker -H "$d26" pull -q "$reg/bench/img:1" >/dev/null
-f=$(start_ferry ferry-fast "[[backends]]
+# The heals below fetch from the registry and from a throttled link in front of it: loopback
+# origins are contacted only when named.
+slow_port=$(e2e_free_port)
+f=$(start_ferry ferry-fast "[origins]
+allow = [\"$reg\", \"127.0.0.1:$slow_port\"]
+[[backends]]
 type = \"containerd\"
 socket = \"$E2E_DIR/ctd17/containerd.sock\"
 namespace = \"moby\"
@@ -167,7 +172,6 @@ direct=$(best "$T/heal-direct"); heal=$(best "$T/heal-heal")
 
 # The same through a throttled link to the origin (bench/throttle.py in front of the registry,
 # capped at 100 MiB/s; Python's own overhead brings it lower), as across a network.
-slow_port=$(e2e_free_port)
 e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
 e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
 measure_heal slow "127.0.0.1:$slow_port"

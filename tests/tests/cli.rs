@@ -6,24 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
-/// Runs the ferry binary with `args` (no FERRY_/REGISTRY_ variables of the suite's own);
-/// returns (exit code, stdout + stderr).
-fn ferry(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
-    let mut cmd = Command::new(ferry_bin());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k.starts_with("DOCKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.args(args).envs(envs.iter().copied()).output().unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
+use common::run_ferry as ferry;
 
 fn write_config(dir: &Path, body: &str) -> String {
     std::fs::create_dir_all(dir).unwrap();

@@ -6,22 +6,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
 fn gc(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(ferry_bin())
-        .args(["gc", "--config", config.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let mut all = vec!["gc", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, text) = run_ferry(&all, &[]);
+    assert_eq!(code, 0, "{text}");
     text
 }
 

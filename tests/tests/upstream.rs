@@ -59,6 +59,25 @@ impl Origin {
         }
     }
 
+    /// A registry serving HTTPS on `ip` with a certificate of a CA of its own, both made in
+    /// `tls` (the CA is `tls/ca.pem`).
+    fn start_tls(ip: &str, tls: &Path) -> Origin {
+        std::fs::create_dir_all(tls).unwrap();
+        make_server_cert(tls, ip);
+        let name = unique("origin-tls");
+        let port = port_on(ip);
+        sh(&format!(
+            "source {} && e2e_start_registry {name} {port} '' {ip} {}",
+            lib(),
+            tls.display()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: None,
+        }
+    }
+
     /// The requests the registry logged (its access log), except the start-up probes.
     fn requests(&self) -> Vec<String> {
         let log = std::fs::read_to_string(format!("{}/logs/{}.log", env("E2E_DIR"), self.name)).unwrap_or_default();
@@ -598,20 +617,7 @@ fn a_developers_ferry_goes_through_a_shared_tier() {
 fn an_origin_behind_tls_with_its_own_ca() {
     let work = scratch();
     let tls = work.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    make_server_cert(&tls, "127.0.0.6");
-    let name = unique("origin-tls");
-    let port = port_on("127.0.0.6");
-    sh(&format!(
-        "source {} && e2e_start_registry {name} {port} '' 127.0.0.6 {}",
-        lib(),
-        tls.display()
-    ));
-    let origin = Origin {
-        name,
-        addr: format!("127.0.0.6:{port}"),
-        token_server: None,
-    };
+    let origin = Origin::start_tls("127.0.0.6", &tls);
     let repo = unique("tls/app");
     let engine = docker20();
     let local = unique("upstream-src");
@@ -810,20 +816,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
     let no_creds = Origin::start("127.0.0.5", Some(&htpasswd));
     let plain = Origin::start("127.0.0.8", None);
     let tls = work.path().join("tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    make_server_cert(&tls, "127.0.0.6");
-    let tls_origin = Origin {
-        name: unique("origin-tls"),
-        addr: format!("127.0.0.6:{}", port_on("127.0.0.6")),
-        token_server: None,
-    };
-    sh(&format!(
-        "source {} && e2e_start_registry {} {} '' 127.0.0.6 {}",
-        lib(),
-        tls_origin.name,
-        tls_origin.addr.rsplit(':').next().unwrap(),
-        tls.display()
-    ));
+    let tls_origin = Origin::start_tls("127.0.0.6", &tls);
     let down = format!("127.0.0.7:{}", port_on("127.0.0.7")); // nothing listens there
 
     let dir = scratch();
@@ -847,21 +840,9 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(ferry_bin())
-        .args([
-            "doctor",
-            "--config",
-            &config.display().to_string(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let config_arg = config.display().to_string();
+    let doctor = || run_ferry(&["doctor", "--config", &config_arg, "--addr", "127.0.0.1:0"], &[]);
+    let (code, text) = doctor();
     let line = |host: &str| -> String {
         let mark = format!("origin {host}: ");
         let at = text
@@ -902,7 +883,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
         unreachable.starts_with("warn") && unreachable.contains("reachable"),
         "{text}"
     );
-    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(code, 1, "{text}");
     assert!(text.contains("3 problems found"), "{text}");
 
     // With the CA and the right password, both pass.
@@ -918,17 +899,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
             ),
         );
     std::fs::write(&config, fixed).unwrap();
-    let out = std::process::Command::new(ferry_bin())
-        .args([
-            "doctor",
-            "--config",
-            &config.display().to_string(),
-            "--addr",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, text) = doctor();
     assert!(
         text.contains(&format!(
             "origin {t}: http://{t} answers, ferry's credentials accepted",

@@ -388,6 +388,21 @@ pub fn ferry_bin() -> PathBuf {
     exe.parent().and_then(Path::parent).unwrap().join("ferry")
 }
 
+/// Runs the ferry binary with `args` (no FERRY_/REGISTRY_/DOCKER_ variables of the suite's
+/// own); returns (exit code, stdout + stderr).
+pub fn run_ferry(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = Command::new(ferry_bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FERRY_") || k.starts_with("REGISTRY_") || k.starts_with("DOCKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.args(args).envs(envs.iter().copied()).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// Number of log lines of ferry that contain every one of `parts`.
 pub fn count_lines(logs: &str, parts: &[&str]) -> usize {
     logs.lines().filter(|l| parts.iter().all(|p| l.contains(p))).count()
