@@ -160,9 +160,7 @@ impl UpstreamConfig {
             used,
         }))
     }
-}
 
-impl UpstreamConfig {
     /// The registry client of this backend: its hosts' settings, credentials and CAs, and
     /// the allow-list.
     pub fn client(&self) -> Result<RegistryClient> {
@@ -707,9 +705,8 @@ impl Backend for UpstreamBackend {
         })
     }
 
-    /// The origin's tag list, page by page (at most [`MAX_TAG_PAGES`] of [`TAGS_PER_PAGE`],
-    /// [`MAX_TAG_LIST_SIZE`] in all); not cached: a list is asked for rarely and should be
-    /// current.
+    /// The origin's tag list, page by page (at most 100 pages of 1000 tags, 4 MiB in all);
+    /// not cached: a list is asked for rarely and should be current.
     async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
         if !self.allowed(repo) {
             return Ok(None);
