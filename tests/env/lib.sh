@@ -308,13 +308,14 @@ TOML
 
 # Uploads FILE as a blob of REPO to the registry at HOST:PORT (POST, then PUT with the
 # digest, as distribution takes it); prints the digest.
-e2e_upload_blob() { # host:port repo file
-    local digest loc
+e2e_upload_blob() { # host:port repo file [user:password]
+    local digest loc auth=()
+    [ -z "${4:-}" ] || auth=(-u "$4")
     digest="sha256:$(sha256sum "$3" | cut -d' ' -f1)"
-    loc=$(curl -sf -X POST -D - -o /dev/null "http://$1/v2/$2/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
+    loc=$(curl -sf "${auth[@]}" -X POST -D - -o /dev/null "http://$1/v2/$2/blobs/uploads/" | awk -F': ' 'tolower($1)=="location"{print $2}' | tr -d '\r')
     case "$loc" in http*) ;; *) loc="http://$1$loc" ;; esac
     case "$loc" in *\?*) loc="$loc&digest=$digest" ;; *) loc="$loc?digest=$digest" ;; esac
-    curl -sf -X PUT -H 'Content-Type: application/octet-stream' -T "$3" "$loc" -o /dev/null
+    curl -sf "${auth[@]}" -X PUT -H 'Content-Type: application/octet-stream' -T "$3" "$loc" -o /dev/null
     echo "$digest"
 }
 

@@ -213,6 +213,14 @@ fn one_ferry_mirrors_three_hosts_and_serves_the_second_pull_from_its_cache() {
                         assert!(l.contains("\"ferry/"), "{}: a request not from ferry: {l}", o.addr);
                     }
                 }
+                // The token host's images came with the client's credentials, so they are
+                // private: the cache asks the origin whether these credentials may read
+                // them (a HEAD), and fetches nothing.
+                _ if users[i].is_some() => assert!(
+                    new.iter().all(|l| l.contains("\"HEAD ")),
+                    "the cached pull fetched from {}: {new:#?}",
+                    o.addr
+                ),
                 _ => assert!(new.is_empty(), "the cached pull asked {}: {new:#?}", o.addr),
             }
         }
@@ -399,6 +407,24 @@ fn refused_credentials_pass_the_origins_challenge_on_and_cache_nothing() {
         "{}",
         ferry.logs()
     );
+    // Cached with the clients' credentials, both stay private: without credentials, or with
+    // wrong ones, the origin's refusal again; by tag and by digest.
+    for (origin, repo, digest, user) in [
+        (&basic, &basic_repo, &basic_digest, "basic-user"),
+        (&token, &token_repo, &token_digest, "tok-user"),
+    ] {
+        for auth in [None, Some((user, "wrong"))] {
+            let (status, _, _, body) = get(origin, repo, auth);
+            assert_oci_error(status, &body, 401, "UNAUTHORIZED");
+            let mut req = http
+                .get(ferry.url(&format!("/v2/{repo}/manifests/{digest}?ns={}", origin.addr)))
+                .header("Accept", accept);
+            if let Some((u, p)) = auth {
+                req = req.basic_auth(u, Some(p));
+            }
+            assert_eq!(req.send().unwrap().status(), 401, "{repo}@{digest} with {auth:?}");
+        }
+    }
 }
 
 #[test]
@@ -1293,4 +1319,122 @@ fn the_admin_api_lists_and_evicts_cached_upstream_images() {
     let (code, body) = evict(&b_digest, Some(token));
     assert_eq!(code, 200, "{body}");
     assert_eq!(list().len(), 1, "a is left");
+}
+
+/// Clients asking for one blob at once with other credentials do not share an answer meant
+/// for another: each wrong password gets the origin's refusal, each right one the blob; and
+/// once it is cached, the cache serves it only to credentials the origin accepts.
+#[test]
+fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let origin = Origin::start("127.0.0.3", Some(&htpasswd));
+    let repo = unique("private/blob");
+    let file = work.path().join("blob");
+    sh(&format!("head -c 4M /dev/urandom > {}", file.display()));
+    let digest = sh(&format!(
+        "source {} && e2e_upload_blob {} {repo} {} basic-user:basic-pass",
+        lib(),
+        origin.addr,
+        file.display()
+    ))
+    .trim()
+    .to_string();
+    let want = std::fs::read(&file).unwrap();
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
+    );
+    let url = ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={}", origin.addr));
+    let clients = 24;
+    let barrier = Arc::new(std::sync::Barrier::new(clients));
+    let answers: Vec<(bool, u16, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|i| {
+                let (barrier, url, want) = (barrier.clone(), url.clone(), &want);
+                s.spawn(move || {
+                    let right = i % 2 == 1;
+                    let password = if right { "basic-pass" } else { "wrong" };
+                    barrier.wait();
+                    let r = reqwest::blocking::Client::new()
+                        .get(&url)
+                        .basic_auth("basic-user", Some(password))
+                        .send()
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    let body = r.bytes().unwrap();
+                    (right, status, body.as_ref() == want.as_slice())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (right, status, whole) in &answers {
+        if *right {
+            assert!(
+                *status == 200 && *whole,
+                "right password: {answers:?}\n{}",
+                ferry.logs()
+            );
+        } else {
+            assert_eq!(*status, 401, "wrong password: {answers:?}");
+        }
+    }
+    let fetched = origin
+        .requests()
+        .iter()
+        .filter(|l| l.contains("GET ") && l.contains(&digest) && l.contains("\" 200 "))
+        .count();
+    assert_eq!(
+        fetched, 1,
+        "one fetch of the blob's body for every right password together"
+    );
+
+    // Cached now, the blob is still the origin's to give: a wrong password or none is
+    // refused with the origin's challenge, the right one served from the cache.
+    let get = |password: Option<&str>| {
+        let mut req = reqwest::blocking::Client::new().get(&url);
+        if let Some(p) = password {
+            req = req.basic_auth("basic-user", Some(p));
+        }
+        let r = req.send().unwrap();
+        let challenge = r
+            .headers()
+            .get("WWW-Authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), challenge, r.bytes().unwrap())
+    };
+    for password in [None, Some("wrong")] {
+        let (status, challenge, _) = get(password);
+        assert_eq!(status, 401, "{password:?}\n{}", ferry.logs());
+        assert_eq!(challenge.as_deref(), Some("Basic realm=\"e2e\""));
+    }
+    let (status, _, body) = get(Some("basic-pass"));
+    assert_eq!((status, body.as_ref() == want.as_slice()), (200, true));
+    let fetched_again = origin
+        .requests()
+        .iter()
+        .filter(|l| l.contains("GET ") && l.contains(&digest) && l.contains("\" 200 "))
+        .count();
+    assert_eq!(fetched_again, 1, "served from the cache");
+
+    // share_private = true: what one client fetched, every client gets from the cache.
+    let shared_dir = scratch();
+    let shared = Ferry::start(
+        shared_dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\nshare_private = true\n", origin.addr)),
+    );
+    let shared_url = shared.url(&format!("/v2/{repo}/blobs/{digest}?ns={}", origin.addr));
+    let http = reqwest::blocking::Client::new();
+    let r = http
+        .get(&shared_url)
+        .basic_auth("basic-user", Some("basic-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http.get(&shared_url).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", shared.logs());
+    assert_eq!(r.bytes().unwrap().as_ref(), want.as_slice());
 }

@@ -249,6 +249,12 @@ impl RegistryClient {
         Ok(answered.map(|_| self.credentials.contains_key(registry)))
     }
 
+    /// Whether ferry has credentials of its own for `registry` (a client's are then not
+    /// sent there).
+    pub fn has_credentials(&self, registry: &str) -> bool {
+        self.credentials.contains_key(registry)
+    }
+
     /// Where the registry's API is asked (an endpoint in front of it, or the registry).
     pub fn api_url(&self, registry: &str) -> String {
         self.base_url(registry).0

@@ -458,19 +458,24 @@ impl Fills {
             .sum()
     }
 
-    /// Records a fill that started.
-    pub fn insert(&self, fill: Arc<Fill>) {
-        self.active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(fill.digest.clone(), fill);
+    /// The fill of `digest` under way, or the one `start` starts when there is none (or
+    /// only one that failed); with whether it was started here. `start` is not called when
+    /// a fill is under way, so what it would fetch from is dropped unread.
+    pub fn start(&self, digest: &Digest, start: impl FnOnce() -> Result<Arc<Fill>>) -> Result<(Arc<Fill>, bool)> {
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = active.get(digest).filter(|f| !f.failed()) {
+            return Ok((f.clone(), false));
+        }
+        let fill = start()?;
+        active.insert(digest.clone(), fill.clone());
+        Ok((fill, true))
     }
 
-    /// Forgets the fill of `digest` once it ended.
+    /// Forgets the fill of `digest` once it ended (not one that started since).
     pub fn remove(&self, digest: &Digest) {
-        self.active
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(digest);
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        if active.get(digest).is_some_and(|f| f.ended()) {
+            active.remove(digest);
+        }
     }
 }

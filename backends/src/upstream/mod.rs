@@ -5,6 +5,7 @@
 //! blobs keep the origin's exact bytes and digests. A tag is re-checked at the origin once its
 //! TTL ran out; a digest never is.
 
+mod access;
 mod fill;
 mod inventory;
 mod meta;
@@ -31,6 +32,7 @@ use ferry_core::{
 };
 
 use crate::registry::{ClientSettings, HostConfig, RegistryClient, Target};
+use access::Access;
 use fill::{Fill, Fills, Joined, Wanted};
 use meta::Meta;
 
@@ -64,6 +66,11 @@ pub struct UpstreamConfig {
     /// arrived (0: always finish, 100: stop unless done).
     #[serde(default = "default_keep_percent")]
     pub keep_fill_from_percent: u8,
+    /// Serve what was fetched with one client's own credentials to every client, from the
+    /// cache (a one-user machine that must pull private images offline after a restart).
+    /// Off: such a repository is served only to clients whose credentials the origin accepts.
+    #[serde(default)]
+    pub share_private: bool,
     /// A Docker `config.json` whose `auths` are ferry's credentials per host.
     #[serde(default)]
     pub docker_config: Option<PathBuf>,
@@ -102,6 +109,7 @@ impl Default for UpstreamConfig {
             max_cache_size: None,
             max_blob_size: default_max_blob_size(),
             keep_fill_from_percent: default_keep_percent(),
+            share_private: false,
             docker_config: None,
             ca_file: None,
             hosts: BTreeMap::new(),
@@ -117,6 +125,7 @@ impl UpstreamConfig {
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("upstream"));
         let store = BlobStore::open(&dir).await?;
         let meta = Meta::open(&dir).await?;
+        let access = Access::open(&dir, Duration::from_secs(self.tag_ttl_secs)).await?;
         let max_bytes = self
             .max_cache_size
             .as_deref()
@@ -151,6 +160,7 @@ impl UpstreamConfig {
             client: Arc::new(client),
             store,
             meta: Arc::new(meta),
+            access: Arc::new(access),
             fills: Arc::new(Fills::default()),
             starting: Arc::new(Flights::default()),
             manifests: Flights::default(),
@@ -196,6 +206,8 @@ pub struct UpstreamBackend {
     client: Arc<RegistryClient>,
     store: BlobStore,
     meta: Arc<Meta>,
+    /// Which repositories are private, and who may read them.
+    access: Arc<Access>,
     fills: Arc<Fills>,
     /// Single flight for starting a fill: one origin request per digest.
     starting: Arc<Flights<Option<Arc<Fill>>>>,
@@ -225,6 +237,43 @@ impl UpstreamBackend {
                 tracing::debug!(backend = %self.name(), origin = %repo, %reason, "origin not in this backend's allow list");
                 false
             }
+        }
+    }
+
+    /// Whether a fetch for this request goes with the client's own credentials (ferry has
+    /// none for the origin): what it brings is then private to clients the origin accepts.
+    fn with_client_credentials(&self, repo: &Repository, ctx: &RequestCtx) -> bool {
+        !self.config.share_private && ctx.authorization.is_some() && !self.client.has_credentials(repo.registry())
+    }
+
+    /// Whether the cache may serve `repo`'s `target` to this client: always for a repository
+    /// that is not private; else when the origin let the client's credentials read it within
+    /// the TTL, or does now (a `HEAD`); when the origin cannot be asked, when it ever did
+    /// since ferry started. `false` when the origin does not have it (for this client).
+    async fn may_serve(&self, repo: &Repository, target: Target<'_>, ctx: &RequestCtx) -> Result<bool> {
+        if !self.access.is_private(repo).await {
+            return Ok(true);
+        }
+        let key = credentials_key(ctx);
+        if self.access.granted(repo, &key, true) {
+            return Ok(true);
+        }
+        match self
+            .client
+            .fetch(Method::HEAD, repo, target, &[], ctx.authorization.as_deref())
+            .await
+        {
+            Ok(Some(_)) => {
+                self.access.grant(repo, &key);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e @ Error::Unavailable { .. }) if self.access.granted(repo, &key, false) => {
+                tracing::warn!(backend = %self.name(), origin = %repo, error = %e,
+                    "origin unreachable: serving a private repository to credentials it accepted before");
+                Ok(true)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -266,8 +315,15 @@ impl UpstreamBackend {
         expected: Option<&Digest>,
         ctx: &RequestCtx,
     ) -> Result<Option<Manifest>> {
-        let key = format!("{repo}:{reference}:{}", credentials_key(ctx));
-        let (client, store, meta) = (self.client.clone(), self.store.clone(), self.meta.clone());
+        let creds = credentials_key(ctx);
+        let key = format!("{repo}:{reference}:{creds}");
+        let private = self.with_client_credentials(repo, ctx);
+        let (client, store, meta, access) = (
+            self.client.clone(),
+            self.store.clone(),
+            self.meta.clone(),
+            self.access.clone(),
+        );
         let (repo, reference, expected) = (repo.clone(), reference.to_string(), expected.cloned());
         let authorization = ctx.authorization.clone();
         let backend = self.name().to_string();
@@ -290,6 +346,9 @@ impl UpstreamBackend {
                     .get(reqwest::header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                if private {
+                    access.mark_private(&repo, &creds).await?;
+                }
                 let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &repo, |size| Error::ManifestTooLarge {
                     size,
                     limit: MAX_MANIFEST_SIZE,
@@ -360,13 +419,22 @@ impl UpstreamBackend {
         };
         if let (Some(e), Some(m)) = (&entry, &cached) {
             if e.fresh(self.ttl) {
+                if !self
+                    .may_serve(repo, Target::Manifest(&m.digest.to_string()), ctx)
+                    .await?
+                {
+                    return Ok(None);
+                }
                 ferry_core::metrics::upstream_cache(self.name(), "hit");
                 return Ok(Some(m.clone()));
             }
         }
         let revalidated = match &cached {
             Some(m) => match self.origin_tag_digest(repo, tag, ctx).await {
-                Ok(Some(Some(d))) if d == m.digest => Ok(Some(m.clone())),
+                Ok(Some(Some(d))) if d == m.digest => {
+                    self.access.grant(repo, &credentials_key(ctx));
+                    Ok(Some(m.clone()))
+                }
                 Ok(Some(_)) => self.fetch_manifest(repo, tag, None, ctx).await,
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
@@ -391,7 +459,11 @@ impl UpstreamBackend {
                 self.meta.remove_tag(repo, tag).await?;
                 Ok(None)
             }
-            Err(e @ Error::Unavailable { .. }) if cached.is_some() => {
+            Err(e @ Error::Unavailable { .. })
+                if cached.is_some()
+                    && (!self.access.is_private(repo).await
+                        || self.access.granted(repo, &credentials_key(ctx), false)) =>
+            {
                 let age_s = entry.as_ref().map(|e| e.age().as_secs()).unwrap_or(0);
                 tracing::warn!(backend = %self.name(), origin = %repo, %tag, error = %e, checked_s_ago = age_s,
                     "origin unreachable: serving the tag as last seen (stale)");
@@ -418,6 +490,7 @@ impl UpstreamBackend {
         let Some(size) = resp.and_then(|r| r.content_length()) else {
             return Ok(None);
         };
+        self.access.grant(repo, &credentials_key(ctx));
         if self.store.size(digest).await?.is_some() {
             self.meta.link(repo, digest).await?;
         }
@@ -438,6 +511,12 @@ impl UpstreamBackend {
             self.meta.clone(),
         );
         let (repo, digest, authorization) = (repo.clone(), digest.clone(), ctx.authorization.clone());
+        // One start per digest and credentials: a caller whose credentials the origin refuses
+        // does not answer for another's. Callers with other credentials may each ask the
+        // origin; the first fill to start is the one all of them read.
+        let creds = credentials_key(ctx);
+        let key = format!("{digest}:{creds}");
+        let (private, access) = (self.with_client_credentials(&repo, ctx), self.access.clone());
         let (backend, keep, used, max, max_blob) = (
             self.name().to_string(),
             self.config.keep_fill_from_percent,
@@ -447,7 +526,7 @@ impl UpstreamBackend {
         );
         self.starting
             .clone()
-            .run(&digest.to_string(), async move {
+            .run(&key, async move {
                 if let Some(f) = fills.get(&digest).filter(|f| !f.failed()) {
                     return Ok(Some(f));
                 }
@@ -466,6 +545,10 @@ impl UpstreamBackend {
                 else {
                     return Ok(None);
                 };
+                // Before any other client can join the fill.
+                if private {
+                    access.mark_private(&repo, &creds).await?;
+                }
                 let Some(size) = resp.content_length() else {
                     return Err(Error::Unavailable {
                         backend,
@@ -495,8 +578,6 @@ impl UpstreamBackend {
                         ),
                     });
                 }
-                tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
-                ferry_core::metrics::upstream_cache(&backend, "miss");
                 let done = {
                     let (fills, digest, repo, store, backend) = (
                         fills.clone(),
@@ -520,8 +601,16 @@ impl UpstreamBackend {
                         });
                     }
                 };
-                let fill = Fill::spawn(&backend, &store, Wanted { repo, digest, size }, resp, keep, done)?;
-                fills.insert(fill.clone());
+                let wanted = Wanted {
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    size,
+                };
+                let (fill, started) = fills.start(&digest, || Fill::spawn(&backend, &store, wanted, resp, keep, done))?;
+                if started {
+                    tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
+                    ferry_core::metrics::upstream_cache(&backend, "miss");
+                }
                 Ok(Some(fill))
             })
             .await
@@ -629,6 +718,12 @@ impl Backend for UpstreamBackend {
             Reference::Digest(d) => {
                 if self.meta.linked(repo, d).await {
                     if let Some(m) = self.cached_manifest(d).await? {
+                        if !self
+                            .may_serve(repo, Target::Manifest(&m.digest.to_string()), ctx)
+                            .await?
+                        {
+                            return Ok(None);
+                        }
                         ferry_core::metrics::upstream_cache(self.name(), "hit");
                         return Ok(Some(m));
                     }
@@ -644,13 +739,16 @@ impl Backend for UpstreamBackend {
         if !self.allowed(repo) {
             return Ok(None);
         }
-        if self.meta.linked(repo, digest).await {
-            if let Some(size) = self.store.size(digest).await? {
-                return Ok(Some(size));
-            }
-        }
-        if let Some(f) = self.fills.get(digest).filter(|f| f.repo == *repo) {
-            return Ok(Some(f.size));
+        let held = match self.meta.linked(repo, digest).await {
+            true => self.store.size(digest).await?,
+            false => None,
+        };
+        let filling = self.fills.get(digest).filter(|f| f.repo == *repo).map(|f| f.size);
+        if let Some(size) = held.or(filling) {
+            return match self.may_serve(repo, Target::Blob(digest), ctx).await? {
+                true => Ok(Some(size)),
+                false => Ok(None),
+            };
         }
         self.origin_blob_size(repo, digest, ctx).await
     }
@@ -675,6 +773,9 @@ impl Backend for UpstreamBackend {
                     }
                     checked_access = true;
                 }
+                if !self.may_serve(repo, Target::Blob(digest), ctx).await? {
+                    return Ok(None);
+                }
                 if let Some(body) = self.store.open_blob(digest, range).await? {
                     ferry_core::metrics::upstream_cache(self.name(), "hit");
                     self.touch(digest);
@@ -693,6 +794,10 @@ impl Backend for UpstreamBackend {
                     return Ok(None);
                 }
                 checked_access = true;
+            }
+            // Started for another client, perhaps with other credentials.
+            if !self.may_serve(repo, Target::Blob(digest), ctx).await? {
+                return Ok(None);
             }
             match fill.join(range).await? {
                 Joined::Body(body) => return Ok(Some(body)),
