@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use ferry_core::{Digest, Error, Repository, Result};
 
+/// Grants remembered at most.
+pub const MAX_GRANTS: usize = 10_000;
+
 /// The private repositories (one marker file each) and the access the origin granted.
 pub struct Access {
     dir: PathBuf,
@@ -55,12 +58,18 @@ impl Access {
         Ok(())
     }
 
-    /// Records that the origin let `credentials` read `repo` now.
+    /// Records that the origin let `credentials` read `repo` now. Bounded: past
+    /// [`MAX_GRANTS`] entries, those older than the TTL go, and if that is not enough, all
+    /// (clients then are asked about again), so no stream of credentials grows it for ever.
     pub fn grant(&self, repo: &Repository, credentials: &str) {
-        self.granted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert((repo.to_string(), credentials.to_string()), Instant::now());
+        let mut granted = self.granted.lock().unwrap_or_else(PoisonError::into_inner);
+        if granted.len() >= MAX_GRANTS {
+            granted.retain(|_, at| at.elapsed() < self.ttl);
+            if granted.len() >= MAX_GRANTS {
+                granted.clear();
+            }
+        }
+        granted.insert((repo.to_string(), credentials.to_string()), Instant::now());
     }
 
     /// Whether `credentials` were granted `repo` within the TTL (`fresh`), or ever since
@@ -71,5 +80,33 @@ impl Access {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&(repo.to_string(), credentials.to_string()))
             .is_some_and(|at| !fresh || at.elapsed() < self.ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn grants_expire_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = Access::open(dir.path(), Duration::from_millis(50)).await.unwrap();
+        let repo = Repository::new("reg.example", "team/app").unwrap();
+        assert!(!access.is_private(&repo).await);
+        access.mark_private(&repo, "key-a").await.unwrap();
+        assert!(access.is_private(&repo).await);
+        assert!(access.granted(&repo, "key-a", true));
+        assert!(!access.granted(&repo, "key-b", false));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!access.granted(&repo, "key-a", true), "past the TTL");
+        assert!(
+            access.granted(&repo, "key-a", false),
+            "still known for when the origin is down"
+        );
+        for i in 0..MAX_GRANTS + 10 {
+            access.grant(&repo, &format!("stream-{i}"));
+        }
+        let held = access.granted.lock().unwrap().len();
+        assert!(held <= MAX_GRANTS, "{held}");
     }
 }

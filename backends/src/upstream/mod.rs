@@ -432,7 +432,9 @@ impl UpstreamBackend {
         let revalidated = match &cached {
             Some(m) => match self.origin_tag_digest(repo, tag, ctx).await {
                 Ok(Some(Some(d))) if d == m.digest => {
-                    self.access.grant(repo, &credentials_key(ctx));
+                    if self.access.is_private(repo).await {
+                        self.access.grant(repo, &credentials_key(ctx));
+                    }
                     Ok(Some(m.clone()))
                 }
                 Ok(Some(_)) => self.fetch_manifest(repo, tag, None, ctx).await,
@@ -490,7 +492,9 @@ impl UpstreamBackend {
         let Some(size) = resp.and_then(|r| r.content_length()) else {
             return Ok(None);
         };
-        self.access.grant(repo, &credentials_key(ctx));
+        if self.access.is_private(repo).await {
+            self.access.grant(repo, &credentials_key(ctx));
+        }
         if self.store.size(digest).await?.is_some() {
             self.meta.link(repo, digest).await?;
         }
