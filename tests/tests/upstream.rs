@@ -78,6 +78,21 @@ impl Origin {
         }
     }
 
+    /// Writes `size` (`head -c`: `512K`, `4M`) random bytes to `file` and uploads them as a
+    /// blob of `repo` (with `creds`, `user:password`, when given); returns its digest.
+    fn upload_random(&self, repo: &str, file: &Path, size: &str, creds: Option<&str>) -> String {
+        sh(&format!("head -c {size} /dev/urandom > {}", file.display()));
+        sh(&format!(
+            "source {} && e2e_upload_blob {} {repo} {} {}",
+            lib(),
+            self.addr,
+            file.display(),
+            creds.unwrap_or_default()
+        ))
+        .trim()
+        .to_string()
+    }
+
     /// The requests the registry logged (its access log), except the start-up probes.
     fn requests(&self) -> Vec<String> {
         let log = std::fs::read_to_string(format!("{}/logs/{}.log", env("E2E_DIR"), self.name)).unwrap_or_default();
@@ -534,16 +549,8 @@ fn a_fill_goes_on_when_its_client_leaves() {
     let origin = Origin::start("127.0.0.2", None);
     let work = scratch();
     let blob = work.path().join("blob");
-    sh(&format!("head -c 32M /dev/urandom > {}", blob.display()));
     let repo = unique("leave/app");
-    let digest = sh(&format!(
-        "source {} && e2e_upload_blob {} {repo} {}",
-        lib(),
-        origin.addr,
-        blob.display()
-    ))
-    .trim()
-    .to_string();
+    let digest = origin.upload_random(&repo, &blob, "32M", None);
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),
@@ -697,18 +704,7 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
     let repo = unique("lru/app");
     let digests: Vec<String> = ["a", "b", "c"]
         .iter()
-        .map(|n| {
-            let f = work.path().join(n);
-            sh(&format!("head -c 1536K /dev/urandom > {}", f.display()));
-            sh(&format!(
-                "source {} && e2e_upload_blob {} {repo} {}",
-                lib(),
-                origin.addr,
-                f.display()
-            ))
-            .trim()
-            .to_string()
-        })
+        .map(|n| origin.upload_random(&repo, &work.path().join(n), "1536K", None))
         .collect();
     let dir = scratch();
     let mut ferry = Ferry::start(
@@ -756,18 +752,7 @@ fn the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_blob() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let before = evictions(&ferry.logs());
-    let d = &{
-        let f = work.path().join("d");
-        sh(&format!("head -c 1536K /dev/urandom > {}", f.display()));
-        sh(&format!(
-            "source {} && e2e_upload_blob {} {repo} {}",
-            lib(),
-            origin.addr,
-            f.display()
-        ))
-        .trim()
-        .to_string()
-    };
+    let d = &origin.upload_random(&repo, &work.path().join("d"), "1536K", None);
     fetch(d); // 3 cached + 1.5 MiB > 4 MiB
     assert_eq!(evictions(&ferry.logs()), before + 1, "{}", ferry.logs());
     assert!(cached(d));
@@ -792,14 +777,8 @@ fn a_blob_too_large_for_the_limit_or_the_disk_is_not_fetched() {
     let repo = unique("limits/app");
     let blob = |name: &str, size: &str| -> (String, Vec<u8>) {
         let f = work.path().join(name);
-        sh(&format!("head -c {size} /dev/urandom > {}", f.display()));
-        let digest = sh(&format!(
-            "source {} && e2e_upload_blob {} {repo} {}",
-            lib(),
-            origin.addr,
-            f.display()
-        ));
-        (digest.trim().to_string(), std::fs::read(&f).unwrap())
+        let digest = origin.upload_random(&repo, &f, size, None);
+        (digest, std::fs::read(&f).unwrap())
     };
     let (small, small_bytes) = blob("small", "512K");
     let (big, _) = blob("big", "9M");
@@ -1343,15 +1322,7 @@ fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
     let origin = Origin::start("127.0.0.3", Some(&htpasswd));
     let repo = unique("private/blob");
     let file = work.path().join("blob");
-    sh(&format!("head -c 4M /dev/urandom > {}", file.display()));
-    let digest = sh(&format!(
-        "source {} && e2e_upload_blob {} {repo} {} basic-user:basic-pass",
-        lib(),
-        origin.addr,
-        file.display()
-    ))
-    .trim()
-    .to_string();
+    let digest = origin.upload_random(&repo, &file, "4M", Some("basic-user:basic-pass"));
     let want = std::fs::read(&file).unwrap();
     let dir = scratch();
     let ferry = Ferry::start(
