@@ -1119,65 +1119,40 @@ fn tag_names(body: &serde_json::Value) -> Vec<String> {
 /// An origin that pages its tag list as registries do when asked with `n` (distribution 3,
 /// Quay, Harbor; Debian's distribution 2.8 ignores `n` and sends every tag at once, so this
 /// small fake stands in for them): `tags` in pages of at most `n`, each with a `Link` to
-/// the next that names another host. Counts the tag list requests it answered.
-fn paging_origin(tags: Vec<String>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let pages = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = pages.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut line = String::new();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            if reader.read_line(&mut line).is_err() {
-                continue;
-            }
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-            }
-            let path = line.split(' ').nth(1).unwrap_or("").to_string();
-            let (route, query) = path.split_once('?').unwrap_or((&path, ""));
-            let param = |k: &str| {
-                query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-                    .map(str::to_string)
-            };
-            let (status, extra, body) = if route == "/v2/" {
-                ("200 OK", String::new(), "{}".to_string())
-            } else if let Some(name) = route.strip_prefix("/v2/").and_then(|r| r.strip_suffix("/tags/list")) {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let n: usize = param("n").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
-                let last = param("last").unwrap_or_default();
-                let rest: Vec<&String> = tags.iter().filter(|t| t.as_str() > last.as_str()).collect();
-                let page: Vec<&String> = rest.iter().take(n).copied().collect();
-                let link = match page.last() {
-                    Some(l) if rest.len() > n => {
-                        format!("Link: <http://elsewhere.invalid/v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\"\r\n")
-                    }
-                    _ => String::new(),
-                };
-                (
-                    "200 OK",
-                    link,
-                    serde_json::json!({ "name": name, "tags": page }).to_string(),
-                )
-            } else {
-                ("404 Not Found", String::new(), "{}".to_string())
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+/// the next that names another host.
+fn paging_origin(tags: Vec<String>) -> FakeHttp {
+    FakeHttp::start("127.0.0.1", move |head| {
+        let path = head.split(' ').nth(1).unwrap_or("").to_string();
+        let (route, query) = path.split_once('?').unwrap_or((&path, ""));
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        if route == "/v2/" {
+            return http_response("200 OK", "", b"{}");
         }
-    });
-    (addr, pages)
+        let Some(name) = route.strip_prefix("/v2/").and_then(|r| r.strip_suffix("/tags/list")) else {
+            return http_response("404 Not Found", "", b"{}");
+        };
+        let n: usize = param("n").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let last = param("last").unwrap_or_default();
+        let rest: Vec<&String> = tags.iter().filter(|t| t.as_str() > last.as_str()).collect();
+        let page: Vec<&String> = rest.iter().take(n).copied().collect();
+        let link = match page.last() {
+            Some(l) if rest.len() > n => {
+                format!("Link: <http://elsewhere.invalid/v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\"\r\n")
+            }
+            _ => String::new(),
+        };
+        let body = serde_json::json!({ "name": name, "tags": page }).to_string();
+        http_response(
+            "200 OK",
+            &format!("Content-Type: application/json\r\n{link}"),
+            body.as_bytes(),
+        )
+    })
 }
 
 /// An origin's tag list in pages is read whole, page after page, from the origin itself:
@@ -1185,17 +1160,21 @@ fn paging_origin(tags: Vec<String>) -> (String, Arc<std::sync::atomic::AtomicUsi
 #[test]
 fn a_paged_tag_list_is_read_whole_from_the_origin() {
     let want: Vec<String> = (0..2500).map(|i| format!("t{i:05}")).collect();
-    let (addr, pages) = paging_origin(want.clone());
+    let origin = paging_origin(want.clone());
+    let addr = origin.addr.clone();
     let dir = scratch();
     let ferry = Ferry::start(dir.path(), &chain_with_upstream(&format!("allow = [\"{addr}\"]\n")));
     let (status, _, body) = tag_list(&ferry, "paged/app", &addr, None);
     assert_eq!(status, 200, "{body}\n{}", ferry.logs());
     assert_eq!(tag_names(&body), want);
-    assert_eq!(
-        pages.load(std::sync::atomic::Ordering::SeqCst),
-        3,
-        "2500 tags in pages of 1000"
-    );
+    let pages = origin
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.contains("/tags/list"))
+        .count();
+    assert_eq!(pages, 3, "2500 tags in pages of 1000");
 }
 
 /// The admin API lists the upstream cache image by image (names, size) and evicts one by
