@@ -1304,7 +1304,7 @@ fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
     let digest = origin.upload_random(&repo, &file, "4M", Some("basic-user:basic-pass"));
     let want = std::fs::read(&file).unwrap();
     let dir = scratch();
-    let ferry = Ferry::start(
+    let mut ferry = Ferry::start(
         dir.path(),
         &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
     );
@@ -1380,6 +1380,21 @@ fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
         .filter(|l| l.contains("GET ") && l.contains(&digest) && l.contains("\" 200 "))
         .count();
     assert_eq!(fetched_again, 1, "served from the cache");
+
+    // It stays private after a restart: the marker is on disk, the grants are not.
+    ferry.restart();
+    let (status, challenge, _) = get(None);
+    assert_eq!(
+        (status, challenge.as_deref()),
+        (401, Some("Basic realm=\"e2e\"")),
+        "after a restart"
+    );
+    let (status, _, body) = get(Some("basic-pass"));
+    assert_eq!(
+        (status, body.as_ref() == want.as_slice()),
+        (200, true),
+        "after a restart"
+    );
 
     // share_private = true: what one client fetched, every client gets from the cache.
     let shared_dir = scratch();

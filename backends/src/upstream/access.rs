@@ -5,9 +5,9 @@
 //! the tag TTL. When the origin cannot be asked, only credentials it accepted before are
 //! served: a cluster keeps pulling offline, a stranger does not.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use ferry_core::{Digest, Error, Repository, Result};
@@ -15,9 +15,12 @@ use ferry_core::{Digest, Error, Repository, Result};
 /// Grants remembered at most.
 pub const MAX_GRANTS: usize = 10_000;
 
-/// The private repositories (one marker file each) and the access the origin granted.
+/// The private repositories (one marker file each, all of them read at start: the check
+/// runs on every cached read) and the access the origin granted.
 pub struct Access {
     dir: PathBuf,
+    /// The markers' names.
+    private: RwLock<HashSet<String>>,
     /// When the origin last let (repository, credentials) read, by that pair.
     granted: Mutex<HashMap<(String, String), Instant>>,
     ttl: Duration,
@@ -30,29 +33,61 @@ impl Access {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let mut private = HashSet::new();
+        let mut entries = tokio::fs::read_dir(&dir)
+            .await
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        while let Some(entry) = entries
+            .next_entry()
+            .await
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+        {
+            if let Some(name) = entry.file_name().to_str() {
+                private.insert(name.to_string());
+            }
+        }
         Ok(Access {
             dir,
+            private: RwLock::new(private),
             granted: Mutex::new(HashMap::new()),
             ttl,
         })
     }
 
-    fn marker(&self, repo: &Repository) -> PathBuf {
-        self.dir.join(Digest::of(repo.to_string().as_bytes()).hex())
+    /// The marker's name for `repo`.
+    fn marker(repo: &Repository) -> String {
+        Digest::of(repo.to_string().as_bytes()).hex().to_string()
     }
 
     /// Whether content of `repo` was fetched with a client's credentials.
-    pub async fn is_private(&self, repo: &Repository) -> bool {
-        tokio::fs::try_exists(self.marker(repo)).await.unwrap_or(false)
+    pub fn is_private(&self, repo: &Repository) -> bool {
+        self.private
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&Self::marker(repo))
     }
 
-    /// Records that `repo` is private, and that `credentials` may read it.
+    /// Records that `repo` is private, and that `credentials` may read it. The marker is on
+    /// disk (synced) before this returns, so content stored after it stays private across a
+    /// crash.
     pub async fn mark_private(&self, repo: &Repository, credentials: &str) -> Result<()> {
-        let path = self.marker(repo);
-        if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            tokio::fs::write(&path, repo.to_string())
-                .await
-                .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        let name = Self::marker(repo);
+        if !self.is_private(repo) {
+            let (dir, path, text) = (self.dir.clone(), self.dir.join(&name), repo.to_string());
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&path)?;
+                f.write_all(text.as_bytes())?;
+                f.sync_all()?;
+                std::fs::File::open(&dir)?.sync_all()
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("marker writer task: {e}")))?
+            .map_err(|e| Error::io(format!("writing {}", self.dir.join(&name).display()), e))?;
+            self.private
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name);
         }
         self.grant(repo, credentials);
         Ok(())
@@ -92,9 +127,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let access = Access::open(dir.path(), Duration::from_millis(50)).await.unwrap();
         let repo = Repository::new("reg.example", "team/app").unwrap();
-        assert!(!access.is_private(&repo).await);
+        assert!(!access.is_private(&repo));
         access.mark_private(&repo, "key-a").await.unwrap();
-        assert!(access.is_private(&repo).await);
+        assert!(access.is_private(&repo));
+        let reopened = Access::open(dir.path(), Duration::from_millis(50)).await.unwrap();
+        assert!(reopened.is_private(&repo), "a marker outlives a restart");
+        assert!(!reopened.granted(&repo, "key-a", false), "grants do not");
         assert!(access.granted(&repo, "key-a", true));
         assert!(!access.granted(&repo, "key-b", false));
         std::thread::sleep(Duration::from_millis(60));

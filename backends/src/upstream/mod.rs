@@ -251,7 +251,7 @@ impl UpstreamBackend {
     /// the TTL, or does now (a `HEAD`); when the origin cannot be asked, when it ever did
     /// since ferry started. `false` when the origin does not have it (for this client).
     async fn may_serve(&self, repo: &Repository, target: Target<'_>, ctx: &RequestCtx) -> Result<bool> {
-        if !self.access.is_private(repo).await {
+        if !self.access.is_private(repo) {
             return Ok(true);
         }
         let key = credentials_key(ctx);
@@ -432,7 +432,7 @@ impl UpstreamBackend {
         let revalidated = match &cached {
             Some(m) => match self.origin_tag_digest(repo, tag, ctx).await {
                 Ok(Some(Some(d))) if d == m.digest => {
-                    if self.access.is_private(repo).await {
+                    if self.access.is_private(repo) {
                         self.access.grant(repo, &credentials_key(ctx));
                     }
                     Ok(Some(m.clone()))
@@ -463,8 +463,7 @@ impl UpstreamBackend {
             }
             Err(e @ Error::Unavailable { .. })
                 if cached.is_some()
-                    && (!self.access.is_private(repo).await
-                        || self.access.granted(repo, &credentials_key(ctx), false)) =>
+                    && (!self.access.is_private(repo) || self.access.granted(repo, &credentials_key(ctx), false)) =>
             {
                 let age_s = entry.as_ref().map(|e| e.age().as_secs()).unwrap_or(0);
                 tracing::warn!(backend = %self.name(), origin = %repo, %tag, error = %e, checked_s_ago = age_s,
@@ -492,7 +491,7 @@ impl UpstreamBackend {
         let Some(size) = resp.and_then(|r| r.content_length()) else {
             return Ok(None);
         };
-        if self.access.is_private(repo).await {
+        if self.access.is_private(repo) {
             self.access.grant(repo, &credentials_key(ctx));
         }
         if self.store.size(digest).await?.is_some() {
