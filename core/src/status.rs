@@ -44,6 +44,8 @@ pub struct CachedImage {
     pub last_used_ms: u64,
     /// The backend whose cache holds it.
     pub backend: String,
+    /// Fetched with a client's own credentials: its names are shown only to the admin.
+    pub private: bool,
 }
 
 /// One repository of the push store.

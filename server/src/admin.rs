@@ -2,8 +2,11 @@
 //! its caches hold, and eviction. The OpenAPI document is at `/api/v1/openapi.json`, Swagger
 //! UI at `/api/docs`.
 //!
-//! Reading is open, as `/v2/_catalog` is. Changing needs `admin.token` as a Bearer token;
-//! with no token configured the changing endpoints answer 403 to everybody, so a ferry
+//! Reading follows the registry's read rules, as `/v2/_catalog` does: open unless
+//! `access.auth_reads` asks for a user's credentials, and names outside `access.prefixes`
+//! left out. Images of private upstream repositories (fetched with a client's own
+//! credentials) are listed only to the admin token. Changing needs `admin.token` as a Bearer
+//! token; with no token configured the changing endpoints answer 403 to everybody, so a ferry
 //! started without thinking about it cannot be emptied by a client on the network.
 
 use std::sync::Arc;
@@ -19,23 +22,67 @@ use poem_openapi::{ApiResponse, Object, OpenApi, OpenApiService, SecurityScheme}
 use ferry_core::status;
 use ferry_core::Chain;
 
+use crate::access::{Access, Action};
+
 /// What the admin API works on.
 pub struct AdminState {
     chain: Chain,
     token: Option<String>,
+    /// The registry's access rules, which reads follow.
+    access: Arc<Access>,
     started: Instant,
     started_at: SystemTime,
 }
 
 impl AdminState {
-    pub fn new(chain: Chain, token: Option<String>) -> Self {
+    pub fn new(chain: Chain, token: Option<String>, access: Arc<Access>) -> Self {
         AdminState {
             chain,
             token: token.filter(|t| !t.is_empty()),
+            access,
             started: Instant::now(),
             started_at: SystemTime::now(),
         }
     }
+
+    /// Whether `authorization` is `Bearer <admin.token>` (compared in constant time: the
+    /// token is a password on the network).
+    fn is_admin(&self, authorization: Option<&str>) -> bool {
+        let (Some(expected), Some(given)) = (
+            self.token.as_deref(),
+            authorization.and_then(|h| h.strip_prefix("Bearer ")),
+        ) else {
+            return false;
+        };
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.trim().as_bytes(),
+            expected.as_bytes(),
+        ))
+    }
+
+    /// Whether the reader may see an image or repository of this name (`registry/path`,
+    /// with or without `:tag` or `@digest`).
+    fn shows(&self, viewer: &Viewer, name: &str) -> bool {
+        viewer.admin || name_repository(name).is_some_and(|r| self.access.allows_name(&r))
+    }
+}
+
+/// Who reads: the admin (the token) sees everything; anybody else what the registry's rules
+/// let them see.
+#[derive(Clone, Copy)]
+struct Viewer {
+    admin: bool,
+}
+
+/// The repository of an image name as the caches list it: `registry/path:tag`,
+/// `registry/path@digest`, or an engine's `name:tag`.
+fn name_repository(name: &str) -> Option<ferry_core::Repository> {
+    let name = name.split_once('@').map_or(name, |(n, _)| n);
+    let name = match name.rsplit_once(':') {
+        Some((n, tag)) if !tag.contains('/') => n,
+        _ => name,
+    };
+    ferry_core::Repository::from_request(name, None).ok()
 }
 
 /// ferry and every backend.
@@ -171,9 +218,23 @@ enum EvictResponse {
 }
 
 #[derive(ApiResponse)]
+enum StatusResponse {
+    #[oai(status = 200)]
+    Ok(Json<Status>),
+    /// `access.auth_reads` is on and neither a user's credentials nor the admin token came.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by `routes`' check, before the handler
+    Unauthorized(Json<Problem>),
+}
+
+#[derive(ApiResponse)]
 enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
     #[oai(status = 200)]
     Ok(Json<Vec<T>>),
+    /// `access.auth_reads` is on and neither a user's credentials nor the admin token came.
+    #[oai(status = 401)]
+    #[allow(dead_code)] // answered by `routes`' check, before the handler
+    Unauthorized(Json<Problem>),
     #[oai(status = 500)]
     Failed(Json<Problem>),
 }
@@ -186,10 +247,9 @@ struct AdminToken(Bearer);
 
 async fn check_token(req: &Request, bearer: Bearer) -> Option<Bearer> {
     let state = req.data::<Arc<AdminState>>()?;
-    let expected = state.token.as_deref()?;
-    // Compared in constant time: the token is a password on the network.
-    let same = subtle::ConstantTimeEq::ct_eq(bearer.token.as_bytes(), expected.as_bytes());
-    bool::from(same).then_some(bearer)
+    state
+        .is_admin(Some(&format!("Bearer {}", bearer.token)))
+        .then_some(bearer)
 }
 
 struct Api;
@@ -202,12 +262,12 @@ fn failed(e: ferry_core::Error) -> Json<Problem> {
 impl Api {
     /// ferry's version, uptime and every backend's state.
     #[oai(path = "/status", method = "get")]
-    async fn status(&self, state: poem::web::Data<&Arc<AdminState>>) -> Json<Status> {
+    async fn status(&self, state: poem::web::Data<&Arc<AdminState>>) -> StatusResponse {
         let mut backends = Vec::new();
         for b in state.chain.backends() {
             backends.push(BackendStatus::from(b.status().await));
         }
-        Json(Status {
+        StatusResponse::Ok(Json(Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_secs: state.started.elapsed().as_secs(),
             started_at: state
@@ -217,17 +277,28 @@ impl Api {
                 .unwrap_or(0),
             ready: backends.iter().any(|b| b.reachable),
             backends,
-        })
+        }))
     }
 
     /// The images the caches hold (the docker backend's exports, the upstream cache), most
     /// recently used first within each.
     #[oai(path = "/cache/images", method = "get")]
-    async fn cached_images(&self, state: poem::web::Data<&Arc<AdminState>>) -> ListResponse<CachedImage> {
+    async fn cached_images(
+        &self,
+        state: poem::web::Data<&Arc<AdminState>>,
+        viewer: poem::web::Data<&Viewer>,
+    ) -> ListResponse<CachedImage> {
         let mut all = Vec::new();
         for b in state.chain.backends() {
             match b.cached_images().await {
-                Ok(images) => all.extend(images.into_iter().map(CachedImage::from)),
+                Ok(images) => all.extend(images.into_iter().filter(|i| viewer.admin || !i.private).filter_map(
+                    |mut i| {
+                        // An engine image without a name is shown as its id alone.
+                        let named = !i.names.is_empty();
+                        i.names.retain(|n| state.shows(&viewer, n));
+                        (!named || !i.names.is_empty() || viewer.admin).then(|| CachedImage::from(i))
+                    },
+                )),
                 Err(e) => return ListResponse::Failed(failed(e)),
             }
         }
@@ -255,17 +326,28 @@ impl Api {
 
     /// The push store's repositories, with tags and sizes.
     #[oai(path = "/push/repositories", method = "get")]
-    async fn repositories(&self, state: poem::web::Data<&Arc<AdminState>>) -> ListResponse<Repository> {
+    async fn repositories(
+        &self,
+        state: poem::web::Data<&Arc<AdminState>>,
+        viewer: poem::web::Data<&Viewer>,
+    ) -> ListResponse<Repository> {
         let mut all = Vec::new();
         for b in state.chain.backends() {
             match b.usage().await {
-                Ok(repos) => all.extend(repos.into_iter().map(|r| Repository {
-                    name: r.name,
-                    tags: r.tags,
-                    manifests: r.manifests as u64,
-                    size: r.size,
-                    backend: b.name().to_string(),
-                })),
+                Ok(repos) => {
+                    all.extend(
+                        repos
+                            .into_iter()
+                            .filter(|r| state.shows(&viewer, &r.name))
+                            .map(|r| Repository {
+                                name: r.name,
+                                tags: r.tags,
+                                manifests: r.manifests as u64,
+                                size: r.size,
+                                backend: b.name().to_string(),
+                            }),
+                    )
+                }
                 Err(e) => return ListResponse::Failed(failed(e)),
             }
         }
@@ -309,7 +391,22 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
         .around(move |ep, req| {
             let (state, allowed) = (state.clone(), allowed.clone());
             async move {
+                let mut req = req;
                 let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+                let authorization = req
+                    .headers()
+                    .get(poem::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let admin = state.is_admin(authorization.as_deref());
+                // The API's own document and UI say nothing of what ferry holds.
+                let described = req.uri().path().ends_with("/openapi.json") || req.uri().path().contains("/docs");
+                if reads && !admin && !described {
+                    if let Err(e) = state.access.check(Action::Read, None, authorization.as_deref()).await {
+                        return Ok(refused(&e));
+                    }
+                }
+                req.extensions_mut().insert(Viewer { admin });
                 if !reads && state.token.is_none() {
                     return Ok(Response::builder()
                         .status(StatusCode::FORBIDDEN)
@@ -336,6 +433,21 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
             }
         })
         .into_endpoint()
+}
+
+/// A read the registry's rules refuse: 401 with its Basic challenge (or the admin token).
+fn refused(e: &ferry_core::Error) -> Response {
+    let body = serde_json::json!({
+        "message": format!("{e} (a registry user's credentials, or Authorization: Bearer <admin.token>)")
+    });
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(
+            poem::http::header::WWW_AUTHENTICATE,
+            format!("Basic realm=\"{}\"", crate::access::REALM),
+        )
+        .content_type("application/json")
+        .body(body.to_string())
 }
 
 /// The methods of each path of the API, read from its own OpenAPI document.
@@ -374,5 +486,28 @@ impl Allowed {
                 pattern.len() == rel.len() && pattern.iter().zip(&rel).all(|(p, r)| p.starts_with('{') || p == r);
             same.then(|| methods.clone())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_as_the_caches_list_them_give_their_repository() {
+        let canonical = |n: &str| name_repository(n).map(|r| r.canonical());
+        assert_eq!(canonical("alpine:3.19").as_deref(), Some("docker.io/library/alpine"));
+        assert_eq!(canonical("team/app").as_deref(), Some("docker.io/team/app"));
+        assert_eq!(
+            canonical("localhost:5000/team/app:v1").as_deref(),
+            Some("localhost:5000/team/app")
+        );
+        assert_eq!(
+            canonical("127.0.0.2:5000/team/app").as_deref(),
+            Some("127.0.0.2:5000/team/app")
+        );
+        let digest = format!("ghcr.io/org/tool@sha256:{}", "a".repeat(64));
+        assert_eq!(canonical(&digest).as_deref(), Some("ghcr.io/org/tool"));
+        assert_eq!(canonical("Not A Name"), None);
     }
 }

@@ -70,9 +70,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     options: Options,
 ) -> std::io::Result<()> {
-    let admin = options
-        .admin_beside
-        .then(|| Arc::new(admin::AdminState::new(chain.clone(), options.admin_token.clone())));
+    let admin = options.admin_beside.then(|| {
+        Arc::new(admin::AdminState::new(
+            chain.clone(),
+            options.admin_token.clone(),
+            options.access.clone(),
+        ))
+    });
     let app = api::app(
         Arc::new(api::AppState::new(chain, options.access.clone(), options.body_idle)),
         admin,
@@ -88,7 +92,11 @@ pub async fn serve_admin(
     shutdown: impl Future<Output = ()>,
     options: Options,
 ) -> std::io::Result<()> {
-    let admin = Arc::new(admin::AdminState::new(chain, options.admin_token.clone()));
+    let admin = Arc::new(admin::AdminState::new(
+        chain,
+        options.admin_token.clone(),
+        options.access.clone(),
+    ));
     listen::serve(listener, api::admin_app(admin), shutdown, options.limits, options.tls).await
 }
 

@@ -203,3 +203,74 @@ fn read_only_and_prefixes() {
     assert_eq!(get_manifest(&f2, &outside, "v1", "").0, 404);
     sh(&format!("docker -H {engine} rmi {inside}:v1 {outside}:v1"));
 }
+
+#[test]
+fn the_admin_api_reads_as_the_registry_does() {
+    let engine = docker20();
+    let dir = scratch();
+    let file = htpasswd(dir.path());
+    let token = "adm1n-token";
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!(
+            "[admin]\ntoken = \"{token}\"\n[access]\nhtpasswd = \"{file}\"\nauth_reads = true\nprefixes = [\"team/\"]\n{}",
+            docker_chain(&engine, "direct_reads = false")
+        ),
+    );
+    // One engine image under a name inside the prefixes and one outside.
+    let (inside, outside) = (unique("team/adm"), unique("adm-other"));
+    build_image(&engine, &format!("{inside}:v1"), 1);
+    sh(&format!("docker -H {engine} tag {inside}:v1 {outside}:v1"));
+    let r = reqwest::blocking::Client::new()
+        .get(ferry.url(&format!("/v2/{inside}/manifests/v1")))
+        .basic_auth("ann", Some("ann-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+
+    let get = |path: &str, auth: &dyn Fn(reqwest::blocking::RequestBuilder) -> reqwest::blocking::RequestBuilder| {
+        let r = auth(reqwest::blocking::Client::new().get(ferry.url(path)))
+            .send()
+            .unwrap();
+        let challenge = r
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        (r.status().as_u16(), challenge, r.text().unwrap())
+    };
+    let nobody = |r: reqwest::blocking::RequestBuilder| r;
+    let wrong = |r: reqwest::blocking::RequestBuilder| r.basic_auth("ann", Some("nope"));
+    let ann = |r: reqwest::blocking::RequestBuilder| r.basic_auth("ann", Some("ann-pass"));
+    let admin = |r: reqwest::blocking::RequestBuilder| r.bearer_auth(token);
+    let bad_token = |r: reqwest::blocking::RequestBuilder| r.bearer_auth("not-it");
+
+    // Reads need a user, as the registry's own do; the admin token reads too.
+    for path in ["/api/v1/status", "/api/v1/cache/images", "/api/v1/push/repositories"] {
+        for (who, auth) in [
+            ("nobody", &nobody as &dyn Fn(_) -> _),
+            ("wrong password", &wrong),
+            ("wrong token", &bad_token),
+        ] {
+            let (status, challenge, _) = get(path, auth);
+            assert_eq!(
+                (status, challenge.as_deref()),
+                (401, Some("Basic realm=\"ferry\"")),
+                "{path} as {who}"
+            );
+        }
+        assert_eq!(get(path, &ann).0, 200, "{path} as a user");
+        assert_eq!(get(path, &admin).0, 200, "{path} as the admin");
+    }
+    assert_eq!(
+        get("/api/v1/openapi.json", &nobody).0,
+        200,
+        "the document says nothing of the caches"
+    );
+
+    // A user sees the names inside the prefixes, as in the catalog; the admin all of them.
+    let (_, _, as_user) = get("/api/v1/cache/images", &ann);
+    assert!(as_user.contains(&inside) && !as_user.contains(&outside), "{as_user}");
+    let (_, _, as_admin) = get("/api/v1/cache/images", &admin);
+    assert!(as_admin.contains(&inside) && as_admin.contains(&outside), "{as_admin}");
+    sh(&format!("docker -H {engine} rmi {inside}:v1 {outside}:v1"));
+}

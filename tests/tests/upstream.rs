@@ -362,9 +362,13 @@ fn refused_credentials_pass_the_origins_challenge_on_and_cache_nothing() {
     let token_digest = push_image(&format!("{}/{token_repo}:v1", token.addr), Some("tok-user:tok-pass"));
 
     let dir = scratch();
+    let admin_token = "admin-t0ken";
     let ferry = Ferry::start(
         dir.path(),
-        &chain_with_upstream(&format!("allow = [\"{}\", \"{}\"]\n", basic.addr, token.addr)),
+        &format!(
+            "[admin]\ntoken = \"{admin_token}\"\n{}",
+            chain_with_upstream(&format!("allow = [\"{}\", \"{}\"]\n", basic.addr, token.addr))
+        ),
     );
     let http = reqwest::blocking::Client::new();
     let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
@@ -440,6 +444,27 @@ fn refused_credentials_pass_the_origins_challenge_on_and_cache_nothing() {
             assert_eq!(req.send().unwrap().status(), 401, "{repo}@{digest} with {auth:?}");
         }
     }
+    // Nor does the admin API name them, but to the admin.
+    let listed = |bearer: Option<&str>| {
+        let mut req = http.get(ferry.url("/api/v1/cache/images"));
+        if let Some(t) = bearer {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().unwrap()
+    };
+    let anybody = listed(None);
+    assert!(
+        !anybody.contains(&basic_repo) && !anybody.contains(&token_repo) && !anybody.contains(&basic_digest),
+        "{anybody}"
+    );
+    assert_eq!(listed(Some("wrong")), anybody);
+    let admin = listed(Some(admin_token));
+    assert!(
+        admin.contains(&format!("{basic_repo}:v1")) && admin.contains(&format!("{token_repo}:v1")),
+        "{admin}"
+    );
 }
 
 #[test]

@@ -751,6 +751,7 @@ impl Backend for DockerBackend {
                 size,
                 last_used_ms: e.last_used_ms,
                 backend: self.config.name.clone(),
+                private: false,
             })
             .collect();
         out.sort_by_key(|i| std::cmp::Reverse(i.last_used_ms));

@@ -56,15 +56,24 @@ impl Access {
 
     /// The marker's name for `repo`.
     fn marker(repo: &Repository) -> String {
-        Digest::of(repo.to_string().as_bytes()).hex().to_string()
+        Self::marker_name(&repo.to_string())
+    }
+
+    fn marker_name(repo: &str) -> String {
+        Digest::of(repo.as_bytes()).hex().to_string()
     }
 
     /// Whether content of `repo` was fetched with a client's credentials.
     pub fn is_private(&self, repo: &Repository) -> bool {
+        self.is_private_name(&repo.to_string())
+    }
+
+    /// [`Access::is_private`] by the repository's `registry/path`.
+    pub fn is_private_name(&self, repo: &str) -> bool {
         self.private
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains(&Self::marker(repo))
+            .contains(&Self::marker_name(repo))
     }
 
     /// Records that `repo` is private, and that `credentials` may read it. The marker is on

@@ -23,6 +23,8 @@ pub struct Image {
     pub size: u64,
     /// When its manifest was last served (ms since the epoch).
     pub last_used_ms: u64,
+    /// The repositories (`registry/path`) it was fetched for.
+    pub repositories: Vec<String>,
 }
 
 /// Every image in the cache.
@@ -41,11 +43,13 @@ pub async fn images(store: &BlobStore, meta: &Meta) -> Result<Vec<Image>> {
         .flat_map(|i| i.manifests.iter().map(|m| &m.digest))
         .collect();
     let mut tagged: HashMap<Digest, Vec<String>> = HashMap::new();
+    let mut tag_repos: HashMap<Digest, Vec<String>> = HashMap::new();
     for e in meta.tags().await? {
         tagged
             .entry(e.digest.clone())
             .or_default()
             .push(format!("{}:{}", e.repository, e.tag));
+        tag_repos.entry(e.digest).or_default().push(e.repository);
     }
     let linked = meta.linked_repositories().await?;
     let mut out = Vec::new();
@@ -69,13 +73,15 @@ pub async fn images(store: &BlobStore, meta: &Meta) -> Result<Vec<Image>> {
                 parts.push(d);
             }
         }
-        let mut names = tagged.remove(digest).unwrap_or_else(|| {
-            linked
-                .get(digest)
-                .map(|repos| repos.iter().map(|r| format!("{r}@{digest}")).collect())
-                .unwrap_or_default()
-        });
+        let repos = linked.get(digest).map(Vec::as_slice).unwrap_or_default();
+        let mut names = tagged
+            .remove(digest)
+            .unwrap_or_else(|| repos.iter().map(|r| format!("{r}@{digest}")).collect());
         names.sort();
+        let mut repositories: Vec<String> = repos.to_vec();
+        repositories.extend(tag_repos.remove(digest).unwrap_or_default());
+        repositories.sort();
+        repositories.dedup();
         let last_used_ms = tokio::fs::metadata(store.path(digest))
             .await
             .ok()
@@ -88,6 +94,7 @@ pub async fn images(store: &BlobStore, meta: &Meta) -> Result<Vec<Image>> {
             parts,
             size,
             last_used_ms,
+            repositories,
         });
     }
     out.sort_by_key(|i| std::cmp::Reverse(i.last_used_ms));

@@ -894,6 +894,7 @@ impl Backend for UpstreamBackend {
                 size: i.size,
                 last_used_ms: i.last_used_ms,
                 backend: self.name().to_string(),
+                private: i.repositories.iter().any(|r| self.access.is_private_name(r)),
             })
             .collect())
     }
