@@ -1200,6 +1200,30 @@ fn a_paged_tag_list_is_read_whole_from_the_origin() {
         .filter(|h| h.contains("/tags/list"))
         .count();
     assert_eq!(pages, 3, "2500 tags in pages of 1000");
+
+    // A client paging through ferry's list right after reads the list ferry read: the
+    // origin is not asked again for each page.
+    let mut paged: Vec<String> = Vec::new();
+    loop {
+        let last = paged.last().map(|l| format!("&last={l}")).unwrap_or_default();
+        let r = reqwest::blocking::get(ferry.url(&format!("/v2/paged/app/tags/list?ns={addr}&n=400{last}"))).unwrap();
+        assert_eq!(r.status(), 200);
+        let more = r.headers().contains_key("Link");
+        let body: serde_json::Value = r.json().unwrap();
+        paged.extend(tag_names(&body));
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(paged, want, "every tag, page by page");
+    let pages_after = origin
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.contains("/tags/list"))
+        .count();
+    assert_eq!(pages_after, 3, "the origin's list was read once");
 }
 
 /// The admin API lists the upstream cache image by image (names, size) and evicts one by

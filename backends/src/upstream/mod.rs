@@ -9,6 +9,7 @@ mod access;
 mod fill;
 mod inventory;
 mod meta;
+mod tag_list;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use crate::registry::{ClientSettings, HostConfig, RegistryClient, Target};
 use access::Access;
 use fill::{Fill, Fills, Joined, Wanted};
 use meta::Meta;
+use tag_list::TagLists;
 
 /// `[[backends]] type = "upstream"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
@@ -164,6 +166,7 @@ impl UpstreamConfig {
             fills: Arc::new(Fills::default()),
             starting: Arc::new(Flights::default()),
             manifests: Flights::default(),
+            tag_lists: TagLists::new(Duration::from_secs(self.tag_ttl_secs)),
             ttl: Duration::from_secs(self.tag_ttl_secs),
             max_bytes,
             max_blob,
@@ -213,6 +216,8 @@ pub struct UpstreamBackend {
     starting: Arc<Flights<Option<Arc<Fill>>>>,
     /// Single flight for manifest fetches, by repository, reference and credentials.
     manifests: Flights<Option<Manifest>>,
+    /// The origins' tag lists read lately.
+    tag_lists: TagLists,
     ttl: Duration,
     max_bytes: Option<u64>,
     /// `max_blob_size`, in bytes.
@@ -326,9 +331,34 @@ impl UpstreamBackend {
         );
         let (repo, reference, expected) = (repo.clone(), reference.to_string(), expected.cloned());
         let authorization = ctx.authorization.clone();
-        let backend = self.name().to_string();
+        let (backend, ttl) = (self.name().to_string(), self.ttl);
         self.manifests
             .run(&key, async move {
+                // A flight that ended since the caller looked may have stored it: the look
+                // and this flight are not one step.
+                let stored = match &expected {
+                    Some(d) => Some(d.clone()),
+                    None => meta
+                        .tag(&repo, &reference)
+                        .await?
+                        .filter(|e| e.fresh(ttl))
+                        .map(|e| e.digest),
+                };
+                let readable = !access.is_private(&repo) || access.granted(&repo, &creds, true);
+                if let Some(digest) = stored.filter(|_| readable) {
+                    if let (true, Some(media_type), Some(bytes)) = (
+                        meta.linked(&repo, &digest).await,
+                        meta.media_type(&digest).await?,
+                        store.read(&digest).await?,
+                    ) {
+                        return Ok(Some(Manifest {
+                            bytes,
+                            media_type,
+                            digest,
+                            missing: Vec::new(),
+                        }));
+                    }
+                }
                 let Some(resp) = client
                     .fetch(
                         Method::GET,
@@ -620,19 +650,6 @@ impl UpstreamBackend {
     }
 }
 
-/// Tags asked for per page of an origin's tag list.
-const TAGS_PER_PAGE: usize = 1000;
-/// Pages of an origin's tag list read at most.
-const MAX_TAG_PAGES: usize = 100;
-/// The most of a tag list read, all pages together: a request cannot make ferry hold more.
-const MAX_TAG_LIST_SIZE: u64 = 4 << 20;
-
-/// A page of a tag list, as the distribution spec has it (`tags` may be null).
-#[derive(Deserialize)]
-struct TagPage {
-    tags: Option<Vec<String>>,
-}
-
 /// Bytes free for this user on the file system of `dir`.
 fn free_bytes(dir: &Path) -> Result<u64> {
     let v =
@@ -813,63 +830,22 @@ impl Backend for UpstreamBackend {
         })
     }
 
-    /// The origin's tag list, page by page (at most 100 pages of 1000 tags, 4 MiB in all);
-    /// not cached: a list is asked for rarely and should be current.
+    /// The origin's tag list (kept a short while, see [`tag_list`]).
     async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
         if !self.allowed(repo) {
             return Ok(None);
         }
-        let mut all: Option<Vec<String>> = None;
-        let mut last: Option<String> = None;
-        let mut budget = MAX_TAG_LIST_SIZE;
-        for _ in 0..MAX_TAG_PAGES {
-            let target = Target::Tags {
-                last: last.as_deref(),
-                n: TAGS_PER_PAGE,
-            };
-            let Some(resp) = self
-                .client
-                .fetch(Method::GET, repo, target, &[], ctx.authorization.as_deref())
-                .await?
-            else {
-                return Ok(all);
-            };
-            let more = resp.headers().contains_key(reqwest::header::LINK);
-            let read = read_limited(resp, budget, repo, |size| Error::Unavailable {
-                backend: self.name().to_string(),
-                reason: format!(
-                    "origin {repo} sent a tag list of more than {MAX_TAG_LIST_SIZE} bytes (at least {size})"
-                ),
-            })
-            .await;
-            let body = match read {
-                Ok(body) => body,
-                // Later pages that cannot be read leave the list shorter, not empty.
-                Err(e) if all.is_some() => {
-                    tracing::warn!(backend = %self.name(), origin = %repo, error = %e,
-                        "reading the origin's tag list stopped: listing the pages read");
-                    return Ok(all);
-                }
-                Err(e) => return Err(e),
-            };
-            budget -= body.len() as u64;
-            let page: TagPage = serde_json::from_slice(&body).map_err(|e| Error::Unavailable {
-                backend: self.name().to_string(),
-                reason: format!("origin {repo} sent a tag list that is not one: {e}"),
-            })?;
-            let tags = page.tags.unwrap_or_default();
-            let next = tags.last().cloned();
-            all.get_or_insert_with(Vec::new).extend(tags);
-            // The next page starts after this one's last tag; the origin's `Link` only says
-            // there is one (its address is not followed: it could name any host).
-            match next {
-                Some(n) if more && last.as_ref() != Some(&n) => last = Some(n),
-                _ => return Ok(all),
-            }
-        }
-        tracing::warn!(backend = %self.name(), origin = %repo, pages = MAX_TAG_PAGES,
-            "the origin's tag list is longer than ferry reads: listing its first pages");
-        Ok(all)
+        let list = self
+            .tag_lists
+            .get(
+                self.name(),
+                &self.client,
+                repo,
+                ctx.authorization.as_deref(),
+                &credentials_key(ctx),
+            )
+            .await?;
+        Ok(list.map(|l| l.as_ref().clone()))
     }
 
     async fn status(&self) -> BackendStatus {
