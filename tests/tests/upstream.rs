@@ -1463,3 +1463,60 @@ fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
     assert_eq!(r.status(), 200, "{}", shared.logs());
     assert_eq!(r.bytes().unwrap().as_ref(), want.as_slice());
 }
+
+/// Docker and containerd send their credentials to every host they are logged in to: a
+/// public repository pulled with them stays public (the origin answers without any), so it
+/// is served to every client, also after a restart with the origin down.
+#[test]
+fn credentials_sent_for_a_public_repository_leave_it_public() {
+    let origin = Origin::start("127.0.0.2", None);
+    let repo = unique("public/app");
+    let digest = push_image(&format!("{}/{repo}:v1", origin.addr), None);
+    let dir = scratch();
+    let mut ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
+    );
+    let ns = format!("?ns={}", origin.addr);
+    let http = reqwest::blocking::Client::new();
+    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
+    let r = http
+        .get(ferry.url(&format!("/v2/{repo}/manifests/v1{ns}")))
+        .header("Accept", accept)
+        .basic_auth("someone", Some("logged-in"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    let m: serde_json::Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string()),
+    );
+    for b in &blobs {
+        let r = http
+            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
+            .basic_auth("someone", Some("logged-in"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
+    }
+
+    // Origin down, ferry restarted: a client without credentials still gets all of it.
+    origin.stop();
+    ferry.restart();
+    let (status, got, _) = get_manifest(&ferry, &repo, "v1", &ns);
+    assert_eq!((status, got.as_str()), (200, digest.as_str()), "{}", ferry.logs());
+    for b in &blobs {
+        let r = http
+            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{b}\n{}", ferry.logs());
+        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
+    }
+}

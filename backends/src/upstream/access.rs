@@ -23,6 +23,8 @@ pub struct Access {
     private: RwLock<HashSet<String>>,
     /// When the origin last let (repository, credentials) read, by that pair.
     granted: Mutex<HashMap<(String, String), Instant>>,
+    /// When the origin last served a repository without credentials.
+    public: Mutex<HashMap<String, Instant>>,
     ttl: Duration,
 }
 
@@ -50,6 +52,7 @@ impl Access {
             dir,
             private: RwLock::new(private),
             granted: Mutex::new(HashMap::new()),
+            public: Mutex::new(HashMap::new()),
             ttl,
         })
     }
@@ -107,13 +110,22 @@ impl Access {
     /// (clients then are asked about again), so no stream of credentials grows it for ever.
     pub fn grant(&self, repo: &Repository, credentials: &str) {
         let mut granted = self.granted.lock().unwrap_or_else(PoisonError::into_inner);
-        if granted.len() >= MAX_GRANTS {
-            granted.retain(|_, at| at.elapsed() < self.ttl);
-            if granted.len() >= MAX_GRANTS {
-                granted.clear();
-            }
-        }
-        granted.insert((repo.to_string(), credentials.to_string()), Instant::now());
+        remember(&mut granted, (repo.to_string(), credentials.to_string()), self.ttl);
+    }
+
+    /// Records that the origin served `repo` without credentials now.
+    pub fn note_public(&self, repo: &Repository) {
+        let mut public = self.public.lock().unwrap_or_else(PoisonError::into_inner);
+        remember(&mut public, repo.to_string(), self.ttl);
+    }
+
+    /// Whether the origin served `repo` without credentials within the TTL.
+    pub fn known_public(&self, repo: &Repository) -> bool {
+        self.public
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&repo.to_string())
+            .is_some_and(|at| at.elapsed() < self.ttl)
     }
 
     /// Whether `credentials` were granted `repo` within the TTL (`fresh`), or ever since
@@ -125,6 +137,18 @@ impl Access {
             .get(&(repo.to_string(), credentials.to_string()))
             .is_some_and(|at| !fresh || at.elapsed() < self.ttl)
     }
+}
+
+/// Puts `key` in `map` as of now, keeping it within [`MAX_GRANTS`] entries (the expired go
+/// first, then all).
+fn remember<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Instant>, key: K, ttl: Duration) {
+    if map.len() >= MAX_GRANTS {
+        map.retain(|_, at| at.elapsed() < ttl);
+        if map.len() >= MAX_GRANTS {
+            map.clear();
+        }
+    }
+    map.insert(key, Instant::now());
 }
 
 #[cfg(test)]

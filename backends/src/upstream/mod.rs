@@ -377,7 +377,7 @@ impl UpstreamBackend {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 if private {
-                    access.mark_private(&repo, &creds).await?;
+                    mark_if_private(&client, &access, &repo, Target::Manifest(&reference), &creds).await?;
                 }
                 let bytes = read_limited(resp, MAX_MANIFEST_SIZE, &repo, |size| Error::ManifestTooLarge {
                     size,
@@ -580,7 +580,7 @@ impl UpstreamBackend {
                 };
                 // Before any other client can join the fill.
                 if private {
-                    access.mark_private(&repo, &creds).await?;
+                    mark_if_private(&client, &access, &repo, Target::Blob(&digest), &creds).await?;
                 }
                 let Some(size) = resp.content_length() else {
                     return Err(Error::Unavailable {
@@ -648,6 +648,29 @@ impl UpstreamBackend {
             })
             .await
     }
+}
+
+/// Marks `repo` private after a fetch with a client's credentials, unless the origin serves
+/// `target` without any: a public repository the client sent credentials for anyway (Docker
+/// and containerd send them to every host they are logged in to) stays public, so that it is
+/// served offline to every client. One anonymous `HEAD`, its answer remembered for the TTL.
+async fn mark_if_private(
+    client: &RegistryClient,
+    access: &Access,
+    repo: &Repository,
+    target: Target<'_>,
+    creds: &str,
+) -> Result<()> {
+    if !access.is_private(repo) {
+        if access.known_public(repo) {
+            return Ok(());
+        }
+        if let Ok(Some(_)) = client.fetch(Method::HEAD, repo, target, &[], None).await {
+            access.note_public(repo);
+            return Ok(());
+        }
+    }
+    access.mark_private(repo, creds).await
 }
 
 /// Bytes free for this user on the file system of `dir`.
