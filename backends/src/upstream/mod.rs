@@ -853,7 +853,7 @@ impl Backend for UpstreamBackend {
         })
     }
 
-    /// The origin's tag list (kept a short while, see [`tag_list`]).
+    /// The origin's tag list (kept a short while: `tag_list.rs`).
     async fn tags(&self, repo: &Repository, ctx: &RequestCtx) -> Result<Option<Vec<String>>> {
         if !self.allowed(repo) {
             return Ok(None);
