@@ -610,6 +610,39 @@ fn a_fill_goes_on_when_its_client_leaves() {
         .filter(|l| l.contains("GET /v2/") && l.contains("/blobs/"))
         .count();
     assert_eq!(gets, 1, "one fetch from the origin");
+
+    // A client that stops reading but stays does not hold the fetch back either: the fetch
+    // waits for its reader only a moment, then runs ahead of it.
+    let stalled_repo = unique("stall/app");
+    let stalled_blob = work.path().join("stalled");
+    let stalled = origin.upload_random(&stalled_repo, &stalled_blob, "32M", None);
+    let mut client = std::net::TcpStream::connect(ferry.addr()).unwrap();
+    std::io::Write::write_all(
+        &mut client,
+        format!(
+            "GET /v2/{stalled_repo}/blobs/{stalled}?ns={} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            origin.addr,
+            ferry.addr()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut head = [0u8; 4096];
+    std::io::Read::read_exact(&mut client, &mut head).unwrap();
+    let kept = ferry
+        .dir
+        .join(format!("upstream/blobs/sha256/{}/{}", &stalled[7..9], &stalled[7..]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !kept.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        kept.exists(),
+        "the fill finished beside a stalled client\n{}",
+        ferry.logs()
+    );
+    assert_eq!(std::fs::read(&kept).unwrap(), std::fs::read(&stalled_blob).unwrap());
+    drop(client);
 }
 
 #[test]

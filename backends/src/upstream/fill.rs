@@ -3,13 +3,14 @@
 //! as it grows, from wherever its `Range` starts. One fill per digest, however many clients
 //! ask at once. The last byte is handed out only after the whole blob hashed to its digest,
 //! so no client ever gets a complete blob that is not the one it asked for; a blob that does
-//! not verify is not stored. A fill whose clients all went away goes on when it is well
-//! along (configurable), and stops otherwise.
+//! not verify is not stored. The fetch runs at most half a MiB ahead of its furthest reader, so
+//! readers get the newest bytes from memory. A fill whose clients all went away goes on (at
+//! the origin's pace) when it is well along (configurable), and stops otherwise.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -20,9 +21,24 @@ use tokio::sync::{mpsc, watch, Notify};
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
 
 /// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
-/// that readers keeping pace with the fetch get them without reading the file back. The newest
-/// batch is always kept whole.
-const RECENT_BYTES: usize = 256 * 1024;
+/// that readers keeping pace with the fetch get them without reading the file back: four
+/// read chunks (1 MiB while few blobs are served, less under load, from the shared read-ahead
+/// budget). The newest batch is always kept whole.
+fn recent_bytes() -> usize {
+    4 * ferry_core::blobstore::chunk_size()
+}
+
+/// How far the fetch runs ahead of its furthest reader: a client slower than the origin then
+/// reads the newest bytes from memory rather than back from the file (an origin on the same
+/// machine outruns any client; reading the file back cost a fifth of ferry's CPU time on such
+/// a pull). Half of [`recent_bytes`].
+fn ahead_bytes() -> u64 {
+    (recent_bytes() / 2) as u64
+}
+
+/// How long the fetch waits for its furthest reader to move on before it stops waiting.
+const PACE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The origin's chunks are gathered into batches of this many bytes: one write, one wake-up of
 /// the writer and one of the readers per batch, rather than per chunk (a paced link or TLS
 /// hands its bytes over in small pieces; the page cache takes large writes at a fraction of
@@ -63,6 +79,12 @@ pub struct Fill {
     /// The newest chunks written, with their offsets.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
     readers: AtomicUsize,
+    /// The furthest position a reader is at or waits for.
+    head: AtomicU64,
+    /// A reader moved on or left: the fetch may go on.
+    advanced: Notify,
+    /// The fetch no longer waits for readers.
+    unpaced: AtomicBool,
     /// A fill with no reader left stops unless this many bytes have arrived.
     keep_from: u64,
     cancelled: AtomicBool,
@@ -114,6 +136,9 @@ impl Fill {
             progress,
             recent: Mutex::new(VecDeque::new()),
             readers: AtomicUsize::new(0),
+            head: AtomicU64::new(0),
+            advanced: Notify::new(),
+            unpaced: AtomicBool::new(false),
             keep_from: size.saturating_mul(u64::from(keep_percent)) / 100,
             cancelled: AtomicBool::new(false),
             cancel: Notify::new(),
@@ -191,6 +216,7 @@ impl Fill {
         }
         let mut body = origin.bytes_stream();
         let mut received = 0u64;
+        let mut sent = 0u64;
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batched = 0usize;
         let due = tokio::time::sleep(BATCH_WAIT);
@@ -236,6 +262,14 @@ impl Fill {
                 Step::Due => (false, true),
             };
             if send && !batch.is_empty() {
+                self.pace(sent).await;
+                if self.cancelled.load(Ordering::SeqCst) {
+                    return Err(Error::Internal(format!(
+                        "every client left after {received} of {} bytes",
+                        self.size
+                    )));
+                }
+                sent += batched as u64;
                 batched = 0;
                 if to.send(Some(std::mem::take(&mut batch))).await.is_err() {
                     return Err(Error::Internal("the blob writer stopped".into()));
@@ -254,8 +288,37 @@ impl Fill {
         }
     }
 
+    /// Waits while the bytes handed to the writer (`sent`) are more than [`ahead_bytes`]
+    /// past the furthest reader, as long as there is one.
+    /// A reader that does not move on for [`PACE_WAIT`] ends the pacing for the rest of the
+    /// fill: a stalled client must not hold the fetch (nor its origin connection) back.
+    async fn pace(&self, sent: u64) {
+        loop {
+            let notified = self.advanced.notified();
+            let ahead = sent.saturating_sub(self.head.load(Ordering::SeqCst));
+            if ahead <= ahead_bytes()
+                || self.readers.load(Ordering::SeqCst) == 0
+                || self.cancelled.load(Ordering::SeqCst)
+                || self.unpaced.load(Ordering::SeqCst)
+            {
+                return;
+            }
+            if tokio::time::timeout(PACE_WAIT, notified).await.is_err() {
+                self.unpaced.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+
+    /// A reader is at (or waits for) `pos`.
+    fn reached(&self, pos: u64) {
+        if self.head.fetch_max(pos, Ordering::SeqCst) < pos {
+            self.advanced.notify_waiters();
+        }
+    }
+
     /// Keeps a batch just written at `offset` among the recent chunks, dropping the oldest
-    /// beyond [`RECENT_BYTES`] (never the batch's own).
+    /// beyond [`recent_bytes`] (never the batch's own).
     fn remember(&self, offset: u64, batch: Vec<Bytes>) {
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         let kept = batch.len();
@@ -266,7 +329,8 @@ impl Fill {
             at += len;
         }
         let mut held: usize = recent.iter().map(|(_, b)| b.len()).sum();
-        while held > RECENT_BYTES && recent.len() > kept {
+        let limit = recent_bytes();
+        while held > limit && recent.len() > kept {
             if let Some((_, b)) = recent.pop_front() {
                 held -= b.len();
             }
@@ -316,6 +380,7 @@ impl Fill {
             return Ok(Joined::Gone);
         }
         self.readers.fetch_add(1, Ordering::SeqCst);
+        self.reached(offset);
         let reader = Reader {
             fill: self.clone(),
             file,
@@ -341,6 +406,7 @@ impl Fill {
         if self.readers.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
+        self.advanced.notify_waiters();
         let far_enough = match *self.progress.borrow() {
             Progress::Writing(n) => n >= self.keep_from,
             _ => true,
@@ -348,6 +414,7 @@ impl Fill {
         if !far_enough {
             self.cancelled.store(true, Ordering::SeqCst);
             self.cancel.notify_one();
+            self.advanced.notify_waiters();
         }
     }
 }
@@ -385,6 +452,7 @@ impl Reader {
                 let want = (available.min(self.end) - self.pos).min(chunk);
                 if let Some(bytes) = self.fill.recent_at(self.pos, want) {
                     self.pos += bytes.len() as u64;
+                    self.fill.reached(self.pos);
                     return Some(Ok(bytes));
                 }
                 let (file, pos) = (self.file.clone(), self.pos);
@@ -410,6 +478,7 @@ impl Reader {
                     }
                     Ok(buf) => {
                         self.pos += buf.len() as u64;
+                        self.fill.reached(self.pos);
                         Some(Ok(Bytes::from(buf)))
                     }
                     Err(e) => {
