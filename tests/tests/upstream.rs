@@ -874,6 +874,11 @@ fn a_blob_too_large_for_the_limit_or_the_disk_is_not_fetched() {
     let r = get(&small);
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().unwrap().as_ref(), small_bytes.as_slice());
+    // The last byte goes out once the blob verified, while it is synced and put in place.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while walk(&cache.join("blobs")) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(walk(&cache.join("blobs")), 1);
 }
 
