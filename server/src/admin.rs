@@ -48,16 +48,16 @@ impl AdminState {
     /// Whether `authorization` is `Bearer <admin.token>` (compared in constant time: the
     /// token is a password on the network).
     fn is_admin(&self, authorization: Option<&str>) -> bool {
-        let (Some(expected), Some(given)) = (
-            self.token.as_deref(),
-            authorization.and_then(|h| h.strip_prefix("Bearer ")),
-        ) else {
-            return false;
-        };
-        bool::from(subtle::ConstantTimeEq::ct_eq(
-            given.trim().as_bytes(),
-            expected.as_bytes(),
-        ))
+        authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .is_some_and(|t| self.is_admin_token(t.trim()))
+    }
+
+    /// Whether `token` is `admin.token`.
+    fn is_admin_token(&self, token: &str) -> bool {
+        self.token
+            .as_deref()
+            .is_some_and(|expected| bool::from(subtle::ConstantTimeEq::ct_eq(token.as_bytes(), expected.as_bytes())))
     }
 
     /// Whether the reader may see an image or repository of this name (`registry/path`,
@@ -247,9 +247,7 @@ struct AdminToken(Bearer);
 
 async fn check_token(req: &Request, bearer: Bearer) -> Option<Bearer> {
     let state = req.data::<Arc<AdminState>>()?;
-    state
-        .is_admin(Some(&format!("Bearer {}", bearer.token)))
-        .then_some(bearer)
+    state.is_admin_token(&bearer.token).then_some(bearer)
 }
 
 struct Api;

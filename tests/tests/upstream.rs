@@ -569,6 +569,16 @@ fn fifty_cold_pulls_of_one_image_fetch_each_blob_once() {
     assert_eq!(manifest_gets, 1, "the tag fetched {manifest_gets} times");
 }
 
+/// Where the upstream cache under `data` keeps `digest`, once it is there (waits up to 30 s).
+fn wait_for_blob(data: &Path, digest: &str) -> std::path::PathBuf {
+    let path = data.join(format!("upstream/blobs/sha256/{}/{}", &digest[7..9], &digest[7..]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    path
+}
+
 #[test]
 fn a_fill_goes_on_when_its_client_leaves() {
     let origin = Origin::start("127.0.0.2", None);
@@ -589,13 +599,7 @@ fn a_fill_goes_on_when_its_client_leaves() {
         let mut head = [0u8; 1024];
         std::io::Read::read_exact(&mut r, &mut head).unwrap();
     }
-    let stored = ferry
-        .dir
-        .join(format!("upstream/blobs/sha256/{}/{}", &digest[7..9], &digest[7..]));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !stored.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let stored = wait_for_blob(&ferry.dir, &digest);
     assert!(
         stored.exists(),
         "the fill finished without its client\n{}",
@@ -629,13 +633,7 @@ fn a_fill_goes_on_when_its_client_leaves() {
     .unwrap();
     let mut head = [0u8; 4096];
     std::io::Read::read_exact(&mut client, &mut head).unwrap();
-    let kept = ferry
-        .dir
-        .join(format!("upstream/blobs/sha256/{}/{}", &stalled[7..9], &stalled[7..]));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !kept.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let kept = wait_for_blob(&ferry.dir, &stalled);
     assert!(
         kept.exists(),
         "the fill finished beside a stalled client\n{}",

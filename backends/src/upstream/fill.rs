@@ -227,11 +227,8 @@ impl Fill {
                 () = self.cancel.notified() => Step::Cancelled,
                 () = &mut due, if !batch.is_empty() => Step::Due,
             };
-            if self.cancelled.load(Ordering::SeqCst) {
-                return Err(Error::Internal(format!(
-                    "every client left after {received} of {} bytes",
-                    self.size
-                )));
+            if let Some(e) = self.abandoned(received) {
+                return Err(e);
             }
             // Whether the body ended, and whether the batch goes now.
             let (end, send) = match step {
@@ -263,11 +260,8 @@ impl Fill {
             };
             if send && !batch.is_empty() {
                 self.pace(sent).await;
-                if self.cancelled.load(Ordering::SeqCst) {
-                    return Err(Error::Internal(format!(
-                        "every client left after {received} of {} bytes",
-                        self.size
-                    )));
+                if let Some(e) = self.abandoned(received) {
+                    return Err(e);
                 }
                 sent += batched as u64;
                 batched = 0;
@@ -288,8 +282,16 @@ impl Fill {
         }
     }
 
+    /// Why the fetch stops, once every client left a fill not far enough along.
+    fn abandoned(&self, received: u64) -> Option<Error> {
+        self.cancelled
+            .load(Ordering::SeqCst)
+            .then(|| Error::Internal(format!("every client left after {received} of {} bytes", self.size)))
+    }
+
     /// Waits while the bytes handed to the writer (`sent`) are more than [`ahead_bytes`]
     /// past the furthest reader, as long as there is one.
+    ///
     /// A reader that does not move on for [`PACE_WAIT`] ends the pacing for the rest of the
     /// fill: a stalled client must not hold the fetch (nor its origin connection) back.
     async fn pace(&self, sent: u64) {

@@ -42,14 +42,10 @@ pub async fn images(store: &BlobStore, meta: &Meta) -> Result<Vec<Image>> {
         .values()
         .flat_map(|i| i.manifests.iter().map(|m| &m.digest))
         .collect();
-    let mut tagged: HashMap<Digest, Vec<String>> = HashMap::new();
-    let mut tag_repos: HashMap<Digest, Vec<String>> = HashMap::new();
+    // (repository, tag) of each tag, by the manifest it points at.
+    let mut tagged: HashMap<Digest, Vec<(String, String)>> = HashMap::new();
     for e in meta.tags().await? {
-        tagged
-            .entry(e.digest.clone())
-            .or_default()
-            .push(format!("{}:{}", e.repository, e.tag));
-        tag_repos.entry(e.digest).or_default().push(e.repository);
+        tagged.entry(e.digest).or_default().push((e.repository, e.tag));
     }
     let linked = meta.linked_repositories().await?;
     let mut out = Vec::new();
@@ -74,12 +70,15 @@ pub async fn images(store: &BlobStore, meta: &Meta) -> Result<Vec<Image>> {
             }
         }
         let repos = linked.get(digest).map(Vec::as_slice).unwrap_or_default();
-        let mut names = tagged
-            .remove(digest)
-            .unwrap_or_else(|| repos.iter().map(|r| format!("{r}@{digest}")).collect());
+        let tags = tagged.remove(digest).unwrap_or_default();
+        let mut names: Vec<String> = if tags.is_empty() {
+            repos.iter().map(|r| format!("{r}@{digest}")).collect()
+        } else {
+            tags.iter().map(|(r, t)| format!("{r}:{t}")).collect()
+        };
         names.sort();
         let mut repositories: Vec<String> = repos.to_vec();
-        repositories.extend(tag_repos.remove(digest).unwrap_or_default());
+        repositories.extend(tags.into_iter().map(|(r, _)| r));
         repositories.sort();
         repositories.dedup();
         let last_used_ms = tokio::fs::metadata(store.path(digest))

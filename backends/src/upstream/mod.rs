@@ -284,19 +284,11 @@ impl UpstreamBackend {
 
     /// A manifest in the cache, with its media type.
     async fn cached_manifest(&self, digest: &Digest) -> Result<Option<Manifest>> {
-        let Some(media_type) = self.meta.media_type(digest).await? else {
-            return Ok(None);
-        };
-        let Some(bytes) = self.store.read(digest).await? else {
-            return Ok(None);
-        };
-        self.touch(digest);
-        Ok(Some(Manifest {
-            bytes,
-            media_type,
-            digest: digest.clone(),
-            missing: Vec::new(),
-        }))
+        let found = stored_manifest(&self.store, &self.meta, digest).await?;
+        if found.is_some() {
+            self.touch(digest);
+        }
+        Ok(found)
     }
 
     /// Marks a blob used now, for the LRU order of eviction.
@@ -346,17 +338,10 @@ impl UpstreamBackend {
                 };
                 let readable = !access.is_private(&repo) || access.granted(&repo, &creds, true);
                 if let Some(digest) = stored.filter(|_| readable) {
-                    if let (true, Some(media_type), Some(bytes)) = (
-                        meta.linked(&repo, &digest).await,
-                        meta.media_type(&digest).await?,
-                        store.read(&digest).await?,
-                    ) {
-                        return Ok(Some(Manifest {
-                            bytes,
-                            media_type,
-                            digest,
-                            missing: Vec::new(),
-                        }));
+                    if meta.linked(&repo, &digest).await {
+                        if let Some(m) = stored_manifest(&store, &meta, &digest).await? {
+                            return Ok(Some(m));
+                        }
                     }
                 }
                 let Some(resp) = client
@@ -648,6 +633,22 @@ impl UpstreamBackend {
             })
             .await
     }
+}
+
+/// A manifest in the cache, with its media type.
+async fn stored_manifest(store: &BlobStore, meta: &Meta, digest: &Digest) -> Result<Option<Manifest>> {
+    let Some(media_type) = meta.media_type(digest).await? else {
+        return Ok(None);
+    };
+    let Some(bytes) = store.read(digest).await? else {
+        return Ok(None);
+    };
+    Ok(Some(Manifest {
+        bytes,
+        media_type,
+        digest: digest.clone(),
+        missing: Vec::new(),
+    }))
 }
 
 /// Marks `repo` private after a fetch with a client's credentials, unless the origin serves
