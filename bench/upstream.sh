@@ -8,7 +8,7 @@
 #   - the same, with the origin behind bench/throttle.py's link (100 MiB/s for all connections
 #     together), as across a network.
 # Also ferry's peak RSS over all of it, and its CPU time per pull. Every figure is the best
-# of 3 runs (RUNS=N for more). Prints a markdown table. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
+# of 3 runs (RUNS=N for more), the runs interleaved; then every run and the medians. Prints markdown. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A directory of its own, removed at the end (set E2E_DIR to keep one).
@@ -100,21 +100,25 @@ T="$E2E_DIR/times"; mkdir -p "$T"
 peak=0
 keep_peak() { peak=$(echo "r=$(rss); if (r > $peak) r else $peak" | bc -l); }
 timed_pull "$reg/bench/img:1" "" "$T/warmup"        # the origin's page cache is warm from here on
+# Runs interleave (direct, cold, warm, direct, …) so that a drift of the machine's speed over
+# the minutes of a run falls on all three alike.
 for origin in "$reg" "$slow"; do
-    for _ in $(seq 1 $runs); do timed_pull "$origin/bench/img:1" "" "$T/$origin-direct"; done
     for _ in $(seq 1 $runs); do
+        timed_pull "$origin/bench/img:1" "" "$T/$origin-direct"
         start_ferry fresh
         timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-cold"
         cpu >>"$T/$origin-cold-cpu"
+        c0=$(cpu)
+        timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-warm"
+        echo "$(cpu) - $c0" | bc -l >>"$T/$origin-warm-cpu"
         keep_peak
     done
-    c0=$(cpu)
-    for _ in $(seq 1 $runs); do timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-warm"; done
-    echo "($(cpu) - $c0) / $runs" | bc -l >"$T/$origin-warm-cpu"
-    keep_peak
 done
 
 ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
+mean() { awk '{s += $1} END {printf "%.2f", s / NR}' "$1"; }
+median() { sort -n "$1" | awk '{v[NR] = $1} END {printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+sorted() { sort -n "$1" | awk '{printf "%s%.2f", (NR > 1 ? " " : ""), $1}'; }
 mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
 echo
 echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) | machine's cores busy (mean, of $(nproc)) |"
@@ -123,12 +127,18 @@ for origin in "$reg" "$slow"; do
     label="origin on loopback"
     [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
     direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
-    cold_cpu=$(awk '{s += $1} END {printf "%.2f", s / NR}' "$T/$origin-cold-cpu")
-    mean_busy() { awk '{s += $1} END {printf "%.2f", s / NR}' "$1-busy"; }
-    printf '| %s: straight from distribution | %.2f | | | %s |\n' "$label" "$direct" "$(mean_busy "$T/$origin-direct")"
-    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu" "$(mean_busy "$T/$origin-cold")"
-    printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f | %s |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(cat "$T/$origin-warm-cpu")" "$(mean_busy "$T/$origin-warm")"
+    cold_cpu=$(mean "$T/$origin-cold-cpu")
+    printf '| %s: straight from distribution | %.2f | | | %s |\n' "$label" "$direct" "$(mean "$T/$origin-direct-busy")"
+    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu" "$(mean "$T/$origin-cold-busy")"
+    printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f | %s |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(mean "$T/$origin-warm-cpu")" "$(mean "$T/$origin-warm-busy")"
 done
 echo
 echo "| ferry peak RSS (MiB), over every pull | $peak |"
 echo "|---|---|"
+echo
+echo "Every run, sorted (seconds), and the ratios of the medians:"
+for origin in "$reg" "$slow"; do
+    label="loopback"; [ "$origin" = "$reg" ] || label="behind the link"
+    for kind in direct cold warm; do echo "- $label $kind: $(sorted "$T/$origin-$kind")"; done
+    echo "- $label medians: cold $(ratio "$(median "$T/$origin-cold")" "$(median "$T/$origin-direct")")× direct, warm $(ratio "$(median "$T/$origin-warm")" "$(median "$T/$reg-direct")")× the loopback direct"
+done
