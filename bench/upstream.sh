@@ -8,7 +8,8 @@
 #   - the same, with the origin behind bench/throttle.py's link (100 MiB/s for all connections
 #     together), as across a network.
 # Also ferry's peak RSS over all of it, and its CPU time per pull. Every figure is the best
-# of 3 runs (RUNS=N for more), the runs interleaved; then every run and the medians. Prints markdown. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
+# of 3 runs (RUNS=N for more), the runs interleaved; then every run and the medians. Prints
+# markdown. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A directory of its own, removed at the end (set E2E_DIR to keep one).
@@ -127,9 +128,8 @@ for origin in "$reg" "$slow"; do
     label="origin on loopback"
     [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
     direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
-    cold_cpu=$(mean "$T/$origin-cold-cpu")
     printf '| %s: straight from distribution | %.2f | | | %s |\n' "$label" "$direct" "$(mean "$T/$origin-direct-busy")"
-    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$cold_cpu" "$(mean "$T/$origin-cold-busy")"
+    printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$(mean "$T/$origin-cold-cpu")" "$(mean "$T/$origin-cold-busy")"
     printf '| %s: through ferry, warm cache | %.2f | %s× direct | %.2f | %s |\n' "$label" "$warm" "$(ratio "$warm" "$(best "$T/$reg-direct")")" "$(mean "$T/$origin-warm-cpu")" "$(mean "$T/$origin-warm-busy")"
 done
 echo
