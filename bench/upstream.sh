@@ -5,8 +5,10 @@
 #   - straight from the origin (warm page cache): the reference;
 #   - through ferry with an empty cache (cold: every blob fetched from the origin while it is
 #     streamed to ctr) and with a full one (warm);
-#   - the same, with the origin behind bench/throttle.py's link (100 MiB/s for all connections
-#     together), as across a network.
+#   - the same from a second distribution serving that storage over TLS (a CA made here), as
+#     every public registry does: ctr, or ferry in front of it, decrypts;
+#   - the same, with the (plain HTTP) origin behind bench/throttle.py's link (100 MiB/s for
+#     all connections together), as across a network.
 # Also ferry's peak RSS over all of it, and its CPU time per pull. Every figure is the best
 # of 3 runs (RUNS=N for more), the runs interleaved; then every run and the medians. Prints
 # markdown. Usage: bench/upstream.sh [SIZE_MIB]   (root; installs what it needs)
@@ -34,6 +36,12 @@ d20="unix://$E2E_DIR/docker20/docker.sock"
 reg_port=$(e2e_free_port)
 e2e_start_registry origin "$reg_port"
 reg="127.0.0.1:$reg_port"
+# The TLS origin serves the same storage (distribution keeps no state outside it).
+tls_port=$(e2e_free_port)
+mkdir -p "$E2E_DIR/origin-tls"; ln -s "$E2E_DIR/origin/data" "$E2E_DIR/origin-tls/data"
+e2e_make_server_cert "$E2E_DIR/tls" 127.0.0.1
+e2e_start_registry origin-tls "$tls_port" "" 127.0.0.1 "$E2E_DIR/tls"
+tls="127.0.0.1:$tls_port"
 slow_port=$(e2e_free_port)
 e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
 e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
@@ -53,16 +61,16 @@ docker -H "$d20" push -q "$reg/bench/img:1" >/dev/null
 now() { date +%s.%N; }
 secs() { echo "$2 - $1" | bc -l; }
 # Times one ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or
-# plain HTTP when $2 is empty), appending the seconds to file $3; then removes the image,
+# plain HTTP when $2 is "plain"), appending the seconds to file $3; then removes the image,
 # its content and snapshots.
 timed_pull() { # image hosts-dir times-file
     local ns t0 t1; ns="b$(date +%s%N)"
     sync
     b0=$(busy); t0=$(now)
-    if [ -n "$2" ]; then
-        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
-    else
+    if [ "$2" = plain ]; then
         ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
+    else
+        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
     fi
     t1=$(now); b1=$(busy)
     secs "$t0" "$t1" >>"$3"
@@ -85,8 +93,8 @@ cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/p
 port=$(e2e_free_port)
 f="127.0.0.1:$port"
 mkdir -p "$E2E_DIR/ferry"
-printf '[cache]\ndir = "%s/ferry/data"\n[[backends]]\ntype = "upstream"\nallow = ["%s", "%s"]\n' \
-    "$E2E_DIR" "$reg" "$slow" >"$E2E_DIR/ferry/config.toml"
+printf '[cache]\ndir = "%s/ferry/data"\n[[backends]]\ntype = "upstream"\nallow = ["%s", "%s", "%s"]\n[backends.hosts."%s"]\nca_file = "%s"\n' \
+    "$E2E_DIR" "$reg" "$tls" "$slow" "$tls" "$E2E_DIR/tls/ca.pem" >"$E2E_DIR/ferry/config.toml"
 start_ferry() { # fresh: with an empty cache
     e2e_stop ferry
     [ "$1" != fresh ] || rm -rf "$E2E_DIR/ferry/data"
@@ -95,16 +103,22 @@ start_ferry() { # fresh: with an empty cache
 }
 hosts "$E2E_DIR/hosts" "$reg" "$f"
 hosts "$E2E_DIR/hosts" "$slow" "$f"
+hosts "$E2E_DIR/hosts" "$tls" "$f"
+# ctr's own way to the TLS origin.
+mkdir -p "$E2E_DIR/hosts-tls/$tls"
+printf 'server = "https://%s"\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "%s"\n' \
+    "$tls" "$tls" "$E2E_DIR/tls/ca.pem" >"$E2E_DIR/hosts-tls/$tls/hosts.toml"
+direct_via() { if [ "$1" = "$tls" ]; then echo "$E2E_DIR/hosts-tls"; else echo plain; fi; }
 
 T="$E2E_DIR/times"; mkdir -p "$T"
 peak=0
 keep_peak() { peak=$(echo "r=$(rss); if (r > $peak) r else $peak" | bc -l); }
-timed_pull "$reg/bench/img:1" "" "$T/warmup"        # the origin's page cache is warm from here on
+timed_pull "$reg/bench/img:1" plain "$T/warmup"        # the origin's page cache is warm from here on
 # Runs interleave (direct, cold, warm, direct, …) so that a drift of the machine's speed over
 # the minutes of a run falls on all three alike.
-for origin in "$reg" "$slow"; do
+for origin in "$reg" "$tls" "$slow"; do
     for _ in $(seq 1 $runs); do
-        timed_pull "$origin/bench/img:1" "" "$T/$origin-direct"
+        timed_pull "$origin/bench/img:1" "$(direct_via "$origin")" "$T/$origin-direct"
         start_ferry fresh
         timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-cold"
         cpu >>"$T/$origin-cold-cpu"
@@ -123,9 +137,12 @@ mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
 echo
 echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) | machine's cores busy (mean, of $(nproc)) |"
 echo "|---|---|---|---|---|"
-for origin in "$reg" "$slow"; do
-    label="origin on loopback"
-    [ "$origin" = "$reg" ] || label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)"
+for origin in "$reg" "$tls" "$slow"; do
+    case $origin in
+        "$reg") label="origin on loopback" ;;
+        "$tls") label="origin on loopback, TLS" ;;
+        *) label="origin behind a throttled link ($(mibs "$(best "$T/$origin-direct")") MiB/s)" ;;
+    esac
     direct=$(best "$T/$origin-direct"); cold=$(best "$T/$origin-cold"); warm=$(best "$T/$origin-warm")
     printf '| %s: straight from distribution | %.2f | | | %s |\n' "$label" "$direct" "$(mean "$T/$origin-direct-busy")"
     printf '| %s: through ferry, cold cache | %.2f | %s× direct | %s | %s |\n' "$label" "$cold" "$(ratio "$cold" "$direct")" "$(mean "$T/$origin-cold-cpu")" "$(mean "$T/$origin-cold-busy")"
@@ -136,8 +153,8 @@ echo "| ferry peak RSS (MiB), over every pull | $peak |"
 echo "|---|---|"
 echo
 echo "Every run, sorted (seconds), and the ratios of the medians:"
-for origin in "$reg" "$slow"; do
-    label="loopback"; [ "$origin" = "$reg" ] || label="behind the link"
+for origin in "$reg" "$tls" "$slow"; do
+    case $origin in "$reg") label="loopback" ;; "$tls") label="loopback, TLS" ;; *) label="behind the link" ;; esac
     for kind in direct cold warm; do echo "- $label $kind: $(sorted "$T/$origin-$kind")"; done
     echo "- $label medians: cold $(ratio "$(median "$T/$origin-cold")" "$(median "$T/$origin-direct")")× direct, warm $(ratio "$(median "$T/$origin-warm")" "$(median "$T/$reg-direct")")× the loopback direct"
 done

@@ -224,6 +224,20 @@ e2e_start_registry() { # name port [htpasswd] [listen-ip] [tls-dir] [test host] 
     e2e_wait "$name" 30 bash -c "curl -s ${curl_tls[*]} -o /dev/null -w '%{http_code}' $url | grep -qE '200|401'"
 }
 
+# Makes, in DIR, a CA (ca.pem, ca-key.pem) and a server certificate for the address IP signed
+# by it (server-cert.pem, server-key.pem): what e2e_start_registry's tls-dir holds.
+e2e_make_server_cert() { # dir ip
+    local d=$1 ip=$2
+    mkdir -p "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/ca-key.pem" -out "$d/ca.pem" -days 1 \
+        -subj /CN=e2e-ca >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout "$d/server-key.pem" -out "$d/server.csr" \
+        -subj "/CN=$ip" >/dev/null 2>&1
+    printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\n' "$ip" >"$d/server.ext"
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca-key.pem" -CAcreateserial \
+        -out "$d/server-cert.pem" -days 1 -extfile "$d/server.ext" >/dev/null 2>&1
+}
+
 # A token service for distribution's auth.token (tests/env/token_server.py) on ip:port,
 # with a fresh self-signed signing certificate in $E2E_DIR/NAME (cert.pem, key.pem); grants
 # pull to USER:PASSWORD. Prints the auth YAML for e2e_start_registry's last argument.
