@@ -85,10 +85,8 @@ pub fn lib() -> String {
 /// `ip` signed by it (`server-cert.pem`, `server-key.pem`).
 pub fn make_server_cert(dir: &Path, ip: &str) {
     sh(&format!(
-        "cd {} && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 1 -subj /CN=e2e-ca 2>/dev/null \
-         && openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN={ip} 2>/dev/null \
-         && printf 'subjectAltName=IP:{ip}\\nextendedKeyUsage=serverAuth\\n' > server.ext \
-         && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 1 -extfile server.ext 2>/dev/null",
+        "source {} && e2e_make_server_cert {} {ip}",
+        lib(),
         dir.display()
     ));
 }
