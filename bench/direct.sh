@@ -10,17 +10,11 @@ cd "$(dirname "$0")/.."
 own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fdirect-$$
 export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
+source bench/lib.sh
 size_mib=${1:-512}
 layers=8
-e2e_install_packages
-command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 trap 'e2e_cleanup "$own_dir"' EXIT
-
-cargo build --release -q -p ferry-server
-# The client: containerd 1.6; every timed pull removes its image and content after it, so the
-# next one fetches again.
-e2e_start_containerd client
-client="$E2E_DIR/client/containerd.sock"
+bench_setup
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 e2e_start_podman podman
@@ -35,12 +29,7 @@ for e in ${ENGINES:-docker20 podman}; do   # ENGINES=podman bench/direct.sh: one
     esac
 done
 
-ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
-{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
-  for i in $(seq 1 $layers); do
-      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
-  done
-  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+ctx="$E2E_DIR/ctx"; bench_image_context "$ctx" "$size_mib" "$layers"
 small="$E2E_DIR/small"; mkdir -p "$small"; cp /bin/busybox "$small/"
 { echo "FROM scratch"; echo "COPY busybox /bin/busybox"
   for i in 1 2 3 4; do echo "small $i" >"$small/s$i"; echo "COPY s$i /data/s$i"; done; } >"$small/Dockerfile"
@@ -56,23 +45,6 @@ for e in "${engines[@]}"; do
 done
 rm -rf "$ctx" "$small"
 
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
-timed_pull() { # image hosts-dir times-file
-    local ns t0 t1; ns="b$(date +%s%N)"
-    sync; t0=$(now)
-    if [ -n "$2" ]; then
-        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
-    else
-        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
-    fi
-    t1=$(now); secs "$t0" "$t1" >>"$3"
-    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
-    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
-    sync
-}
-best() { sort -n "$1" | head -1; }
-rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/$1.pid")/status"; }
 # A fresh ferry (empty cache) on engine socket $2, direct reads $3; prints its address.
 fresh_ferry() { # name socket direct
     local port; port=$(e2e_free_port)
@@ -107,7 +79,7 @@ for e in "${engines[@]}"; do
             f=$(fresh_ferry "ferry-$name-$mode" "$sock" "$mode")
             hosts "$E2E_DIR/hosts-$name-$mode" "$f"
             timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-$name-$mode" "$T/$name-$mode"
-            [ "$mode" = true ] && peak=$(echo "r=$(rss "ferry-$name-$mode"); if (r > $peak) r else $peak" | bc -l)
+            [ "$mode" = false ] || peak=$(max "$(rss "ferry-$name-$mode")" "$peak")
         done
     done
     for _ in 1 2 3; do
@@ -116,6 +88,6 @@ for e in "${engines[@]}"; do
             "http://$f/v2/five/manifests/1" >>"$T/$name-first"
     done
     r=$(best "$T/$name-reg"); d=$(best "$T/$name-true"); x=$(best "$T/$name-false"); m=$(best "$T/$name-first")
-    printf '| %s | %.2f s | %.2f s | %.2f× | %.2f s | %.0f ms | %s MiB |\n' "$name" "$r" "$d" "$(echo "$d / $r" | bc -l)" "$x" \
+    printf '| %s | %.2f s | %.2f s | %s× | %.2f s | %.0f ms | %s MiB |\n' "$name" "$r" "$d" "$(ratio "$d" "$r")" "$x" \
         "$(echo "$m * 1000" | bc -l)" "$peak"
 done

@@ -19,18 +19,12 @@ cd "$(dirname "$0")/.."
 own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fpull-$$
 export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
+source bench/lib.sh
 size_mib=${1:-512}
 layers=8
-e2e_install_packages
-command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
-command -v python3 >/dev/null || apt-get install -y -q python3 >/dev/null
 trap 'e2e_cleanup "$own_dir"' EXIT
-
-cargo build --release -q -p ferry-server
-# The client: containerd 1.6; every timed pull removes its image and content after it, so the
-# next one fetches again.
-e2e_start_containerd client
-client="$E2E_DIR/client/containerd.sock"
+bench_setup
+command -v python3 >/dev/null || apt-get install -y -q python3 >/dev/null
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 d20="unix://$E2E_DIR/docker20/docker.sock"
@@ -44,38 +38,10 @@ reg_port=$(e2e_free_port)
 e2e_start_registry registry "$reg_port"
 reg="127.0.0.1:$reg_port"
 
-# The image: busybox + 8 layers of random (incompressible) data.
-ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
-{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
-  for i in $(seq 1 $layers); do
-      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
-  done
-  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+ctx="$E2E_DIR/ctx"; bench_image_context "$ctx" "$size_mib" "$layers"
 DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t benchimg:1 "$ctx" >/dev/null
 rm -rf "$ctx"
 
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
-# Times one ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or
-# plain HTTP when $2 is empty), appending the seconds to file $3. Dirty pages are flushed
-# before, and the namespace's image, content and snapshots removed after, so one pull's
-# writeback does not slow the next.
-timed_pull() { # image hosts-dir times-file
-    local ns t0 t1; ns="b$(date +%s%N)"
-    sync
-    t0=$(now)
-    if [ -n "$2" ]; then
-        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
-    else
-        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
-    fi
-    t1=$(now)
-    secs "$t0" "$t1" >>"$3"
-    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
-    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
-    sync
-}
-best() { sort -n "$1" | head -1; }
 hosts() { # dir registry target
     mkdir -p "$1/$2"
     printf 'server = "https://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$2" "$3" >"$1/$2/hosts.toml"
@@ -88,7 +54,6 @@ start_ferry() { # name config-body
     e2e_wait "$1" 30 curl -sf "http://127.0.0.1:$port/v2/"
     echo "127.0.0.1:$port"
 }
-rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/$1.pid")/status"; }
 
 runs=3
 T="$E2E_DIR/times"; mkdir -p "$T"
@@ -122,10 +87,10 @@ for _ in $(seq 1 $runs); do
     e2e_spawn ferry-docker target/release/ferry serve --config "$E2E_DIR/ferry-docker/config.toml" --addr "$f" --log-level warn
     e2e_wait ferry-docker 30 curl -sf "http://$f/v2/"
     timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker" "$T/cold"
-    docker_rss=$(echo "r=$(rss ferry-docker); if (r > $docker_rss) r else $docker_rss" | bc -l)
+    docker_rss=$(max "$(rss ferry-docker)" "$docker_rss")
 done
 for _ in $(seq 1 $runs); do timed_pull docker.io/library/benchimg:1 "$E2E_DIR/hosts-docker" "$T/warm"; done
-docker_rss=$(echo "r=$(rss ferry-docker); if (r > $docker_rss) r else $docker_rss" | bc -l)
+docker_rss=$(max "$(rss ferry-docker)" "$docker_rss")
 save=$(best "$T/save"); push=$(best "$T/push"); reg_pull=$(best "$T/reg")
 cold=$(best "$T/cold"); warm=$(best "$T/warm")
 floor=$(echo "$save + $reg_pull" | bc -l)
@@ -177,7 +142,6 @@ measure_heal slow "127.0.0.1:$slow_port"
 slow_direct=$(best "$T/slow-direct"); slow_heal=$(best "$T/slow-heal")
 heal_rss=$(rss ferry-fast)
 
-ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
 echo
 echo "| measurement (${size_mib} MiB, $layers layers; best of $runs) | seconds | ratio |"
 echo "|---|---|---|"

@@ -18,18 +18,12 @@ cd "$(dirname "$0")/.."
 own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fupstream-$$
 export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
+source bench/lib.sh
 size_mib=${1:-512}
 layers=8
 runs=${RUNS:-3}
-e2e_install_packages
-command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 trap 'e2e_cleanup "$own_dir"' EXIT
-
-cargo build --release -q -p ferry-server
-# The client: containerd; every timed pull removes its image and content after it, so the
-# next one fetches again.
-e2e_start_containerd client
-client="$E2E_DIR/client/containerd.sock"
+bench_setup
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 d20="unix://$E2E_DIR/docker20/docker.sock"
@@ -47,48 +41,16 @@ e2e_spawn throttle python3 bench/throttle.py "$slow_port" "$reg_port" 100
 e2e_wait throttle 10 curl -sf "http://127.0.0.1:$slow_port/v2/"
 slow="127.0.0.1:$slow_port"
 
-# The image: busybox + 8 layers of random (incompressible) data, pushed to the origin.
-ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
-{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
-  for i in $(seq 1 $layers); do
-      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
-  done
-  echo 'CMD ["/bin/busybox", "true"]'; } >"$ctx/Dockerfile"
+# The image, pushed to the origin.
+ctx="$E2E_DIR/ctx"; bench_image_context "$ctx" "$size_mib" "$layers"
 DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t "$reg/bench/img:1" "$ctx" >/dev/null
 rm -rf "$ctx"
 docker -H "$d20" push -q "$reg/bench/img:1" >/dev/null
 
-now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc -l; }
-# Times one ctr pull (with unpack) of $1 into a fresh namespace, through hosts dir $2 (or
-# plain HTTP when $2 is "plain"), appending the seconds to file $3; then removes the image,
-# its content and snapshots.
-timed_pull() { # image hosts-dir times-file
-    local ns t0 t1; ns="b$(date +%s%N)"
-    sync
-    b0=$(busy); t0=$(now)
-    if [ "$2" = plain ]; then
-        ctr -a "$client" -n "$ns" image pull --plain-http "$1" >/dev/null
-    else
-        ctr -a "$client" -n "$ns" image pull --hosts-dir "$2" "$1" >/dev/null
-    fi
-    t1=$(now); b1=$(busy)
-    secs "$t0" "$t1" >>"$3"
-    echo "($b1 - $b0) / ($t1 - $t0)" | bc -l >>"$3-busy"
-    ctr -a "$client" -n "$ns" image rm --sync "$1" >/dev/null
-    ctr -a "$client" -n "$ns" content ls -q | xargs -r ctr -a "$client" -n "$ns" content rm >/dev/null
-    sync
-}
-best() { sort -n "$1" | head -1; }
 hosts() { # dir registry target
     mkdir -p "$1/$2"
     printf 'server = "http://127.0.0.1:9"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$3" >"$1/$2/hosts.toml"
 }
-rss() { awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/status"; }
-# The machine's busy CPU seconds so far (every process: user, nice, system, irq, softirq).
-busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu /{printf "%.2f\n", ($2 + $3 + $4 + $7 + $8) / hz}' /proc/stat; }
-# ferry's CPU seconds so far (user + system).
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / hz}' "/proc/$(cat "$E2E_DIR/pids/ferry.pid")/stat"; }
 
 port=$(e2e_free_port)
 f="127.0.0.1:$port"
@@ -108,12 +70,11 @@ hosts "$E2E_DIR/hosts" "$tls" "$f"
 mkdir -p "$E2E_DIR/hosts-tls/$tls"
 printf 'server = "https://%s"\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "%s"\n' \
     "$tls" "$tls" "$E2E_DIR/tls/ca.pem" >"$E2E_DIR/hosts-tls/$tls/hosts.toml"
-direct_via() { if [ "$1" = "$tls" ]; then echo "$E2E_DIR/hosts-tls"; else echo plain; fi; }
+direct_via() { [ "$1" != "$tls" ] || echo "$E2E_DIR/hosts-tls"; }
 
 T="$E2E_DIR/times"; mkdir -p "$T"
 peak=0
-keep_peak() { peak=$(echo "r=$(rss); if (r > $peak) r else $peak" | bc -l); }
-timed_pull "$reg/bench/img:1" plain "$T/warmup"        # the origin's page cache is warm from here on
+timed_pull "$reg/bench/img:1" "" "$T/warmup"        # the origin's page cache is warm from here on
 # Runs interleave (direct, cold, warm, direct, …) so that a drift of the machine's speed over
 # the minutes of a run falls on all three alike.
 for origin in "$reg" "$tls" "$slow"; do
@@ -121,18 +82,14 @@ for origin in "$reg" "$tls" "$slow"; do
         timed_pull "$origin/bench/img:1" "$(direct_via "$origin")" "$T/$origin-direct"
         start_ferry fresh
         timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-cold"
-        cpu >>"$T/$origin-cold-cpu"
-        c0=$(cpu)
+        cpu ferry >>"$T/$origin-cold-cpu"
+        c0=$(cpu ferry)
         timed_pull "$origin/bench/img:1" "$E2E_DIR/hosts" "$T/$origin-warm"
-        echo "$(cpu) - $c0" | bc -l >>"$T/$origin-warm-cpu"
-        keep_peak
+        echo "$(cpu ferry) - $c0" | bc -l >>"$T/$origin-warm-cpu"
+        peak=$(max "$(rss ferry)" "$peak")
     done
 done
 
-ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
-mean() { awk '{s += $1} END {printf "%.2f", s / NR}' "$1"; }
-median() { sort -n "$1" | awk '{v[NR] = $1} END {printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-sorted() { sort -n "$1" | awk '{printf "%s%.2f", (NR > 1 ? " " : ""), $1}'; }
 mibs() { printf '%.0f' "$(echo "$size_mib / $1" | bc -l)"; }
 echo
 echo "| ctr pull of ${size_mib} MiB in $layers layers (best of $runs) | seconds | ratio | ferry CPU s (mean) | machine's cores busy (mean, of $(nproc)) |"

@@ -73,11 +73,15 @@ e2e_wait() {
     return 1
 }
 
-# Prints a loopback TCP port nothing listens on.
+# Prints a loopback TCP port nothing listens on, below the kernel's range for outgoing
+# connections' local ports: a port one of those holds cannot be listened on either, and the
+# test below (a connection to it) would not see it.
 e2e_free_port() {
-    local p
+    local p low
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+    [ "$low" -gt 21024 ] || low=40000  # the range starts lower: no port is clear of it
     while :; do
-        p=$((20000 + RANDOM % 20000))
+        p=$((20000 + RANDOM % (low - 20000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then echo "$p"; return; fi
     done
 }
