@@ -1551,3 +1551,82 @@ fn credentials_sent_for_a_public_repository_leave_it_public() {
         assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
     }
 }
+
+/// `_catalog` names what the cache holds, by tag or by digest, so a user can see what a
+/// cluster can pull offline; a repository fetched with a client's credentials stays out of
+/// it (its name is the origin's to show), and so does a host the allow list dropped.
+#[test]
+fn the_catalog_lists_cached_public_repositories_not_private_ones() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let origin = Origin::start("127.0.0.2", None);
+    let private = Origin::start("127.0.0.3", Some(&htpasswd));
+    let (tagged, pinned, secret) = (unique("cat/tagged"), unique("cat/pinned"), unique("cat/secret"));
+    push_image(&format!("{}/{tagged}:v1", origin.addr), None);
+    let pinned_digest = push_image(&format!("{}/{pinned}:v1", origin.addr), None);
+    let secret_digest = push_image(&format!("{}/{secret}:v1", private.addr), Some("basic-user:basic-pass"));
+    let dir = scratch();
+    let allow_both = format!("allow = [\"{}\", \"{}\"]\n", origin.addr, private.addr);
+    let mut ferry = Ferry::start(dir.path(), &chain_with_upstream(&allow_both));
+    let catalog = |ferry: &Ferry| -> Vec<String> {
+        let v: serde_json::Value = reqwest::blocking::get(ferry.url("/v2/_catalog"))
+            .unwrap()
+            .json()
+            .unwrap();
+        serde_json::from_value(v["repositories"].clone()).unwrap()
+    };
+    let (tagged_name, pinned_name, secret_name) = (
+        format!("{}/{tagged}", origin.addr),
+        format!("{}/{pinned}", origin.addr),
+        format!("{}/{secret}", private.addr),
+    );
+    assert!(
+        !catalog(&ferry).iter().any(|n| n.contains("/cat/")),
+        "nothing cached yet"
+    );
+
+    let ns = format!("?ns={}", origin.addr);
+    let (status, _, _) = get_manifest(&ferry, &tagged, "v1", &ns);
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let (status, _, _) = get_manifest(&ferry, &pinned, &pinned_digest, &ns);
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let r = reqwest::blocking::Client::new()
+        .get(ferry.url(&format!("/v2/{secret}/manifests/{secret_digest}?ns={}", private.addr)))
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .basic_auth("basic-user", Some("basic-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+
+    let names = catalog(&ferry);
+    assert!(
+        names.contains(&tagged_name) && names.contains(&pinned_name),
+        "{names:?}"
+    );
+    assert!(!names.contains(&secret_name), "a private repository listed: {names:?}");
+    // A listed name is one a client can use as is: its tags come back.
+    let r = reqwest::blocking::get(ferry.url(&format!("/v2/{tagged_name}/tags/list"))).unwrap();
+    assert_eq!(r.status(), 200);
+    let tags: serde_json::Value = r.json().unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["v1"]));
+
+    // Offline after a restart, the cache still says what it holds.
+    origin.stop();
+    ferry.restart();
+    let names = catalog(&ferry);
+    assert!(
+        names.contains(&tagged_name) && names.contains(&pinned_name),
+        "after a restart: {names:?}\n{}",
+        ferry.logs()
+    );
+
+    // A host taken off the allow list is out of the catalog too.
+    drop(ferry);
+    let ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\n", private.addr)),
+    );
+    let names = catalog(&ferry);
+    assert!(!names.iter().any(|n| n.contains("/cat/")), "{names:?}");
+}

@@ -11,7 +11,7 @@ mod inventory;
 mod meta;
 mod tag_list;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -870,6 +870,28 @@ impl Backend for UpstreamBackend {
             )
             .await?;
         Ok(list.map(|l| l.as_ref().clone()))
+    }
+
+    /// The repositories the cache holds a manifest of, but not private ones (their names
+    /// are the origin's to show, to the clients it lets read them) nor those of hosts the
+    /// allow list no longer names.
+    async fn catalog(&self) -> Result<Vec<Repository>> {
+        let manifests: HashSet<Digest> = self.meta.manifests().await?.into_iter().collect();
+        let mut names: HashSet<String> = self.meta.tags().await?.into_iter().map(|e| e.repository).collect();
+        for (digest, repos) in self.meta.linked_repositories().await? {
+            if manifests.contains(&digest) {
+                names.extend(repos);
+            }
+        }
+        Ok(names
+            .into_iter()
+            .filter(|n| !self.access.is_private_name(n))
+            .filter_map(|n| {
+                let (registry, path) = n.split_once('/')?;
+                Repository::new(registry, path).ok()
+            })
+            .filter(|r| self.allowed(r))
+            .collect())
     }
 
     async fn status(&self) -> BackendStatus {
