@@ -6,11 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_backends::containerd::ContainerdConfig;
+use ferry_backends::registry::RegistryClient;
 use ferry_backends::upstream::UpstreamConfig;
 use ferry_backends::BackendConfig;
 use ferry_core::Error;
 
-use ferry_server::config::Config;
+use ferry_server::config::{Config, OriginsConfig};
 
 /// Free space below which the data directory is a warning: one large image's export.
 const LOW_SPACE: u64 = 2 << 30;
@@ -82,8 +84,10 @@ pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<
                 continue;
             }
         }
-        if let BackendConfig::Upstream(c) = b {
-            check_origins(&mut r, &what, c).await;
+        match b {
+            BackendConfig::Upstream(c) => check_upstream_origins(&mut r, &what, c).await,
+            BackendConfig::Containerd(c) => check_heal_origins(&mut r, &what, c, &config.origins).await,
+            _ => {}
         }
     }
     check_listen(&mut r, "listen", config.server.addr).await;
@@ -262,44 +266,83 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
 /// How long an origin may take to answer `GET /v2/`.
 const ORIGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Asks every origin the upstream backend names (`allow` without patterns, `hosts`) for
-/// `GET /v2/` with ferry's own credentials and CAs, all at once: a wrong password, a missing
-/// CA or an endpoint that is not a registry shows here rather than in the first pull.
-async fn check_origins(r: &mut Report, what: &str, c: &UpstreamConfig) {
+/// Which backend asks an origin: where its settings are, for the fix a line suggests.
+#[derive(Clone, Copy)]
+enum Asker {
+    /// The upstream backend: `[backends.hosts."host"]`, its own credentials.
+    Upstream,
+    /// A containerd backend's heals: its `plain_http` and `ca_file`, each client's
+    /// credentials.
+    Heal,
+}
+
+/// The upstream backend's origins named one by one (`allow` without patterns, `hosts`),
+/// asked with ferry's own credentials and CAs.
+async fn check_upstream_origins(r: &mut Report, what: &str, c: &UpstreamConfig) {
     let named = c.named_origins();
     if named.is_empty() {
         r.ok(what, "no origin named one by one (allow patterns only): none asked");
         return;
     }
-    let client = match c.client() {
-        Ok(client) => client,
-        Err(e) => return r.fail(what, e.to_string(), "correct the CA or password file named above"),
-    };
-    let answers = futures::future::join_all(named.iter().map(|host| {
-        let client = &client;
-        async move {
-            let answer = tokio::time::timeout(ORIGIN_TIMEOUT, client.ping(host)).await;
-            (host, client.api_url(host), answer)
+    match c.client() {
+        Ok(client) => check_origins(r, what, &client, &named, Asker::Upstream).await,
+        Err(e) => r.fail(what, e.to_string(), "correct the CA or password file named above"),
+    }
+}
+
+/// The origins a containerd backend heals from that the config names one by one
+/// (`[origins] allow` without patterns, the backend's `plain_http`), asked as a heal would.
+async fn check_heal_origins(r: &mut Report, what: &str, c: &ContainerdConfig, origins: &OriginsConfig) {
+    if !c.fetch_missing {
+        return;
+    }
+    let mut named: Vec<String> = origins.allow.iter().filter(|h| !h.contains('*')).cloned().collect();
+    for h in &c.plain_http {
+        if !named.contains(h) {
+            named.push(h.clone());
         }
+    }
+    if named.is_empty() {
+        r.ok(
+            &format!("{what} heals"),
+            "from the public registries and [origins] allow patterns; none named one by one: none asked",
+        );
+        return;
+    }
+    match c.heal_client(&origins.policy()) {
+        Ok(client) => check_origins(r, &format!("{what} heal"), &client, &named, Asker::Heal).await,
+        Err(e) => r.fail(what, e.to_string(), "correct ca_file of this backend"),
+    }
+}
+
+/// Asks each named origin for `GET /v2/`, all at once: a wrong password, a missing CA or an
+/// endpoint that is not a registry shows here rather than in the first pull.
+async fn check_origins(r: &mut Report, what: &str, client: &RegistryClient, named: &[String], asker: Asker) {
+    let answers = futures::future::join_all(named.iter().map(|host| async move {
+        let answer = tokio::time::timeout(ORIGIN_TIMEOUT, client.ping(host)).await;
+        (host, client.api_url(host), answer)
     }))
     .await;
     for (host, url, answer) in answers {
         let what = format!("{what} origin {host}");
         let settings = format!("under [backends.hosts.\"{host}\"]");
+        let unreachable =
+            format!("check that {url} is reachable from here (DNS, firewall, proxy); cached images are still served");
         match answer {
             Err(_) => r.warn(
                 &what,
                 format!("{url}/v2/ did not answer within {}s", ORIGIN_TIMEOUT.as_secs()),
-                format!(
-                    "check that {url} is reachable from here (DNS, firewall, proxy); cached images are still served"
-                ),
+                unreachable,
             ),
             Ok(Ok(Some(true))) => r.ok(&what, format!("{url} answers, ferry's credentials accepted")),
             Ok(Ok(Some(false))) => r.ok(&what, format!("{url} answers")),
             Ok(Ok(None)) => r.fail(
                 &what,
                 format!("{url}/v2/ answered 404: not a registry's API"),
-                format!("set endpoint {settings} to the registry's API address"),
+                match asker {
+                    Asker::Upstream => format!("set endpoint {settings} to the registry's API address"),
+                    Asker::Heal => "heals ask the host an image is named after: name the registry's own host".into(),
+                },
             ),
             Ok(Err(Error::Unauthorized { message, .. })) if message.contains("refused") => r.fail(
                 &what,
@@ -308,24 +351,43 @@ async fn check_origins(r: &mut Report, what: &str, c: &UpstreamConfig) {
                     "correct username and password (or password_file) {settings}, or the host's entry in docker_config"
                 ),
             ),
-            Ok(Err(Error::Unauthorized { .. })) => r.warn(
-                &what,
-                format!("{url} needs credentials and ferry has none for it: only clients that send their own can pull"),
-                format!("set username and password_file {settings} (or docker_config) for clients that do not log in"),
-            ),
+            Ok(Err(Error::Unauthorized { .. })) => match asker {
+                Asker::Upstream => r.warn(
+                    &what,
+                    format!(
+                        "{url} needs credentials and ferry has none for it: only clients that send their own can pull"
+                    ),
+                    format!(
+                        "set username and password_file {settings} (or docker_config) for clients that do not log in"
+                    ),
+                ),
+                Asker::Heal => r.ok(
+                    &what,
+                    format!("{url} answers, with credentials: heals send each client's own"),
+                ),
+            },
             Ok(Err(e)) => {
                 let text = match e {
                     Error::Unavailable { reason, .. } => reason,
                     e => e.to_string(),
                 };
                 let fix = if text.contains("certificate") {
-                    format!("set ca_file {settings} to the CA that signed its certificate")
+                    match asker {
+                        Asker::Upstream => format!("set ca_file {settings} to the CA that signed its certificate"),
+                        Asker::Heal => "set ca_file of this backend to the CA that signed its certificate".into(),
+                    }
                 } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
-                    format!("it speaks plain HTTP: set plain_http = true {settings}")
+                    match asker {
+                        Asker::Upstream => format!("it speaks plain HTTP: set plain_http = true {settings}"),
+                        Asker::Heal => format!("it speaks plain HTTP: add \"{host}\" to plain_http of this backend"),
+                    }
                 } else if text.contains("not contacted") {
-                    "name the host in allow, or under [backends.hosts]".to_string()
+                    match asker {
+                        Asker::Upstream => "name the host in allow, or under [backends.hosts]".into(),
+                        Asker::Heal => "name the host in [origins] allow".into(),
+                    }
                 } else {
-                    format!("check that {url} is reachable from here (DNS, firewall, proxy); cached images are still served")
+                    unreachable
                 };
                 if text.contains("certificate") || text.contains("corrupt message") {
                     r.fail(&what, text, fix);

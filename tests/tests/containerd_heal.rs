@@ -246,6 +246,11 @@ fn heal_uses_the_clients_credentials() {
         dir.path(),
         &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n"),
     );
+    let line = doctor_heal_line(dir.path(), &registry);
+    assert!(
+        line.starts_with("ok ") && line.contains("heals send each client's own"),
+        "{line}"
+    );
     let url = ferry.url(&format!("/v2/{registry}/{repo}/blobs/{digest}"));
     let r = http().get(&url).send().unwrap();
     assert_eq!(r.status(), 401);
@@ -315,6 +320,14 @@ fn containerd_backend(ns: &str, extra: &str) -> String {
     format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"{ns}\"\n{extra}")
 }
 
+/// `ferry doctor`'s verdict and fix for `origin` with the config a [`Ferry::start`] in `dir`
+/// wrote: what a user reads before the first heal fails.
+fn doctor_heal_line(dir: &Path, origin: &str) -> String {
+    let config = dir.join("ferry.toml").display().to_string();
+    let (_, text) = run_ferry(&["doctor", "--config", &config, "--addr", "127.0.0.1:0"], &[]);
+    doctor_line(&text, &format!("heal origin {origin}: "))
+}
+
 /// An origin behind TLS with a private CA: without `ca_file` the certificate is refused — 404,
 /// a log line saying why, nothing written; with it the blob is healed and served.
 #[test]
@@ -346,6 +359,11 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
         !stored_eventually("tls-e2e", &digest),
         "nothing written when the origin is not trusted"
     );
+    let line = doctor_heal_line(dir.path(), &origin);
+    assert!(
+        line.starts_with("FAIL") && line.contains("certificate") && line.contains("set ca_file of this backend"),
+        "{line}"
+    );
 
     let dir = scratch();
     let trusting = Ferry::start(
@@ -357,6 +375,13 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     );
     let r = http().get(url(&trusting)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", trusting.logs());
+    let line = doctor_heal_line(dir.path(), &origin);
+    assert!(
+        line.starts_with(&format!(
+            "ok    backend containerd (containerd) heal origin {origin}: https://{origin} answers"
+        )),
+        "{line}"
+    );
     assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
     assert!(
         stored_eventually("tls-e2e", &digest),
@@ -386,6 +411,11 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
         "{logs}"
     );
     assert!(!stored("plain-e2e", &digest), "nothing written");
+    let line = doctor_heal_line(dir.path(), &origin);
+    assert!(
+        line.starts_with("FAIL") && line.contains(&format!("add \"{origin}\" to plain_http of this backend")),
+        "{line}"
+    );
 
     let dir = scratch();
     let plain = Ferry::start(
@@ -397,6 +427,11 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
     );
     let r = http().get(url(&plain)).send().unwrap();
     assert_eq!(r.status(), 200, "{}", plain.logs());
+    let line = doctor_heal_line(dir.path(), &origin);
+    assert!(
+        line.starts_with("ok ") && line.contains(&format!("http://{origin} answers")),
+        "{line}"
+    );
     assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
     assert!(
         stored_eventually("plain-e2e", &digest),

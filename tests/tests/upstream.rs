@@ -920,15 +920,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
     let config_arg = config.display().to_string();
     let doctor = || run_ferry(&["doctor", "--config", &config_arg, "--addr", "127.0.0.1:0"], &[]);
     let (code, text) = doctor();
-    let line = |host: &str| -> String {
-        let mark = format!("origin {host}: ");
-        let at = text
-            .find(&mark)
-            .unwrap_or_else(|| panic!("no line for {host}:\n{text}"));
-        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-        // The verdict and its fix line.
-        text[start..].lines().take(2).collect::<Vec<_>>().join("\n")
-    };
+    let line = |host: &str| doctor_line(&text, &format!("origin {host}: "));
     assert!(line(&anonymous.addr).starts_with("ok "), "{text}");
     assert!(
         line(&basic.addr).starts_with("ok ") && line(&basic.addr).contains("credentials accepted"),

@@ -98,22 +98,27 @@ impl ContainerdConfig {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");
         }
-        // Hosts this backend names for plain HTTP are named hosts of the origin policy too.
-        let policy = Arc::new(policy.with_named(&self.plain_http));
-        let origins = RegistryClient::new(
-            ClientSettings {
-                plain_http: self.plain_http.clone(),
-                ca_file: self.ca_file.clone(),
-                ..ClientSettings::default()
-            },
-            policy,
-        )?;
+        let origins = self.heal_client(&policy)?;
         Ok(Arc::new(ContainerdBackend {
             config: self.clone(),
             store: Arc::new(store),
             origins: Arc::new(origins),
             healing: Arc::new(Mutex::new(HashMap::new())),
         }))
+    }
+
+    /// The client heals fetch with: this backend's plain-HTTP hosts and CA, no credentials
+    /// of its own (each client's are passed on). Hosts named for plain HTTP are named hosts
+    /// of the origin policy too.
+    pub fn heal_client(&self, policy: &ferry_core::origin::OriginPolicy) -> Result<RegistryClient> {
+        RegistryClient::new(
+            ClientSettings {
+                plain_http: self.plain_http.clone(),
+                ca_file: self.ca_file.clone(),
+                ..ClientSettings::default()
+            },
+            Arc::new(policy.with_named(&self.plain_http)),
+        )
     }
 }
 

@@ -401,6 +401,15 @@ pub fn run_ferry(args: &[&str], envs: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// The line of `ferry doctor`'s report holding `mark`, with the fix line under it.
+pub fn doctor_line(text: &str, mark: &str) -> String {
+    let at = text
+        .find(mark)
+        .unwrap_or_else(|| panic!("no line with {mark:?}:\n{text}"));
+    let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    text[start..].lines().take(2).collect::<Vec<_>>().join("\n")
+}
+
 /// Number of log lines of ferry that contain every one of `parts`.
 pub fn count_lines(logs: &str, parts: &[&str]) -> usize {
     logs.lines().filter(|l| parts.iter().all(|p| l.contains(p))).count()
