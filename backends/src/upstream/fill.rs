@@ -227,9 +227,6 @@ impl Fill {
                 () = self.cancel.notified() => Step::Cancelled,
                 () = &mut due, if !batch.is_empty() => Step::Due,
             };
-            if let Some(e) = self.abandoned(received) {
-                return Err(e);
-            }
             // Whether the body ended, and whether the batch goes now.
             let (end, send) = match step {
                 Step::Chunk(Some(Ok(chunk))) => {
@@ -255,9 +252,13 @@ impl Fill {
                     })
                 }
                 Step::Chunk(None) => (true, true),
-                Step::Cancelled => continue,
+                Step::Cancelled => (false, false),
                 Step::Due => (false, true),
             };
+            // After counting what just arrived: a chunk that completes the blob keeps it.
+            if let Some(e) = self.abandoned(received) {
+                return Err(e);
+            }
             if send && !batch.is_empty() {
                 self.pace(sent).await;
                 if let Some(e) = self.abandoned(received) {
@@ -282,10 +283,11 @@ impl Fill {
         }
     }
 
-    /// Why the fetch stops, once every client left a fill not far enough along.
+    /// Why the fetch stops, once every client left a fill not far enough along. The bytes
+    /// received count, not only those written when the last client left: a small blob
+    /// arrives whole before the writer has written any, and dropping it then saves nothing.
     fn abandoned(&self, received: u64) -> Option<Error> {
-        self.cancelled
-            .load(Ordering::SeqCst)
+        (self.cancelled.load(Ordering::SeqCst) && received < self.keep_from)
             .then(|| Error::Internal(format!("every client left after {received} of {} bytes", self.size)))
     }
 
@@ -548,5 +550,81 @@ impl Fills {
         if active.get(digest).is_some_and(|f| f.ended()) {
             active.remove(digest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An origin's answer whose body is `body`.
+    fn origin(body: reqwest::Body) -> reqwest::Response {
+        reqwest::Response::from(http::Response::new(body))
+    }
+
+    /// Starts a fill of `wanted`, its outcome (stored or not) on the returned channel.
+    fn spawn(
+        store: &BlobStore,
+        wanted: Wanted,
+        body: reqwest::Body,
+        keep_percent: u8,
+    ) -> (Arc<Fill>, tokio::sync::oneshot::Receiver<bool>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let fill = Fill::spawn("test", store, wanted, origin(body), keep_percent, move |stored| {
+            let _ = tx.send(stored);
+        })
+        .unwrap();
+        (fill, rx)
+    }
+
+    /// Whether the fill stored its blob; a fill that never ends fails the test.
+    async fn outcome(stored: tokio::sync::oneshot::Receiver<bool>) -> bool {
+        tokio::time::timeout(std::time::Duration::from_secs(10), stored)
+            .await
+            .expect("the fill ended")
+            .expect("the fill reported how it ended")
+    }
+
+    fn wanted(data: &[u8]) -> Wanted {
+        Wanted {
+            repo: Repository::new("reg.example", "team/app").unwrap(),
+            digest: Digest::of(data),
+            size: data.len() as u64,
+        }
+    }
+
+    // The runtime is single-threaded: the fill's tasks run only once the test awaits, so
+    // the client leaves before the writer has written anything, whatever has arrived.
+
+    #[tokio::test]
+    async fn a_blob_that_arrived_whole_is_stored_although_its_client_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = vec![7u8; 64 * 1024];
+        let (fill, stored) = spawn(&store, wanted(&data), data.clone().into(), 50);
+        let Joined::Body(body) = fill.join(None).await.unwrap() else {
+            panic!("the fill ended before its first reader")
+        };
+        drop(body);
+        assert!(outcome(stored).await, "every byte had arrived");
+        assert_eq!(std::fs::read(store.path(&Digest::of(&data))).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_fill_not_far_enough_along_stops_when_its_client_leaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = vec![9u8; 1024 * 1024];
+        // The origin sends a first part, then nothing more.
+        let first = Bytes::copy_from_slice(&data[..4096]);
+        let stalled = futures::stream::once(async move { Ok::<_, io::Error>(first) }).chain(futures::stream::pending());
+        let (fill, stored) = spawn(&store, wanted(&data), reqwest::Body::wrap_stream(stalled), 50);
+        let Joined::Body(body) = fill.join(None).await.unwrap() else {
+            panic!("the fill ended before its first reader")
+        };
+        drop(body);
+        assert!(!outcome(stored).await, "4 KiB of 1 MiB is not far enough along");
+        assert_eq!(store.size(&Digest::of(&data)).await.unwrap(), None);
+        assert!(!fill.temp.exists(), "nothing partial is left");
     }
 }
