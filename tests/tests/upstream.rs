@@ -1622,3 +1622,74 @@ fn the_catalog_lists_cached_public_repositories_not_private_ones() {
     let names = catalog(&ferry);
     assert!(!names.iter().any(|n| n.contains("/cat/")), "{names:?}");
 }
+
+/// A private repository the origin opens to everybody (or one an older ferry marked private
+/// because a client sent credentials) becomes public in the cache once the origin serves it
+/// to a client without credentials: it is then served offline, after a restart, to anyone.
+#[test]
+fn a_repository_the_origin_opens_becomes_public_in_the_cache() {
+    let work = scratch();
+    let htpasswd = work.path().join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let origin = Origin::start("127.0.0.3", Some(&htpasswd));
+    let repo = unique("opened/app");
+    let digest = push_image(&format!("{}/{repo}:v1", origin.addr), Some("basic-user:basic-pass"));
+    let dir = scratch();
+    let mut ferry = Ferry::start(
+        dir.path(),
+        &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
+    );
+    let ns = format!("?ns={}", origin.addr);
+    let http = reqwest::blocking::Client::new();
+    let r = http
+        .get(ferry.url(&format!("/v2/{repo}/manifests/{digest}{ns}")))
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .basic_auth("basic-user", Some("basic-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    let m: serde_json::Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string()),
+    );
+    for b in &blobs {
+        let r = http
+            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
+            .basic_auth("basic-user", Some("basic-pass"))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
+    }
+    let (status, _, _) = get_manifest(&ferry, &repo, &digest, &ns);
+    assert_eq!(status, 401, "private while the origin wants credentials");
+
+    // The origin opens: the same registry, its data and address, without htpasswd.
+    let (ip, port) = origin.addr.split_once(':').unwrap();
+    sh(&format!(
+        "source {lib} && e2e_stop {n} && e2e_start_registry {n} {port} '' {ip}",
+        lib = lib(),
+        n = origin.name
+    ));
+    let (status, got, _) = get_manifest(&ferry, &repo, &digest, &ns);
+    assert_eq!((status, got.as_str()), (200, digest.as_str()), "{}", ferry.logs());
+
+    // Offline and restarted, every client still gets all of it from the cache.
+    origin.stop();
+    ferry.restart();
+    let (status, got, _) = get_manifest(&ferry, &repo, &digest, &ns);
+    assert_eq!((status, got.as_str()), (200, digest.as_str()), "{}", ferry.logs());
+    for b in &blobs {
+        let r = http
+            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{b}\n{}", ferry.logs());
+        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
+    }
+}

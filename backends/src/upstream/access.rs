@@ -105,6 +105,30 @@ impl Access {
         Ok(())
     }
 
+    /// Records that the origin served `repo` to a client without credentials: it went
+    /// public there (or was marked by an older ferry that marked every repository a client
+    /// sent credentials for), so its cached content is everybody's, offline too.
+    pub async fn unmark_private(&self, repo: &Repository) -> Result<()> {
+        let name = Self::marker(repo);
+        let (dir, path) = (self.dir.clone(), self.dir.join(&name));
+        tokio::task::spawn_blocking(move || {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::File::open(&dir)?.sync_all()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("marker remover task: {e}")))?
+        .map_err(|e| Error::io(format!("removing {}", self.dir.join(&name).display()), e))?;
+        self.private
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&name);
+        self.note_public(repo);
+        Ok(())
+    }
+
     /// Records that the origin let `credentials` read `repo` now. Bounded: past
     /// [`MAX_GRANTS`] entries, those older than the TTL go, and if that is not enough, all
     /// (clients then are asked about again), so no stream of credentials grows it for ever.
@@ -179,5 +203,23 @@ mod tests {
         }
         let held = access.granted.lock().unwrap().len();
         assert!(held <= MAX_GRANTS, "{held}");
+    }
+
+    #[tokio::test]
+    async fn an_unmarked_repository_stays_public_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = Access::open(dir.path(), Duration::from_secs(60)).await.unwrap();
+        let (repo, other) = (
+            Repository::new("reg.example", "team/app").unwrap(),
+            Repository::new("reg.example", "team/secret").unwrap(),
+        );
+        access.mark_private(&repo, "key-a").await.unwrap();
+        access.mark_private(&other, "key-a").await.unwrap();
+        access.unmark_private(&repo).await.unwrap();
+        assert!(!access.is_private(&repo) && access.known_public(&repo));
+        let reopened = Access::open(dir.path(), Duration::from_secs(60)).await.unwrap();
+        assert!(!reopened.is_private(&repo), "the marker is gone from disk");
+        assert!(reopened.is_private(&other), "only its own marker went");
+        reopened.unmark_private(&repo).await.unwrap();
     }
 }

@@ -253,8 +253,9 @@ impl UpstreamBackend {
 
     /// Whether the cache may serve `repo`'s `target` to this client: always for a repository
     /// that is not private; else when the origin let the client's credentials read it within
-    /// the TTL, or does now (a `HEAD`); when the origin cannot be asked, when it ever did
-    /// since ferry started. `false` when the origin does not have it (for this client).
+    /// the TTL, or does now (a `HEAD`; one that answers a client without credentials makes
+    /// the repository public); when the origin cannot be asked, when it ever did since ferry
+    /// started. `false` when the origin does not have it (for this client).
     async fn may_serve(&self, repo: &Repository, target: Target<'_>, ctx: &RequestCtx) -> Result<bool> {
         if !self.access.is_private(repo) {
             return Ok(true);
@@ -268,6 +269,12 @@ impl UpstreamBackend {
             .fetch(Method::HEAD, repo, target, &[], ctx.authorization.as_deref())
             .await
         {
+            Ok(Some(_)) if ctx.authorization.is_none() => {
+                tracing::info!(backend = %self.name(), origin = %repo,
+                    "origin serves a private repository without credentials now: its cache is public");
+                self.access.unmark_private(repo).await?;
+                Ok(true)
+            }
             Ok(Some(_)) => {
                 self.access.grant(repo, &key);
                 Ok(true)
