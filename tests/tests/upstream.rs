@@ -117,6 +117,41 @@ impl Drop for Origin {
     }
 }
 
+/// The digests of an image manifest's config and layers.
+fn blob_digests(manifest: &serde_json::Value) -> Vec<String> {
+    let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    blobs.extend(
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string()),
+    );
+    blobs
+}
+
+/// GETs each of `blobs` of `repo` through ferry (as `auth`, when given): each answers 200
+/// and hashes to its digest.
+fn get_blobs(ferry: &Ferry, repo: &str, ns: &str, blobs: &[String], auth: Option<(&str, &str)>) {
+    let http = reqwest::blocking::Client::new();
+    for b in blobs {
+        let mut req = http.get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")));
+        if let Some((user, password)) = auth {
+            req = req.basic_auth(user, Some(password));
+        }
+        let r = req.send().unwrap();
+        assert_eq!(r.status(), 200, "{b}\n{}", ferry.logs());
+        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
+    }
+}
+
+/// An htpasswd file in `dir` granting `basic-user:basic-pass`, for an origin with basic auth.
+fn basic_user_htpasswd(dir: &Path) -> std::path::PathBuf {
+    let htpasswd = dir.join("htpasswd");
+    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    htpasswd
+}
+
 /// Builds a runnable image in Docker 20 and copies it to `dest` (`host/repo:tag`) with
 /// skopeo; returns the origin's manifest digest. The image leaves the engine afterwards, so
 /// only the origin has it.
@@ -178,8 +213,7 @@ fn ctr_pull(ctd: &str, certs: &Path, image: &str, user: Option<&str>) -> (String
 fn one_ferry_mirrors_three_hosts_and_serves_the_second_pull_from_its_cache() {
     let ctd = containerd16();
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let anon = Origin::start("127.0.0.2", None);
     let basic = Origin::start("127.0.0.3", Some(&htpasswd));
     let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
@@ -349,8 +383,7 @@ fn walk(dir: &Path) -> usize {
 #[test]
 fn refused_credentials_pass_the_origins_challenge_on_and_cache_nothing() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let basic = Origin::start("127.0.0.3", Some(&htpasswd));
     let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
     let basic_repo = unique("private/basic");
@@ -501,14 +534,7 @@ fn fifty_cold_pulls_of_one_image_fetch_each_blob_once() {
                 let (status, digest, manifest) = get_manifest(&ferry, &repo, "v1", &ns);
                 assert_eq!(status, 200, "pull {i}");
                 let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-                let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-                blobs.extend(
-                    m["layers"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|l| l["digest"].as_str().unwrap().to_string()),
-                );
+                let blobs = blob_digests(&m);
                 // 50 clients share one debug build's bandwidth: more than reqwest's 30 s. A
                 // new connection per request: under load, the range request sent on the
                 // connection the big layer came on was once sometimes reset (1 run in 7), as
@@ -886,8 +912,7 @@ fn a_blob_too_large_for_the_limit_or_the_disk_is_not_fetched() {
 #[test]
 fn doctor_checks_every_named_origin_with_ferrys_credentials() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let anonymous = Origin::start("127.0.0.2", None);
     let basic = Origin::start("127.0.0.3", Some(&htpasswd));
     let token = Origin::start_with_token_auth("127.0.0.4", "tok-user", "tok-pass");
@@ -1083,8 +1108,7 @@ fn upstream_after_a_containerd_first_chain_and_after_podman() {
 #[test]
 fn tag_lists_come_from_the_origin_beside_the_engines() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let origin = Origin::start("127.0.0.2", None);
     let private = Origin::start("127.0.0.3", Some(&htpasswd));
     let repo = unique("many/tags");
@@ -1369,8 +1393,7 @@ fn the_admin_api_lists_and_evicts_cached_upstream_images() {
 #[test]
 fn concurrent_clients_with_other_credentials_each_get_their_own_answer() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let origin = Origin::start("127.0.0.3", Some(&htpasswd));
     let repo = unique("private/blob");
     let file = work.path().join("blob");
@@ -1502,47 +1525,17 @@ fn credentials_sent_for_a_public_repository_leave_it_public() {
         &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
     );
     let ns = format!("?ns={}", origin.addr);
-    let http = reqwest::blocking::Client::new();
-    let accept = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json";
-    let r = http
-        .get(ferry.url(&format!("/v2/{repo}/manifests/v1{ns}")))
-        .header("Accept", accept)
-        .basic_auth("someone", Some("logged-in"))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", ferry.logs());
-    let m: serde_json::Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
-    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    blobs.extend(
-        m["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string()),
-    );
-    for b in &blobs {
-        let r = http
-            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
-            .basic_auth("someone", Some("logged-in"))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
-    }
+    let (status, _, manifest) = get_manifest_as(&ferry, &repo, "v1", &ns, Some(("someone", "logged-in")));
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let blobs = blob_digests(&serde_json::from_slice(&manifest).unwrap());
+    get_blobs(&ferry, &repo, &ns, &blobs, Some(("someone", "logged-in")));
 
     // Origin down, ferry restarted: a client without credentials still gets all of it.
     origin.stop();
     ferry.restart();
     let (status, got, _) = get_manifest(&ferry, &repo, "v1", &ns);
     assert_eq!((status, got.as_str()), (200, digest.as_str()), "{}", ferry.logs());
-    for b in &blobs {
-        let r = http
-            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200, "{b}\n{}", ferry.logs());
-        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
-    }
+    get_blobs(&ferry, &repo, &ns, &blobs, None);
 }
 
 /// `_catalog` names what the cache holds, by tag or by digest, so a user can see what a
@@ -1551,8 +1544,7 @@ fn credentials_sent_for_a_public_repository_leave_it_public() {
 #[test]
 fn the_catalog_lists_cached_public_repositories_not_private_ones() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let origin = Origin::start("127.0.0.2", None);
     let private = Origin::start("127.0.0.3", Some(&htpasswd));
     let (tagged, pinned, secret) = (unique("cat/tagged"), unique("cat/pinned"), unique("cat/secret"));
@@ -1584,13 +1576,15 @@ fn the_catalog_lists_cached_public_repositories_not_private_ones() {
     assert_eq!(status, 200, "{}", ferry.logs());
     let (status, _, _) = get_manifest(&ferry, &pinned, &pinned_digest, &ns);
     assert_eq!(status, 200, "{}", ferry.logs());
-    let r = reqwest::blocking::Client::new()
-        .get(ferry.url(&format!("/v2/{secret}/manifests/{secret_digest}?ns={}", private.addr)))
-        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
-        .basic_auth("basic-user", Some("basic-pass"))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    let private_ns = format!("?ns={}", private.addr);
+    let (status, _, _) = get_manifest_as(
+        &ferry,
+        &secret,
+        &secret_digest,
+        &private_ns,
+        Some(("basic-user", "basic-pass")),
+    );
+    assert_eq!(status, 200, "{}", ferry.logs());
 
     let names = catalog(&ferry);
     assert!(
@@ -1630,8 +1624,7 @@ fn the_catalog_lists_cached_public_repositories_not_private_ones() {
 #[test]
 fn a_repository_the_origin_opens_becomes_public_in_the_cache() {
     let work = scratch();
-    let htpasswd = work.path().join("htpasswd");
-    sh(&format!("htpasswd -Bbn basic-user basic-pass > {}", htpasswd.display()));
+    let htpasswd = basic_user_htpasswd(work.path());
     let origin = Origin::start("127.0.0.3", Some(&htpasswd));
     let repo = unique("opened/app");
     let digest = push_image(&format!("{}/{repo}:v1", origin.addr), Some("basic-user:basic-pass"));
@@ -1641,32 +1634,10 @@ fn a_repository_the_origin_opens_becomes_public_in_the_cache() {
         &chain_with_upstream(&format!("allow = [\"{}\"]\n", origin.addr)),
     );
     let ns = format!("?ns={}", origin.addr);
-    let http = reqwest::blocking::Client::new();
-    let r = http
-        .get(ferry.url(&format!("/v2/{repo}/manifests/{digest}{ns}")))
-        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
-        .basic_auth("basic-user", Some("basic-pass"))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", ferry.logs());
-    let m: serde_json::Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
-    let mut blobs = vec![m["config"]["digest"].as_str().unwrap().to_string()];
-    blobs.extend(
-        m["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap().to_string()),
-    );
-    for b in &blobs {
-        let r = http
-            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
-            .basic_auth("basic-user", Some("basic-pass"))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
-    }
+    let (status, _, manifest) = get_manifest_as(&ferry, &repo, &digest, &ns, Some(("basic-user", "basic-pass")));
+    assert_eq!(status, 200, "{}", ferry.logs());
+    let blobs = blob_digests(&serde_json::from_slice(&manifest).unwrap());
+    get_blobs(&ferry, &repo, &ns, &blobs, Some(("basic-user", "basic-pass")));
     let (status, _, _) = get_manifest(&ferry, &repo, &digest, &ns);
     assert_eq!(status, 401, "private while the origin wants credentials");
 
@@ -1685,12 +1656,5 @@ fn a_repository_the_origin_opens_becomes_public_in_the_cache() {
     ferry.restart();
     let (status, got, _) = get_manifest(&ferry, &repo, &digest, &ns);
     assert_eq!((status, got.as_str()), (200, digest.as_str()), "{}", ferry.logs());
-    for b in &blobs {
-        let r = http
-            .get(ferry.url(&format!("/v2/{repo}/blobs/{b}{ns}")))
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 200, "{b}\n{}", ferry.logs());
-        assert_eq!(&format!("sha256:{}", sha256_hex(&r.bytes().unwrap())), b);
-    }
+    get_blobs(&ferry, &repo, &ns, &blobs, None);
 }

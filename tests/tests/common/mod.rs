@@ -417,8 +417,22 @@ pub fn count_lines(logs: &str, parts: &[&str]) -> usize {
 
 /// GETs a manifest with every manifest type accepted; returns (status, digest header, body).
 pub fn get_manifest(ferry: &Ferry, name: &str, reference: &str, query: &str) -> (u16, String, Vec<u8>) {
-    let r = reqwest::blocking::Client::new()
-        .get(ferry.url(&format!("/v2/{name}/manifests/{reference}{query}")))
+    get_manifest_as(ferry, name, reference, query, None)
+}
+
+/// [`get_manifest`] with Basic credentials (`user`, `password`) when given.
+pub fn get_manifest_as(
+    ferry: &Ferry,
+    name: &str,
+    reference: &str,
+    query: &str,
+    auth: Option<(&str, &str)>,
+) -> (u16, String, Vec<u8>) {
+    let mut req = reqwest::blocking::Client::new().get(ferry.url(&format!("/v2/{name}/manifests/{reference}{query}")));
+    if let Some((user, password)) = auth {
+        req = req.basic_auth(user, Some(password));
+    }
+    let r = req
         .header(
             "Accept",
             "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
