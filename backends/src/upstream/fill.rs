@@ -222,7 +222,11 @@ impl Fill {
         let due = tokio::time::sleep(BATCH_WAIT);
         tokio::pin!(due);
         loop {
+            // The origin's bytes first: a chunk already there is counted before a client's
+            // leaving is looked at, so a blob that has arrived is kept (the flag is checked
+            // after every step, so a fast origin does not hide a cancel).
             let step = tokio::select! {
+                biased;
                 next = body.next() => Step::Chunk(next),
                 () = self.cancel.notified() => Step::Cancelled,
                 () = &mut due, if !batch.is_empty() => Step::Due,
