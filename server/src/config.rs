@@ -573,6 +573,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("allow_delet") && e.contains("ferry.toml"), "{e}");
+        // Heals pass each client's credentials on; ferry's own have no place there.
+        let e = load_toml(
+            "[[backends]]\ntype = \"containerd\"\n[backends.hosts.\"reg.lan\"]\nusername = \"u\"\n",
+            &Flags::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("username") && e.contains("ferry.toml"), "{e}");
         let e = load_toml("[[backends]]\ntype = \"nope\"\n", &Flags::default())
             .unwrap_err()
             .to_string();

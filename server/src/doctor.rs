@@ -271,7 +271,7 @@ const ORIGIN_TIMEOUT: Duration = Duration::from_secs(10);
 enum Asker {
     /// The upstream backend: `[backends.hosts."host"]`, its own credentials.
     Upstream,
-    /// A containerd backend's heals: its `plain_http` and `ca_file`, each client's
+    /// A containerd backend's heals: its `plain_http`, `ca_file` and `hosts`, each client's
     /// credentials.
     Heal,
 }
@@ -291,13 +291,14 @@ async fn check_upstream_origins(r: &mut Report, what: &str, c: &UpstreamConfig) 
 }
 
 /// The origins a containerd backend heals from that the config names one by one
-/// (`[origins] allow` without patterns, the backend's `plain_http`), asked as a heal would.
+/// (`[origins] allow` without patterns, the backend's `plain_http` and `hosts`), asked as a
+/// heal would.
 async fn check_heal_origins(r: &mut Report, what: &str, c: &ContainerdConfig, origins: &OriginsConfig) {
     if !c.fetch_missing {
         return;
     }
     let mut named: Vec<String> = origins.allow.iter().filter(|h| !h.contains('*')).cloned().collect();
-    for h in &c.plain_http {
+    for h in &c.named_origins() {
         if !named.contains(h) {
             named.push(h.clone());
         }
@@ -371,10 +372,18 @@ async fn check_origins(r: &mut Report, what: &str, client: &RegistryClient, name
                     Error::Unavailable { reason, .. } => reason,
                     e => e.to_string(),
                 };
+                let speaks_tls = text.contains("HTTP request to an HTTPS server");
                 let fix = if text.contains("certificate") {
                     match asker {
                         Asker::Upstream => format!("set ca_file {settings} to the CA that signed its certificate"),
-                        Asker::Heal => "set ca_file of this backend to the CA that signed its certificate".into(),
+                        Asker::Heal => {
+                            format!("set ca_file of this backend (or {settings}) to the CA that signed its certificate")
+                        }
+                    }
+                } else if speaks_tls {
+                    match asker {
+                        Asker::Upstream => format!("it speaks TLS: set plain_http = false {settings}"),
+                        Asker::Heal => format!("it speaks TLS: set plain_http = false {settings} of this backend"),
                     }
                 } else if text.contains("corrupt message") || text.contains("InvalidContentType") {
                     match asker {
@@ -389,7 +398,7 @@ async fn check_origins(r: &mut Report, what: &str, client: &RegistryClient, name
                 } else {
                     unreachable
                 };
-                if text.contains("certificate") || text.contains("corrupt message") {
+                if text.contains("certificate") || text.contains("corrupt message") || speaks_tls {
                     r.fail(&what, text, fix);
                 } else {
                     r.warn(&what, text, fix);

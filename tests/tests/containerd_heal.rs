@@ -292,6 +292,21 @@ fn registry_on_test_host(work: &Path, tls: bool) -> (TestHost, String) {
     (host, origin)
 }
 
+/// Writes a blob in `work` and uploads it to a new repository `<repo>N` of the TLS registry
+/// `origin`, trusting the CA `ca`; returns the blob's file, the repository and its digest.
+fn blob_over_tls(work: &Path, ca: &Path, origin: &str, repo: &str) -> (std::path::PathBuf, String, String) {
+    let ca = std::fs::read(ca).unwrap();
+    let client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let blob = work.join("blob");
+    std::fs::write(&blob, format!("layer behind tls {}", unique("")).repeat(1000)).unwrap();
+    let repo = unique(repo);
+    let digest = upload_to(&client, &format!("https://{origin}"), &repo, &blob, None);
+    (blob, repo, digest)
+}
+
 /// Whether containerd 1.7's namespace `ns` holds `digest`.
 fn stored(ns: &str, digest: &str) -> bool {
     let ctd17 = env("E2E_CONTAINERD17_SOCK");
@@ -335,15 +350,7 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     let work = scratch();
     let (_host, origin) = registry_on_test_host(work.path(), true);
     let w = work.path().display().to_string();
-    let ca = std::fs::read(work.path().join("ca.pem")).unwrap();
-    let client = reqwest::blocking::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .build()
-        .unwrap();
-    let blob = work.path().join("blob");
-    std::fs::write(&blob, format!("layer behind tls {}", unique("")).repeat(1000)).unwrap();
-    let repo = unique("tls/heal");
-    let digest = upload_to(&client, &format!("https://{origin}"), &repo, &blob, None);
+    let (blob, repo, digest) = blob_over_tls(work.path(), &work.path().join("ca.pem"), &origin, "tls/heal");
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
 
     let dir = scratch();
@@ -386,6 +393,65 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     assert!(
         stored_eventually("tls-e2e", &digest),
         "the healed blob is in the content store"
+    );
+}
+
+/// A TLS registry on a loopback address: heals ask loopback hosts over plain HTTP unless told
+/// otherwise, so without settings the registry refuses the request (the log and the doctor
+/// say it speaks TLS) and nothing is written; `[backends.hosts."<host>"]` with its `ca_file`
+/// (which names the host, no `[origins]` entry needed) has heals use TLS and trust it.
+#[test]
+fn heal_from_a_tls_origin_on_loopback_with_its_host_settings() {
+    let work = scratch();
+    let tls = work.path().join("tls");
+    let origin = Origin::start_tls("127.0.0.9", &tls);
+    let o = origin.addr.clone();
+    let (blob, repo, digest) = blob_over_tls(work.path(), &tls.join("ca.pem"), &o, "lotls/heal");
+    let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={o}"));
+
+    let dir = scratch();
+    let plain = Ferry::start(dir.path(), &named(&o, &containerd_backend("lotls-e2e", "")));
+    let r = http().get(url(&plain)).send().unwrap();
+    assert_eq!(r.status(), 404, "{}", plain.logs());
+    let logs = plain.logs();
+    assert!(
+        count_lines(
+            &logs,
+            &[
+                "origin fetch failed",
+                &format!("http://{o}"),
+                "HTTP request to an HTTPS server"
+            ]
+        ) >= 1,
+        "{logs}"
+    );
+    assert!(!stored("lotls-e2e", &digest), "nothing written");
+    let line = doctor_heal_line(dir.path(), &o);
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains(&format!(
+                "it speaks TLS: set plain_http = false under [backends.hosts.\"{o}\"]"
+            )),
+        "{line}"
+    );
+
+    let dir = scratch();
+    let settings = format!(
+        "[backends.hosts.\"{o}\"]\nca_file = \"{}\"\n",
+        tls.join("ca.pem").display()
+    );
+    let trusting = Ferry::start(dir.path(), &containerd_backend("lotls-e2e", &settings));
+    let r = http().get(url(&trusting)).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", trusting.logs());
+    assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&blob).unwrap());
+    assert!(
+        stored_eventually("lotls-e2e", &digest),
+        "the healed blob is in the content store"
+    );
+    let line = doctor_heal_line(dir.path(), &o);
+    assert!(
+        line.starts_with("ok ") && line.contains(&format!("https://{o} answers")),
+        "{line}"
     );
 }
 

@@ -7,115 +7,10 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-
-/// A distribution registry standing in for an origin host, stopped when dropped.
-struct Origin {
-    name: String,
-    /// `ip:port`.
-    addr: String,
-    token_server: Option<String>,
-}
-
-fn port_on(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
-}
-
-impl Origin {
-    fn start(ip: &str, htpasswd: Option<&Path>) -> Origin {
-        let name = unique("origin");
-        let port = port_on(ip);
-        sh(&format!(
-            "source {} && e2e_start_registry {name} {port} '{}' {ip}",
-            lib(),
-            htpasswd.map(|p| p.display().to_string()).unwrap_or_default()
-        ));
-        Origin {
-            name,
-            addr: format!("{ip}:{port}"),
-            token_server: None,
-        }
-    }
-
-    /// A registry whose clients need a token from a token server of its own, which grants
-    /// pulls (and pushes) to `user:password`.
-    fn start_with_token_auth(ip: &str, user: &str, password: &str) -> Origin {
-        let name = unique("origin");
-        let token = format!("{name}-token");
-        let (port, token_port) = (port_on(ip), port_on(ip));
-        sh(&format!(
-            "source {lib} && auth=$(e2e_start_token_server {token} {ip} {token_port} {user} {password}) \
-             && e2e_start_registry {name} {port} '' {ip} '' '' \"$auth\"",
-            lib = lib()
-        ));
-        Origin {
-            name,
-            addr: format!("{ip}:{port}"),
-            token_server: Some(token),
-        }
-    }
-
-    /// A registry serving HTTPS on `ip` with a certificate of a CA of its own, both made in
-    /// `tls` (the CA is `tls/ca.pem`).
-    fn start_tls(ip: &str, tls: &Path) -> Origin {
-        std::fs::create_dir_all(tls).unwrap();
-        make_server_cert(tls, ip);
-        let name = unique("origin-tls");
-        let port = port_on(ip);
-        sh(&format!(
-            "source {} && e2e_start_registry {name} {port} '' {ip} {}",
-            lib(),
-            tls.display()
-        ));
-        Origin {
-            name,
-            addr: format!("{ip}:{port}"),
-            token_server: None,
-        }
-    }
-
-    /// Writes `size` (`head -c`: `512K`, `4M`) random bytes to `file` and uploads them as a
-    /// blob of `repo` (with `creds`, `user:password`, when given); returns its digest.
-    fn upload_random(&self, repo: &str, file: &Path, size: &str, creds: Option<&str>) -> String {
-        sh(&format!("head -c {size} /dev/urandom > {}", file.display()));
-        sh(&format!(
-            "source {} && e2e_upload_blob {} {repo} {} {}",
-            lib(),
-            self.addr,
-            file.display(),
-            creds.unwrap_or_default()
-        ))
-        .trim()
-        .to_string()
-    }
-
-    /// The requests the registry logged (its access log), except the start-up probes.
-    fn requests(&self) -> Vec<String> {
-        let log = std::fs::read_to_string(format!("{}/logs/{}.log", env("E2E_DIR"), self.name)).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("HTTP/1.1\"") && !l.contains("\"curl/"))
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn stop(&self) {
-        sh(&format!("source {} && e2e_stop {}", lib(), self.name));
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        let mut cmd = format!("source {} && set +e && e2e_stop {}", lib(), self.name);
-        if let Some(t) = &self.token_server {
-            cmd.push_str(&format!(" && e2e_stop {t}"));
-        }
-        let _ = sh_result(&cmd);
-    }
-}
 
 /// The digests of an image manifest's config and layers.
 fn blob_digests(manifest: &serde_json::Value) -> Vec<String> {
@@ -920,6 +815,8 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
     let plain = Origin::start("127.0.0.8", None);
     let tls = work.path().join("tls");
     let tls_origin = Origin::start_tls("127.0.0.6", &tls);
+    // On loopback and named only in `allow`: asked over plain HTTP, as ferry does by default.
+    let tls_unsaid = Origin::start_tls("127.0.0.10", &work.path().join("tls-unsaid"));
     let down = format!("127.0.0.7:{}", port_on("127.0.0.7")); // nothing listens there
 
     let dir = scratch();
@@ -927,7 +824,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
     std::fs::write(
         &config,
         format!(
-            "[cache]\ndir = \"{data}\"\n[[backends]]\ntype = \"upstream\"\nallow = [\"{a}\", \"{down}\"]\n\
+            "[cache]\ndir = \"{data}\"\n[[backends]]\ntype = \"upstream\"\nallow = [\"{a}\", \"{down}\", \"{u}\"]\n\
              [backends.hosts.\"{b}\"]\nusername = \"basic-user\"\npassword = \"basic-pass\"\n\
              [backends.hosts.\"{t}\"]\nusername = \"tok-user\"\npassword = \"wrong\"\n\
              [backends.hosts.\"{n}\"]\nplain_http = true\n\
@@ -940,6 +837,7 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
             n = no_creds.addr,
             p = plain.addr,
             s = tls_origin.addr,
+            u = tls_unsaid.addr,
         ),
     )
     .unwrap();
@@ -973,13 +871,22 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
         no_ca.starts_with("FAIL") && no_ca.contains("certificate") && no_ca.contains("ca_file"),
         "{text}"
     );
+    let speaks_tls = line(&tls_unsaid.addr);
+    assert!(
+        speaks_tls.starts_with("FAIL")
+            && speaks_tls.contains(&format!(
+                "it speaks TLS: set plain_http = false under [backends.hosts.\"{}\"]",
+                tls_unsaid.addr
+            )),
+        "{text}"
+    );
     let unreachable = line(&down);
     assert!(
         unreachable.starts_with("warn") && unreachable.contains("reachable"),
         "{text}"
     );
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("3 problems found"), "{text}");
+    assert!(text.contains("4 problems found"), "{text}");
 
     // With the CA and the right password, both pass.
     let fixed = std::fs::read_to_string(&config)
@@ -1010,8 +917,8 @@ fn doctor_checks_every_named_origin_with_ferrys_credentials() {
         "{text}"
     );
     assert!(
-        text.contains("1 problem found"),
-        "only the plain-HTTP host is left: {text}"
+        text.contains("2 problems found"),
+        "only the plain-HTTP host and the TLS one asked over plain HTTP are left: {text}"
     );
 }
 

@@ -8,7 +8,7 @@
 
 mod store;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,7 +27,7 @@ use ferry_core::{
     Result,
 };
 
-use crate::registry::{ClientSettings, RegistryClient, Target};
+use crate::registry::{ClientSettings, HostConfig, RegistryClient, Target};
 use store::{Store, SOURCE_LABEL};
 
 /// `[[backends]] type = "containerd"`.
@@ -46,16 +46,36 @@ pub struct ContainerdConfig {
     /// Fetch blobs the content store lacks from the image's origin registry into it.
     #[serde(default = "default_true")]
     pub fetch_missing: bool,
-    /// Registry hosts (`host:port`) reached over plain HTTP; loopback hosts always are.
+    /// Registry hosts (`host:port`) reached over plain HTTP; loopback hosts are too unless
+    /// `hosts` says otherwise.
     #[serde(default)]
     pub plain_http: Vec<String>,
     /// A PEM CA certificate to trust for origin registries.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `[backends.hosts."<host>"]`: how heals reach one origin (TLS on a loopback host, its
+    /// own CA).
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HealHost>,
     /// Read committed blobs straight from containerd's content directory when this process
     /// can (same machine, enough permissions), instead of through the Read API.
     #[serde(default = "default_true")]
     pub direct_reads: bool,
+}
+
+/// How heals reach one origin host. No credentials: a heal fetches whatever blob a client
+/// names, so ferry's own would open the host's private content to anyone who reaches ferry;
+/// each client's are passed on instead.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealHost {
+    /// Plain HTTP (`true`) or TLS (`false`). Unset: plain HTTP for loopback hosts without a
+    /// `ca_file`, TLS for every other.
+    #[serde(default)]
+    pub plain_http: Option<bool>,
+    /// A PEM CA certificate to trust for this host.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_name() -> String {
@@ -84,6 +104,7 @@ impl Default for ContainerdConfig {
             fetch_missing: true,
             plain_http: Vec::new(),
             ca_file: None,
+            hosts: BTreeMap::new(),
             direct_reads: true,
         }
     }
@@ -107,18 +128,37 @@ impl ContainerdConfig {
         }))
     }
 
-    /// The client heals fetch with: this backend's plain-HTTP hosts and CA, no credentials
-    /// of its own (each client's are passed on). Hosts named for plain HTTP are named hosts
-    /// of the origin policy too.
+    /// The client heals fetch with: this backend's plain-HTTP hosts, CA and per-host
+    /// settings, no credentials of its own (each client's are passed on). The hosts these
+    /// name are named hosts of the origin policy too.
     pub fn heal_client(&self, policy: &ferry_core::origin::OriginPolicy) -> Result<RegistryClient> {
-        RegistryClient::new(
-            ClientSettings {
-                plain_http: self.plain_http.clone(),
-                ca_file: self.ca_file.clone(),
-                ..ClientSettings::default()
-            },
-            Arc::new(policy.with_named(&self.plain_http)),
-        )
+        let hosts = self
+            .hosts
+            .iter()
+            .map(|(host, h)| {
+                let config = HostConfig {
+                    plain_http: h.plain_http,
+                    ca_file: h.ca_file.clone(),
+                    ..HostConfig::default()
+                };
+                (host.clone(), config)
+            })
+            .collect();
+        let settings = ClientSettings {
+            hosts,
+            plain_http: self.plain_http.clone(),
+            ca_file: self.ca_file.clone(),
+            ..ClientSettings::default()
+        };
+        let policy = Arc::new(policy.with_named(&settings.named_hosts()));
+        RegistryClient::new(settings, policy)
+    }
+
+    /// The origins this backend names one by one (`plain_http`, `hosts`).
+    pub fn named_origins(&self) -> Vec<String> {
+        let mut named = self.plain_http.clone();
+        named.extend(self.hosts.keys().filter(|h| !self.plain_http.contains(h)).cloned());
+        named
     }
 }
 

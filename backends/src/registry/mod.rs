@@ -76,6 +76,36 @@ fn unavailable(registry: &str, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// How much of an unexpected answer's body goes into the error.
+const SAID_BYTES: usize = 200;
+
+/// The start of an unexpected answer's body (`": ..."`, printable, on one line), for the
+/// log: what the origin said about it — a registry's error JSON, or Go's "Client sent an
+/// HTTP request to an HTTPS server." from a TLS registry asked over plain HTTP. Read for at
+/// most two seconds.
+async fn said(mut resp: Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < SAID_BYTES {
+            match resp.chunk().await {
+                Ok(Some(c)) => body.extend_from_slice(&c[..c.len().min(SAID_BYTES - body.len())]),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    let text = String::from_utf8_lossy(&body);
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", words.join(" "))
+    }
+}
+
 /// The registry's refusal, with its own challenge so the client can answer it.
 fn refused(registry: &str, challenge: Option<String>, had_credentials: bool) -> Error {
     Error::Unauthorized {
@@ -346,7 +376,13 @@ impl RegistryClient {
                         r.url
                     )));
                 }
-                s => return Err(unavailable(registry, format!("{} {} answered {s}", r.method, r.url))),
+                s => {
+                    let said = said(resp).await;
+                    return Err(unavailable(
+                        registry,
+                        format!("{} {} answered {s}{said}", r.method, r.url),
+                    ));
+                }
             }
         }
     }

@@ -458,6 +458,112 @@ pub fn docker_chain(socket: &str, extra: &str) -> String {
     format!("[[backends]]\ntype = \"docker\"\nsocket = \"{socket}\"\n{extra}\n[[backends]]\ntype = \"push\"\n")
 }
 
+/// A distribution registry on a loopback address standing in for an origin host, stopped
+/// when dropped.
+pub struct Origin {
+    pub name: String,
+    /// `ip:port`.
+    pub addr: String,
+    token_server: Option<String>,
+}
+
+/// A free port on `ip`.
+pub fn port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+impl Origin {
+    pub fn start(ip: &str, htpasswd: Option<&Path>) -> Origin {
+        let name = unique("origin");
+        let port = port_on(ip);
+        sh(&format!(
+            "source {} && e2e_start_registry {name} {port} '{}' {ip}",
+            lib(),
+            htpasswd.map(|p| p.display().to_string()).unwrap_or_default()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: None,
+        }
+    }
+
+    /// A registry whose clients need a token from a token server of its own, which grants
+    /// pulls (and pushes) to `user:password`.
+    pub fn start_with_token_auth(ip: &str, user: &str, password: &str) -> Origin {
+        let name = unique("origin");
+        let token = format!("{name}-token");
+        let (port, token_port) = (port_on(ip), port_on(ip));
+        sh(&format!(
+            "source {lib} && auth=$(e2e_start_token_server {token} {ip} {token_port} {user} {password}) \
+             && e2e_start_registry {name} {port} '' {ip} '' '' \"$auth\"",
+            lib = lib()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: Some(token),
+        }
+    }
+
+    /// A registry serving HTTPS on `ip` with a certificate of a CA of its own, both made in
+    /// `tls` (the CA is `tls/ca.pem`).
+    pub fn start_tls(ip: &str, tls: &Path) -> Origin {
+        std::fs::create_dir_all(tls).unwrap();
+        make_server_cert(tls, ip);
+        let name = unique("origin-tls");
+        let port = port_on(ip);
+        sh(&format!(
+            "source {} && e2e_start_registry {name} {port} '' {ip} {}",
+            lib(),
+            tls.display()
+        ));
+        Origin {
+            name,
+            addr: format!("{ip}:{port}"),
+            token_server: None,
+        }
+    }
+
+    /// Writes `size` (`head -c`: `512K`, `4M`) random bytes to `file` and uploads them as a
+    /// blob of `repo` (with `creds`, `user:password`, when given); returns its digest.
+    pub fn upload_random(&self, repo: &str, file: &Path, size: &str, creds: Option<&str>) -> String {
+        sh(&format!("head -c {size} /dev/urandom > {}", file.display()));
+        sh(&format!(
+            "source {} && e2e_upload_blob {} {repo} {} {}",
+            lib(),
+            self.addr,
+            file.display(),
+            creds.unwrap_or_default()
+        ))
+        .trim()
+        .to_string()
+    }
+
+    /// The requests the registry logged (its access log), except the start-up probes.
+    pub fn requests(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(format!("{}/logs/{}.log", env("E2E_DIR"), self.name)).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("HTTP/1.1\"") && !l.contains("\"curl/"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn stop(&self) {
+        sh(&format!("source {} && e2e_stop {}", lib(), self.name));
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let mut cmd = format!("source {} && set +e && e2e_stop {}", lib(), self.name);
+        if let Some(t) = &self.token_server {
+            cmd.push_str(&format!(" && e2e_stop {t}"));
+        }
+        let _ = sh_result(&cmd);
+    }
+}
+
 /// A test host: a network namespace of its own, joined to this one by a veth pair on a
 /// private /30 (tests/env/lib.sh `e2e_netns_create`), for origins that must not look like
 /// loopback. Daemons started in it are stopped by their PIDs and the namespace is deleted
