@@ -143,13 +143,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_is_remembered_for_a_while() {
-        let flights = Flights::<u32>::remembering_failures(Duration::from_millis(200));
+        // Long enough that no stall of a loaded machine ends it between the two runs.
+        let flights = Flights::<u32>::remembering_failures(Duration::from_millis(800));
         let fail = || async { Err::<u32, _>(Error::Internal("export broke".into())) };
         assert!(flights.run("img", fail()).await.is_err());
         // Within the memory: the failure, without a new run.
         let e = flights.run("img", async { Ok(1) }).await.err().unwrap();
         assert!(matches!(e, Error::Internal(ref m) if m == "export broke"));
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(flights.run("img", async { Ok(2) }).await.unwrap(), 2);
     }
 
@@ -158,8 +159,9 @@ mod tests {
         let flights = Arc::new(Flights::<u32>::default());
         let done = Arc::new(AtomicUsize::new(0));
         let d = done.clone();
+        // The run lasts long enough that the second caller joins it however slow the machine.
         let first = flights.run("img", async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(800)).await;
             d.fetch_add(1, Ordering::SeqCst);
             Ok(1)
         });

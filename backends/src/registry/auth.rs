@@ -140,9 +140,10 @@ mod tests {
     async fn tokens_expire() {
         let t = Tokens::default();
         let key = ("r".to_string(), "s".to_string(), None);
-        t.put(key.clone(), "tok".into(), Duration::from_millis(30)).await;
+        // A lifetime far above any stall of a loaded machine between the put and the get.
+        t.put(key.clone(), "tok".into(), Duration::from_millis(800)).await;
         assert_eq!(t.get(&key).await.as_deref(), Some("tok"));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
         assert_eq!(t.get(&key).await, None);
         let answer: TokenAnswer = serde_json::from_str(r#"{"access_token":"a","expires_in":300}"#).unwrap();
         assert_eq!(answer.into_token(), Some(("a".into(), Duration::from_secs(290))));
