@@ -240,6 +240,7 @@ fn heal_uses_the_clients_credentials() {
     std::fs::write(&blob, format!("private layer {}", unique("")).repeat(1000)).unwrap();
     let repo = unique("private/heal");
     let digest = upload(&registry, &repo, &blob, Some((&user, &pass)));
+    name_in_containerd("moby", &digest, Some((&registry, &repo)));
 
     let dir = scratch();
     let ferry = Ferry::start(
@@ -272,11 +273,43 @@ fn heal_uses_the_clients_credentials() {
     // Now served from the store, without credentials.
     let r = http().get(&url).send().unwrap();
     assert_eq!(r.status(), 200);
-    let labels = sh(&format!("ctr -a {ctd17} -n moby content ls | grep {digest}"));
+    let labels = sh(&format!("ctr -a {ctd17} -n moby content ls | awk '$1 == \"{digest}\"'"));
     assert!(
         labels.contains(&format!("containerd.io/distribution.source.{registry}={repo}")),
         "{labels}"
     );
+}
+
+/// Heals repair images containerd has: a blob no content in the namespace names is not
+/// fetched — the origin is never asked, however the client names it — until an image's
+/// manifest there names it.
+#[test]
+fn only_blobs_an_image_of_containerd_names_are_healed() {
+    let origin = Origin::start("127.0.0.11", None);
+    let work = scratch();
+    let repo = unique("unnamed/heal");
+    let digest = origin.upload_random(&repo, &work.path().join("blob"), "300K", None);
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &named(&origin.addr, &containerd_backend("unnamed-e2e", "")));
+    let url = ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={}", origin.addr));
+    for _ in 0..2 {
+        assert_eq!(http().head(&url).send().unwrap().status(), 404);
+        assert_eq!(http().get(&url).send().unwrap().status(), 404);
+    }
+    assert!(!stored("unnamed-e2e", &digest), "nothing written");
+    let asked = |origin: &Origin| origin.requests().iter().filter(|l| l.contains(&digest)).count();
+    assert_eq!(asked(&origin), 0, "{:?}", origin.requests());
+
+    name_in_containerd("unnamed-e2e", &digest, Some((&origin.addr, &repo)));
+    let r = http().get(&url).send().unwrap();
+    assert_eq!(r.status(), 200, "{}", ferry.logs());
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&r.bytes().unwrap())),
+        digest,
+        "the origin's bytes"
+    );
+    assert!(stored_eventually("unnamed-e2e", &digest), "healed into the store");
+    assert!(asked(&origin) >= 1);
 }
 
 /// Starts distribution on a test host (a network namespace of the test's own, so ferry does
@@ -351,6 +384,7 @@ fn heal_from_a_tls_origin_trusts_the_configured_ca() {
     let (_host, origin) = registry_on_test_host(work.path(), true);
     let w = work.path().display().to_string();
     let (blob, repo, digest) = blob_over_tls(work.path(), &work.path().join("ca.pem"), &origin, "tls/heal");
+    name_in_containerd("tls-e2e", &digest, Some((&origin, &repo)));
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
 
     let dir = scratch();
@@ -407,6 +441,7 @@ fn heal_from_a_tls_origin_on_loopback_with_its_host_settings() {
     let origin = Origin::start_tls("127.0.0.9", &tls);
     let o = origin.addr.clone();
     let (blob, repo, digest) = blob_over_tls(work.path(), &tls.join("ca.pem"), &o, "lotls/heal");
+    name_in_containerd("lotls-e2e", &digest, Some((&o, &repo)));
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={o}"));
 
     let dir = scratch();
@@ -465,6 +500,7 @@ fn heal_from_a_plain_http_origin_named_in_plain_http() {
     std::fs::write(&blob, format!("layer over plain http {}", unique("")).repeat(1000)).unwrap();
     let repo = unique("plain/heal");
     let digest = upload_to(&http(), &format!("http://{origin}"), &repo, &blob, None);
+    name_in_containerd("plain-e2e", &digest, Some((&origin, &repo)));
     let url = |ferry: &Ferry| ferry.url(&format!("/v2/{repo}/blobs/{digest}?ns={origin}"));
 
     let dir = scratch();

@@ -139,6 +139,7 @@ fn bearer_token_flow_with_client_credentials_and_one_fetch_for_concurrent_reques
         .into_bytes();
     let digest = format!("sha256:{}", sha256_hex(&blob));
     let fake = fake_registry(blob.clone(), "tok-user", "tok-pass");
+    name_in_containerd("moby", &digest, None);
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),

@@ -28,6 +28,7 @@ fn a_healed_blob_that_does_not_hash_to_its_digest_never_reaches_a_client_whole()
     let origin = FakeHttp::start("127.0.0.1", move |_| {
         http_response("200 OK", "Content-Type: application/octet-stream\r\n", &evil)
     });
+    name_in_containerd("trust", &digest, None);
     let dir = scratch();
     let ferry = Ferry::start(
         dir.path(),
@@ -72,6 +73,8 @@ fn origins_not_named_are_never_contacted() {
         &containerd(&format!("[origins]\nallow = [\"{}\"]\n", redirecting.addr)),
     );
     let zero = format!("sha256:{}", "0".repeat(64));
+    // An image of containerd's names the blob: heals go on to the origins, and the policy.
+    name_in_containerd("trust", &zero, None);
     let http = reqwest::blocking::Client::new();
     for (path, query) in [
         (format!("/v2/x/blobs/{zero}"), format!("?ns={}", internal.addr)),
@@ -101,6 +104,7 @@ fn origins_not_named_are_never_contacted() {
 fn client_credentials_go_only_to_the_registry_they_were_sent_for() {
     let blob = b"token-protected".to_vec();
     let digest = format!("sha256:{}", sha256_hex(&blob));
+    name_in_containerd("trust", &digest, None);
     // A token endpoint on another host: it hands out a token, and records what it was sent.
     let realm = FakeHttp::start("127.0.0.3", |_| {
         http_response("200 OK", "Content-Type: application/json\r\n", br#"{"token":"t"}"#)

@@ -43,7 +43,8 @@ pub struct ContainerdConfig {
     /// `moby` for Docker's containerd image store, `k8s.io` for k3s/kind nodes, `default`.
     #[serde(default = "default_namespace")]
     pub namespace: String,
-    /// Fetch blobs the content store lacks from the image's origin registry into it.
+    /// Fetch blobs the content store lacks, and content in it names, from the image's
+    /// origin registry into it.
     #[serde(default = "default_true")]
     pub fetch_missing: bool,
     /// Registry hosts (`host:port`) reached over plain HTTP; loopback hosts are too unless
@@ -175,11 +176,19 @@ pub struct ContainerdBackend {
 }
 
 impl ContainerdBackend {
-    /// Where a blob may come from: the request's repository first, then the origins
-    /// containerd recorded on content that names the blob.
+    /// Where a blob may be fetched from: nowhere unless content in the namespace names it
+    /// (an image containerd has lacks it, the moby#49473 case) — heals repair images, they
+    /// do not fetch whatever a client names into containerd (nor ask Docker Hub about every
+    /// blob that falls through); then the request's repository first, then the origins
+    /// containerd recorded on that content.
     async fn origins_for(&self, repo: &Repository, digest: &Digest) -> Result<Vec<Repository>> {
+        let Some(sources) = self.store.sources_of(digest).await? else {
+            tracing::debug!(backend = %self.config.name, %digest, repository = %repo,
+                "no content in the namespace names the blob: not fetched from an origin");
+            return Ok(Vec::new());
+        };
         let mut out = vec![repo.clone()];
-        for r in self.store.sources_of(digest).await? {
+        for r in sources {
             if !out.contains(&r) {
                 out.push(r);
             }

@@ -207,8 +207,9 @@ impl Store {
     }
 
     /// Origin repositories of content that references `digest`: the distribution-source
-    /// labels containerd put on the manifests (and configs) that name it.
-    pub async fn sources_of(&self, digest: &Digest) -> Result<Vec<Repository>> {
+    /// labels containerd put on the manifests (and configs) that name it. `None` when no
+    /// content names it (nor is it).
+    pub async fn sources_of(&self, digest: &Digest) -> Result<Option<Vec<Repository>>> {
         let mut client = ContentClient::new(self.channel().await?);
         let req = self.req(ListContentRequest { filters: Vec::new() }, None);
         let mut stream = match self.timed(client.list(req)).await? {
@@ -217,6 +218,7 @@ impl Store {
         };
         let wanted = digest.to_string();
         let mut out = Vec::new();
+        let mut named = false;
         while let Some(msg) = stream.next().await {
             let msg = match msg {
                 Ok(m) => m,
@@ -227,6 +229,7 @@ impl Store {
                 if !own && !info.labels.values().any(|v| *v == wanted) {
                     continue;
                 }
+                named = true;
                 for (k, v) in &info.labels {
                     if let Some(host) = k.strip_prefix(SOURCE_LABEL) {
                         for path in v.split(',') {
@@ -240,7 +243,7 @@ impl Store {
                 }
             }
         }
-        Ok(out)
+        Ok(named.then_some(out))
     }
 
     /// Starts writing a blob into the content store under a fresh lease.

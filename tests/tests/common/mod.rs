@@ -458,6 +458,39 @@ pub fn docker_chain(socket: &str, extra: &str) -> String {
     format!("[[backends]]\ntype = \"docker\"\nsocket = \"{socket}\"\n{extra}\n[[backends]]\ntype = \"push\"\n")
 }
 
+/// Makes content in containerd 1.7's namespace `ns` name `digest` as a pulled image's
+/// manifest does (a `gc.ref.content` label; with `source`, `(host, repo)`, a
+/// distribution-source label): a blob an image of containerd's lacks, what heals repair.
+/// Kept by a `gc.root` label; ingested again should containerd's GC take it before it is
+/// labelled.
+pub fn name_in_containerd(ns: &str, digest: &str, source: Option<(&str, &str)>) {
+    let ctd17 = env("E2E_CONTAINERD17_SOCK");
+    let work = scratch();
+    let file = work.path().join("manifest.json");
+    let body = format!("{{\"names\":\"{digest}\",\"nonce\":\"{}\"}}", unique(""));
+    std::fs::write(&file, &body).unwrap();
+    let named = format!("sha256:{}", sha256_hex(body.as_bytes()));
+    let source = source
+        .map(|(host, repo)| format!("containerd.io/distribution.source.{host}={repo}"))
+        .unwrap_or_default();
+    for _ in 0..3 {
+        sh(&format!(
+            "ctr -a {ctd17} -n {ns} content ingest --expected-size {} --expected-digest {named} {} < {}",
+            body.len(),
+            unique("e2e-ingest"),
+            file.display()
+        ));
+        let (labelled, _) = sh_result(&format!(
+            "ctr -a {ctd17} -n {ns} content label {named} containerd.io/gc.root=e2e \
+             containerd.io/gc.ref.content.l.0={digest} {source}"
+        ));
+        if labelled {
+            return;
+        }
+    }
+    panic!("could not label {named} in {ns}");
+}
+
 /// A distribution registry on a loopback address standing in for an origin host, stopped
 /// when dropped.
 pub struct Origin {
