@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use containerd_client::services::v1::content_client::ContentClient;
@@ -18,7 +19,7 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use futures::StreamExt;
-use tokio::sync::{mpsc, RwLock};
+use tokio::sync::{mpsc, Mutex, RwLock};
 
 use ferry_core::{ByteStream, Digest, Error, Repository, Result};
 
@@ -26,6 +27,15 @@ use ferry_core::{ByteStream, Digest, Error, Repository, Result};
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Label containerd uses to remember where content came from.
 pub const SOURCE_LABEL: &str = "containerd.io/distribution.source.";
+/// How long a listing of what content names answers "nothing names it" before the next
+/// such question lists the store again: a client asking for blobs nothing names makes ferry
+/// list containerd's whole content store at most once this often, and an image pulled just
+/// now is seen within it.
+const NAMES_FRESH: Duration = Duration::from_secs(1);
+
+/// Every digest content in the namespace names (or is), with the origins recorded on the
+/// content that names it.
+type Names = HashMap<String, Vec<Repository>>;
 
 pub struct Store {
     backend: String,
@@ -36,6 +46,9 @@ pub struct Store {
     /// immutable files there, served without a trip through the Read API.
     content_root: RwLock<Option<PathBuf>>,
     direct_reads: bool,
+    /// The last listing of what content names, and when it was made; the lock makes
+    /// concurrent questions wait for one listing.
+    names: Mutex<Option<(Instant, Arc<Names>)>>,
 }
 
 impl Store {
@@ -47,6 +60,7 @@ impl Store {
             channel: RwLock::new(None),
             content_root: RwLock::new(None),
             direct_reads,
+            names: Mutex::new(None),
         }
     }
 
@@ -208,42 +222,65 @@ impl Store {
 
     /// Origin repositories of content that references `digest`: the distribution-source
     /// labels containerd put on the manifests (and configs) that name it. `None` when no
-    /// content names it (nor is it).
+    /// content names it (nor is it), as of a listing at most [`NAMES_FRESH`] old.
     pub async fn sources_of(&self, digest: &Digest) -> Result<Option<Vec<Repository>>> {
+        let wanted = digest.to_string();
+        let mut last = self.names.lock().await;
+        if let Some((at, names)) = last.as_ref() {
+            if let Some(sources) = names.get(&wanted) {
+                return Ok(Some(sources.clone()));
+            }
+            if at.elapsed() < NAMES_FRESH {
+                return Ok(None);
+            }
+        }
+        let started = Instant::now();
+        let names = self.list_names().await?;
+        tracing::debug!(backend = %self.backend, namespace = %self.namespace, digests = names.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64, "listed what containerd's content names");
+        let sources = names.get(&wanted).cloned();
+        *last = Some((Instant::now(), Arc::new(names)));
+        Ok(sources)
+    }
+
+    /// Lists the content store: every digest a label names (or content is), with the
+    /// origins of the content that names it.
+    async fn list_names(&self) -> Result<Names> {
         let mut client = ContentClient::new(self.channel().await?);
         let req = self.req(ListContentRequest { filters: Vec::new() }, None);
         let mut stream = match self.timed(client.list(req)).await? {
             Ok(r) => r.into_inner(),
             Err(s) => return Err(self.fail(s).await),
         };
-        let wanted = digest.to_string();
-        let mut out = Vec::new();
-        let mut named = false;
+        let mut names = Names::new();
         while let Some(msg) = stream.next().await {
             let msg = match msg {
                 Ok(m) => m,
                 Err(s) => return Err(self.fail(s).await),
             };
             for info in msg.info {
-                let own = info.digest == wanted;
-                if !own && !info.labels.values().any(|v| *v == wanted) {
-                    continue;
-                }
-                named = true;
+                let mut origins = Vec::new();
                 for (k, v) in &info.labels {
                     if let Some(host) = k.strip_prefix(SOURCE_LABEL) {
-                        for path in v.split(',') {
-                            if let Ok(r) = Repository::new(host, path) {
-                                if !out.contains(&r) {
-                                    out.push(r);
-                                }
-                            }
+                        origins.extend(v.split(',').filter_map(|path| Repository::new(host, path).ok()));
+                    }
+                }
+                let named = info
+                    .labels
+                    .values()
+                    .filter(|v| v.starts_with("sha256:") || v.starts_with("sha512:"))
+                    .chain(std::iter::once(&info.digest));
+                for d in named {
+                    let sources = names.entry(d.clone()).or_default();
+                    for r in &origins {
+                        if !sources.contains(r) {
+                            sources.push(r.clone());
                         }
                     }
                 }
             }
         }
-        Ok(named.then_some(out))
+        Ok(names)
     }
 
     /// Starts writing a blob into the content store under a fresh lease.
