@@ -351,3 +351,36 @@ fn a_rebuilt_image_is_served_as_rebuilt() {
     );
     sh(&format!("docker -H {engine} rmi {name}:v1"));
 }
+
+/// The first requests for an image, all at once (a node's pods starting together), share
+/// one read of its metadata from the engine's storage.
+#[test]
+fn concurrent_first_requests_for_an_image_read_it_once() {
+    let engine = docker20();
+    let name = unique("direct-once");
+    build_image(&engine, &format!("{name}:v1"), 2);
+    let dir = scratch();
+    let ferry = std::sync::Arc::new(Ferry::start(dir.path(), &docker_chain(&engine, "")));
+    let clients = 8;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients));
+    let digests: Vec<String> = (0..clients)
+        .map(|_| {
+            let (ferry, barrier, name) = (ferry.clone(), barrier.clone(), name.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                manifest(&ferry, &name).0
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    let logs = ferry.logs();
+    assert_eq!(
+        count_lines(&logs, &["read from the engine's storage (no export)"]),
+        1,
+        "{logs}"
+    );
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}

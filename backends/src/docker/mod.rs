@@ -143,7 +143,7 @@ impl DockerConfig {
                 tracing::debug!(backend = %name, error = %err, "engine image index not built at start");
             }
         });
-        let direct = direct::Direct::new(&self.name, self.direct_reads);
+        let direct = Arc::new(direct::Direct::new(&self.name, self.direct_reads));
         if reachable {
             // Whether the engine's storage can be read is asked at start, not on the first
             // request (Podman's `info` takes a quarter of a second).
@@ -156,6 +156,7 @@ impl DockerConfig {
             cache,
             index,
             pulls: Flights::default(),
+            direct_reads: Flights::default(),
             origins,
         }))
     }
@@ -172,7 +173,10 @@ pub struct DockerBackend {
     /// Which registries the engine may pull from for a client.
     origins: Arc<OriginPolicy>,
     /// Images read from the engine's storage instead of exported.
-    direct: direct::Direct,
+    direct: Arc<direct::Direct>,
+    /// Direct reads of an image's metadata under way, one per image: the first requests for
+    /// an image, coming in at once, share one.
+    direct_reads: Flights<Option<Arc<Entry>>>,
 }
 
 /// One export of an engine image, owning what it needs: it runs as a task of its own.
@@ -329,9 +333,8 @@ impl DockerBackend {
             None => false,
         };
         if !direct_known {
-            if let Some(exported) = self.direct.read_image(&self.engine, &self.cache.store, &found.id).await {
+            if let Some(entry) = self.read_directly(&found.id).await? {
                 ferry_core::metrics::cache_lookup(&self.config.name, cached.is_some());
-                let entry = self.cache.record(&found.id, exported).await?;
                 return Ok(entry);
             }
             if let Some(e) = cached.filter(|e| e.export.format == export::Format::Direct) {
@@ -351,6 +354,35 @@ impl DockerBackend {
         let entry = self.cache.get_or_export(&found.id, move || export.run()).await?;
         self.cache.touch(&found.id).await;
         Ok(entry)
+    }
+
+    /// Reads image `id` from the engine's storage and records it, once however many
+    /// requests ask at the same time; `None` when it cannot be read there (it is exported).
+    async fn read_directly(&self, id: &str) -> Result<Option<Arc<Entry>>> {
+        let (direct, engine, cache, id_owned) = (
+            self.direct.clone(),
+            self.engine.clone(),
+            self.cache.clone(),
+            id.to_string(),
+        );
+        self.direct_reads
+            .run(id, async move {
+                // A read that ended just before this one started left its entry.
+                if let Some(e) = cache.get(&id_owned).await {
+                    let known = match e.export.blobs.get(1) {
+                        Some(layer) => direct.layer(layer).await.is_some(),
+                        None => true,
+                    };
+                    if e.export.format == export::Format::Direct && known {
+                        return Ok(Some(e));
+                    }
+                }
+                match direct.read_image(&engine, &cache.store, &id_owned).await {
+                    Some(exported) => Ok(Some(cache.record(&id_owned, exported).await?)),
+                    None => Ok(None),
+                }
+            })
+            .await
     }
 
     async fn serve_manifest(&self, entry: &Entry, digest: &Digest) -> Result<Option<Manifest>> {
