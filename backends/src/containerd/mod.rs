@@ -64,9 +64,9 @@ pub struct ContainerdConfig {
     pub direct_reads: bool,
 }
 
-/// How heals reach one origin host. No credentials: a heal fetches whatever blob a client
-/// names, so ferry's own would open the host's private content to anyone who reaches ferry;
-/// each client's are passed on instead.
+/// How heals reach one origin host. No credentials: a heal runs for any client, from the
+/// repository it names, so ferry's own would let anyone who reaches ferry fetch through them
+/// what the origin keeps private; each client's are passed on instead.
 #[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealHost {
