@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -48,7 +47,7 @@ pub struct Store {
     direct_reads: bool,
     /// The last listing of what content names, and when it was made; the lock makes
     /// concurrent questions wait for one listing.
-    names: Mutex<Option<(Instant, Arc<Names>)>>,
+    names: Mutex<Option<(Instant, Names)>>,
 }
 
 impl Store {
@@ -239,7 +238,7 @@ impl Store {
         tracing::debug!(backend = %self.backend, namespace = %self.namespace, digests = names.len(),
             elapsed_ms = started.elapsed().as_millis() as u64, "listed what containerd's content names");
         let sources = names.get(&wanted).cloned();
-        *last = Some((Instant::now(), Arc::new(names)));
+        *last = Some((Instant::now(), names));
         Ok(sources)
     }
 

@@ -156,7 +156,7 @@ impl DockerConfig {
             cache,
             index,
             pulls: Flights::default(),
-            direct_reads: Flights::default(),
+            direct_image_reads: Flights::default(),
             origins,
         }))
     }
@@ -176,7 +176,7 @@ pub struct DockerBackend {
     direct: Arc<direct::Direct>,
     /// Direct reads of an image's metadata under way, one per image: the first requests for
     /// an image, coming in at once, share one.
-    direct_reads: Flights<Option<Arc<Entry>>>,
+    direct_image_reads: Flights<Option<Arc<Entry>>>,
 }
 
 /// One export of an engine image, owning what it needs: it runs as a task of its own.
@@ -317,22 +317,18 @@ impl DockerBackend {
     /// else exported when the cache has none.
     async fn entry(&self, found: &Found, repo: &Repository) -> Result<Arc<Entry>> {
         let cached = self.cache.get(&found.id).await;
-        let direct_known = match &cached {
-            // After a restart the entry is there but its layers are not known yet.
-            Some(e) if e.export.format == export::Format::Direct => {
-                let first_layer = e.export.blobs.get(1);
-                match first_layer {
-                    Some(d) if self.direct.layer(d).await.is_none() => false,
-                    _ => {
-                        self.cache.touch(&found.id).await;
-                        return Ok(e.clone());
-                    }
-                }
+        if let Some(e) = &cached {
+            if self.direct.knows(&e.export).await {
+                self.cache.touch(&found.id).await;
+                return Ok(e.clone());
             }
-            Some(_) => true,
-            None => false,
-        };
-        if !direct_known {
+        }
+        // An exported entry is served as it is; none, or a direct one whose layers are not
+        // known yet, is read from the engine's storage first.
+        let exported = cached
+            .as_ref()
+            .is_some_and(|e| e.export.format != export::Format::Direct);
+        if !exported {
             if let Some(entry) = self.read_directly(&found.id).await? {
                 ferry_core::metrics::cache_lookup(&self.config.name, cached.is_some());
                 return Ok(entry);
@@ -365,15 +361,11 @@ impl DockerBackend {
             self.cache.clone(),
             id.to_string(),
         );
-        self.direct_reads
+        self.direct_image_reads
             .run(id, async move {
                 // A read that ended just before this one started left its entry.
                 if let Some(e) = cache.get(&id_owned).await {
-                    let known = match e.export.blobs.get(1) {
-                        Some(layer) => direct.layer(layer).await.is_some(),
-                        None => true,
-                    };
-                    if e.export.format == export::Format::Direct && known {
+                    if direct.knows(&e.export).await {
                         return Ok(Some(e));
                     }
                 }

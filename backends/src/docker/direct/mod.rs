@@ -205,6 +205,17 @@ impl Direct {
         self.layers.read().await.get(digest).cloned()
     }
 
+    /// Whether `exported` was read from the engine's storage and its layers are known here
+    /// (after a restart its cache entry is there but its layers are not, until it is read
+    /// again).
+    pub async fn knows(&self, exported: &Exported) -> bool {
+        exported.format == Format::Direct
+            && match exported.blobs.get(1) {
+                Some(first_layer) => self.layer(first_layer).await.is_some(),
+                None => true,
+            }
+    }
+
     /// A layer's tar, whole or one range. A range of a layer not yet checked is served once
     /// the whole layer has been read and found to hash right; `None` when it does not (the
     /// caller exports instead).
