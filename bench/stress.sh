@@ -2,12 +2,13 @@
 # ferry under load, beside distribution (Debian's docker-registry) where it applies. Prints a
 # markdown table.
 #  1. Warm: manifest GETs and 1 MiB blob GETs from 64 connections for SECONDS (wrk): requests/s,
-#     p50, p99, errors — ferry's push store and distribution, same content.
+#     p50, p99, errors, ferry's peak RSS — ferry's push store and distribution, same content.
 #  2. Cold: 200 clients pull 20 engine images at once (10 each) through ferry's default chain
 #     on Docker 20: errors (every blob hash-checked), exports (0 with direct reads, else
 #     one per image), peak RSS.
 #  3. 50 pushers of distinct images at once (monolithic uploads, then the manifest), ferry and
-#     distribution: errors, and every blob read back and hash-checked.
+#     distribution: errors, and every blob read back and hash-checked. Each row's peak RSS
+#     is its own.
 # Usage: bench/stress.sh [SECONDS]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,8 @@ e2e_start_registry registry "$registry_port"
 e2e_wait ferry 30 curl -sf "http://127.0.0.1:$ferry_port/v2/"
 pid=$(cat "$E2E_DIR/pids/ferry.pid")
 hwm() { awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$pid/status"; }
+# Each row's peak RSS is its own: the kernel's high-water mark is reset before it.
+reset_hwm() { echo 5 >"/proc/$pid/clear_refs"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 # 1. Warm: the same manifest and blob in both registries.
@@ -69,9 +72,11 @@ warm() { # port path -> "req/s p50ms p99ms errors"
     wrk -t 2 -c 64 -d "${seconds}s" -s "$E2E_DIR/accept.lua" "http://127.0.0.1:$1$2" | awk '/^WRK/{print $2, $3, $4, $5}'
 }
 row_warm() { # label path
+    reset_hwm
     read -r fr fp50 fp99 fe <<<"$(warm $ferry_port "$2")"
+    local rss; rss=$(hwm)
     read -r rr rp50 rp99 re <<<"$(warm $registry_port "$2")"
-    echo "| warm $1, 64 connections, ${seconds} s | $fr req/s, p50 $fp50 ms, p99 $fp99 ms, $fe errors | $rr req/s, p50 $rp50 ms, p99 $rp99 ms, $re errors |"
+    echo "| warm $1, 64 connections, ${seconds} s | $fr req/s, p50 $fp50 ms, p99 $fp99 ms, $fe errors, peak RSS $rss MiB | $rr req/s, p50 $rp50 ms, p99 $rp99 ms, $re errors |"
 }
 table=("| load | ferry | distribution |" "|---|---|---|")
 table+=("$(row_warm "manifest GET" /v2/warm/manifests/v1)")
@@ -86,6 +91,7 @@ for i in $(seq 1 20); do
 done
 rm -rf "$ctx"
 pullers=()
+reset_hwm
 for i in $(seq 1 20); do
     python3 bench/pull_clients.py "127.0.0.1:$ferry_port" "cold$i" v1 10 >"$E2E_DIR/cold$i.json" &
     pullers+=($!)
@@ -102,6 +108,7 @@ direct=$(grep -c "read from the engine's storage" "$E2E_DIR/logs/ferry.log" || t
 table+=("| cold: 200 clients, 20 engine images of 12 MiB at once | $cold_errors errors, $exports exports, $direct direct reads of image metadata, all done in $cold_seconds s, peak RSS $(hwm) MiB | (no engine) |")
 
 # 3. 50 pushers of distinct images.
+reset_hwm
 pf=$(python3 bench/push_clients.py "127.0.0.1:$ferry_port" 50 3 1024)
 pr=$(python3 bench/push_clients.py "127.0.0.1:$registry_port" 50 3 1024)
 push_cell() { echo "$(field "$1" errors) errors, $(field "$1" images) images in $(field "$1" seconds) s, $(field "$1" verify_errors) bad blobs read back"; }
