@@ -11,7 +11,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use futures::stream::StreamExt;
 use sha2::{Digest as _, Sha256};
 use tokio::fs;
 
@@ -25,8 +24,8 @@ const READ_CHUNK: usize = 256 * 1024;
 /// A blob being written starts going to the disk every this many bytes.
 const WRITEBACK_EVERY: u64 = 1024 * 1024;
 /// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
-/// up to four chunks (two queued, one waiting to be queued, one being sent), so chunks
-/// shrink as streams multiply (up to 12 streams still read 256 KiB chunks).
+/// up to four chunks (three queued, one being sent; see [`crate::chunks`]), so chunks shrink
+/// as streams multiply (up to 12 streams still read 256 KiB chunks).
 const SERVE_BUDGET: usize = 12 * 1024 * 1024;
 /// The smallest chunk, however many streams there are.
 const MIN_READ_CHUNK: usize = 16 * 1024;
@@ -323,48 +322,58 @@ impl BlobStore {
     }
 }
 
-/// Streams `len` bytes of `file` from `offset`. One blocking thread reads straight into the
-/// chunks it hands on (a tokio `File` would copy every chunk once more and hop threads for
-/// each read); the bounded channel keeps at most a few chunks in memory, and the reader stops
-/// as soon as the receiver is dropped.
-pub fn file_stream(mut file: std::fs::File, offset: u64, len: u64) -> crate::backend::ByteStream {
-    use std::io::{Read, Seek};
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(2);
-    tokio::task::spawn_blocking(move || {
-        let _serving = Serving::start();
-        if offset > 0 {
-            if let Err(e) = file.seek(io::SeekFrom::Start(offset)) {
-                let _ = tx.blocking_send(Err(e));
-                return;
-            }
-        }
-        let mut left = len;
-        while left > 0 {
-            let want = left.min(chunk_size() as u64);
-            // read_to_end fills spare capacity without zeroing it first.
-            let mut buf = Vec::with_capacity(want as usize);
-            let result = match (&mut file).take(want).read_to_end(&mut buf) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob file is shorter than its size",
-                )),
-                Ok(n) => {
-                    left -= n as u64;
-                    Ok(Bytes::from(buf))
-                }
-                Err(e) => Err(e),
-            };
-            let failed = result.is_err();
-            if tx.blocking_send(result).is_err() || failed {
-                return;
-            }
-        }
-    });
-    tokio_stream_from(rx)
+/// Streams `len` bytes of `file` from `offset`, each chunk read on a blocking thread
+/// straight into the buffer it is sent in (a tokio `File` would copy every chunk once more),
+/// one chunk ahead of the client (see [`crate::chunks`]).
+pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> crate::backend::ByteStream {
+    crate::chunks::stream(FileChunks {
+        file,
+        seek_to: (offset > 0).then_some(offset),
+        left: len,
+        _serving: Serving::start(),
+    })
 }
 
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> crate::backend::ByteStream {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+/// A range of a file, read a chunk at a time.
+struct FileChunks {
+    file: std::fs::File,
+    /// Where the first read starts, when not at the beginning.
+    seek_to: Option<u64>,
+    left: u64,
+    _serving: Serving,
+}
+
+impl crate::chunks::ChunkSource for FileChunks {
+    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        use std::io::{Read, Seek};
+        if self.left == 0 {
+            return None;
+        }
+        if let Some(offset) = self.seek_to.take() {
+            if let Err(e) = self.file.seek(io::SeekFrom::Start(offset)) {
+                self.left = 0;
+                return Some(Err(e));
+            }
+        }
+        let want = self.left.min(chunk_size() as u64);
+        // read_to_end fills spare capacity without zeroing it first.
+        let mut buf = Vec::with_capacity(want as usize);
+        let read = match (&mut self.file).take(want).read_to_end(&mut buf) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file is shorter than its size",
+            )),
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(Bytes::from(buf))
+            }
+            Err(e) => Err(e),
+        };
+        if read.is_err() {
+            self.left = 0;
+        }
+        Some(read)
+    }
 }
 
 /// Runs blocking file work off the async threads.
@@ -563,6 +572,7 @@ impl Drop for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
 
     async fn collect(body: BlobBody) -> Vec<u8> {
         let mut out = Vec::new();

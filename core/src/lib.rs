@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod blobstore;
 pub mod chain;
+pub mod chunks;
 pub mod digest;
 pub mod error;
 pub mod flight;

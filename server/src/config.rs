@@ -56,6 +56,10 @@ pub struct ServerConfig {
     /// Seconds a request body may go without a byte before the request fails.
     #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout_secs: u64,
+    /// Seconds a response may wait on a client that takes none of it before its connection
+    /// is closed (a client that never reads would otherwise hold it for ever).
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout_secs: u64,
     /// Connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             log_level: default_log_level(),
             header_timeout_secs: default_header_timeout(),
             body_idle_timeout_secs: default_body_idle_timeout(),
+            send_timeout_secs: default_send_timeout(),
             max_connections: default_max_connections(),
             shutdown_grace_secs: default_shutdown_grace(),
             tls_cert: None,
@@ -101,6 +106,9 @@ fn default_header_timeout() -> u64 {
     30
 }
 fn default_body_idle_timeout() -> u64 {
+    60
+}
+fn default_send_timeout() -> u64 {
     60
 }
 fn default_max_connections() -> usize {

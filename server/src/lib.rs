@@ -9,6 +9,7 @@ mod admin;
 mod api;
 pub mod config;
 mod listen;
+mod send_timeout;
 pub mod tls;
 
 use std::future::Future;
@@ -52,6 +53,7 @@ impl From<&config::ServerConfig> for Options {
                 header_timeout: Duration::from_secs(server.header_timeout_secs.max(1)),
                 max_connections: server.max_connections,
                 grace: Duration::from_secs(server.shutdown_grace_secs),
+                send_timeout: Duration::from_secs(server.send_timeout_secs.max(1)),
             },
             body_idle: Duration::from_secs(server.body_idle_timeout_secs.max(1)),
             admin_token: None,

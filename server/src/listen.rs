@@ -19,6 +19,8 @@ use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Addr, Endpoint, EndpointExt, Response};
 use tokio::net::TcpListener;
 
+use crate::send_timeout::SendTimeout;
+
 /// How long to wait before accepting again after `accept` fails (out of file descriptors,
 /// say), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -39,6 +41,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// At shutdown, how long requests under way may take to finish.
     pub grace: Duration,
+    /// How long a response may wait on a client that takes none of it.
+    pub send_timeout: Duration,
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` resolves, then lets open connections
@@ -90,6 +94,7 @@ pub async fn serve(
         // Small answers (manifests, HEADs, errors) leave at once instead of waiting on Nagle.
         let _ = stream.set_nodelay(true);
         let (endpoint, local) = (endpoint.clone(), local.clone());
+        let peer = remote;
         let remote = RemoteAddr(Addr::SocketAddr(remote));
         let scheme = scheme.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -100,7 +105,7 @@ pub async fn serve(
             }
         });
         let (builder, watcher, acceptor) = (builder.clone(), graceful.watcher(), acceptor.clone());
-        let header_timeout = limits.header_timeout;
+        let (header_timeout, send_timeout) = (limits.header_timeout, limits.send_timeout);
         tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
             // timeout starts: a connection that sends nothing is closed here instead.
@@ -112,6 +117,7 @@ pub async fn serve(
                 drop(slot);
                 return;
             }
+            let stream = SendTimeout::new(stream, send_timeout);
             let ended = match acceptor {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -130,8 +136,12 @@ pub async fn serve(
                     Err(_) => Ok(()),
                 },
             };
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match ended {
+                Err(e) if timed_out(&*e) => {
+                    tracing::info!(client = %peer, error = %e, "connection closed: its client stopped reading");
+                }
+                Err(e) => tracing::debug!(client = %peer, error = %e, "connection ended with an error"),
+                Ok(()) => {}
             }
             drop(slot);
         });
@@ -147,4 +157,18 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Whether `e` comes of a write the client let nothing through for too long.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }

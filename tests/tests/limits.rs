@@ -1,7 +1,8 @@
 //! What a hostile client can hold of ferry: connections that never finish their headers
 //! (slowloris) or sit idle, beyond the usual soft limit of 1024 open files, do not keep
-//! other clients out and are closed after the header timeout; an upload whose body stops
-//! frees its session after the body idle timeout.
+//! other clients out and are closed after the header timeout; clients that ask for a blob
+//! and never read it do not either, and are closed after the send timeout; an upload whose
+//! body stops frees its session after the body idle timeout.
 
 mod common;
 
@@ -103,6 +104,97 @@ fn two_thousand_idle_and_slow_connections_do_not_keep_others_out() {
     // Every one of them was closed by the header timeout (4 s) within the 9 s they tried.
     assert!(report["closed_by_server"].as_u64().unwrap() >= 1990, "{report}");
     assert!(!ferry.logs().contains("Too many open files"), "{}", ferry.logs());
+}
+
+/// ferry's connections on `port` that are open both ways.
+fn established(port: u16) -> usize {
+    sh(&format!("ss -tnH state established '( sport = :{port} )' | wc -l"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), "send_timeout_secs = 8");
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let push = |data: &[u8]| {
+        let digest = format!("sha256:{}", sha256_hex(data));
+        let r = http
+            .post(ferry.url(&format!("/v2/stalled/blobs/uploads/?digest={digest}")))
+            .body(data.to_vec())
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        digest
+    };
+    // Far more than the sockets between a client and ferry hold.
+    let big: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let big_digest = push(&big);
+    // More clients than tokio has blocking threads (512) ask for it and read nothing.
+    let request = format!("GET /v2/stalled/blobs/{big_digest} HTTP/1.1\r\nHost: ferry\r\n\r\n");
+    let mut stalled: Vec<TcpStream> = (0..600)
+        .map(|_| {
+            let mut s = TcpStream::connect(ferry.addr()).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Meanwhile a normal client pushes and pulls, long before the send timeout.
+    let started = Instant::now();
+    let data = b"a normal client's blob".repeat(1000);
+    let digest = push(&data);
+    let r = http
+        .get(ferry.url(&format!("/v2/stalled/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().to_vec(), data);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the normal client waited {:?} beside clients that read nothing",
+        started.elapsed()
+    );
+    let r = http
+        .get(ferry.url(&format!("/v2/stalled/blobs/{big_digest}")))
+        .send()
+        .unwrap();
+    assert!(r.bytes().unwrap() == big, "the blob came different");
+    drop(http);
+
+    // Once a stalled client has taken nothing for 8 s, ferry closes its connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while established(ferry.port) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        established(ferry.port),
+        0,
+        "connections still open after the send timeout"
+    );
+    // What a stalled client reads now is the start of the blob, then the end of the connection.
+    for s in stalled.iter_mut().take(5) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("the connection ends");
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&got[..got.len().min(100)])
+        );
+        assert!(got.len() < big.len(), "the whole blob came");
+    }
+    assert!(
+        ferry.logs().contains("its client stopped reading"),
+        "the closing is not in the log"
+    );
 }
 
 #[test]

@@ -11,7 +11,7 @@ mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -94,6 +94,9 @@ fn default_true() -> bool {
 
 /// Coalesce fetched bytes into writes of this size (a gRPC message each).
 const WRITE_CHUNK: usize = 1024 * 1024;
+/// How long a heal waits on its client to take a chunk: one that stops reading must not hold
+/// the heal, nor the requests waiting for it, for ever.
+const CLIENT_WAIT: Duration = Duration::from_secs(60);
 
 impl Default for ContainerdConfig {
     /// The defaults of an empty `[[backends]] type = "containerd"` table.
@@ -340,6 +343,22 @@ struct HealTask {
 }
 
 impl HealTask {
+    /// Sends to the client while it listens. A client that went away is forgotten, and so is
+    /// one that took nothing for [`CLIENT_WAIT`] (its response is cut short; asked again, the
+    /// blob comes from the store).
+    async fn send(&self, client: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, item: std::io::Result<Bytes>) {
+        let Some(c) = client else { return };
+        match tokio::time::timeout(CLIENT_WAIT, c.send(item)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => *client = None,
+            Err(_) => {
+                tracing::warn!(backend = %self.backend, digest = %self.digest, origin = %self.origin,
+                    wait_s = CLIENT_WAIT.as_secs(), "the heal's client took nothing for too long; the heal goes on without it");
+                *client = None;
+            }
+        }
+    }
+
     /// Copies the origin's body into containerd (in 1 MiB writes) and to the client channel,
     /// hashing it on the way. The last chunk is held back until the whole body hashes to the
     /// digest: on a mismatch the client's response is cut short instead (it never receives a
@@ -370,7 +389,7 @@ impl HealTask {
                     }
                     hasher.update(&chunk);
                     if let Some(previous) = held.replace(chunk.clone()) {
-                        send(&mut client, Ok(previous)).await;
+                        self.send(&mut client, Ok(previous)).await;
                     }
                     pending.extend_from_slice(&chunk);
                     if pending.len() >= WRITE_CHUNK {
@@ -420,7 +439,7 @@ impl HealTask {
         match &result {
             Ok(()) => {
                 if let Some(last) = held.take() {
-                    send(&mut client, Ok(last)).await;
+                    self.send(&mut client, Ok(last)).await;
                 }
                 tracing::info!(backend = %self.backend, digest = %self.digest, origin = %self.origin, size = self.size,
                 elapsed_ms = started.elapsed().as_millis() as u64, "healed: blob verified and committed to the content store")
@@ -428,19 +447,10 @@ impl HealTask {
             Err(e) => {
                 tracing::error!(backend = %self.backend, digest = %self.digest, origin = %self.origin, error = %e,
                     "heal failed; nothing was committed and the client's response was cut short");
-                send(&mut client, Err(std::io::Error::other(e.to_string()))).await;
+                self.send(&mut client, Err(std::io::Error::other(e.to_string()))).await;
             }
         }
         result
-    }
-}
-
-/// Sends to the client while it listens; a client that went away is forgotten.
-async fn send(client: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, item: std::io::Result<Bytes>) {
-    if let Some(c) = client {
-        if c.send(item).await.is_err() {
-            *client = None;
-        }
     }
 }
 

@@ -256,10 +256,11 @@ fn inside(dir: &Path, name: &[u8]) -> Option<PathBuf> {
 }
 
 /// The tar's bytes `[offset, offset + len)`, assembled from the tar-split and the layer's
-/// files on a blocking thread. When the whole tar is read (`verify`), every byte is hashed
-/// and the last chunk is held back until the hash is `diff_id`: a layer that changed under
-/// the engine (removed, rebuilt) ends in an error instead of its last byte, so no client
-/// takes a corrupt blob whole. `verified` is told whether the hash matched.
+/// files on blocking threads, a chunk at a time (see [`ferry_core::chunks`]). When the whole
+/// tar is read (`verify`), every byte is hashed and the last chunk is held back until the
+/// hash is `diff_id`: a layer that changed under the engine (removed, rebuilt) ends in an
+/// error instead of its last byte, so no client takes a corrupt blob whole. `verified` is
+/// told whether the hash matched.
 pub fn stream(
     layer: LayerFiles,
     diff_id: Digest,
@@ -268,150 +269,191 @@ pub fn stream(
     verify: bool,
     verified: impl FnOnce(bool) + Send + 'static,
 ) -> ByteStream {
-    use futures::StreamExt;
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(2);
-    tokio::task::spawn_blocking(move || {
-        let _serving = ferry_core::blobstore::Serving::start();
-        let mut out = Assembler {
-            tx,
-            skip: offset,
-            left: len,
-            hasher: verify.then(Sha256::new),
-            held: None,
-        };
-        match out.run(&layer) {
-            Ok(true) => match out.hasher.take() {
-                Some(h) => {
-                    let actual = Digest::from_hasher(h);
-                    let ok = actual == diff_id;
-                    verified(ok);
-                    if ok {
-                        out.release();
-                    } else {
-                        tracing::warn!(layer = %diff_id, %actual, dir = %layer.dir.display(),
-                            "layer files no longer hash to the diff id (the image changed under the engine): response cut short");
-                        out.fail(io::Error::other(format!("layer {diff_id} changed on disk")));
-                    }
-                }
-                None => out.release(),
-            },
-            Ok(false) => {} // the client went away
-            Err(e) => {
-                // Files gone or shorter: the image changed under the engine.
-                verified(false);
-                out.fail(e)
-            }
-        }
-    });
-    let mut rx = rx;
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    ferry_core::chunks::stream(Assembler {
+        layer,
+        pieces: None,
+        file: None,
+        skip: offset,
+        left: len,
+        hasher: verify.then(Sha256::new),
+        diff_id,
+        held: None,
+        verified: Some(Box::new(verified)),
+        ended: false,
+        _serving: ferry_core::blobstore::Serving::start(),
+    })
 }
 
+type TarSplit = tarsplit::Pieces<std::io::BufReader<flate2::read::GzDecoder<std::fs::File>>>;
+
+/// A layer's tar being assembled.
 struct Assembler {
-    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    layer: LayerFiles,
+    /// The tar-split, and the layer's directory as the kernel resolves it; opened by the
+    /// first chunk.
+    pieces: Option<(TarSplit, PathBuf)>,
+    /// The file whose content comes next, and how much of it is still to read.
+    file: Option<(std::fs::File, u64, PathBuf)>,
+    /// Bytes of the tar before the range, still to pass.
     skip: u64,
+    /// Bytes of the range still to send.
     left: u64,
     hasher: Option<Sha256>,
+    diff_id: Digest,
     /// The last chunk, sent only once the whole tar has hashed right.
     held: Option<Bytes>,
+    verified: Option<Box<dyn FnOnce(bool) + Send>>,
+    ended: bool,
+    _serving: ferry_core::blobstore::Serving,
+}
+
+impl ferry_core::chunks::ChunkSource for Assembler {
+    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            match self.assemble() {
+                Ok(Some(chunk)) => {
+                    if self.hasher.is_none() {
+                        return Some(Ok(chunk));
+                    }
+                    if let Some(previous) = self.held.replace(chunk) {
+                        return Some(Ok(previous));
+                    }
+                }
+                Ok(None) => return self.finish(),
+                Err(e) => {
+                    // Files gone or shorter: the image changed under the engine.
+                    self.end(Some(false));
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
 }
 
 impl Assembler {
-    /// Feeds every piece through; `false` when the receiver went away.
-    fn run(&mut self, layer: &LayerFiles) -> io::Result<bool> {
-        let pieces = tarsplit::open(&layer.tar_split).map_err(io::Error::other)?;
-        let root = std::fs::canonicalize(&layer.dir)?;
-        for piece in pieces {
-            if self.left == 0 && self.hasher.is_none() {
-                break;
+    /// The tar ended: the held chunk once the hash matched, else why not.
+    fn finish(&mut self) -> Option<io::Result<Bytes>> {
+        if self.left > 0 {
+            self.end(Some(false));
+            return Some(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the layer is shorter than its size",
+            )));
+        }
+        let Some(hasher) = self.hasher.take() else {
+            self.end(None);
+            return None;
+        };
+        let actual = Digest::from_hasher(hasher);
+        if actual == self.diff_id {
+            self.end(Some(true));
+            return self.held.take().map(Ok);
+        }
+        tracing::warn!(layer = %self.diff_id, %actual, dir = %self.layer.dir.display(),
+            "layer files no longer hash to the diff id (the image changed under the engine): response cut short");
+        self.end(Some(false));
+        Some(Err(io::Error::other(format!("layer {} changed on disk", self.diff_id))))
+    }
+
+    /// No more chunks. `verdict`: whether the layer proved whole and right (none for a read
+    /// that did not hash it and met no error).
+    fn end(&mut self, verdict: Option<bool>) {
+        self.ended = true;
+        if verdict == Some(false) {
+            self.held = None;
+        }
+        if let (Some(ok), Some(verified)) = (verdict, self.verified.take()) {
+            verified(ok);
+        }
+    }
+
+    /// The next chunk of the range (up to the read chunk size, small pieces gathered), or
+    /// `None` at the end of the tar.
+    fn assemble(&mut self) -> io::Result<Option<Bytes>> {
+        let cap = ferry_core::blobstore::chunk_size();
+        let mut buf = Vec::with_capacity(cap);
+        while buf.len() < cap && (self.left > 0 || self.hasher.is_some()) {
+            if let Some((file, remaining, path)) = &mut self.file {
+                let start = buf.len();
+                let want = (*remaining).min((cap - start) as u64);
+                // read_to_end fills spare capacity without zeroing it first.
+                let n = file.take(want).read_to_end(&mut buf)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} is shorter than the layer says", path.display()),
+                    ));
+                }
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    self.file = None;
+                }
+                self.keep_in_range(&mut buf, start);
+                continue;
             }
-            match piece.map_err(io::Error::other)? {
+            let Some(piece) = self.next_piece()? else { break };
+            match piece {
                 Piece::Raw(bytes) => {
-                    if !self.feed(Bytes::from(bytes)) {
-                        return Ok(false);
-                    }
+                    let start = buf.len();
+                    buf.extend_from_slice(&bytes);
+                    self.keep_in_range(&mut buf, start);
                 }
                 Piece::File { path, size } => {
                     if size == 0 {
                         continue;
                     }
-                    let file_path = inside(&layer.dir, &path)
+                    let file_path = inside(&self.layer.dir, &path)
                         .ok_or_else(|| io::Error::other("a tar-split name leaves the layer's directory"))?;
-                    // Whole files that lie before the range are skipped without reading.
+                    // Whole files that lie before the range are passed without reading.
                     if self.hasher.is_none() && self.skip >= size {
                         self.skip -= size;
                         continue;
                     }
                     // A symlink on the way (planted in the layer) must not lead out of it.
-                    if !std::fs::canonicalize(&file_path)?.starts_with(&root) {
+                    let real = std::fs::canonicalize(&file_path)?;
+                    if !self.pieces.as_ref().is_some_and(|(_, root)| real.starts_with(root)) {
                         return Err(io::Error::other(format!(
                             "{} leads out of the layer's directory",
                             file_path.display()
                         )));
                     }
-                    let mut file = std::fs::File::open(&file_path)?;
-                    let mut remaining = size;
-                    while remaining > 0 {
-                        let want = remaining.min(ferry_core::blobstore::chunk_size() as u64) as usize;
-                        let mut buf = Vec::with_capacity(want);
-                        let n = (&mut file).take(want as u64).read_to_end(&mut buf)?;
-                        if n == 0 {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!("{} is shorter than the layer says", file_path.display()),
-                            ));
-                        }
-                        remaining -= n as u64;
-                        if !self.feed(Bytes::from(buf)) {
-                            return Ok(false);
-                        }
-                    }
+                    self.file = Some((std::fs::File::open(&file_path)?, size, file_path));
                 }
             }
         }
-        if self.left > 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the layer is shorter than its size",
-            ));
-        }
-        Ok(true)
+        Ok((!buf.is_empty()).then(|| Bytes::from(buf)))
     }
 
-    /// Hashes `bytes` and sends the part inside the range; `false` when nobody listens.
-    fn feed(&mut self, mut bytes: Bytes) -> bool {
+    /// The tar-split's next piece; the first call opens it.
+    fn next_piece(&mut self) -> io::Result<Option<Piece>> {
+        if self.pieces.is_none() {
+            let pieces = tarsplit::open(&self.layer.tar_split).map_err(io::Error::other)?;
+            let root = std::fs::canonicalize(&self.layer.dir)?;
+            self.pieces = Some((pieces, root));
+        }
+        match self.pieces.as_mut().and_then(|(pieces, _)| pieces.next()) {
+            Some(piece) => piece.map(Some).map_err(io::Error::other),
+            None => Ok(None),
+        }
+    }
+
+    /// Hashes the tar's bytes `buf[start..]`, just added, and keeps of them only those
+    /// inside the range.
+    fn keep_in_range(&mut self, buf: &mut Vec<u8>, start: usize) {
         if let Some(h) = &mut self.hasher {
-            h.update(&bytes);
+            h.update(&buf[start..]);
         }
-        if self.skip > 0 {
-            let s = self.skip.min(bytes.len() as u64) as usize;
-            self.skip -= s as u64;
-            bytes = bytes.slice(s..);
+        let skipped = self.skip.min((buf.len() - start) as u64) as usize;
+        if skipped > 0 {
+            buf.drain(start..start + skipped);
+            self.skip -= skipped as u64;
         }
-        let take = self.left.min(bytes.len() as u64) as usize;
-        if take == 0 {
-            return true;
-        }
-        self.left -= take as u64;
-        let chunk = bytes.slice(..take);
-        if self.hasher.is_none() {
-            return self.tx.blocking_send(Ok(chunk)).is_ok();
-        }
-        match self.held.replace(chunk) {
-            Some(previous) => self.tx.blocking_send(Ok(previous)).is_ok(),
-            None => true,
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(last) = self.held.take() {
-            let _ = self.tx.blocking_send(Ok(last));
-        }
-    }
-
-    fn fail(&mut self, e: io::Error) {
-        self.held = None;
-        let _ = self.tx.blocking_send(Err(e));
+        let kept = self.left.min((buf.len() - start) as u64) as usize;
+        buf.truncate(start + kept);
+        self.left -= kept as u64;
     }
 }
 
@@ -490,6 +532,73 @@ mod tests {
         let wrong = Digest::of(b"something else");
         let (tx, rx) = std::sync::mpsc::channel();
         let (bytes, ok) = collect(stream(files, wrong, 0, 19, true, move |v| tx.send(v).unwrap())).await;
+        assert!(!ok && !rx.recv().unwrap());
+        assert!(bytes.len() < whole.len());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_range_of_a_layer_is_its_bytes() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("diff")).unwrap();
+        std::fs::write(t.path().join("diff/a"), b"alpha").unwrap();
+        std::fs::write(t.path().join("diff/b"), b"").unwrap();
+        std::fs::write(t.path().join("diff/c"), b"charlie-c").unwrap();
+        let files = layer(
+            t.path(),
+            &[
+                raw(b"H1"),
+                file("a", 5),
+                raw(b"H2"),
+                file("b", 0),
+                raw(b""),
+                file("c", 9),
+                raw(b"END"),
+            ],
+        );
+        let whole = b"H1alphaH2charlie-cEND".to_vec();
+        let id = Digest::of(&whole);
+        for offset in 0..whole.len() {
+            for len in 0..=whole.len() - offset {
+                let (part, ok) = collect(stream(
+                    files.clone(),
+                    id.clone(),
+                    offset as u64,
+                    len as u64,
+                    false,
+                    |_| {},
+                ))
+                .await;
+                assert!(ok, "{offset}+{len}");
+                assert_eq!(part, whole[offset..offset + len], "{offset}+{len}");
+            }
+        }
+        // Content longer than a chunk comes whole, in order, and verified.
+        let big: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(t.path().join("diff/big"), &big).unwrap();
+        let files = layer(t.path(), &[raw(b"H"), file("big", big.len()), raw(b"T")]);
+        let mut whole = b"H".to_vec();
+        whole.extend_from_slice(&big);
+        whole.push(b'T');
+        let (tx, rx) = std::sync::mpsc::channel();
+        let size = whole.len() as u64;
+        let (bytes, ok) = collect(stream(files.clone(), Digest::of(&whole), 0, size, true, move |v| {
+            tx.send(v).unwrap()
+        }))
+        .await;
+        assert!(ok && rx.recv().unwrap());
+        assert_eq!(bytes, whole);
+        for (offset, len) in [(1, 700_000), (300_000, 1), (262_143, 262_146), (699_990, 11)] {
+            let (part, ok) = collect(stream(files.clone(), Digest::of(b"x"), offset, len, false, |_| {})).await;
+            assert!(ok);
+            assert_eq!(part, whole[offset as usize..(offset + len) as usize], "{offset}+{len}");
+        }
+        // A file shorter than the tar-split says: an error, and the verdict false.
+        std::fs::write(t.path().join("diff/big"), &big[..1000]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (bytes, ok) = collect(stream(files, Digest::of(&whole), 0, size, true, move |v| {
+            tx.send(v).unwrap()
+        }))
+        .await;
         assert!(!ok && !rx.recv().unwrap());
         assert!(bytes.len() < whole.len());
     }

@@ -1,0 +1,210 @@
+//! Byte streams made by blocking code (a blob's file, a layer assembled from its files), a
+//! chunk at a time on tokio's blocking threads.
+//!
+//! No thread waits on the stream's consumer. A thread per stream, blocked until its client
+//! took the next chunk, let a few hundred clients that ask for a blob and never read the
+//! answer take every blocking thread, and with them every file read and write of the server.
+//! Here a blocking run makes chunks while the stream's queue has room, then gives its thread
+//! back; the consumer starts the next run once it has taken all but one of them. A client that
+//! stops reading holds a few chunks and no thread, and one that reads costs a thread hop per
+//! two or three chunks.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::backend::ByteStream;
+
+/// Chunks made ahead of the consumer: with the one it is sending, the four that the serving
+/// read-ahead budget counts per stream ([`crate::blobstore::chunk_size`]).
+const QUEUED: usize = 3;
+/// The next run starts when no more than this many chunks are left queued.
+const LOW: usize = 1;
+
+/// Something read a chunk at a time by blocking calls.
+pub trait ChunkSource: Send + 'static {
+    /// The next chunk, or `None` at the end. An error ends the stream.
+    fn next_chunk(&mut self) -> Option<io::Result<Bytes>>;
+}
+
+/// Streams `source`'s chunks, made on blocking threads a few ahead of the consumer.
+pub fn stream<S: ChunkSource>(source: S) -> ByteStream {
+    let (tx, rx) = mpsc::channel(QUEUED);
+    Chunks {
+        rx,
+        tx,
+        maker: Maker::Idle(source),
+    }
+    .boxed()
+}
+
+/// Where the source is.
+enum Maker<S> {
+    /// Waiting for room in the queue.
+    Idle(S),
+    /// Making chunks on a blocking thread; it hands the source back, and whether more follow.
+    Running(JoinHandle<(S, bool)>),
+    /// Made its last chunk (or failed).
+    Done,
+}
+
+struct Chunks<S> {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    /// Handed to each run.
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    maker: Maker<S>,
+}
+
+/// Makes chunks until the queue is full, the source ends, or the consumer has gone.
+fn run<S: ChunkSource>(mut source: S, tx: mpsc::Sender<io::Result<Bytes>>) -> (S, bool) {
+    while tx.capacity() > 0 {
+        let Some(chunk) = source.next_chunk() else {
+            return (source, false);
+        };
+        let failed = chunk.is_err();
+        if tx.try_send(chunk).is_err() || failed {
+            return (source, false);
+        }
+    }
+    (source, true)
+}
+
+// The source is only ever moved, never pinned.
+impl<S> Unpin for Chunks<S> {}
+
+impl<S: ChunkSource> Chunks<S> {
+    /// Starts a run when the source is idle and the queue is down to its low mark.
+    fn refill(&mut self) {
+        if self.rx.len() > LOW || !matches!(self.maker, Maker::Idle(_)) {
+            return;
+        }
+        if let Maker::Idle(source) = std::mem::replace(&mut self.maker, Maker::Done) {
+            let tx = self.tx.clone();
+            self.maker = Maker::Running(tokio::task::spawn_blocking(move || run(source, tx)));
+        }
+    }
+}
+
+impl<S: ChunkSource> Stream for Chunks<S> {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            this.refill();
+            if let Poll::Ready(Some(chunk)) = this.rx.poll_recv(cx) {
+                // The next chunks are made while this one is sent.
+                this.refill();
+                return Poll::Ready(Some(chunk));
+            }
+            // The queue is empty (this stream holds a sender, so it never closes).
+            let Maker::Running(making) = &mut this.maker else {
+                if matches!(this.maker, Maker::Done) {
+                    return Poll::Ready(None);
+                }
+                continue;
+            };
+            let made = match Pin::new(making).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(made) => made,
+            };
+            match made {
+                // What the run queued is taken on the next turn of the loop.
+                Ok((source, true)) => this.maker = Maker::Idle(source),
+                Ok((_, false)) => this.maker = Maker::Done,
+                Err(e) => {
+                    this.maker = Maker::Done;
+                    return Poll::Ready(Some(Err(io::Error::other(format!("reading a blob stopped: {e}")))));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    struct Counting {
+        left: usize,
+        made: Arc<AtomicUsize>,
+    }
+
+    impl ChunkSource for Counting {
+        fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+            if self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            self.made.fetch_add(1, Ordering::SeqCst);
+            Some(Ok(Bytes::from(vec![self.left as u8; 4])))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn chunks_come_in_order_then_the_end() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let s = stream(Counting { left: 3, made });
+        let all: Vec<Bytes> = s.map(|c| c.unwrap()).collect().await;
+        assert_eq!(
+            all,
+            vec![
+                Bytes::from(vec![2u8; 4]),
+                Bytes::from(vec![1u8; 4]),
+                Bytes::from(vec![0u8; 4])
+            ]
+        );
+    }
+
+    #[test]
+    fn consumers_that_stop_reading_hold_a_few_chunks_each_and_no_thread() {
+        // One blocking thread for the whole runtime: were it waiting on a stalled consumer,
+        // nothing else could use it.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let made = Arc::new(AtomicUsize::new(0));
+            let mut stalled = Vec::new();
+            for _ in 0..3 {
+                let mut s = stream(Counting {
+                    left: 100,
+                    made: made.clone(),
+                });
+                assert!(s.next().await.is_some());
+                stalled.push(s);
+            }
+            let other = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
+            assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+            // Each stream's first chunk and at most a queue's worth made ahead; the rest waits.
+            let made = made.load(Ordering::SeqCst);
+            assert!((3..=3 * (1 + QUEUED)).contains(&made), "{made} chunks made");
+        });
+    }
+
+    struct Failing;
+
+    impl ChunkSource for Failing {
+        fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+            Some(Err(io::Error::other("disk went away")))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_error_ends_the_stream() {
+        let mut s = stream(Failing);
+        assert_eq!(s.next().await.unwrap().unwrap_err().to_string(), "disk went away");
+        assert!(s.next().await.is_none());
+    }
+}
