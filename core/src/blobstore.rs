@@ -59,9 +59,8 @@ impl Drop for Serving {
         SERVING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
-/// Chunks of a request body read ahead of the hashing writer (hyper's chunks are at most its
-/// read buffer, so this bounds memory to a few MiB per upload).
-const BODY_PREFETCH_CHUNKS: usize = 16;
+/// Bytes of a stream being stored gathered into one write.
+const WRITE_BATCH: usize = 256 * 1024;
 
 /// A directory of blobs keyed by digest.
 #[derive(Clone, Debug)]
@@ -176,26 +175,43 @@ impl BlobStore {
         })
     }
 
-    /// Writes a whole stream as one blob, never holding more than a chunk in memory.
-    pub async fn write_stream(&self, expected: Option<Digest>, body: ByteStream) -> Result<(Digest, u64)> {
+    /// Writes a whole stream as one blob. Its chunks are gathered into writes of
+    /// [`WRITE_BATCH`] on a blocking thread while the next ones arrive; no thread waits on the
+    /// stream (a request body that trickles in would hold one for as long as it lasts, and a
+    /// few hundred of them every thread the server has for files).
+    pub async fn write_stream(&self, expected: Option<Digest>, mut body: ByteStream) -> Result<(Digest, u64)> {
+        use futures::StreamExt;
         let store = self.clone();
-        let reader = crate::prefetch::Prefetched::spawn(body, BODY_PREFETCH_CHUNKS);
-        blocking(move || {
-            let mut reader = reader;
-            let mut w = store.writer(expected)?;
-            // Reads and writes fail for different reasons (a client gone, a disk full): the
-            // error says which.
-            let mut buf = vec![0u8; READ_CHUNK];
-            loop {
-                let n = std::io::Read::read(&mut reader, &mut buf).map_err(|e| Error::io("reading request body", e))?;
-                if n == 0 {
-                    break;
+        let mut writer = Writing::Idle(Box::new(blocking(move || store.writer(expected)).await?));
+        let mut batch = Vec::new();
+        let mut batched = 0;
+        loop {
+            let end = match body.next().await {
+                Some(Ok(chunk)) => {
+                    batched += chunk.len();
+                    batch.push(chunk);
+                    false
                 }
-                std::io::Write::write_all(&mut w, &buf[..n]).map_err(|e| Error::io("writing a blob", e))?;
+                // Reads and writes fail for different reasons (a client gone, a disk full):
+                // the error says which.
+                Some(Err(e)) => return Err(Error::io("reading request body", e)),
+                None => true,
+            };
+            if batched >= WRITE_BATCH || (end && !batch.is_empty()) {
+                let mut w = writer.ready().await?;
+                let chunks = std::mem::take(&mut batch);
+                batched = 0;
+                writer = Writing::Busy(tokio::task::spawn_blocking(move || {
+                    let written = w.write_chunks(&chunks);
+                    (w, written)
+                }));
             }
-            w.commit()
-        })
-        .await
+            if end {
+                break;
+            }
+        }
+        let w = writer.ready().await?;
+        blocking(move || w.commit()).await
     }
 
     /// Writes a small blob held in memory.
@@ -377,10 +393,30 @@ impl crate::chunks::ChunkSource for FileChunks {
 }
 
 /// Runs blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}
+
+/// A blob writer an async stream feeds: free, or on a blocking thread with a batch.
+enum Writing {
+    Idle(Box<BlobWriter>),
+    Busy(tokio::task::JoinHandle<(BlobWriter, io::Result<()>)>),
+}
+
+impl Writing {
+    /// The writer once its batch is written.
+    async fn ready(self) -> Result<BlobWriter> {
+        match self {
+            Writing::Idle(w) => Ok(*w),
+            Writing::Busy(h) => match h.await {
+                Ok((w, Ok(()))) => Ok(w),
+                Ok((_, Err(e))) => Err(Error::io("writing a blob", e)),
+                Err(e) => Err(Error::Internal(format!("blocking task failed: {e}"))),
+            },
+        }
+    }
 }
 
 /// A blob being written (blocking I/O): bytes go to a temp file and through sha256.
@@ -634,6 +670,35 @@ mod tests {
         assert!(matches!(w.commit(), Err(Error::DigestInvalid(_))));
         assert!(store.list().await.unwrap().is_empty());
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn streams_that_trickle_in_hold_no_thread() {
+        // One blocking thread for the whole runtime: were a write waiting on its stream there,
+        // no other file work could run.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::open(dir.path()).await.unwrap();
+            let mut writes = Vec::new();
+            for _ in 0..3 {
+                let first = futures::stream::once(async { Ok::<_, io::Error>(Bytes::from_static(b"0123456789")) });
+                let body = first.chain(futures::stream::pending()).boxed();
+                let store = store.clone();
+                writes.push(tokio::spawn(async move { store.write_stream(None, body).await }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let other =
+                tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
+            assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+            for w in writes {
+                w.abort();
+            }
+        });
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! What a hostile client can hold of ferry: connections that never finish their headers
 //! (slowloris) or sit idle, beyond the usual soft limit of 1024 open files, do not keep
 //! other clients out and are closed after the header timeout; clients that ask for a blob
-//! and never read it do not either, and are closed after the send timeout; an upload whose
-//! body stops frees its session after the body idle timeout.
+//! and never read it do not either, and are closed after the send timeout, nor do uploads
+//! whose bodies trickle in; an upload whose body stops frees its session after the body idle
+//! timeout.
 
 mod common;
 
@@ -114,8 +115,63 @@ fn established(port: u16) -> usize {
         .unwrap()
 }
 
+/// Lets this test process hold the hundreds of sockets its hostile clients open.
+fn more_open_files() {
+    sh(&format!("prlimit --pid {} --nofile=8192", std::process::id()));
+}
+
+/// A normal client pushes and pulls a blob, within 4 s.
+fn normal_client_is_served(ferry: &Ferry, beside: &str) {
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let data = b"a normal client's blob".repeat(1000);
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let r = http
+        .post(ferry.url(&format!("/v2/normal/blobs/uploads/?digest={digest}")))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .get(ferry.url(&format!("/v2/normal/blobs/{digest}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().to_vec(), data);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the normal client waited {:?} beside {beside}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn uploads_that_trickle_in_do_not_keep_others_out() {
+    more_open_files();
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), "body_idle_timeout_secs = 30");
+    // More uploads than tokio has blocking threads (512), each announcing 1 MiB and sending
+    // 10 bytes of it.
+    let digest = format!("sha256:{}", sha256_hex(b"never sent whole"));
+    let request = format!(
+        "POST /v2/trickle/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: ferry\r\nContent-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\n0123456789"
+    );
+    let _trickling: Vec<TcpStream> = (0..600)
+        .map(|_| {
+            let mut s = TcpStream::connect(ferry.addr()).unwrap();
+            s.write_all(request.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    normal_client_is_served(&ferry, "uploads that trickle in");
+}
+
 #[test]
 fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
+    more_open_files();
     let dir = scratch();
     let ferry = ferry_with_low_nofile(dir.path(), "send_timeout_secs = 8");
     let http = reqwest::blocking::Client::builder()
@@ -149,19 +205,7 @@ fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Meanwhile a normal client pushes and pulls, long before the send timeout.
-    let started = Instant::now();
-    let data = b"a normal client's blob".repeat(1000);
-    let digest = push(&data);
-    let r = http
-        .get(ferry.url(&format!("/v2/stalled/blobs/{digest}")))
-        .send()
-        .unwrap();
-    assert_eq!(r.bytes().unwrap().to_vec(), data);
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the normal client waited {:?} beside clients that read nothing",
-        started.elapsed()
-    );
+    normal_client_is_served(&ferry, "clients that read nothing");
     let r = http
         .get(ferry.url(&format!("/v2/stalled/blobs/{big_digest}")))
         .send()

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 
+use ferry_core::blobstore::blocking;
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
 
 /// The newest bytes of a fill kept in memory (as the origin's chunks, shared, not copied), so
@@ -144,24 +145,30 @@ impl Fill {
             cancel: Notify::new(),
         });
         let (batches_tx, mut batches_rx) = mpsc::channel::<Option<Vec<Bytes>>>(QUEUED_BATCHES);
-        // The writer thread: appends each batch, publishes how far the file is, and commits
-        // (verifying the digest) when the origin's body ended whole.
+        // The writer: appends each batch (on a blocking thread, which it gives back between
+        // batches: a slow origin must not hold one for the whole fetch), publishes how far the
+        // file is, and commits (verifying the digest) when the origin's body ended whole.
         let written = {
             let progress_tx = progress_tx.clone();
             let fill = fill.clone();
-            tokio::task::spawn_blocking(move || -> Result<()> {
+            tokio::spawn(async move {
                 let mut writer = writer;
-                while let Some(piece) = batches_rx.blocking_recv() {
+                while let Some(piece) = batches_rx.recv().await {
                     let Some(batch) = piece else {
-                        let sealed = writer.seal()?;
+                        let sealed = blocking(move || writer.seal()).await?;
                         progress_tx.send_replace(Progress::Verified);
-                        return sealed.persist();
+                        return blocking(move || sealed.persist()).await;
                     };
                     let offset = writer.size();
                     // Straight to the file: readers may read it as soon as it is published.
-                    writer
-                        .write_chunks(&batch)
-                        .map_err(|e| Error::io("writing a fetched blob", e))?;
+                    let (w, batch) = blocking(move || {
+                        writer
+                            .write_chunks(&batch)
+                            .map_err(|e| Error::io("writing a fetched blob", e))?;
+                        Ok((writer, batch))
+                    })
+                    .await?;
+                    writer = w;
                     fill.remember(offset, batch);
                     progress_tx.send_replace(Progress::Writing(writer.size()));
                 }
@@ -630,5 +637,36 @@ mod tests {
         assert!(!outcome(stored).await, "4 KiB of 1 MiB is not far enough along");
         assert_eq!(store.size(&Digest::of(&data)).await.unwrap(), None);
         assert!(!fill.temp.exists(), "nothing partial is left");
+    }
+
+    #[test]
+    fn fills_from_origins_that_stall_hold_no_thread() {
+        // One blocking thread for the whole runtime: were a fill's writer waiting on its
+        // origin there, no other file work could run.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = BlobStore::open(dir.path()).await.unwrap();
+            let mut fills = Vec::new();
+            for i in 0..3u8 {
+                let data = vec![i; 1024 * 1024];
+                let first = Bytes::copy_from_slice(&data[..64 * 1024]);
+                let stalled =
+                    futures::stream::once(async move { Ok::<_, io::Error>(first) }).chain(futures::stream::pending());
+                let (fill, stored) = spawn(&store, wanted(&data), reqwest::Body::wrap_stream(stalled), 50);
+                let Joined::Body(body) = fill.join(None).await.unwrap() else {
+                    panic!("the fill ended before its first reader")
+                };
+                fills.push((fill, stored, body));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let other =
+                tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
+            assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+        });
     }
 }
