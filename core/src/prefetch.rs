@@ -9,8 +9,10 @@ use tokio::sync::mpsc;
 
 /// A blocking reader over a byte stream that a task drains ahead of it. Reading the stream
 /// on demand (as `SyncIoBridge` does) leaves the socket idle while a chunk is hashed and
-/// written, and costs two thread wake-ups per chunk; here the socket (an engine's export, a
-/// request body) is read while earlier chunks are processed, up to `depth` chunks ahead.
+/// written, and costs two thread wake-ups per chunk; here the socket (an engine's export) is
+/// read while earlier chunks are processed, up to `depth` chunks ahead. The reader holds its
+/// thread while it waits for the stream: it is for streams a local engine paces, never for
+/// one a client does (a request body is written by [`crate::BlobStore::write_stream`]).
 pub struct Prefetched {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
