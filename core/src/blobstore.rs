@@ -176,7 +176,7 @@ impl BlobStore {
     }
 
     /// Writes a whole stream as one blob. Its chunks are gathered into writes of
-    /// [`WRITE_BATCH`] on a blocking thread while the next ones arrive; no thread waits on the
+    /// 256 KiB on a blocking thread while the next ones arrive; no thread waits on the
     /// stream (a request body that trickles in would hold one for as long as it lasts, and a
     /// few hundred of them every thread the server has for files).
     pub async fn write_stream(&self, expected: Option<Digest>, mut body: ByteStream) -> Result<(Digest, u64)> {
