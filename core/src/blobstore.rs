@@ -202,8 +202,8 @@ impl BlobStore {
                 let chunks = std::mem::take(&mut batch);
                 batched = 0;
                 writer = Writing::Busy(tokio::task::spawn_blocking(move || {
-                    let written = w.write_chunks(&chunks);
-                    (w, written)
+                    w.write_chunks(&chunks).map_err(|e| Error::io("writing a blob", e))?;
+                    Ok(w)
                 }));
             }
             if end {
@@ -394,15 +394,19 @@ impl crate::chunks::ChunkSource for FileChunks {
 
 /// Runs blocking file work off the async threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
+    joined(tokio::task::spawn_blocking(f)).await
+}
+
+/// The outcome of blocking work already started.
+async fn joined<T>(work: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    work.await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
 }
 
 /// A blob writer an async stream feeds: free, or on a blocking thread with a batch.
 enum Writing {
     Idle(Box<BlobWriter>),
-    Busy(tokio::task::JoinHandle<(BlobWriter, io::Result<()>)>),
+    Busy(tokio::task::JoinHandle<Result<BlobWriter>>),
 }
 
 impl Writing {
@@ -410,11 +414,7 @@ impl Writing {
     async fn ready(self) -> Result<BlobWriter> {
         match self {
             Writing::Idle(w) => Ok(*w),
-            Writing::Busy(h) => match h.await {
-                Ok((w, Ok(()))) => Ok(w),
-                Ok((_, Err(e))) => Err(Error::io("writing a blob", e)),
-                Err(e) => Err(Error::Internal(format!("blocking task failed: {e}"))),
-            },
+            Writing::Busy(h) => joined(h).await,
         }
     }
 }
@@ -674,14 +674,9 @@ mod tests {
 
     #[test]
     fn streams_that_trickle_in_hold_no_thread() {
-        // One blocking thread for the whole runtime: were a write waiting on its stream there,
-        // no other file work could run.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .max_blocking_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        // Were a write waiting on its stream on the one blocking thread, no other file work
+        // could run.
+        crate::chunks::tests::on_one_blocking_thread(async {
             let dir = tempfile::tempdir().unwrap();
             let store = BlobStore::open(dir.path()).await.unwrap();
             let mut writes = Vec::new();
@@ -692,9 +687,7 @@ mod tests {
                 writes.push(tokio::spawn(async move { store.write_stream(None, body).await }));
             }
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            let other =
-                tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
-            assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+            crate::chunks::tests::the_blocking_thread_is_free().await;
             for w in writes {
                 w.abort();
             }

@@ -128,11 +128,28 @@ impl<S: ChunkSource> Stream for Chunks<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// Runs `work` on a runtime with one blocking thread for everything: work that kept it
+    /// waiting would leave nothing else able to use it.
+    pub(crate) fn on_one_blocking_thread(work: impl Future<Output = ()>) {
+        tokio::runtime::Builder::new_multi_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    }
+
+    /// Fails unless other blocking work runs within 5 s.
+    pub(crate) async fn the_blocking_thread_is_free() {
+        let other = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
+        assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+    }
 
     struct Counting {
         left: usize,
@@ -167,14 +184,7 @@ mod tests {
 
     #[test]
     fn consumers_that_stop_reading_hold_a_few_chunks_each_and_no_thread() {
-        // One blocking thread for the whole runtime: were it waiting on a stalled consumer,
-        // nothing else could use it.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .max_blocking_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        on_one_blocking_thread(async {
             let made = Arc::new(AtomicUsize::new(0));
             let mut stalled = Vec::new();
             for _ in 0..3 {
@@ -185,8 +195,7 @@ mod tests {
                 assert!(s.next().await.is_some());
                 stalled.push(s);
             }
-            let other = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| 42)).await;
-            assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
+            the_blocking_thread_is_free().await;
             // Each stream's first chunk and at most a queue's worth made ahead; the rest waits.
             let made = made.load(Ordering::SeqCst);
             assert!((3..=3 * (1 + QUEUED)).contains(&made), "{made} chunks made");
