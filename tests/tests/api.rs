@@ -918,6 +918,8 @@ fn a_full_disk_is_said_as_such_and_leaves_nothing_partial() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 500);
+    // The rest of the body may be unread: the client is told not to reuse the connection.
+    assert_eq!(r.headers()["connection"], "close");
     let logs = ferry.logs();
     assert!(logs.contains("disk full (ENOSPC)"), "{logs}");
     let tmp = std::fs::read_dir(data.join("push/tmp")).unwrap().count();

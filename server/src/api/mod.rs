@@ -175,7 +175,17 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
     };
     let mut resp = match outcome {
         Ok(resp) => resp,
-        Err(e) => poem::IntoResponse::into_response(e),
+        Err(e) => {
+            let mut resp = poem::IntoResponse::into_response(e);
+            if may_leave_body_unread(req) {
+                // The body may not have been read to its end (an upload refused half-way):
+                // the connection cannot carry another request, and the client must know
+                // before it reuses it.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
     };
     if call.query.ns.is_some() {
         // The spec asks a proxy to echo the namespace it served.
@@ -191,6 +201,17 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
 }
 
 /// Applies the access rules to a request; `true` when it carried ferry's own credentials.
+/// Whether `req` is an HTTP/1 request with a body, which an error answer may leave unread.
+fn may_leave_body_unread(req: &Request) -> bool {
+    let headers = req.headers();
+    req.version() <= poem::http::Version::HTTP_11
+        && (headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim() != "0"))
+}
+
 async fn check_access(call: &Call<'_>, state: &AppState) -> ApiResult<bool> {
     let path = call.req.uri().path();
     let name = match route::parse(path) {
