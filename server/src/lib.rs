@@ -10,6 +10,7 @@ mod api;
 pub mod config;
 mod listen;
 mod send_timeout;
+mod stalled_streams;
 pub mod tls;
 
 use std::future::Future;

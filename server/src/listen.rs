@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use poem::{Addr, Endpoint, EndpointExt, Response};
 use tokio::net::TcpListener;
 
 use crate::send_timeout::SendTimeout;
+use crate::stalled_streams::{Watch, Watched};
 
 /// How long to wait before accepting again after `accept` fails (out of file descriptors,
 /// say), so the loop does not spin.
@@ -97,11 +99,21 @@ pub async fn serve(
         let peer = remote;
         let remote = RemoteAddr(Addr::SocketAddr(remote));
         let scheme = scheme.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let watch = Watch::new(limits.send_timeout);
+        let service_watch = watch.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let (endpoint, local, remote, scheme) = (endpoint.clone(), local.clone(), remote.clone(), scheme.clone());
+            // Over HTTP/2 a client that stops reading does not block the socket: its
+            // responses are watched instead.
+            let watch = (req.version() == hyper::Version::HTTP_2)
+                .then(|| (service_watch.clone(), req.uri().path().to_string()));
             async move {
                 let req = poem::Request::from((req, local, remote, scheme.clone()));
-                Ok::<_, Infallible>(hyper::Response::from(endpoint.get_response(req).await))
+                let response = hyper::Response::from(endpoint.get_response(req).await);
+                Ok::<_, Infallible>(match watch {
+                    Some((watch, path)) => response.map(|body| watch.watch(body, &path)),
+                    None => response.map(Watched::unwatched),
+                })
             }
         });
         let (builder, watcher, acceptor) = (builder.clone(), graceful.watcher(), acceptor.clone());
@@ -121,13 +133,13 @@ pub async fn serve(
             let ended = match acceptor {
                 None => {
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    until_stalled(watcher.watch(conn.into_owned()), &watch, peer).await
                 }
                 // The handshake is held to the header timeout too.
                 Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                        watcher.watch(conn.into_owned()).await
+                        until_stalled(watcher.watch(conn.into_owned()), &watch, peer).await
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
@@ -157,6 +169,19 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Serves `conn` until it ends, or until one of its HTTP/2 responses has waited on its
+/// client for the send timeout: then the connection is dropped, and with it every stream.
+async fn until_stalled<E>(conn: impl Future<Output = Result<(), E>>, watch: &Watch, peer: SocketAddr) -> Result<(), E> {
+    tokio::select! {
+        ended = conn => ended,
+        (request, waited) = watch.stalled() => {
+            tracing::info!(client = %peer, request = %request, waited_s = waited.as_secs(),
+                "connection closed: its client stopped reading a response (HTTP/2)");
+            Ok(())
+        }
+    }
 }
 
 /// Whether `e` comes of a write the client let nothing through for too long.

@@ -3,7 +3,8 @@
 //! other clients out and are closed after the header timeout; clients that ask for a blob
 //! and never read it do not either, and are closed after the send timeout, nor do uploads
 //! whose bodies trickle in; an upload whose body stops frees its session after the body idle
-//! timeout.
+//! timeout. Over HTTP/2, where a client that reads nothing does not block the socket, a
+//! connection with a stream that has taken nothing for the send timeout is closed too.
 
 mod common;
 
@@ -214,6 +215,143 @@ fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
     }
     assert!(
         ferry.logs().contains("its client stopped reading"),
+        "the closing is not in the log"
+    );
+}
+
+/// ferry's open files.
+fn open_files(ferry: &Ferry) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", ferry.pid())).map_or(0, Iterator::count)
+}
+
+/// A GET of `path` for an HTTP/2 client.
+fn h2_get(ferry: &Ferry, path: &str) -> http::Request<()> {
+    http::Request::get(ferry.url(path)).body(()).unwrap()
+}
+
+#[test]
+fn http2_streams_whose_client_stopped_reading_are_closed() {
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), "send_timeout_secs = 3");
+    let blob: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let digest = format!("sha256:{}", sha256_hex(&blob));
+    let r = reqwest::blocking::Client::new()
+        .post(ferry.url(&format!("/v2/h2/blobs/uploads/?digest={digest}")))
+        .body(blob.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let path = format!("/v2/h2/blobs/{digest}");
+    let files_before = open_files(&ferry);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // One connection asks for the blob 100 times and reads none of it: the socket stays
+        // free (the client answers pings), only the streams' windows stay shut.
+        let tcp = tokio::net::TcpStream::connect(ferry.addr()).await.unwrap();
+        let (stalled, conn) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(async move {
+            let _ = conn.await;
+            Instant::now()
+        });
+        let asked_at = Instant::now();
+        let mut asked = Vec::new();
+        for _ in 0..100 {
+            let (response, _) = stalled
+                .clone()
+                .ready()
+                .await
+                .unwrap()
+                .send_request(h2_get(&ferry, &path), true)
+                .unwrap();
+            asked.push(response);
+        }
+        let mut unread = Vec::new();
+        for response in asked {
+            let response = response.await.unwrap();
+            assert_eq!(response.status(), 200);
+            unread.push(response.into_body());
+        }
+        // The premise: each stalled stream holds the blob's file open in ferry.
+        let files_stalled = open_files(&ferry);
+        assert!(
+            files_stalled >= files_before + 50,
+            "open files: {files_before} before, {files_stalled} with 100 stalled streams"
+        );
+
+        // Meanwhile another connection reads the blob slowly but steadily, for longer than
+        // the send timeout, and gets all of it.
+        let tcp = tokio::net::TcpStream::connect(ferry.addr()).await.unwrap();
+        let (steady, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let (response, _) = steady
+            .ready()
+            .await
+            .unwrap()
+            .send_request(h2_get(&ferry, &path), true)
+            .unwrap();
+        let mut body = response.await.unwrap().into_body();
+        let started = Instant::now();
+        let (mut got, mut pauses) = (Vec::new(), 0);
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            let _ = body.flow_control().release_capacity(data.len());
+            got.extend_from_slice(&data);
+            // 1.2 MiB/s: 4 MiB in some 3.5 s.
+            if got.len() / (64 * 1024) > pauses {
+                pauses += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert!(got == blob, "the steady reader got {} bytes, not the blob", got.len());
+        assert!(
+            started.elapsed() > Duration::from_secs(3),
+            "the steady read was not slow"
+        );
+
+        // The stalled connection was closed once its streams had waited for the send timeout.
+        let closed_at = tokio::time::timeout(Duration::from_secs(20), connection)
+            .await
+            .expect("the stalled connection is still open")
+            .unwrap();
+        let waited = closed_at - asked_at;
+        assert!(
+            waited >= Duration::from_secs(3),
+            "closed {waited:?} after the requests, before the send timeout"
+        );
+        // What a stalled stream reads now is an error, not the blob.
+        let mut first = unread.swap_remove(0);
+        let mut read = 0;
+        let ended = loop {
+            match first.data().await {
+                Some(Ok(data)) => read += data.len(),
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            }
+        };
+        assert!(
+            ended.is_some() && read < blob.len(),
+            "a stalled stream ended cleanly after {read} bytes"
+        );
+    });
+    // Their files are closed with them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_files(&ferry) > files_before + 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        open_files(&ferry) <= files_before + 5,
+        "ferry still holds {} files (it held {files_before} before)",
+        open_files(&ferry)
+    );
+    let logs = ferry.logs();
+    assert!(
+        logs.contains("its client stopped reading a response (HTTP/2)") && logs.contains(&path),
         "the closing is not in the log"
     );
 }
