@@ -6,18 +6,22 @@
 //! (`NAME_UNKNOWN`), so nobody learns what else the engines hold. Verified credentials are
 //! remembered for a few minutes by the SHA-256 of the header (bcrypt costs tens of
 //! milliseconds, and a push is many requests); checks run a few at a time so that a flood of
-//! guesses cannot take every core.
+//! guesses cannot take every core, requests that carry the same header share one check, and
+//! each client address has only so many checks (`crate::guesses`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use ferry_core::{Error, Repository};
+
+use crate::guesses::Guesses;
 
 /// How long a verified `Authorization` header is taken without bcrypt again.
 const REMEMBER: Duration = Duration::from_secs(300);
@@ -50,6 +54,18 @@ pub struct Access {
     prefixes: Vec<String>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     checks: Semaphore,
+    /// Checks under way, by the SHA-256 of their header.
+    checking: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
+    guesses: Guesses,
+}
+
+/// What a check of credentials found.
+#[derive(Clone, Copy, Debug)]
+enum Verdict {
+    Right,
+    Wrong,
+    /// The client has had too many checks lately: not checked.
+    TooMany(Duration),
 }
 
 impl std::fmt::Debug for Access {
@@ -83,7 +99,16 @@ impl Access {
             prefixes,
             verified: Mutex::new(HashMap::new()),
             checks: Semaphore::new(CHECKS_AT_ONCE),
+            checking: Mutex::new(HashMap::new()),
+            guesses: Guesses::default(),
         }
+    }
+
+    /// The same rules, with each client's checks limited by `guesses`.
+    #[cfg(test)]
+    fn with_guesses(mut self, guesses: Guesses) -> Self {
+        self.guesses = guesses;
+        self
     }
 
     /// Reads an htpasswd file (`user:$2y$…` lines; only bcrypt is accepted, as distribution).
@@ -128,13 +153,14 @@ impl Access {
         })
     }
 
-    /// Decides a request. `Ok(true)` when it carried ferry's own credentials (they must not
-    /// be passed on to an engine or an origin).
+    /// Decides a request from `client`. `Ok(true)` when it carried ferry's own credentials
+    /// (they must not be passed on to an engine or an origin).
     pub async fn check(
         &self,
         action: Action,
         repo: Option<&Repository>,
         authorization: Option<&str>,
+        client: Option<IpAddr>,
     ) -> Result<bool, Error> {
         if let Some(r) = repo {
             if !self.allows_name(r) {
@@ -152,49 +178,85 @@ impl Access {
         // user and password when they have none: that is no credentials.
         let given = authorization.filter(|h| h.starts_with("Basic ") && basic(h).is_some_and(|(u, _)| !u.is_empty()));
         match given {
-            Some(header) => {
-                if self.verify(users, header).await {
-                    Ok(true)
-                } else {
-                    Err(unauthorized("wrong user name or password"))
-                }
-            }
+            Some(header) => match self.verify(users, header, client).await {
+                Verdict::Right => Ok(true),
+                Verdict::Wrong => Err(unauthorized("wrong user name or password")),
+                Verdict::TooMany(wait) => Err(Error::TooManyRequests(format!(
+                    "too many passwords checked for this address lately; try again in {} s",
+                    wait.as_secs().max(1)
+                ))),
+            },
             _ if needed => Err(unauthorized("authentication required")),
             _ => Ok(false),
         }
     }
 
-    async fn verify(&self, users: &HashMap<String, String>, header: &str) -> bool {
+    async fn verify(&self, users: &HashMap<String, String>, header: &str, client: Option<IpAddr>) -> Verdict {
         let key: [u8; 32] = Sha256::digest(header.as_bytes()).into();
         if let Ok(v) = self.verified.lock() {
             if v.get(&key).is_some_and(|at| at.elapsed() < REMEMBER) {
-                return true;
+                return Verdict::Right;
             }
         }
+        // A client's parallel first requests (a push's layers) share one check, and one of
+        // its allowance.
+        let cell = self
+            .checking
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        let verdict = *cell.get_or_init(|| self.run_check(users, header, key, client)).await;
+        let mut checking = self.checking.lock().unwrap_or_else(PoisonError::into_inner);
+        if checking.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            checking.remove(&key);
+        }
+        verdict
+    }
+
+    /// Checks `header` with bcrypt, if its client may have one more check.
+    async fn run_check(
+        &self,
+        users: &HashMap<String, String>,
+        header: &str,
+        key: [u8; 32],
+        client: Option<IpAddr>,
+    ) -> Verdict {
         let Some((user, password)) = basic(header) else {
-            return false;
+            return Verdict::Wrong;
         };
+        if let Err(refused) = self.guesses.take(client) {
+            if refused.first {
+                let client = client.map_or_else(|| "-".to_string(), |c| c.to_string());
+                tracing::warn!(client = %client, user = %user, wait_s = refused.wait.as_secs(),
+                    "too many passwords checked for this address lately: its requests are refused (429) until it may try again");
+            }
+            return Verdict::TooMany(refused.wait);
+        }
         let Some(hash) = users.get(&user).cloned() else {
-            return false;
+            return Verdict::Wrong;
         };
         let Ok(_permit) = self.checks.acquire().await else {
-            return false;
+            return Verdict::Wrong;
         };
         let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
             .await
             .unwrap_or(false);
-        if ok {
-            if let Ok(mut v) = self.verified.lock() {
-                if v.len() >= REMEMBER_MAX {
-                    v.retain(|_, at| at.elapsed() < REMEMBER);
-                    if v.len() >= REMEMBER_MAX {
-                        v.clear();
-                    }
-                }
-                v.insert(key, Instant::now());
-            }
+        if !ok {
+            return Verdict::Wrong;
         }
-        ok
+        self.guesses.give_back(client);
+        if let Ok(mut v) = self.verified.lock() {
+            if v.len() >= REMEMBER_MAX {
+                v.retain(|_, at| at.elapsed() < REMEMBER);
+                if v.len() >= REMEMBER_MAX {
+                    v.clear();
+                }
+            }
+            v.insert(key, Instant::now());
+        }
+        Verdict::Right
     }
 }
 
@@ -226,6 +288,8 @@ mod tests {
         )
     }
 
+    const LOCAL: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
     fn repo(name: &str) -> Repository {
         Repository::from_request(name, None).unwrap()
     }
@@ -236,60 +300,122 @@ mod tests {
         let users: HashMap<String, String> = [("ann".to_string(), hash)].into();
         let a = Access::new(false, Some(users.clone()), false, Vec::new());
         let r = repo("team/app");
-        assert!(!a.check(Action::Read, Some(&r), None).await.unwrap());
+        assert!(!a.check(Action::Read, Some(&r), None, LOCAL).await.unwrap());
         assert!(matches!(
-            a.check(Action::Write, Some(&r), None).await,
+            a.check(Action::Write, Some(&r), None, LOCAL).await,
             Err(Error::Unauthorized { .. })
         ));
         assert!(matches!(
-            a.check(Action::Write, Some(&r), Some(&header("ann", "nope"))).await,
+            a.check(Action::Write, Some(&r), Some(&header("ann", "nope")), LOCAL)
+                .await,
             Err(Error::Unauthorized { .. })
         ));
         assert!(a
-            .check(Action::Write, Some(&r), Some(&header("ann", "pw")))
+            .check(Action::Write, Some(&r), Some(&header("ann", "pw")), LOCAL)
             .await
             .unwrap());
         assert!(
-            a.check(Action::Write, Some(&r), Some(&header("ann", "pw")))
+            a.check(Action::Write, Some(&r), Some(&header("ann", "pw")), LOCAL)
                 .await
                 .unwrap(),
             "remembered"
         );
         assert!(matches!(
-            a.check(Action::Write, Some(&r), Some(&header("bob", "pw"))).await,
+            a.check(Action::Write, Some(&r), Some(&header("bob", "pw")), LOCAL)
+                .await,
             Err(Error::Unauthorized { .. })
         ));
         let reads = Access::new(false, Some(users), true, Vec::new());
         assert!(matches!(
-            reads.check(Action::Read, Some(&r), None).await,
+            reads.check(Action::Read, Some(&r), None, LOCAL).await,
             Err(Error::Unauthorized { .. })
         ));
         // A Bearer token (for an origin) is not ferry's: reads stay anonymous; so is an empty
         // user and password.
-        assert!(!a.check(Action::Read, Some(&r), Some("Bearer x")).await.unwrap());
-        assert!(!a.check(Action::Read, Some(&r), Some(&header("", ""))).await.unwrap());
+        assert!(!a.check(Action::Read, Some(&r), Some("Bearer x"), LOCAL).await.unwrap());
+        assert!(!a
+            .check(Action::Read, Some(&r), Some(&header("", "")), LOCAL)
+            .await
+            .unwrap());
         assert!(matches!(
-            a.check(Action::Write, Some(&r), Some(&header("", ""))).await,
+            a.check(Action::Write, Some(&r), Some(&header("", "")), LOCAL).await,
             Err(Error::Unauthorized { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_client_with_too_many_checks_waits_and_others_do_not() {
+        let users: HashMap<String, String> = [("ann".to_string(), bcrypt::hash("pw", 4).unwrap())].into();
+        let a =
+            Access::new(false, Some(users), false, Vec::new()).with_guesses(Guesses::new(3, Duration::from_secs(60)));
+        let r = repo("team/app");
+        let guesser = Some("192.0.2.1".parse().unwrap());
+        for _ in 0..3 {
+            assert!(matches!(
+                a.check(Action::Write, Some(&r), Some(&header("ann", "guess")), guesser)
+                    .await,
+                Err(Error::Unauthorized { .. })
+            ));
+        }
+        // Not checked any more, not even the right password.
+        for h in [header("ann", "guess"), header("ann", "pw")] {
+            assert!(matches!(
+                a.check(Action::Write, Some(&r), Some(&h), guesser).await,
+                Err(Error::TooManyRequests(_))
+            ));
+        }
+        // Another client logs in; once remembered, its header is right from anywhere.
+        assert!(a
+            .check(Action::Write, Some(&r), Some(&header("ann", "pw")), LOCAL)
+            .await
+            .unwrap());
+        assert!(a
+            .check(Action::Write, Some(&r), Some(&header("ann", "pw")), guesser)
+            .await
+            .unwrap());
+    }
+
+    #[tokio::test]
+    async fn parallel_requests_with_one_header_share_its_check() {
+        let users: HashMap<String, String> = [("ann".to_string(), bcrypt::hash("pw", 4).unwrap())].into();
+        let a =
+            Access::new(false, Some(users), false, Vec::new()).with_guesses(Guesses::new(1, Duration::from_secs(60)));
+        let r = repo("team/app");
+        let h = header("ann", "pw");
+        let checks = (0..20).map(|_| a.check(Action::Write, Some(&r), Some(&h), LOCAL));
+        for outcome in futures::future::join_all(checks).await {
+            assert!(outcome.unwrap(), "a request that shared the check was refused");
+        }
+        // Wrong ones in parallel share theirs too: one check of the allowance of one.
+        let wrong = header("ann", "nope");
+        let a = Access::new(false, a.users.clone(), false, Vec::new())
+            .with_guesses(Guesses::new(1, Duration::from_secs(60)));
+        let checks = (0..20).map(|_| a.check(Action::Write, Some(&r), Some(&wrong), LOCAL));
+        for outcome in futures::future::join_all(checks).await {
+            assert!(matches!(outcome, Err(Error::Unauthorized { .. })));
+        }
+        assert!(a.checking.lock().unwrap().is_empty(), "finished checks are forgotten");
     }
 
     #[tokio::test]
     async fn read_only_and_prefixes() {
         let a = Access::new(true, None, false, vec!["team/".into(), "registry.k8s.io/".into()]);
         assert!(matches!(
-            a.check(Action::Write, Some(&repo("team/app")), None).await,
+            a.check(Action::Write, Some(&repo("team/app")), None, LOCAL).await,
             Err(Error::Unsupported(_))
         ));
-        assert!(!a.check(Action::Read, Some(&repo("team/app")), None).await.unwrap());
+        assert!(!a
+            .check(Action::Read, Some(&repo("team/app")), None, LOCAL)
+            .await
+            .unwrap());
         assert!(a.allows_name(&repo("registry.k8s.io/pause")));
         assert!(a.allows_name(&Repository::from_request("team/x", Some("docker.io")).unwrap()));
         assert!(matches!(
-            a.check(Action::Read, Some(&repo("other/app")), None).await,
+            a.check(Action::Read, Some(&repo("other/app")), None, LOCAL).await,
             Err(Error::NameUnknown(_))
         ));
         assert!(matches!(
-            a.check(Action::Read, Some(&repo("teams/app")), None).await,
+            a.check(Action::Read, Some(&repo("teams/app")), None, LOCAL).await,
             Err(Error::NameUnknown(_))
         ));
     }

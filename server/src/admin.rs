@@ -225,6 +225,10 @@ enum StatusResponse {
     #[oai(status = 401)]
     #[allow(dead_code)] // answered by `routes`' check, before the handler
     Unauthorized(Json<Problem>),
+    /// Too many passwords were checked for the client's address lately.
+    #[oai(status = 429)]
+    #[allow(dead_code)] // answered by `routes`' check, before the handler
+    TooManyRequests(Json<Problem>),
 }
 
 #[derive(ApiResponse)]
@@ -235,6 +239,10 @@ enum ListResponse<T: poem_openapi::types::ToJSON + Send + Sync> {
     #[oai(status = 401)]
     #[allow(dead_code)] // answered by `routes`' check, before the handler
     Unauthorized(Json<Problem>),
+    /// Too many passwords were checked for the client's address lately.
+    #[oai(status = 429)]
+    #[allow(dead_code)] // answered by `routes`' check, before the handler
+    TooManyRequests(Json<Problem>),
     #[oai(status = 500)]
     Failed(Json<Problem>),
 }
@@ -400,7 +408,15 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
                 // The API's own document and UI say nothing of what ferry holds.
                 let described = req.uri().path().ends_with("/openapi.json") || req.uri().path().contains("/docs");
                 if reads && !admin && !described {
-                    if let Err(e) = state.access.check(Action::Read, None, authorization.as_deref()).await {
+                    let client = match req.remote_addr().0 {
+                        poem::Addr::SocketAddr(a) => Some(a.ip()),
+                        _ => None,
+                    };
+                    if let Err(e) = state
+                        .access
+                        .check(Action::Read, None, authorization.as_deref(), client)
+                        .await
+                    {
                         return Ok(refused(&e));
                     }
                 }
@@ -433,11 +449,18 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
         .into_endpoint()
 }
 
-/// A read the registry's rules refuse: 401 with its Basic challenge (or the admin token).
+/// A read the registry's rules refuse: 401 with its Basic challenge (or the admin token),
+/// or 429 when its client has had too many passwords checked.
 fn refused(e: &ferry_core::Error) -> Response {
     let body = serde_json::json!({
         "message": format!("{e} (a registry user's credentials, or Authorization: Bearer <admin.token>)")
     });
+    if matches!(e, ferry_core::Error::TooManyRequests(_)) {
+        return Response::builder()
+            .status(StatusCode::TOO_MANY_REQUESTS)
+            .content_type("application/json")
+            .body(body.to_string());
+    }
     Response::builder()
         .status(StatusCode::UNAUTHORIZED)
         .header(

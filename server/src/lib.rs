@@ -8,6 +8,7 @@ pub mod access;
 mod admin;
 mod api;
 pub mod config;
+mod guesses;
 mod listen;
 mod send_timeout;
 mod stalled_streams;

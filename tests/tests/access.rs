@@ -1,7 +1,8 @@
 //! Access control with real clients: Basic auth from an htpasswd file (bcrypt) for writes —
 //! `docker login` + push (Docker 20), skopeo `--creds`, Podman `--creds` — and for reads
 //! (`ctr --user`); read-only mode; the prefix allow-list (also from REGISTRY_PREFIXES), with
-//! names outside it unknown and missing from the catalog.
+//! names outside it unknown and missing from the catalog; a client's flood of wrong passwords
+//! held back (429) after a few checks while another client logs in.
 
 mod common;
 
@@ -148,6 +149,102 @@ fn reads_too_when_asked_and_ferry_credentials_stay_with_ferry() {
         ferry.logs()
     );
     sh(&format!("docker -H {engine} rmi {registry}/{repo}:v1 {name}:v1"));
+}
+
+#[test]
+fn a_flood_of_wrong_passwords_is_held_back_and_others_still_log_in() {
+    let engine = docker20();
+    let dir = scratch();
+    // A costly hash, as a real deployment's: each check takes a core for a while.
+    let file = dir.path().join("htpasswd");
+    sh(&format!(
+        "htpasswd -Bbc -C 12 {} ann ann-pass 2>/dev/null",
+        file.display()
+    ));
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!(
+            "[access]\nhtpasswd = \"{}\"\n{}",
+            file.display(),
+            docker_chain(&engine, "")
+        ),
+    );
+    // The guesser comes from 127.0.0.2; the user (Docker) from 127.0.0.1.
+    let guesser = reqwest::blocking::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let guesses = std::thread::spawn({
+        let (guesser, url) = (guesser.clone(), ferry.url("/v2/"));
+        move || {
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..8)
+                    .map(|w| {
+                        let (guesser, url) = (&guesser, &url);
+                        s.spawn(move || {
+                            (0..25)
+                                .map(|i| {
+                                    let r = guesser
+                                        .get(url)
+                                        .basic_auth("ann", Some(format!("guess-{w}-{i}")))
+                                        .send()
+                                        .unwrap();
+                                    (r.status().as_u16(), r.text().unwrap())
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers.into_iter().flat_map(|w| w.join().unwrap()).collect::<Vec<_>>()
+            })
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Meanwhile a user logs in.
+    let docker_config = dir.path().join("docker-config");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    let started = std::time::Instant::now();
+    sh(&format!(
+        "DOCKER_CONFIG={} docker -H {engine} login -u ann -p ann-pass {}",
+        docker_config.display(),
+        ferry.addr()
+    ));
+    let login = started.elapsed();
+    let answers = guesses.join().unwrap();
+    let checked = answers.iter().filter(|(status, _)| *status == 401).count();
+    let held = answers.iter().filter(|(status, _)| *status == 429).collect::<Vec<_>>();
+    assert_eq!(checked + held.len(), 200, "other answers: {answers:?}");
+    // The guesser had its burst of ten checks (and perhaps one refilled), then waited.
+    assert!((10..=12).contains(&checked), "{checked} guesses were checked");
+    for (status, body) in held.iter().take(3) {
+        assert_oci_error(*status, body, 429, "TOOMANYREQUESTS");
+    }
+    assert!(
+        login < std::time::Duration::from_secs(10),
+        "docker login took {login:?} beside the guesses"
+    );
+    // Even the right password waits now from the guesser's address; not from the user's.
+    let r = guesser
+        .get(ferry.url("/v2/"))
+        .basic_auth("ann", Some("not-remembered"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let r = reqwest::blocking::Client::new()
+        .get(ferry.url("/v2/"))
+        .basic_auth("ann", Some("ann-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let logs = ferry.logs();
+    assert_eq!(
+        logs.matches("its requests are refused (429) until it may try again")
+            .count(),
+        1,
+        "the guesser is logged once:\n{logs}"
+    );
+    assert!(logs.contains("client=127.0.0.2 user=ann"), "the log names the guesser");
 }
 
 #[test]

@@ -200,7 +200,6 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
     resp
 }
 
-/// Applies the access rules to a request; `true` when it carried ferry's own credentials.
 /// Whether `req` is an HTTP/1 request with a body, which an error answer may leave unread.
 fn may_leave_body_unread(req: &Request) -> bool {
     let headers = req.headers();
@@ -212,6 +211,7 @@ fn may_leave_body_unread(req: &Request) -> bool {
                 .is_some_and(|v| v.trim() != "0"))
 }
 
+/// Applies the access rules to a request; `true` when it carried ferry's own credentials.
 async fn check_access(call: &Call<'_>, state: &AppState) -> ApiResult<bool> {
     let path = call.req.uri().path();
     let name = match route::parse(path) {
@@ -231,7 +231,10 @@ async fn check_access(call: &Call<'_>, state: &AppState) -> ApiResult<bool> {
         _ => crate::access::Action::Write,
     };
     let authorization = call.header(header::AUTHORIZATION);
-    Ok(state.access.check(action, repo.as_ref(), authorization).await?)
+    Ok(state
+        .access
+        .check(action, repo.as_ref(), authorization, call.ctx.client)
+        .await?)
 }
 
 async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
