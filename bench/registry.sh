@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ferry's push store vs distribution (Debian's docker-registry 2.8), side by side in one run,
-# on the same content: blob GET throughput (1 GiB blob; 1 and 8 clients), manifest HEAD
+# on the same content: blob GET throughput (1 GiB blob; 1 and 8 clients, and 1 over h2c), manifest HEAD
 # requests/s (ab, from apache2-utils), and ferry's peak RSS. Prints a markdown table.
 # Usage: bench/registry.sh [BLOB_MIB]   (run as root; installs wrk and the engines' packages)
 set -euo pipefail
@@ -39,13 +39,13 @@ for port in $ferry_port $registry_port; do
         --data-binary @"$E2E_DIR/manifest" "http://127.0.0.1:$port/v2/bench/manifests/v1" -o /dev/null
 done
 
-# MiB/s for N parallel clients downloading the blob; best of 3 runs.
-throughput() { # port clients
+# MiB/s for N parallel clients downloading the blob (curl with FLAGS); best of 3 runs.
+throughput() { # port clients [flags]
     local best=0 t0 t1 rate
     for _ in 1 2 3; do
         t0=$(date +%s.%N)
         for _ in $(seq 1 "$2"); do
-            curl -sf -o /dev/null "http://127.0.0.1:$1/v2/bench/blobs/$digest" &
+            curl -sf ${3:-} -o /dev/null "http://127.0.0.1:$1/v2/bench/blobs/$digest" &
         done
         wait
         t1=$(date +%s.%N)
@@ -70,6 +70,8 @@ heads() { # port
 cat "$blob" >/dev/null
 f1=$(throughput $ferry_port 1); r1=$(throughput $registry_port 1)
 f8=$(throughput $ferry_port 8); r8=$(throughput $registry_port 8)
+# HTTP/2 without TLS (h2c): distribution serves HTTP/2 over TLS only.
+f2=$(throughput $ferry_port 1 --http2-prior-knowledge)
 fh=$(heads $ferry_port); rh=$(heads $registry_port)
 rss=$(awk '/VmHWM/{printf "%.1f", $2/1024}' "/proc/$ferry_pid/status")
 
@@ -78,6 +80,7 @@ echo "| metric | ferry | distribution 2.8 |"
 echo "|---|---|---|"
 echo "| blob GET, ${size_mib} MiB, 1 client (MiB/s) | $f1 | $r1 |"
 echo "| blob GET, ${size_mib} MiB, 8 clients (MiB/s, total) | $f8 | $r8 |"
+echo "| blob GET, ${size_mib} MiB, 1 client over HTTP/2 (h2c; MiB/s) | $f2 | (TLS only) |"
 echo "| manifest HEAD (requests/s, 16 connections) | $fh | $rh |"
 echo "| ferry peak RSS (MiB) | $rss | |"
 rm -f "$blob"

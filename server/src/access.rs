@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::Semaphore;
 
+use ferry_core::flight::Flights;
 use ferry_core::{Error, Repository};
 
 use crate::guesses::Guesses;
@@ -49,14 +50,23 @@ pub enum Action {
 /// The access rules, from `[access]`.
 pub struct Access {
     read_only: bool,
-    users: Option<HashMap<String, String>>,
+    users: Option<Arc<HashMap<String, String>>>,
     auth_reads: bool,
     prefixes: Vec<String>,
+    checker: Arc<Checker>,
+    /// Checks under way, by the SHA-256 of their header (a task each, so that a client that
+    /// leaves does not cut short the check others wait for).
+    checking: Flights<Verdict>,
+}
+
+/// What checks of credentials share.
+struct Checker {
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     checks: Semaphore,
-    /// Checks under way, by the SHA-256 of their header.
-    checking: Mutex<HashMap<[u8; 32], Arc<OnceCell<Verdict>>>>,
     guesses: Guesses,
+    /// A hash of the users' cost that no password matches, checked for names that are not
+    /// users (made at the first such check).
+    stand_in: std::sync::OnceLock<String>,
 }
 
 /// What a check of credentials found.
@@ -72,7 +82,7 @@ impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Access")
             .field("read_only", &self.read_only)
-            .field("users", &self.users.as_ref().map(HashMap::len))
+            .field("users", &self.users.as_ref().map(|u| u.len()))
             .field("auth_reads", &self.auth_reads)
             .field("prefixes", &self.prefixes)
             .finish()
@@ -94,20 +104,18 @@ impl Access {
     ) -> Self {
         Access {
             read_only,
-            users,
+            users: users.map(Arc::new),
             auth_reads,
             prefixes,
-            verified: Mutex::new(HashMap::new()),
-            checks: Semaphore::new(CHECKS_AT_ONCE),
-            checking: Mutex::new(HashMap::new()),
-            guesses: Guesses::default(),
+            checker: Arc::new(Checker::new(Guesses::default())),
+            checking: Flights::default(),
         }
     }
 
     /// The same rules, with each client's checks limited by `guesses`.
     #[cfg(test)]
     fn with_guesses(mut self, guesses: Guesses) -> Self {
-        self.guesses = guesses;
+        self.checker = Arc::new(Checker::new(guesses));
         self
     }
 
@@ -191,33 +199,44 @@ impl Access {
         }
     }
 
-    async fn verify(&self, users: &HashMap<String, String>, header: &str, client: Option<IpAddr>) -> Verdict {
+    async fn verify(&self, users: &Arc<HashMap<String, String>>, header: &str, client: Option<IpAddr>) -> Verdict {
         let key: [u8; 32] = Sha256::digest(header.as_bytes()).into();
-        if let Ok(v) = self.verified.lock() {
-            if v.get(&key).is_some_and(|at| at.elapsed() < REMEMBER) {
-                return Verdict::Right;
-            }
+        if self.checker.remembered(&key) {
+            return Verdict::Right;
         }
         // A client's parallel first requests (a push's layers) share one check, and one of
         // its allowance.
-        let cell = self
-            .checking
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_default()
-            .clone();
-        let verdict = *cell.get_or_init(|| self.run_check(users, header, key, client)).await;
-        let mut checking = self.checking.lock().unwrap_or_else(PoisonError::into_inner);
-        if checking.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            checking.remove(&key);
+        let name: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let (checker, users, header) = (self.checker.clone(), users.clone(), header.to_string());
+        self.checking
+            .run(
+                &name,
+                async move { Ok(checker.check(&users, &header, key, client).await) },
+            )
+            .await
+            .unwrap_or(Verdict::Wrong)
+    }
+}
+
+impl Checker {
+    fn new(guesses: Guesses) -> Self {
+        Checker {
+            verified: Mutex::new(HashMap::new()),
+            checks: Semaphore::new(CHECKS_AT_ONCE),
+            guesses,
+            stand_in: std::sync::OnceLock::new(),
         }
-        verdict
+    }
+
+    /// Whether the header of SHA-256 `key` was found right lately.
+    fn remembered(&self, key: &[u8; 32]) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        verified.get(key).is_some_and(|at| at.elapsed() < REMEMBER)
     }
 
     /// Checks `header` with bcrypt, if its client may have one more check.
-    async fn run_check(
-        &self,
+    async fn check(
+        self: Arc<Self>,
         users: &HashMap<String, String>,
         header: &str,
         key: [u8; 32],
@@ -234,30 +253,49 @@ impl Access {
             }
             return Verdict::TooMany(refused.wait);
         }
-        let Some(hash) = users.get(&user).cloned() else {
-            return Verdict::Wrong;
-        };
+        let hash = users.get(&user).cloned();
         let Ok(_permit) = self.checks.acquire().await else {
             return Verdict::Wrong;
         };
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
+        // A user who does not exist takes as long as a wrong password: the answer's timing
+        // must not tell which names do.
+        let like = users.values().next().cloned();
+        let checker = self.clone();
+        let ok = tokio::task::spawn_blocking(move || match (hash, like) {
+            (Some(hash), _) => bcrypt::verify(password, &hash).unwrap_or(false),
+            (None, Some(like)) => {
+                let _ = bcrypt::verify(password, checker.stand_in.get_or_init(|| stand_in_hash(&like)));
+                false
+            }
+            (None, None) => false,
+        })
+        .await
+        .unwrap_or(false);
         if !ok {
             return Verdict::Wrong;
         }
         self.guesses.give_back(client);
-        if let Ok(mut v) = self.verified.lock() {
-            if v.len() >= REMEMBER_MAX {
-                v.retain(|_, at| at.elapsed() < REMEMBER);
-                if v.len() >= REMEMBER_MAX {
-                    v.clear();
-                }
+        let mut verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= REMEMBER_MAX {
+            verified.retain(|_, at| at.elapsed() < REMEMBER);
+            if verified.len() >= REMEMBER_MAX {
+                verified.clear();
             }
-            v.insert(key, Instant::now());
         }
+        verified.insert(key, Instant::now());
         Verdict::Right
     }
+}
+
+/// A bcrypt hash with the cost of `like` (a user's hash, `$2y$COST$…`). Whatever it matches,
+/// a name that is not a user is refused.
+fn stand_in_hash(like: &str) -> String {
+    let cost = like
+        .split('$')
+        .nth(2)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(bcrypt::DEFAULT_COST);
+    bcrypt::hash("not a user", cost).unwrap_or_default()
 }
 
 fn unauthorized(message: &str) -> Error {
@@ -388,13 +426,37 @@ mod tests {
         }
         // Wrong ones in parallel share theirs too: one check of the allowance of one.
         let wrong = header("ann", "nope");
-        let a = Access::new(false, a.users.clone(), false, Vec::new())
+        let a = Access::new(false, a.users.as_deref().cloned(), false, Vec::new())
             .with_guesses(Guesses::new(1, Duration::from_secs(60)));
         let checks = (0..20).map(|_| a.check(Action::Write, Some(&r), Some(&wrong), LOCAL));
         for outcome in futures::future::join_all(checks).await {
-            assert!(matches!(outcome, Err(Error::Unauthorized { .. })));
+            assert!(matches!(outcome, Err(Error::Unauthorized { .. })), "{outcome:?}");
         }
-        assert!(a.checking.lock().unwrap().is_empty(), "finished checks are forgotten");
+        assert_eq!(a.checking.in_flight(), 0, "finished checks are forgotten");
+    }
+
+    #[test]
+    fn names_that_are_not_users_are_checked_at_the_users_cost() {
+        let like = bcrypt::hash("pw", 6).unwrap();
+        let stand_in = stand_in_hash(&like);
+        assert!(stand_in.starts_with("$2b$06$"), "{stand_in}");
+        assert!(!bcrypt::verify("pw", &stand_in).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_name_that_is_not_a_user_goes_through_a_check() {
+        let users: HashMap<String, String> = [("ann".to_string(), bcrypt::hash("pw", 4).unwrap())].into();
+        let a = Access::new(false, Some(users), false, Vec::new());
+        let r = repo("team/app");
+        assert!(matches!(
+            a.check(Action::Write, Some(&r), Some(&header("bob", "pw")), LOCAL)
+                .await,
+            Err(Error::Unauthorized { .. })
+        ));
+        assert!(
+            a.checker.stand_in.get().is_some_and(|h| h.starts_with("$2b$04$")),
+            "no check was made"
+        );
     }
 
     #[tokio::test]
