@@ -287,6 +287,14 @@ impl Checker {
     }
 }
 
+/// The address a request came from, whose allowance of checks it uses.
+pub fn client_of(req: &poem::Request) -> Option<IpAddr> {
+    match req.remote_addr().0 {
+        poem::Addr::SocketAddr(a) => Some(a.ip()),
+        _ => None,
+    }
+}
+
 /// A bcrypt hash with the cost of `like` (a user's hash, `$2y$COST$…`). Whatever it matches,
 /// a name that is not a user is refused.
 fn stand_in_hash(like: &str) -> String {

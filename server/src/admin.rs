@@ -408,10 +408,7 @@ pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
                 // The API's own document and UI say nothing of what ferry holds.
                 let described = req.uri().path().ends_with("/openapi.json") || req.uri().path().contains("/docs");
                 if reads && !admin && !described {
-                    let client = match req.remote_addr().0 {
-                        poem::Addr::SocketAddr(a) => Some(a.ip()),
-                        _ => None,
-                    };
+                    let client = crate::access::client_of(&req);
                     if let Err(e) = state
                         .access
                         .check(Action::Read, None, authorization.as_deref(), client)

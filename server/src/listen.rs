@@ -111,7 +111,7 @@ pub async fn serve(
                 let req = poem::Request::from((req, local, remote, scheme.clone()));
                 let response = hyper::Response::from(endpoint.get_response(req).await);
                 Ok::<_, Infallible>(match watch {
-                    Some((watch, path)) => response.map(|body| watch.watch(body, &path)),
+                    Some((watch, path)) => response.map(|body| watch.watch(body, path)),
                     None => response.map(Watched::unwatched),
                 })
             }

@@ -61,11 +61,11 @@ impl Watch {
     }
 
     /// `body`, watched (and handed over in pieces) until it is dropped.
-    pub fn watch<B>(self: &Arc<Self>, body: B, path: &str) -> Watched<B> {
+    pub fn watch<B>(self: &Arc<Self>, body: B, path: String) -> Watched<B> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let waiting = Arc::new(Waiting {
             since: AtomicU64::new(0),
-            path: path.to_string(),
+            path,
         });
         self.bodies
             .lock()
@@ -232,7 +232,7 @@ mod tests {
                 Bytes::from(data[..70_000].to_vec()),
                 Bytes::from(data[70_000..].to_vec()),
             ]),
-            "/v2/x",
+            "/v2/x".to_string(),
         );
         let mut got = Vec::new();
         while let Some(frame) = watched.frame().await {
@@ -249,8 +249,8 @@ mod tests {
     async fn a_piece_not_taken_within_the_timeout_is_found_and_one_taken_is_not() {
         let timeout = Duration::from_millis(400);
         let watch = Watch::new(timeout);
-        let mut taken = watch.watch(body(vec![Bytes::from(vec![1u8; 3 * PIECE])]), "/v2/reading");
-        let mut left = watch.watch(body(vec![Bytes::from(vec![2u8; 3 * PIECE])]), "/v2/stalled");
+        let mut taken = watch.watch(body(vec![Bytes::from(vec![1u8; 3 * PIECE])]), "/v2/reading".to_string());
+        let mut left = watch.watch(body(vec![Bytes::from(vec![2u8; 3 * PIECE])]), "/v2/stalled".to_string());
         // Each hands over its first piece; only `taken` is polled again.
         taken.frame().await.unwrap().unwrap();
         left.frame().await.unwrap().unwrap();
@@ -268,7 +268,7 @@ mod tests {
             found = watch.stalled() => found,
             () = reader => unreachable!(),
         };
-        assert_eq!(found.0, "/v2/stalled");
+        assert_eq!(found.0, "/v2/stalled".to_string());
         assert!(found.1 > timeout);
         assert!(started.elapsed() >= timeout);
     }

@@ -153,10 +153,7 @@ async fn v2(req: &Request, body: Body, Data(state): Data<&Arc<AppState>>) -> Res
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         mirror_for: query.ns.clone(),
-        client: match req.remote_addr().0 {
-            poem::Addr::SocketAddr(a) => Some(a.ip()),
-            _ => None,
-        },
+        client: crate::access::client_of(req),
     };
     let mut call = Call { req, query, ctx };
     let allowed = match check_access(&call, state).await {
