@@ -11,22 +11,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use reqwest::blocking::Client;
 
-fn put_blob(ferry: &Ferry, repo: &str, data: &[u8]) -> String {
-    let digest = format!("sha256:{}", sha256_hex(data));
-    let r = Client::new()
-        .post(ferry.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(data.to_vec())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", ferry.logs());
-    digest
-}
-
 /// A manifest of one config and one layer, both pushed first.
 fn manifest_for(ferry: &Ferry, repo: &str) -> Vec<u8> {
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let layer = b"a layer of the killed push";
-    let (c, l) = (put_blob(ferry, repo, config), put_blob(ferry, repo, layer));
+    let (c, l) = (push_blob(ferry, repo, config), push_blob(ferry, repo, layer));
     serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -161,7 +150,7 @@ fn a_full_data_dir_refuses_writes_until_space_is_freed() {
     let data = dir.path().join("data");
     let _unmount = Tmpfs::mount(&data, "4m");
     let ferry = Ferry::start(dir.path(), PUSH_ONLY);
-    let kept = put_blob(&ferry, "full/a", b"stored while there was room");
+    let kept = push_blob(&ferry, "full/a", b"stored while there was room");
     // Something else fills the file system.
     let filler = data.join("filler");
     let _ = sh_result(&format!("dd if=/dev/zero of={} bs=64k 2>/dev/null", filler.display()));
@@ -187,16 +176,12 @@ fn a_full_data_dir_refuses_writes_until_space_is_freed() {
     assert_eq!(r.status(), 200, "reads keep working");
     // Room again: the same upload works, without a restart.
     std::fs::remove_file(&filler).unwrap();
-    assert_eq!(put_blob(&ferry, "full/a", &blob), digest);
+    assert_eq!(push_blob(&ferry, "full/a", &blob), digest);
     let r = Client::new()
         .get(ferry.url(&format!("/v2/full/a/blobs/{digest}")))
         .send()
         .unwrap();
     assert_eq!(r.bytes().unwrap().to_vec(), blob);
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
 fn threads(pid: u32) -> usize {
@@ -213,10 +198,8 @@ fn threads(pid: u32) -> usize {
 fn a_hundred_clients_that_leave_mid_blob_leak_nothing() {
     let dir = scratch();
     let ferry = Ferry::start(dir.path(), PUSH_ONLY);
-    let blob: Vec<u8> = (0..64_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
-        .collect();
-    let digest = put_blob(&ferry, "leak/big", &blob);
+    let blob = incompressible(64_000_000);
+    let digest = push_blob(&ferry, "leak/big", &blob);
     let pid = ferry.pid();
     // Warm: one whole read, so lazily made threads and files exist before counting.
     let whole = Client::new()
@@ -227,7 +210,7 @@ fn a_hundred_clients_that_leave_mid_blob_leak_nothing() {
         .unwrap();
     assert_eq!(whole.len(), blob.len());
     std::thread::sleep(Duration::from_millis(500));
-    let (fds_before, threads_before) = (fds(pid), threads(pid));
+    let (fds_before, threads_before) = (open_files(pid), threads(pid));
     let mut clients = Vec::new();
     for _ in 0..100 {
         let mut s = TcpStream::connect(ferry.addr()).unwrap();
@@ -239,14 +222,14 @@ fn a_hundred_clients_that_leave_mid_blob_leak_nothing() {
         }
         clients.push(s);
     }
-    assert!(fds(pid) >= fds_before + 100, "100 streams open at once");
+    assert!(open_files(pid) >= fds_before + 100, "100 streams open at once");
     drop(clients);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while fds(pid) > fds_before + 2 || threads(pid) > threads_before + 2 {
+    while open_files(pid) > fds_before + 2 || threads(pid) > threads_before + 2 {
         assert!(
             Instant::now() < deadline,
             "leaked: {} fds (was {fds_before}), {} threads (was {threads_before})",
-            fds(pid),
+            open_files(pid),
             threads(pid)
         );
         std::thread::sleep(Duration::from_millis(200));

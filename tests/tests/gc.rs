@@ -17,18 +17,6 @@ fn gc(config: &Path, args: &[&str]) -> String {
     text
 }
 
-/// Uploads `data` as a blob of `repo` with no manifest (an abandoned push); its digest.
-fn upload(ferry: &Ferry, repo: &str, data: &[u8]) -> String {
-    let digest = format!("sha256:{}", sha256_hex(data));
-    let r = reqwest::blocking::Client::new()
-        .post(ferry.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(data.to_vec())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    digest
-}
-
 /// A GET's status (a HEAD is what a pusher asks, and keeps the blob: see below).
 fn blob_status(ferry: &Ferry, repo: &str, digest: &str) -> u16 {
     reqwest::blocking::Client::new()
@@ -75,8 +63,8 @@ fn unreferenced_blobs_go_and_everything_referenced_stays() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 202);
-    let abandoned = upload(&ferry, "gc/abandoned", b"pushed, but no manifest ever came");
-    let recent = upload(&ferry, "gc/abandoned", b"pushed a moment ago");
+    let abandoned = push_blob(&ferry, "gc/abandoned", b"pushed, but no manifest ever came");
+    let recent = push_blob(&ferry, "gc/abandoned", b"pushed a moment ago");
     for d in [&own_layer, &shared_layer, &abandoned, &digest_a] {
         age(&ferry, d, "2 hours ago");
     }
@@ -120,7 +108,7 @@ fn unreferenced_blobs_go_and_everything_referenced_stays() {
         .any(|(p, _)| p.ends_with(own_layer.trim_start_matches("sha256:"))));
 
     // A pusher that asks for an old blob before naming it in a manifest keeps it.
-    let old = upload(&ferry, "gc/late", b"uploaded long ago, named only now");
+    let old = push_blob(&ferry, "gc/late", b"uploaded long ago, named only now");
     age(&ferry, &old, "2 hours ago");
     let head = reqwest::blocking::Client::new()
         .head(ferry.url(&format!("/v2/gc/late/blobs/{old}")))
@@ -148,7 +136,7 @@ fn collections_in_a_loop_lose_nothing_pushed_or_pulled_meanwhile() {
     }
     // Old garbage for the collections to find while the pushes run.
     let garbage: Vec<String> = (0..20)
-        .map(|i| upload(&ferry, "gc/junk", format!("junk {i} {}", unique("j")).as_bytes()))
+        .map(|i| push_blob(&ferry, "gc/junk", format!("junk {i} {}", unique("j")).as_bytes()))
         .collect();
     for g in &garbage {
         age(&ferry, g, "2 hours ago");

@@ -162,21 +162,9 @@ fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let push = |data: &[u8]| {
-        let digest = format!("sha256:{}", sha256_hex(data));
-        let r = http
-            .post(ferry.url(&format!("/v2/stalled/blobs/uploads/?digest={digest}")))
-            .body(data.to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        digest
-    };
     // Far more than the sockets between a client and ferry hold.
-    let big: Vec<u8> = (0..16 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let big_digest = push(&big);
+    let big = incompressible(16 * 1024 * 1024);
+    let big_digest = push_blob(&ferry, "stalled", &big);
     // More clients than tokio has blocking threads (512) ask for it and read nothing.
     let request = format!("GET /v2/stalled/blobs/{big_digest} HTTP/1.1\r\nHost: ferry\r\n\r\n");
     let mut stalled = hold(&ferry, &request, 600);
@@ -219,11 +207,6 @@ fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
     );
 }
 
-/// ferry's open files.
-fn open_files(ferry: &Ferry) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", ferry.pid())).map_or(0, Iterator::count)
-}
-
 /// A GET of `path` for an HTTP/2 client.
 fn h2_get(ferry: &Ferry, path: &str) -> http::Request<()> {
     http::Request::get(ferry.url(path)).body(()).unwrap()
@@ -233,18 +216,10 @@ fn h2_get(ferry: &Ferry, path: &str) -> http::Request<()> {
 fn http2_streams_whose_client_stopped_reading_are_closed() {
     let dir = scratch();
     let ferry = ferry_with_low_nofile(dir.path(), "send_timeout_secs = 3");
-    let blob: Vec<u8> = (0..4 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    let digest = format!("sha256:{}", sha256_hex(&blob));
-    let r = reqwest::blocking::Client::new()
-        .post(ferry.url(&format!("/v2/h2/blobs/uploads/?digest={digest}")))
-        .body(blob.clone())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201);
+    let blob = incompressible(4 * 1024 * 1024);
+    let digest = push_blob(&ferry, "h2", &blob);
     let path = format!("/v2/h2/blobs/{digest}");
-    let files_before = open_files(&ferry);
+    let files_before = open_files(ferry.pid());
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -278,7 +253,7 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
             unread.push(response.into_body());
         }
         // The premise: each stalled stream holds the blob's file open in ferry.
-        let files_stalled = open_files(&ferry);
+        let files_stalled = open_files(ferry.pid());
         assert!(
             files_stalled >= files_before + 50,
             "open files: {files_before} before, {files_stalled} with 100 stalled streams"
@@ -341,13 +316,13 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
     });
     // Their files are closed with them.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while open_files(&ferry) > files_before + 5 && Instant::now() < deadline {
+    while open_files(ferry.pid()) > files_before + 5 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        open_files(&ferry) <= files_before + 5,
+        open_files(ferry.pid()) <= files_before + 5,
         "ferry still holds {} files (it held {files_before} before)",
-        open_files(&ferry)
+        open_files(ferry.pid())
     );
     let logs = ferry.logs();
     assert!(

@@ -95,6 +95,28 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
+/// Pushes `data` as a blob of `repo` in one monolithic upload (no manifest); its digest.
+pub fn push_blob(ferry: &Ferry, repo: &str, data: &[u8]) -> String {
+    let digest = format!("sha256:{}", sha256_hex(data));
+    let r = reqwest::blocking::Client::new()
+        .post(ferry.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+        .body(data.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", ferry.logs());
+    digest
+}
+
+/// `len` bytes that do not compress and do not repeat within a blob.
+pub fn incompressible(len: u32) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
+}
+
+/// The files process `pid` holds open.
+pub fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
