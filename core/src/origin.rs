@@ -10,6 +10,10 @@
 //!   unique-local, unspecified or multicast is connected to only when its host is listed by
 //!   its exact name (never through a wildcard), whether it came as an IP literal, from DNS,
 //!   or from a redirect;
+//! - a host is judged in its canonical form ([`canonical_registry`]: the URL standard's
+//!   parser, the one the HTTP client uses), so no other spelling of an address (`127.1`,
+//!   `0x7f000001`, `[::ffff:127.0.0.1]`) passes for a name; and every connection is checked
+//!   again on its socket's own address ([`OriginPolicy::check_connection`]);
 //! - the client's credentials go only to the registry they were sent for, or to a token
 //!   endpoint in the same domain.
 
@@ -37,10 +41,14 @@ pub const PUBLIC_REGISTRIES: &[&str] = &[
     "cgr.dev",
 ];
 
-/// The policy: the listed hosts, lowercased, as `host`, `host:port`, `*.domain` or `*`.
+/// The policy: the listed hosts in their canonical form (see [`canonical_registry`]), as
+/// `host`, `host:port`, `*.domain` or `*`.
 #[derive(Clone, Debug)]
 pub struct OriginPolicy {
     listed: Vec<String>,
+    /// The IP addresses the list names by their literal (`10.0.0.5`, `127.0.0.1:5001`): the
+    /// only internal addresses a connection may reach without a name the list holds.
+    named_ips: Vec<IpAddr>,
 }
 
 impl Default for OriginPolicy {
@@ -62,22 +70,94 @@ pub fn split_host(registry: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// A registry `host[:port]` as the HTTP client will connect to it, so that the policy, the
+/// cache and the connection agree on which host it is. The host goes through the URL
+/// standard's host parser, the one every fetch's URL goes through: `127.1`, `0x7f.0.0.1`,
+/// `2130706433` and `0177.0.0.01` all become `127.0.0.1`, `[::FFFF:7f00:1]` becomes
+/// `[::ffff:127.0.0.1]`, names are lower-cased (and IDNA-encoded) and lose one trailing dot;
+/// the port loses its leading zeros. An IPv6 address must be in brackets.
+pub fn canonical_registry(registry: &str) -> Result<String, String> {
+    let bad = |why: &str| format!("{registry:?} is not a registry host: {why}");
+    let (host, port) = if registry.starts_with('[') {
+        let (h, tail) = registry.split_once(']').ok_or_else(|| bad("no closing bracket"))?;
+        let port = match tail {
+            "" => None,
+            t => Some(t.strip_prefix(':').ok_or_else(|| bad("text after the address"))?),
+        };
+        (format!("{h}]"), port)
+    } else {
+        match registry.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (registry.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().map_err(|_| bad("port out of range"))?)
+        }
+        Some(_) => return Err(bad("the port is not a number")),
+    };
+    let host = match url::Host::parse(&host).map_err(|e| bad(&e.to_string()))? {
+        url::Host::Domain(d) => {
+            let d = d.strip_suffix('.').unwrap_or(&d).to_ascii_lowercase();
+            if d.is_empty() || d.ends_with('.') {
+                return Err(bad("empty label"));
+            }
+            d
+        }
+        url::Host::Ipv4(v4) => v4.to_string(),
+        url::Host::Ipv6(v6) => format!("[{v6}]"),
+    };
+    Ok(match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
+
+/// The canonical form of `registry`, or the text lower-cased when it is no host at all (a
+/// pattern, or a mistake that then names nothing).
+fn canonical_or_lowercase(registry: &str) -> String {
+    let trimmed = registry.trim();
+    canonical_registry(trimmed).unwrap_or_else(|_| trimmed.to_ascii_lowercase())
+}
+
+/// The address a host names when it is an IP literal (IPv4 mapped into IPv6 as IPv4).
+fn literal(host: &str) -> Option<IpAddr> {
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
 /// True for addresses that are not the public internet: loopback, private, link-local
 /// (169.254.169.254, the cloud metadata address, among them), carrier-grade NAT, unique-local,
-/// unspecified, broadcast, documentation and multicast ranges, and IPv4 mapped into IPv6.
+/// unspecified, broadcast, documentation and multicast ranges, and IPv4 mapped into or
+/// carried in IPv6 (IPv4-compatible, NAT64, 6to4) when that IPv4 address is one of them.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = v6.to_ipv4() {
+                // `::a.b.c.d` (IPv4-compatible) and `::ffff:a.b.c.d` (mapped); `::` and `::1`
+                // come out as 0.0.0.0 and 0.0.0.1, internal too.
                 return is_internal_v4(v4);
             }
-            let seg0 = v6.segments()[0];
+            let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && is_internal_v4(embedded(seg[6], seg[7])) {
+                return true; // NAT64
+            }
+            if seg[0] == 0x2002 && is_internal_v4(embedded(seg[1], seg[2])) {
+                return true; // 6to4
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
-                || (seg0 & 0xfe00) == 0xfc00 // unique local
-                || (seg0 & 0xffc0) == 0xfe80 // link-local
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80 // link-local
+                || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated, still routed by some)
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254) // AWS metadata (IPv6)
         }
     }
@@ -95,36 +175,53 @@ fn is_internal_v4(v4: Ipv4Addr) -> bool {
         || a == 0
         || (a == 100 && (64..128).contains(&b)) // carrier-grade NAT
         || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF protocol assignments
+        || (a == 198 && (18..20).contains(&b)) // benchmarking
         || a >= 240
 }
 
 impl OriginPolicy {
     /// The public registries (when `public_defaults`) plus `allow`.
     pub fn new(allow: &[String], public_defaults: bool) -> Self {
-        let mut listed: Vec<String> = allow.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+        let mut listed: Vec<String> = allow.to_vec();
         if public_defaults {
             listed.extend(PUBLIC_REGISTRIES.iter().map(|h| h.to_string()));
         }
-        listed.retain(|h| !h.is_empty());
-        OriginPolicy { listed }
+        OriginPolicy::from_listed(listed)
+    }
+
+    fn from_listed(listed: Vec<String>) -> Self {
+        let listed: Vec<String> = listed
+            .iter()
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| match h.trim().strip_prefix("*.") {
+                Some(domain) => format!("*.{}", canonical_or_lowercase(domain)),
+                None if h.trim() == "*" => "*".to_string(),
+                None => canonical_or_lowercase(h),
+            })
+            .collect();
+        let named_ips = listed.iter().filter_map(|l| literal(split_host(l).0)).collect();
+        OriginPolicy { listed, named_ips }
     }
 
     /// This policy with more hosts named (a backend's own list, e.g. its `plain_http` hosts).
     pub fn with_named(&self, more: &[String]) -> OriginPolicy {
         let mut listed = self.listed.clone();
-        listed.extend(
-            more.iter()
-                .map(|h| h.trim().to_ascii_lowercase())
-                .filter(|h| !h.is_empty()),
-        );
-        OriginPolicy { listed }
+        listed.extend(more.iter().cloned());
+        OriginPolicy::from_listed(listed)
     }
 
     /// Whether `registry` (`host[:port]`) is named exactly, with its port or without.
     fn named_exactly(&self, registry: &str) -> bool {
-        let registry = registry.to_ascii_lowercase();
+        let registry = canonical_or_lowercase(registry);
         let (host, _) = split_host(&registry);
         self.listed.iter().any(|l| *l == registry || *l == host)
+    }
+
+    /// Whether the list names `host` (no port) exactly, with any port or none: a name that
+    /// resolves to an internal address may lead there.
+    pub fn names_host(&self, host: &str) -> bool {
+        let host = canonical_or_lowercase(host);
+        self.listed.iter().any(|l| split_host(l).0 == host)
     }
 
     /// Whether `registry` is listed, exactly, through a `*.domain` wildcard or through `*`.
@@ -132,7 +229,7 @@ impl OriginPolicy {
         if self.named_exactly(registry) {
             return true;
         }
-        let registry = registry.to_ascii_lowercase();
+        let registry = canonical_or_lowercase(registry);
         let (host, _) = split_host(&registry);
         self.listed.iter().any(|l| {
             l == "*"
@@ -141,16 +238,21 @@ impl OriginPolicy {
         })
     }
 
-    /// Whether a client may make ferry fetch from `registry`; the reason when not.
+    /// Whether a client may make ferry fetch from `registry`; the reason when not. The
+    /// registry is judged in its canonical form, however it was written.
     pub fn check_registry(&self, registry: &str) -> Result<(), String> {
-        let registry = if registry == DOCKER_HUB { DOCKER_HUB } else { registry };
-        let (host, _) = split_host(registry);
-        let internal = match host.parse::<IpAddr>() {
-            Ok(ip) => is_internal(ip),
-            Err(_) => host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost"),
+        let registry = if registry == DOCKER_HUB {
+            DOCKER_HUB.to_string()
+        } else {
+            canonical_registry(registry)?
+        };
+        let (host, _) = split_host(&registry);
+        let internal = match literal(host) {
+            Some(ip) => is_internal(ip),
+            None => host == "localhost" || host.ends_with(".localhost"),
         };
         if internal {
-            if self.named_exactly(registry) {
+            if self.named_exactly(&registry) {
                 return Ok(());
             }
             return Err(format!(
@@ -158,17 +260,23 @@ impl OriginPolicy {
                  only when [origins] allow names them exactly"
             ));
         }
-        if self.listed(registry) {
+        if self.listed(&registry) {
             Ok(())
         } else {
             Err(format!("{registry} is not in [origins] allow"))
         }
     }
 
-    /// Whether ferry may connect to `ip`, which `host` (a listed registry, a token endpoint
-    /// or a redirect target) resolved to or named.
+    /// Whether ferry may connect to `ip`, which `host` (`host[:port]`: a listed registry, a
+    /// token endpoint or a redirect target) resolved to or named. A name counts as named
+    /// whatever port the list gives it; an IP literal's port must match an entry with one.
     pub fn check_address(&self, host: &str, ip: IpAddr) -> Result<(), String> {
-        if !is_internal(ip) || self.named_exactly(host) {
+        let named = if literal(split_host(host).0).is_some() {
+            self.named_exactly(host)
+        } else {
+            self.names_host(split_host(host).0)
+        };
+        if !is_internal(ip) || named {
             Ok(())
         } else {
             Err(format!(
@@ -177,29 +285,43 @@ impl OriginPolicy {
         }
     }
 
+    /// Whether a connection may go to `ip`, judged with nothing but the address — the last
+    /// check, on the socket itself: a public address, or an internal one the list names by
+    /// its literal. (Internal addresses of listed names are vouched for by whoever resolved
+    /// them; see [`OriginPolicy::check_address`].)
+    pub fn check_connection(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = ip.to_canonical();
+        if !is_internal(ip) || self.named_ips.contains(&ip) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{ip} is a loopback, private or link-local address that [origins] allow does not name"
+            ))
+        }
+    }
+
     /// Whether the credentials a client sent for `registry` may go to `realm_host`, the host
     /// of a token endpoint the registry named: the same host, or one in the same domain
     /// (Docker Hub's `auth.docker.io` for `registry-1.docker.io`).
     pub fn credentials_may_go(&self, registry: &str, realm_host: &str) -> bool {
-        let (reg_host, _) = split_host(registry);
-        let reg_host = if registry == DOCKER_HUB {
-            "registry-1.docker.io"
+        let registry = if registry == DOCKER_HUB {
+            "registry-1.docker.io".to_string()
         } else {
-            reg_host
+            canonical_or_lowercase(registry)
         };
-        let (realm_host, _) = split_host(realm_host);
-        let (a, b) = (reg_host.to_ascii_lowercase(), realm_host.to_ascii_lowercase());
+        let realm_host = canonical_or_lowercase(realm_host);
+        let (a, b) = (split_host(&registry).0, split_host(&realm_host).0);
         if a == b {
             return true;
         }
-        if a.parse::<IpAddr>().is_ok() || b.parse::<IpAddr>().is_ok() {
+        if literal(a).is_some() || literal(b).is_some() {
             return false;
         }
         let domain = |h: &str| {
             let labels: Vec<&str> = h.rsplitn(3, '.').collect();
             (labels.len() >= 2).then(|| format!("{}.{}", labels[1], labels[0]))
         };
-        domain(&a).is_some_and(|d| Some(d) == domain(&b))
+        domain(a).is_some_and(|d| Some(d) == domain(b))
     }
 }
 
@@ -267,6 +389,72 @@ mod tests {
         assert!(p
             .check_address("metadata.example", "169.254.169.254".parse().unwrap())
             .is_err());
+    }
+
+    #[test]
+    fn no_spelling_of_an_internal_address_passes_a_wildcard() {
+        let p = policy(&["*"]);
+        for no in [
+            "127.1:5001",
+            "0x7f.1:5001",
+            "0x7f000001:5001",
+            "2130706433:5001",
+            "017700000001:5001",
+            "0177.0.0.1:5001",
+            "127.000.000.001:5001",
+            "127.0.0.1.:5001",
+            "0:5001",
+            "[::ffff:127.0.0.1]:5001",
+            "[::ffff:7f00:1]:5001",
+            "[::127.0.0.1]:5001",
+            "[0:0:0:0:0:0:0:1]:5001",
+            "[64:ff9b::a9fe:a9fe]",
+            "[2002:a9fe:a9fe::1]",
+            "[fec0::1]",
+            "LOCALHOST:5001",
+            "localhost.:5001",
+            "a.localhost",
+            "169.254.169.254.",
+            "0251.0376.0251.0376",
+            "0xa9fea9fe",
+            "2852039166",
+        ] {
+            assert!(p.check_registry(no).is_err(), "{no} must be refused");
+        }
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "10.1.2.3",
+            "fd00::1",
+        ] {
+            assert!(p.check_connection(ip.parse().unwrap()).is_err(), "{ip}");
+        }
+        assert!(p.check_connection("93.184.216.34".parse().unwrap()).is_ok());
+        assert!(p.check_registry("registry.example.").is_ok());
+    }
+
+    #[test]
+    fn a_listed_address_works_however_either_side_writes_it() {
+        for listed in ["127.0.0.1:5001", "127.1:5001", "0x7f000001:05001"] {
+            let p = policy(&[listed]);
+            for asked in ["127.0.0.1:5001", "127.1:5001", "2130706433:5001", "0x7f.0.0.1:5001"] {
+                assert!(p.check_registry(asked).is_ok(), "{listed} listed, {asked} asked");
+            }
+            assert!(p.check_registry("127.1:5002").is_err(), "another port");
+            assert!(p.check_address("127.1:5001", "127.0.0.1".parse().unwrap()).is_ok());
+            assert!(p.check_connection("127.0.0.1".parse().unwrap()).is_ok());
+            assert!(p.check_connection("::ffff:127.0.0.1".parse().unwrap()).is_ok());
+            assert!(p.check_connection("127.0.0.2".parse().unwrap()).is_err());
+        }
+        // A name listed with a port may resolve to an internal address.
+        let p = policy(&["reg.lan:5000"]);
+        assert!(p.check_address("reg.lan", "10.0.0.5".parse().unwrap()).is_ok());
+        assert!(p.check_address("other.lan", "10.0.0.5".parse().unwrap()).is_err());
+        let p = policy(&["[::1]:5001"]);
+        assert!(p.check_registry("[0::1]:5001").is_ok());
+        assert!(p.check_connection("::1".parse().unwrap()).is_ok());
     }
 
     #[test]

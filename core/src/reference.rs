@@ -250,33 +250,46 @@ fn is_host_component(s: &str) -> bool {
     s.contains('.') || s.contains(':') || s == "localhost"
 }
 
-/// Lower-cases a registry host, checks it is `host[:port]`, and folds Docker Hub's aliases
-/// into `docker.io`.
+/// Checks a registry host is `host[:port]` (IPv6 in brackets), puts it in its canonical form
+/// — the form the origin policy judges, the cache keys on and the HTTP client connects to
+/// ([`crate::origin::canonical_registry`]) — and folds Docker Hub's aliases into `docker.io`.
 fn normalize_registry(host: &str) -> Result<String> {
     let host = host.to_ascii_lowercase();
-    let (name, port) = match host.rsplit_once(':') {
-        Some((n, p)) => (n, Some(p)),
-        None => (host.as_str(), None),
-    };
-    let name_ok = !name.is_empty()
-        && name.len() <= 253
-        && name
+    let host = host.as_str();
+    let invalid = || Error::NameInvalid(format!("{host:?} is not a registry host"));
+    if host.starts_with('[') {
+        if !host
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-        && !name.starts_with(['.', '-'])
-        && !name.contains("..");
-    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
-    if !name_ok || !port_ok {
-        return Err(Error::NameInvalid(format!("{host:?} is not a registry host")));
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b'[' | b']' | b':' | b'.'))
+        {
+            return Err(invalid());
+        }
+    } else {
+        let (name, port) = match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            && !name.starts_with(['.', '-'])
+            && !name.contains("..");
+        let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 10 && p.bytes().all(|b| b.is_ascii_digit()));
+        if !name_ok || !port_ok {
+            return Err(invalid());
+        }
     }
     // A name without a dot or a port is a Docker Hub namespace to every client (`myreg/app`
     // is docker.io/myreg/app): as a registry it would have no name clients could write, and
     // ferry could take the engine's Docker Hub image for it.
-    if !is_host_component(&host) {
+    if !is_host_component(host) {
         return Err(Error::NameInvalid(format!(
             "{host:?} is not a registry host: without a dot or a port it names a Docker Hub namespace"
         )));
     }
+    let host = crate::origin::canonical_registry(host).map_err(Error::NameInvalid)?;
     Ok(match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.into(),
         _ => host,
@@ -352,6 +365,31 @@ mod tests {
         // A single component with a dot is a name, not a host.
         let r = repo("my.app", None).unwrap();
         assert_eq!(r.canonical(), "docker.io/library/my.app");
+    }
+
+    #[test]
+    fn every_spelling_of_a_host_is_one_registry() {
+        for (ns, want) in [
+            ("127.1:5001", "127.0.0.1:5001"),
+            ("0x7f.0.0.1:5001", "127.0.0.1:5001"),
+            ("0X7F000001:5001", "127.0.0.1:5001"),
+            ("2130706433:5001", "127.0.0.1:5001"),
+            ("0177.0.0.1:5001", "127.0.0.1:5001"),
+            ("127.000.000.001:05001", "127.0.0.1:5001"),
+            ("127.0.0.1.:5001", "127.0.0.1:5001"),
+            ("0:5001", "0.0.0.0:5001"),
+            ("[::FFFF:7f00:1]:5001", "[::ffff:127.0.0.1]:5001"),
+            ("[0:0:0:0:0:0:0:1]", "[::1]"),
+            ("LocalHost.:5001", "localhost:5001"),
+            ("Registry.K8S.io.", "registry.k8s.io"),
+            ("index.docker.io.", "docker.io"),
+        ] {
+            assert_eq!(repo("x/y", Some(ns)).unwrap().registry(), want, "?ns={ns}");
+            assert_eq!(repo(&format!("{ns}/x/y"), None).unwrap().registry(), want, "{ns}/x/y");
+        }
+        for bad in ["127.0.0.1.5:5001", "foo.1", "[::1", "[::1]x", "[zz::1]", "a.b:99999"] {
+            assert!(repo("x", Some(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -185,3 +185,147 @@ fn the_engine_pulls_only_from_allowed_registries_and_its_errors_stay_in_the_log(
     );
     assert!(ferry.logs().contains("pull failed"), "the detail is in the log");
 }
+
+/// A manifest only a loopback service holds: whoever gets it reached that service.
+fn stand_in_manifest() -> Vec<u8> {
+    let config = format!("sha256:{}", "1".repeat(64));
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[],"annotations":{{"secret":"loopback stand-in"}}}}"#
+    )
+    .into_bytes()
+}
+
+fn stand_in(ip: &str) -> FakeHttp {
+    FakeHttp::start(ip, |_| {
+        http_response(
+            "200 OK",
+            "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+            &stand_in_manifest(),
+        )
+    })
+}
+
+fn upstream_only(allow: &str) -> String {
+    format!("[origins]\nallow = []\n[[backends]]\ntype = \"upstream\"\nallow = [{allow}]\n")
+}
+
+/// Every way found to write a loopback address, for a stand-in on 127.0.0.1:`port` and one on
+/// [::1]:`port6`.
+fn spellings(port: u16, port6: u16) -> Vec<String> {
+    let mut out: Vec<String> = [
+        "127.1",
+        "0x7f.1",
+        "0x7f.0.0.1",
+        "0X7F000001",
+        "2130706433",
+        "017700000001",
+        "0177.0.0.1",
+        "127.000.000.001",
+        "127.0.0.1.",
+        "0",
+        "0.0.0.0",
+        "[::ffff:127.0.0.1]",
+        "[::ffff:7f00:1]",
+        "[::FFFF:7F00:0001]",
+        "localhost",
+        "LocalHost",
+        "localhost.",
+    ]
+    .iter()
+    .map(|h| format!("{h}:{port}"))
+    .collect();
+    out.push(format!("127.0.0.1:000{port}"));
+    out.push(format!("[::1]:{port6}"));
+    out.push(format!("[0:0:0:0:0:0:0:1]:{port6}"));
+    out
+}
+
+#[test]
+fn no_spelling_of_a_loopback_address_reaches_it_through_a_wildcard() {
+    let (v4, v6) = (stand_in("127.0.0.1"), stand_in("[::1]"));
+    let port = |a: &str| a.rsplit_once(':').unwrap().1.parse::<u16>().unwrap();
+    let names = spellings(port(&v4.addr), port(&v6.addr));
+    let dir = scratch();
+    // Named origins on other loopback addresses (any port of them): for each spelling, one
+    // redirects blobs to it, the other sends clients to a token endpoint at it.
+    let ferry = Ferry::start(dir.path(), &upstream_only("\"*\", \"127.0.0.2\", \"127.0.0.3\""));
+    let http = reqwest::blocking::Client::new();
+    let blob = format!("sha256:{}", "2".repeat(64));
+    let mut named_asked = 0;
+    for name in &names {
+        let target = name.clone();
+        let redirector = FakeHttp::start("127.0.0.2", move |_| {
+            http_response(
+                "307 Temporary Redirect",
+                &format!("Location: http://{target}/v2/x/blobs/y\r\n"),
+                b"",
+            )
+        });
+        let realm = name.clone();
+        let realm_origin = FakeHttp::start("127.0.0.3", move |_| {
+            http_response(
+                "401 Unauthorized",
+                &format!("WWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"s\"\r\n"),
+                b"",
+            )
+        });
+        let ns = name.replace('[', "%5B").replace(']', "%5D");
+        for path in [
+            format!("/v2/local/bb/manifests/1?ns={ns}"),
+            format!("/v2/{name}/local/bb/manifests/1"),
+            format!("/v2/local/bb/blobs/{blob}?ns={}", redirector.addr),
+            format!("/v2/local/bb/manifests/1?ns={}", realm_origin.addr),
+        ] {
+            let r = http.get(ferry.url(&path)).send().unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().unwrap();
+            assert_ne!(status, 200, "{path}: {body}");
+            assert!(!body.contains("loopback stand-in"), "{path}: {body}");
+        }
+        assert!(
+            redirector.count() > 0,
+            "{name}: the redirecting origin was not asked: {}",
+            ferry.logs()
+        );
+        assert!(
+            realm_origin.count() > 0,
+            "{name}: the origin with a token realm was not asked"
+        );
+        named_asked += 1;
+    }
+    assert_eq!(
+        v4.count(),
+        0,
+        "the IPv4 stand-in was reached: {:?}",
+        v4.requests.lock().unwrap()
+    );
+    assert_eq!(
+        v6.count(),
+        0,
+        "the IPv6 stand-in was reached: {:?}",
+        v6.requests.lock().unwrap()
+    );
+    assert_eq!(named_asked, names.len());
+}
+
+#[test]
+fn a_loopback_registry_named_in_allow_is_reached_however_it_is_written() {
+    let v4 = stand_in("127.0.0.1");
+    let port = v4.addr.rsplit_once(':').unwrap().1.to_string();
+    for (listed, asked) in [
+        (format!("0x7f.1:{port}"), format!("127.0.0.1:{port}")),
+        (format!("127.0.0.1:{port}"), format!("2130706433:{port}")),
+        (format!("127.0.0.1:{port}"), format!("127.1:0{port}")),
+    ] {
+        let dir = scratch();
+        let ferry = Ferry::start(dir.path(), &upstream_only(&format!("\"{listed}\"")));
+        let before = v4.count();
+        let r = reqwest::blocking::get(ferry.url(&format!("/v2/local/bb/manifests/1?ns={asked}"))).unwrap();
+        assert_eq!(r.status(), 200, "{listed} listed, {asked} asked: {}", ferry.logs());
+        assert_eq!(r.bytes().unwrap().as_ref(), stand_in_manifest().as_slice());
+        assert!(v4.count() > before, "the named registry was asked");
+        // Another port of the same address is still not named.
+        let r = reqwest::blocking::get(ferry.url("/v2/local/bb/manifests/1?ns=127.0.0.1:1")).unwrap();
+        assert_eq!(r.status(), 404);
+    }
+}
