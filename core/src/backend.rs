@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::blobstore::BlobStore;
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::manifest::{Descriptor, Manifest};
@@ -97,10 +96,11 @@ pub trait Backend: Send + Sync {
         true
     }
 
-    /// The ferry blob store this backend's blobs are files in, if any: lets the push store
-    /// take a blob in as a hard link instead of a copy.
-    fn blob_store(&self) -> Option<&BlobStore> {
-        None
+    /// A file on this machine holding exactly the blob, verified and never changed in place
+    /// (a committed blob of a content-addressed store): lets the push store take it in as a
+    /// hard link instead of a copy. `None` when there is none.
+    async fn blob_file(&self, _digest: &Digest) -> Result<Option<std::path::PathBuf>> {
+        Ok(None)
     }
 
     /// What the admin API and `ferry doctor` show of this backend: what answers, its
@@ -170,9 +170,10 @@ pub trait Registry: Backend {
     /// Stores a whole blob sent in one request.
     async fn put_blob(&self, repo: &Repository, digest: &Digest, body: ByteStream) -> Result<u64>;
 
-    /// Takes in a blob another ferry store holds, as a hard link; `false` when it cannot
-    /// (absent there, another file system), so the caller copies it with [`Registry::put_blob`].
-    async fn link_blob(&self, repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool>;
+    /// Takes in a blob another backend holds in `file` (see [`Backend::blob_file`]), as a
+    /// hard link; `false` when it cannot (gone, another file system), so the caller copies it
+    /// with [`Registry::put_blob`].
+    async fn link_blob(&self, repo: &Repository, digest: &Digest, file: &std::path::Path) -> Result<bool>;
 
     /// Makes a blob of repository `from` known in `repo` too (cross-repository mount);
     /// `false` when `from` does not hold it.

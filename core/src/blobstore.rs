@@ -252,12 +252,12 @@ impl BlobStore {
         .await
     }
 
-    /// Takes a blob from another store on the same file system in as a hard link (the other
-    /// store verified it when it wrote it; neither ever changes a blob in place). `false`,
-    /// with nothing changed, when the other store lacks it or the link cannot be made
-    /// (another file system): the caller copies it instead.
-    pub async fn link_from(&self, other: &BlobStore, digest: &Digest) -> Result<bool> {
-        let (store, src, digest) = (self.clone(), other.path(digest), digest.clone());
+    /// Takes a blob from another content-addressed store on the same file system in as a
+    /// hard link of its file `src` (that store verified it when it wrote it; neither ever
+    /// changes a blob in place). `false`, with nothing changed, when the file is gone or the
+    /// link cannot be made (another file system): the caller copies it instead.
+    pub async fn link_file(&self, src: &Path, digest: &Digest) -> Result<bool> {
+        let (store, src, digest) = (self.clone(), src.to_path_buf(), digest.clone());
         blocking(move || {
             let tmp = store.tmp_path();
             if let Err(e) = std::fs::hard_link(&src, &tmp) {

@@ -120,8 +120,8 @@ impl Chain {
                     let Some(size) = h.backend.blob_size(repo, digest, ctx).await? else {
                         return Ok(None);
                     };
-                    if let Some(store) = h.backend.blob_store() {
-                        if registry.link_blob(repo, digest, store).await? {
+                    if let Some(file) = h.backend.blob_file(digest).await? {
+                        if registry.link_blob(repo, digest, &file).await? {
                             return Ok(Some(("linked", size)));
                         }
                     }

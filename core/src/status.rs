@@ -27,6 +27,10 @@ pub struct BackendStatus {
     pub storage: Option<String>,
     /// Whether blobs are read straight from the engine's files instead of through its API.
     pub direct_reads: bool,
+    /// For an engine, where its images are served from: `engine storage` (direct reads),
+    /// `containerd content store` (an engine on the containerd image store, read through
+    /// its containerd) or `export`.
+    pub serves_from: Option<String>,
 }
 
 /// An engine image the export cache holds.

@@ -124,6 +124,9 @@ struct BackendStatus {
     storage: Option<String>,
     /// Blobs read from the engine's files rather than through its API.
     direct_reads: bool,
+    /// For an engine: `engine storage` (direct reads), `containerd content store` or `export`.
+    #[oai(skip_serializing_if_is_none)]
+    serves_from: Option<String>,
 }
 
 impl From<status::BackendStatus> for BackendStatus {
@@ -139,6 +142,7 @@ impl From<status::BackendStatus> for BackendStatus {
             api_version: s.api_version,
             storage: s.storage,
             direct_reads: s.direct_reads,
+            serves_from: s.serves_from,
         }
     }
 }

@@ -240,6 +240,13 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
         BackendConfig::Containerd(_) if s.direct_reads => {
             r.ok(what, format!("{detail}, blobs read from its content directory"))
         }
+        BackendConfig::Docker(_) if s.serves_from.as_deref().is_some_and(|f| f.starts_with("containerd")) => r.ok(
+            what,
+            format!(
+                "{detail}, images served from its {} (no export)",
+                s.serves_from.as_deref().unwrap_or_default()
+            ),
+        ),
         BackendConfig::Docker(_) if s.direct_reads => {
             r.ok(what, format!("{detail}, layers read from its storage (no export)"))
         }
@@ -252,11 +259,11 @@ fn report_status(r: &mut Report, what: &str, b: &BackendConfig, s: ferry_core::s
             );
         }
         BackendConfig::Docker(_) if containerd_store => {
-            r.ok(what, &detail);
+            r.ok(what, format!("{detail}, images exported"));
             r.warn(
                 what,
-                "Docker's containerd image store drops layers shared between images from `docker save` (moby#49473)",
-                "add a containerd backend after it: type = \"containerd\", namespace = \"moby\", socket = Docker's containerd socket",
+                "the engine keeps its images in containerd's image store, but its containerd cannot be reached from here: every image is exported (and `docker save` drops layers shared between images, moby#49473)",
+                "mount the engine's containerd socket into ferry's container at the same path (-v /run/containerd/containerd.sock:/run/containerd/containerd.sock; the log names the path `docker info` gives) and run ferry as root",
             );
         }
         _ => r.ok(what, detail),

@@ -146,18 +146,32 @@ e2e_cleanup() { # [dir]
 # Docker 26.1 and containerd 1.7 from Debian 13's packages, unpacked (not installed) under
 # $E2E_DIR/trixie/root; their binaries run on Debian 12. Prints the unpacked root.
 e2e_fetch_trixie() {
-    local t="$E2E_DIR/trixie" uri o
+    e2e_fetch_suite trixie docker.io containerd
+}
+
+# Docker 28 (docker.io, docker-cli) and containerd 2.1 from Debian's unstable suite, unpacked
+# under $E2E_DIR/sid/root. Their runc needs a newer glibc than Debian 12's: it is removed, so
+# Debian 12's runc is found on PATH.
+e2e_fetch_sid() {
+    e2e_fetch_suite sid docker.io docker-cli containerd && rm -f "$E2E_DIR/sid/root/usr/sbin/runc" "$E2E_DIR/sid/root/usr/bin/runc"
+}
+
+# Downloads (without installing) packages $2.. of Debian suite $1 and unpacks them under
+# $E2E_DIR/$1/root; prints that root.
+e2e_fetch_suite() {
+    local suite=$1 t="$E2E_DIR/$1" uri o
+    shift
     if [ ! -x "$t/root/usr/sbin/dockerd" ]; then
         mkdir -p "$t/lists/partial" "$t/debs" "$t/root" "$E2E_DIR/logs"
         uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
         [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
-        echo "deb $uri trixie main" >"$t/sources.list"
+        echo "deb $uri $suite main" >"$t/sources.list"
         o="-o Dir::Etc::sourcelist=$t/sources.list -o Dir::Etc::sourceparts=- -o Dir::State::Lists=$t/lists"
-        apt-get $o update -q >"$E2E_DIR/logs/trixie.log" 2>&1
-        (cd "$t/debs" && apt-get $o download docker.io containerd >>"$E2E_DIR/logs/trixie.log" 2>&1)
+        apt-get $o update -q >"$E2E_DIR/logs/$suite.log" 2>&1
+        (cd "$t/debs" && apt-get $o download "$@" >>"$E2E_DIR/logs/$suite.log" 2>&1)
         for f in "$t"/debs/*.deb; do dpkg -x "$f" "$t/root"; done
         if [ ! -x "$t/root/usr/sbin/dockerd" ]; then
-            e2e_log "could not fetch Debian 13's docker.io and containerd; see $E2E_DIR/logs/trixie.log"
+            e2e_log "could not fetch Debian $suite's $*; see $E2E_DIR/logs/$suite.log"
             return 1
         fi
     fi

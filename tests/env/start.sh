@@ -24,6 +24,15 @@ PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd"
 PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" e2e_start_containerd ctd17g "$trixie/usr/bin/containerd"
 PATH="$trixie/usr/bin:$trixie/usr/sbin:$PATH" DOCKERD="$trixie/usr/sbin/dockerd" \
     e2e_start_dockerd docker26g ctd17g
+# Docker 28 on containerd 2.1 (Debian's unstable suite): on its containerd image store (the
+# default of Docker 29 and Docker Desktop) and on overlay2, each on its own containerd.
+sid=$(e2e_fetch_sid)
+PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" e2e_start_containerd ctd21 "$sid/usr/bin/containerd"
+PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" DOCKERD="$sid/usr/sbin/dockerd" \
+    e2e_start_dockerd docker28 ctd21 "$E2E_DIR/docker26.json"
+PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" e2e_start_containerd ctd21g "$sid/usr/bin/containerd"
+PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" DOCKERD="$sid/usr/sbin/dockerd" \
+    e2e_start_dockerd docker28g ctd21g
 e2e_start_podman podman
 e2e_start_podman_rootless podman-rootless
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
@@ -37,6 +46,11 @@ export E2E_DOCKER20B_HOST=unix://$E2E_DIR/docker20b/docker.sock
 export E2E_DOCKER26_HOST=unix://$E2E_DIR/docker26/docker.sock
 export E2E_DOCKER26G_HOST=unix://$E2E_DIR/docker26g/docker.sock
 export E2E_CONTAINERD17_SOCK=$E2E_DIR/ctd17/containerd.sock
+export E2E_DOCKER28_HOST=unix://$E2E_DIR/docker28/docker.sock
+export E2E_DOCKER28G_HOST=unix://$E2E_DIR/docker28g/docker.sock
+export E2E_CONTAINERD21_SOCK=$E2E_DIR/ctd21/containerd.sock
+export E2E_CONTAINERD21G_SOCK=$E2E_DIR/ctd21g/containerd.sock
+export E2E_SID_ROOT=$sid
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
 export E2E_PODMAN_ROOTLESS_HOST=unix://$E2E_DIR/podman-rootless/podman.sock

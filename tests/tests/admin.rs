@@ -59,6 +59,7 @@ fn reports_backends_lists_caches_and_evicts_with_the_token() {
         b[0]["direct_reads"], false,
         "switched off: this test is about the export cache"
     );
+    assert_eq!(b[0]["serves_from"], "export", "{status}");
     assert_eq!(b[1]["kind"], "containerd");
     assert_eq!(b[1]["reachable"], true, "{status}");
     assert!(b[1]["version"].as_str().unwrap().starts_with("1.6"), "{status}");

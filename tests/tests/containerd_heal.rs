@@ -622,3 +622,180 @@ fn containerd_down_then_back() {
     assert_eq!(r.bytes().unwrap().to_vec(), std::fs::read(&file).unwrap());
     sh(&format!("source {lib} && set +u && e2e_stop {name}"));
 }
+
+/// Whether the containerd at `sock` holds `digest` in namespace `ns`.
+fn stored_in(sock: &str, ns: &str, digest: &str) -> bool {
+    sh(&format!("ctr -a {sock} -n {ns} content ls -q")).contains(digest)
+}
+
+/// ferry with nothing configured but its data directory and the engine (`DOCKER_HOST`): the
+/// default chain, as a new user runs it.
+fn default_ferry(dir: &Path, docker_host: &str) -> Ferry {
+    let registry = env("E2E_REGISTRY");
+    let config = dir.join("ferry.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cache]\ndir = \"{}\"\n[origins]\nallow = [\"{registry}\"]\n",
+            dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    Ferry::start_with(dir, &config, &[("DOCKER_HOST", docker_host)])
+}
+
+/// Fetches every blob `manifest` names through ferry and checks each hashes to its digest.
+fn every_blob_hashes_to_its_digest(ferry: &Ferry, name: &str, query: &str, manifest: &Value) {
+    let mut digests = vec![manifest["config"]["digest"].as_str().unwrap().to_string()];
+    digests.extend(
+        manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_string()),
+    );
+    for d in digests {
+        let r = http()
+            .get(ferry.url(&format!("/v2/{name}/blobs/{d}{query}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+        let body = r.bytes().unwrap();
+        assert_eq!(format!("sha256:{}", sha256_hex(&body)), d);
+    }
+}
+
+/// Docker 28 on its containerd image store (the default of Docker 29 and Docker Desktop),
+/// through the default chain: images built there and images pulled there, the moby#49473
+/// case among them, come from containerd's content store with no `docker save`.
+#[test]
+fn docker28_containerd_store_is_served_by_the_default_chain_with_no_export() {
+    let d28 = env("E2E_DOCKER28_HOST");
+    let ctd21 = env("E2E_CONTAINERD21_SOCK");
+    let registry = env("E2E_REGISTRY");
+    let name = unique("today");
+    build_image(&d28, &format!("{name}:v1"), 3);
+    let work = scratch();
+    let (a, b, mb) = push_a_and_b(&registry, work.path());
+    sh(&format!("docker -H {d28} pull -q {a} && docker -H {d28} pull -q {b}"));
+    let layer = mb["layers"][0]["digest"].as_str().unwrap().to_string();
+    assert!(
+        !stored_in(&ctd21, "moby", &layer),
+        "B's layer was never fetched (moby#49473's precondition)"
+    );
+
+    let dir = scratch();
+    let ferry = default_ferry(dir.path(), &d28);
+    // Built there: pulled by containerd through a hosts.toml mirror, and run.
+    let certs = mirror_hosts(dir.path(), "docker.io", &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &format!("docker.io/library/{name}:v1"));
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+    // The digest the engine reports for the image is the one served.
+    let id = sh(&format!("docker -H {d28} inspect -f '{{{{.Id}}}}' {name}:v1"));
+    let (status, served, body) = get_manifest(&ferry, &name, "v1", "?ns=docker.io");
+    assert_eq!(status, 200);
+    assert_eq!(served, id.trim());
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), id.trim());
+    every_blob_hashes_to_its_digest(&ferry, &name, "?ns=docker.io", &serde_json::from_slice(&body).unwrap());
+
+    // Pulled there, with B's layer missing from the store: healed from its origin.
+    let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &b);
+    assert!(out.starts_with("hello from"), "{out}");
+    assert!(
+        stored_in(&ctd21, "moby", &layer),
+        "B's layer is in the engine's content store now"
+    );
+    let b_ref = b.trim_start_matches(&format!("{registry}/"));
+    let (b_name, b_tag) = b_ref.split_once(':').unwrap();
+    let (status, served, body) = get_manifest(&ferry, b_name, b_tag, &format!("?ns={registry}"));
+    assert_eq!(status, 200);
+    let b_id = sh(&format!("docker -H {d28} inspect -f '{{{{.Id}}}}' {b}"));
+    assert_eq!(served, b_id.trim());
+    every_blob_hashes_to_its_digest(
+        &ferry,
+        b_name,
+        &format!("?ns={registry}"),
+        &serde_json::from_slice(&body).unwrap(),
+    );
+
+    let logs = ferry.logs();
+    assert!(!logs.contains("exporting image"), "an export ran:\n{logs}");
+    assert!(logs.contains("healed: blob verified and committed"), "{logs}");
+    // The status API says which path the engine's images take.
+    let status: Value = http().get(ferry.url("/api/v1/status")).send().unwrap().json().unwrap();
+    let docker = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "docker")
+        .unwrap()
+        .clone();
+    assert!(
+        docker["serves_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("containerd content store"),
+        "{docker}"
+    );
+    sh(&format!("docker -H {d28} rmi {name}:v1 {a} {b}"));
+}
+
+/// Tilt's loop on Docker 28's containerd store: build, then `docker push` into ferry's default
+/// chain. The engine holds every blob under the digest the push names, so the client uploads
+/// none; the push store takes them in as hard links, and the pushed image stays whole when
+/// the engine's image and content are gone.
+#[test]
+fn docker28_push_of_an_image_the_engine_holds_uploads_no_layer() {
+    let d28 = env("E2E_DOCKER28_HOST");
+    let ctd21 = env("E2E_CONTAINERD21_SOCK");
+    let name = unique("tilt");
+    build_image(&d28, &format!("{name}:v1"), 3);
+    let dir = scratch();
+    let ferry = default_ferry(dir.path(), &d28);
+    let pushed = format!("{}/{name}-app:v1", ferry.addr());
+    sh(&format!(
+        "docker -H {d28} tag {name}:v1 {pushed} && docker -H {d28} push -q {pushed}"
+    ));
+    let logs = ferry.logs();
+    assert_eq!(
+        count_lines(&logs, &["/blobs/uploads/"]),
+        0,
+        "the client uploaded blobs the engine holds:\n{logs}"
+    );
+    let (status, digest, body) = get_manifest(&ferry, &format!("{name}-app"), "v1", "");
+    assert_eq!(status, 200);
+    let manifest: Value = serde_json::from_slice(&body).unwrap();
+    let blobs: Vec<String> = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().unwrap())
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        count_lines(&logs, &["took a blob", "how=\"linked\""]) >= blobs.len(),
+        "the push store linked the engine's blobs rather than copying them:\n{logs}"
+    );
+    // The engine's image and its content gone: the pushed image is still whole.
+    sh(&format!("docker -H {d28} rmi {name}:v1 {pushed}"));
+    let _ = sh_result(&format!(
+        "ctr -a {ctd21} -n moby content rm {} {}",
+        blobs.join(" "),
+        digest
+    ));
+    for b in &blobs {
+        assert!(!stored_in(&ctd21, "moby", b), "{b} is still in the engine's store");
+    }
+    every_blob_hashes_to_its_digest(&ferry, &format!("{name}-app"), "", &manifest);
+    let certs = dir.path().join("certs-plain");
+    std::fs::create_dir_all(certs.join(ferry.addr())).unwrap();
+    std::fs::write(
+        certs.join(ferry.addr()).join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            ferry.addr(),
+            ferry.addr()
+        ),
+    )
+    .unwrap();
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &pushed);
+    assert_eq!(out.trim(), format!("hello from {name}:v1"));
+}

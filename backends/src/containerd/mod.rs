@@ -123,6 +123,22 @@ impl ContainerdConfig {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");
         }
+        self.with_store(store, policy)
+    }
+
+    /// Builds the backend only when containerd answers on the socket now (a containerd found
+    /// rather than configured: one that does not answer is not this one).
+    pub async fn connect(&self, policy: Arc<ferry_core::origin::OriginPolicy>) -> Result<Arc<ContainerdBackend>> {
+        let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
+        store.channel().await?;
+        self.with_store(store, policy)
+    }
+
+    fn with_store(
+        &self,
+        store: Store,
+        policy: Arc<ferry_core::origin::OriginPolicy>,
+    ) -> Result<Arc<ContainerdBackend>> {
         let origins = self.heal_client(&policy)?;
         Ok(Arc::new(ContainerdBackend {
             config: self.clone(),
@@ -495,6 +511,10 @@ impl Backend for ContainerdBackend {
 
     async fn ready(&self) -> bool {
         self.store.channel().await.is_ok()
+    }
+
+    async fn blob_file(&self, digest: &Digest) -> Result<Option<std::path::PathBuf>> {
+        self.store.blob_file(digest).await
     }
 
     async fn status(&self) -> BackendStatus {

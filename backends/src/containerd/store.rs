@@ -167,6 +167,19 @@ impl Store {
         }
     }
 
+    /// The committed file of a blob the namespace holds, when containerd's content directory
+    /// is readable here.
+    pub async fn blob_file(&self, digest: &Digest) -> Result<Option<PathBuf>> {
+        let Some(root) = self.content_root.read().await.clone() else {
+            return Ok(None);
+        };
+        if self.info(digest).await?.is_none() {
+            return Ok(None);
+        }
+        let path = root.join("blobs/sha256").join(digest.hex());
+        Ok(tokio::fs::try_exists(&path).await.unwrap_or(false).then_some(path))
+    }
+
     /// Streams `len` bytes of a blob from `offset`: from containerd's content directory when
     /// it is readable here, else through the Read API.
     pub async fn read(&self, digest: &Digest, offset: u64, len: u64) -> Result<ByteStream> {

@@ -198,6 +198,40 @@ impl Engine {
         ))
     }
 
+    /// Where the engine's containerd is, for an engine on the containerd image store: the
+    /// sockets to try (the one `docker info` names on API 1.46+, then the well-known ones) and
+    /// the namespace its images live in (`moby` unless the engine says otherwise), and whether
+    /// the first socket is the one the engine named. `None` for an engine on a graph driver.
+    pub async fn containerd(&self) -> Result<Option<(Vec<std::path::PathBuf>, String, bool)>> {
+        let (docker, info) = self.client().await?;
+        if !info.containerd_store {
+            return Ok(None);
+        }
+        let system = match tokio::time::timeout(CALL_TIMEOUT, docker.info()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(self.fail(e).await),
+            Err(_) => return Err(self.unavailable(format!("info: no answer within {} s", CALL_TIMEOUT.as_secs()))),
+        };
+        let named = system.containerd.unwrap_or_default();
+        let namespace = named
+            .namespaces
+            .and_then(|n| n.containers)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "moby".to_string());
+        let mut sockets: Vec<std::path::PathBuf> = named.address.into_iter().map(Into::into).collect();
+        let engine_named = !sockets.is_empty();
+        for well_known in [
+            "/run/containerd/containerd.sock",
+            "/var/run/docker/containerd/containerd.sock",
+        ] {
+            let p = std::path::PathBuf::from(well_known);
+            if !sockets.contains(&p) {
+                sockets.push(p);
+            }
+        }
+        Ok(Some((sockets, namespace, engine_named)))
+    }
+
     /// What answers on the socket.
     pub async fn info(&self) -> Result<Arc<EngineInfo>> {
         Ok(self.client().await?.1)
@@ -219,8 +253,41 @@ impl Engine {
             {
                 Ok(None)
             }
+            // Docker 28 on its containerd store answers `"RootFS":{}` for an image whose
+            // layers it never fetched (moby#49473), which the API's schema does not allow:
+            // such an image is still found, by its entry in the image list.
+            Err(e @ (BollardError::JsonDataError { .. } | BollardError::JsonSerdeError { .. })) => {
+                tracing::debug!(backend = %self.backend, image = %name, error = %e,
+                    "the engine's inspect answer does not parse: looking the image up in its list");
+                self.inspect_by_listing(name).await
+            }
             Err(e) => Err(self.fail(e).await),
         }
+    }
+
+    /// The id, names and digests of image `name` (a reference or an id) from the image list.
+    async fn inspect_by_listing(&self, name: &str) -> Result<Option<ImageInspect>> {
+        let (docker, _) = self.client().await?;
+        let id = name.strip_prefix("sha256:").filter(|h| h.len() == 64);
+        let options = ListImagesOptions {
+            filters: id
+                .is_none()
+                .then(|| [("reference".to_string(), vec![name.to_string()])].into()),
+            ..Default::default()
+        };
+        let listed = match docker.list_images(Some(options)).await {
+            Ok(l) => l,
+            Err(e) => return Err(self.fail(e).await),
+        };
+        let found = listed
+            .into_iter()
+            .find(|i| id.is_none_or(|h| i.id.trim_start_matches("sha256:") == h));
+        Ok(found.map(|i| ImageInspect {
+            id: Some(i.id),
+            repo_tags: Some(i.repo_tags),
+            repo_digests: Some(i.repo_digests),
+            ..Default::default()
+        }))
     }
 
     /// Every image the engine holds.

@@ -3,6 +3,7 @@
 
 mod archive;
 mod cache;
+mod containerd_store;
 mod direct;
 mod engine;
 mod export;
@@ -144,12 +145,16 @@ impl DockerConfig {
             }
         });
         let direct = Arc::new(direct::Direct::new(&self.name, self.direct_reads));
+        let containerd = containerd_store::EngineContainerd::new(&self.name, origins.clone());
         if reachable {
             // Whether the engine's storage can be read is asked at start, not on the first
             // request (Podman's `info` takes a quarter of a second).
-            direct.in_use(&engine).await;
+            if containerd.get(&engine).await.is_none() {
+                direct.in_use(&engine).await;
+            }
         }
         Ok(Arc::new(DockerBackend {
+            containerd,
             direct,
             config: self.clone(),
             engine,
@@ -177,6 +182,8 @@ pub struct DockerBackend {
     /// Direct reads of an image's metadata under way, one per image: the first requests for
     /// an image, coming in at once, share one.
     direct_image_reads: Flights<Option<Arc<Entry>>>,
+    /// The engine's containerd content store, when the engine keeps its images there.
+    containerd: containerd_store::EngineContainerd,
 }
 
 /// One export of an engine image, owning what it needs: it runs as a task of its own.
@@ -495,6 +502,21 @@ impl DockerBackend {
         Ok(())
     }
 
+    /// The manifest (or index) of engine image `id` from the engine's containerd content
+    /// store, when the engine keeps its images there: on that store an image's id is the
+    /// digest of its index or manifest, so these are the bytes `docker push` and `docker
+    /// inspect` name.
+    async fn containerd_manifest_of(&self, image: &ImageRef, id: &str, ctx: &RequestCtx) -> Result<Option<Manifest>> {
+        let Some(store) = self.containerd.get(&self.engine).await else {
+            return Ok(None);
+        };
+        let Ok(digest) = id.parse::<Digest>() else {
+            return Ok(None);
+        };
+        let by_id = ImageRef::new(image.repository.clone(), Reference::Digest(digest));
+        store.manifest(&by_id, ctx).await
+    }
+
     /// Finds an image, pulling it first when it is missing and `pull_missing` is on.
     async fn find_or_pull(&self, names: &[String], image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Found>> {
         if let Some(f) = self.find(names).await? {
@@ -655,10 +677,23 @@ impl Backend for DockerBackend {
                 let Some(found) = self.find_or_pull(&Self::candidates(repo, tag), image, ctx).await? else {
                     return Ok(None);
                 };
+                if let Some(m) = self.containerd_manifest_of(image, &found.id, ctx).await? {
+                    return Ok(Some(m));
+                }
                 let entry = self.entry(&found, repo).await?;
                 self.serve_manifest(&entry, &entry.export.top).await
             }
             Reference::Digest(digest) => {
+                if let Some(store) = self.containerd.get(&self.engine).await {
+                    if let Some(m) = store.manifest(image, ctx).await? {
+                        return Ok(Some(m));
+                    }
+                    if let Some(found) = self.find_or_pull(&[], image, ctx).await? {
+                        if let Some(m) = self.containerd_manifest_of(image, &found.id, ctx).await? {
+                            return Ok(Some(m));
+                        }
+                    }
+                }
                 if let Some(entry) = self.cache.by_manifest(digest).await {
                     if let Some(m) = self.serve_manifest(&entry, digest).await? {
                         self.cache.touch(&entry.image_id).await;
@@ -706,7 +741,10 @@ impl Backend for DockerBackend {
         Ok(self.engine_tags().await?.into_iter().map(|(r, _, _)| r).collect())
     }
 
-    async fn blob_size(&self, repo: &Repository, digest: &Digest, _ctx: &RequestCtx) -> Result<Option<u64>> {
+    async fn blob_size(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<u64>> {
+        if let Some(store) = self.containerd.get(&self.engine).await {
+            return store.blob_size(repo, digest, ctx).await;
+        }
         if let Some(layer) = self.direct_layer(repo, digest).await? {
             return Ok(Some(layer.size));
         }
@@ -720,8 +758,12 @@ impl Backend for DockerBackend {
         Ok(size)
     }
 
-    fn blob_store(&self) -> Option<&ferry_core::BlobStore> {
-        Some(&self.cache.store)
+    async fn blob_file(&self, digest: &Digest) -> Result<Option<std::path::PathBuf>> {
+        if let Some(store) = self.containerd.get(&self.engine).await {
+            return store.blob_file(digest).await;
+        }
+        let path = self.cache.store.path(digest);
+        Ok(tokio::fs::try_exists(&path).await.unwrap_or(false).then_some(path))
     }
 
     async fn ready(&self) -> bool {
@@ -745,7 +787,25 @@ impl Backend for DockerBackend {
                     Ok(s) => status.storage = Some(s),
                     Err(e) => status.error = Some(format!("storage driver unknown: {e}")),
                 }
-                status.direct_reads = self.direct.in_use(&self.engine).await;
+                if let Some(store) = self.containerd.get(&self.engine).await {
+                    let ctd = store.status().await;
+                    status.direct_reads = ctd.direct_reads;
+                    status.serves_from = Some(format!(
+                        "containerd content store at {}, {}",
+                        ctd.location,
+                        ctd.storage.unwrap_or_default().trim_start_matches("content store, ")
+                    ));
+                } else {
+                    status.direct_reads = self.direct.in_use(&self.engine).await;
+                    status.serves_from = Some(
+                        if status.direct_reads {
+                            "engine storage"
+                        } else {
+                            "export"
+                        }
+                        .to_string(),
+                    );
+                }
             }
             Err(e) => status.error = Some(e.to_string()),
         }
@@ -801,8 +861,11 @@ impl Backend for DockerBackend {
         repo: &Repository,
         digest: &Digest,
         range: Option<ByteRange>,
-        _ctx: &RequestCtx,
+        ctx: &RequestCtx,
     ) -> Result<Option<BlobBody>> {
+        if let Some(store) = self.containerd.get(&self.engine).await {
+            return store.blob(repo, digest, range, ctx).await;
+        }
         if let Some(body) = self.direct_blob(repo, digest, range).await? {
             return Ok(Some(body));
         }

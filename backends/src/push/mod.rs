@@ -570,9 +570,9 @@ impl Registry for PushBackend {
         Ok(size)
     }
 
-    async fn link_blob(&self, repo: &Repository, digest: &Digest, from: &BlobStore) -> Result<bool> {
+    async fn link_blob(&self, repo: &Repository, digest: &Digest, file: &std::path::Path) -> Result<bool> {
         self.check_push_name(repo)?;
-        if !self.blobs.link_from(from, digest).await? {
+        if !self.blobs.link_file(file, digest).await? {
             return Ok(false);
         }
         self.link(repo, digest).await?;
