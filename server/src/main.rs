@@ -91,6 +91,10 @@ enum Command {
         /// it listens on every interface).
         #[arg(long)]
         address: Option<String>,
+        /// For kind: the host directory its nodes mount as containerd's hosts directory
+        /// (default: ./ferry-certs.d, as an absolute path).
+        #[arg(long)]
+        hosts_dir: Option<String>,
         #[command(flatten)]
         args: ConfigArgs,
     },
@@ -142,11 +146,17 @@ fn main() -> ExitCode {
             Ok(config) => healthcheck(&mirrors::address(&config, None), config.server.tls_files().is_some()),
             Err(code) => code,
         },
-        Command::Mirrors { client, address, args } => match args.load() {
+        Command::Mirrors {
+            client,
+            address,
+            hosts_dir,
+            args,
+        } => match args.load() {
             Ok(config) => {
+                let hosts_dir = hosts_dir.unwrap_or_else(mirrors::default_hosts_dir);
                 print!(
                     "{}",
-                    mirrors::snippet(client, &mirrors::address(&config, address.as_deref()))
+                    mirrors::snippet(client, &mirrors::address(&config, address.as_deref()), &hosts_dir)
                 );
                 ExitCode::SUCCESS
             }

@@ -36,8 +36,19 @@ pub fn address(config: &Config, explicit: Option<&str>) -> String {
     }
 }
 
-/// The files for `client`, each after a `# PATH` line.
-pub fn snippet(client: Client, addr: &str) -> String {
+/// Where `ferry mirrors --for kind` puts the hosts directory its kind config mounts into
+/// every node, unless told: `ferry-certs.d` beside the config, as an absolute path.
+pub fn default_hosts_dir() -> String {
+    std::env::current_dir()
+        .unwrap_or_else(|_| std::path::PathBuf::from("."))
+        .join("ferry-certs.d")
+        .display()
+        .to_string()
+}
+
+/// The files for `client`, each after a `# PATH` line. `hosts_dir` is the host directory
+/// kind's nodes mount as containerd's hosts directory.
+pub fn snippet(client: Client, addr: &str, hosts_dir: &str) -> String {
     let loopback = addr.starts_with("127.") || addr.starts_with("[::1]") || addr.starts_with("localhost");
     let mut out = String::new();
     if loopback && matches!(client, Client::K3d | Client::Kind) {
@@ -52,21 +63,8 @@ pub fn snippet(client: Client, addr: &str) -> String {
             "# /etc/rancher/k3s/registries.yaml\n{}\n# then: systemctl restart k3s\n",
             registries_yaml(addr)
         )),
-        Client::K3d => out.push_str(&format!(
-            "# k3d-config.yaml (k3d cluster create --config k3d-config.yaml)\n\
-             apiVersion: k3d.io/v1alpha5\n\
-             kind: Simple\n\
-             registries:\n  config: |\n{}",
-            indent(&registries_yaml(addr), 4)
-        )),
-        Client::Kind => out.push_str(&format!(
-            "# kind-config.yaml (kind create cluster --config kind-config.yaml)\n\
-             kind: Cluster\n\
-             apiVersion: kind.x-k8s.io/v1alpha4\n\
-             containerdConfigPatches:\n\
-             - |-\n{}",
-            indent(&kind_patch(addr), 2)
-        )),
+        Client::K3d => out.push_str(&k3d_config(addr)),
+        Client::Kind => out.push_str(&kind_files(addr, hosts_dir)),
         Client::Containerd => out.push_str(&format!(
             "# /etc/containerd/certs.d/_default/hosts.toml\n{}\n\
              # /etc/containerd/config.toml needs (then: systemctl restart containerd):\n\
@@ -103,9 +101,76 @@ fn hosts_toml(addr: &str) -> String {
     format!("[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")
 }
 
-/// kind's containerd patch: the CRI plugin's mirror table, `"*"` for every registry.
-fn kind_patch(addr: &str) -> String {
-    format!("[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"*\"]\n  endpoint = [\"http://{addr}\"]\n")
+/// k3d's SimpleConfig, whole: the registry the cluster uses (ferry at `addr`, a k3d registry
+/// container or any host the nodes reach) and the mirror for every registry through it;
+/// `k3d cluster create --config` takes it alone.
+fn k3d_config(addr: &str) -> String {
+    format!(
+        "# k3d-config.yaml (k3d cluster create --config k3d-config.yaml)\n\
+         apiVersion: k3d.io/v1alpha5\n\
+         kind: Simple\n\
+         registries:\n  use:\n    - {addr}\n  config: |\n{}\
+         # {addr} must be a k3d registry container (k3d registry create ferry -i ferry:latest -p 5000\n\
+         # -v /var/run/docker.sock:/var/run/docker.sock names it k3d-ferry:5000). To have k3d make it\n\
+         # with the cluster instead, replace `use` with:\n\
+         #   create:\n\
+         #     name: ferry\n\
+         #     hostPort: \"{port}\"\n\
+         #     image: ferry:latest\n\
+         #     volumes:\n\
+         #       - /var/run/docker.sock:/var/run/docker.sock\n\
+         # and the mirror's endpoint with http://k3d-ferry:{port}.\n",
+        indent(&registries_yaml(addr), 4),
+        port = port_of(addr),
+    )
+}
+
+/// kind's files: a cluster config whose nodes read containerd's hosts directory (the form
+/// containerd 2.x keeps; kind 0.27+ sets `config_path` itself, and the patch does it for older
+/// ones) with ferry's hosts directory mounted there, that directory's `_default/hosts.toml`,
+/// and the KEP-1755 ConfigMap through which Tilt and skaffold find the registry.
+fn kind_files(addr: &str, hosts_dir: &str) -> String {
+    format!(
+        "# kind-config.yaml (kind create cluster --config kind-config.yaml)\n\
+         kind: Cluster\n\
+         apiVersion: kind.x-k8s.io/v1alpha4\n\
+         containerdConfigPatches:\n\
+         - |-\n{patch}\
+         nodes:\n\
+         - role: control-plane\n  \
+           extraMounts:\n  \
+           - hostPath: {hosts_dir}\n    \
+             containerPath: /etc/containerd/certs.d\n    \
+             readOnly: true\n\
+         # (give every node of the cluster the same extraMounts)\n\n\
+         # {hosts_dir}/_default/hosts.toml\n{hosts}\n\
+         # local-registry-hosting.yaml (kubectl apply -f local-registry-hosting.yaml; KEP-1755)\n\
+         apiVersion: v1\n\
+         kind: ConfigMap\n\
+         metadata:\n  \
+           name: local-registry-hosting\n  \
+           namespace: kube-public\n\
+         data:\n  \
+           localRegistryHosting.v1: |\n    \
+             host: \"localhost:{port}\"\n    \
+             hostFromContainerRuntime: \"{addr}\"\n",
+        patch = indent(&kind_patch(), 2),
+        hosts = hosts_toml(addr),
+        port = port_of(addr),
+    )
+}
+
+/// kind's containerd patch: read registries' hosts files from `/etc/containerd/certs.d`.
+fn kind_patch() -> String {
+    "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n".to_string()
+}
+
+/// The port of `host:port` (5000, the registry port, when there is none).
+fn port_of(addr: &str) -> &str {
+    match addr.rsplit_once(':') {
+        Some((_, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => "5000",
+    }
 }
 
 fn indent(text: &str, by: usize) -> String {
@@ -126,16 +191,30 @@ mod tests {
             Client::Podman,
             Client::Docker,
         ] {
-            let s = snippet(c, "10.1.2.3:5000");
+            let s = snippet(c, "10.1.2.3:5000", "/h");
             assert!(s.contains("10.1.2.3:5000"), "{c:?}: {s}");
             assert!(!s.contains("loopback"), "{c:?}: {s}");
         }
-        assert!(snippet(Client::K3d, "127.0.0.1:5000").contains("--address"));
+        assert!(snippet(Client::K3d, "127.0.0.1:5000", "/h").contains("--address"));
     }
 
     #[test]
     fn k3d_embeds_registries_yaml_as_a_block() {
-        let s = snippet(Client::K3d, "k3d-ferry:5000");
+        let s = snippet(Client::K3d, "k3d-ferry:5000", "/h");
         assert!(s.contains("  config: |\n    mirrors:\n      \"*\":\n"), "{s}");
+        assert!(s.contains("  use:\n    - k3d-ferry:5000\n"), "{s}");
+    }
+
+    #[test]
+    fn kind_mounts_the_hosts_directory_it_prints() {
+        let s = snippet(Client::Kind, "ferry.lan:5001", "/srv/ferry-certs.d");
+        assert!(s.contains("config_path = \"/etc/containerd/certs.d\""), "{s}");
+        assert!(!s.contains("registry.mirrors"), "the deprecated table: {s}");
+        assert!(s.contains("- hostPath: /srv/ferry-certs.d\n"), "{s}");
+        assert!(
+            s.contains("# /srv/ferry-certs.d/_default/hosts.toml\n[host.\"http://ferry.lan:5001\"]"),
+            "{s}"
+        );
+        assert!(s.contains("host: \"localhost:5001\""), "{s}");
     }
 }

@@ -179,6 +179,7 @@ e2e_fetch_suite() {
 }
 
 # containerd with its own root, state and socket: $E2E_DIR/<name>/containerd.sock
+# Optional $2: the containerd binary.
 e2e_start_containerd() {
     local name=$1 bin=${2:-containerd} d="$E2E_DIR/$1"
     mkdir -p "$d"
@@ -195,6 +196,8 @@ state = "$d/state"
 [plugins."io.containerd.grpc.v1.cri"]
   disable_cgroup = true
 TOML
+    # $CONTAINERD_PATCH: TOML appended to the config, as kind merges containerdConfigPatches.
+    [ -z "${CONTAINERD_PATCH:-}" ] || printf '%s\n' "$CONTAINERD_PATCH" >>"$d/config.toml"
     e2e_spawn "$name" "$bin" --config "$d/config.toml"
     e2e_wait "$name" 30 ctr -a "$d/containerd.sock" version
 }

@@ -1,6 +1,7 @@
 //! Every client flow through each configuration users run, not one backend alone: the
 //! default chain (docker, push), push first, Docker 26 with the containerd image store
-//! (containerd first, docker, push), and Podman rootful and rootless (docker on the Podman
+//! (containerd first, docker, push), Docker 28 on its containerd image store and on overlay2
+//! (the default chain), and Podman rootful and rootless (docker on the Podman
 //! socket, push). The flows: a pull of an engine image (containerd through a hosts.toml
 //! mirror, then run), tags and catalog, a pull by digest, blobs asked for before any
 //! manifest after a restart with an empty cache, `docker push` / `podman push` of an image
@@ -264,6 +265,33 @@ fn docker26_containerd_store_containerd_first() {
             "[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd17}\"\nnamespace = \"moby\"\n{}{PUSH}",
             docker(&engine)
         ),
+        pusher: Pusher::Docker(engine.clone()),
+        oci_archive: true,
+        engine,
+    });
+}
+
+/// Docker 28 on its containerd image store (the default of Docker 29 and Docker Desktop)
+/// through the default chain alone: no containerd backend configured.
+#[test]
+fn docker28_containerd_store_default_chain() {
+    let engine = env("E2E_DOCKER28_HOST");
+    run_flows(Setup {
+        label: "d28",
+        backends: format!("{}{PUSH}", docker(&engine)),
+        pusher: Pusher::Docker(engine.clone()),
+        oci_archive: true,
+        engine,
+    });
+}
+
+/// Docker 28 on overlay2 (on containerd 2.1) through the default chain.
+#[test]
+fn docker28_overlay2_default_chain() {
+    let engine = env("E2E_DOCKER28G_HOST");
+    run_flows(Setup {
+        label: "d28g",
+        backends: format!("{}{PUSH}", docker(&engine)),
         pusher: Pusher::Docker(engine.clone()),
         oci_archive: true,
         engine,

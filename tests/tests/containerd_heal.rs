@@ -799,3 +799,47 @@ fn docker28_push_of_an_image_the_engine_holds_uploads_no_layer() {
     let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &pushed);
     assert_eq!(out.trim(), format!("hello from {name}:v1"));
 }
+
+/// containerd 2.1 as a kind or k3s node runs it: an image pulled into namespace `k8s.io`
+/// is served by a containerd backend, and a layer the node lost is healed from its origin
+/// into the node's content store.
+#[test]
+fn containerd21_node_images_are_served_and_healed() {
+    let ctd21 = env("E2E_CONTAINERD21_SOCK");
+    let registry = env("E2E_REGISTRY");
+    let ctr = format!("{}/usr/bin/ctr", env("E2E_SID_ROOT"));
+    let host = docker20();
+    let name = unique("node");
+    build_image(&host, &format!("{name}:1"), 2);
+    let image = format!("{registry}/kind/{name}:1");
+    sh(&format!(
+        "docker -H {host} tag {name}:1 {image} && docker -H {host} push -q {image} && docker -H {host} rmi {image} {name}:1"
+    ));
+    sh(&format!("{ctr} -a {ctd21} -n k8s.io image pull --plain-http {image}"));
+    let m: Value = http()
+        .get(format!("http://{registry}/v2/kind/{name}/manifests/1"))
+        .header("Accept", DOCKER_MANIFEST)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let layer = m["layers"][1]["digest"].as_str().unwrap().to_string();
+    sh(&format!("{ctr} -a {ctd21} -n k8s.io content rm {layer}"));
+    assert!(!stored_in(&ctd21, "k8s.io", &layer));
+
+    let dir = scratch();
+    let ferry = Ferry::start(
+        dir.path(),
+        &format!("[[backends]]\ntype = \"containerd\"\nsocket = \"{ctd21}\"\nnamespace = \"k8s.io\"\n"),
+    );
+    let certs = mirror_hosts(dir.path(), &registry, &ferry.addr());
+    let out = ctr_pull_and_run(&containerd16(), "e2e", &certs, &image);
+    assert_eq!(out.trim(), format!("hello from {name}:1"));
+    assert!(
+        stored_in(&ctd21, "k8s.io", &layer),
+        "the lost layer is back in the node's store"
+    );
+    let logs = ferry.logs();
+    assert!(logs.contains("healed: blob verified and committed"), "{logs}");
+    sh(&format!("{ctr} -a {ctd21} -n k8s.io image rm {image}"));
+}

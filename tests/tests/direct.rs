@@ -103,6 +103,12 @@ fn docker26_graph_driver_images_are_served_from_the_engines_storage_with_no_expo
     served_directly(&env("E2E_DOCKER26G_HOST"), "application/vnd.oci.image.manifest.v1+json");
 }
 
+/// Docker 28 on overlay2, on containerd 2.1.
+#[test]
+fn docker28_graph_driver_images_are_served_from_the_engines_storage_with_no_export() {
+    served_directly(&env("E2E_DOCKER28G_HOST"), "application/vnd.oci.image.manifest.v1+json");
+}
+
 fn served_directly(engine: &str, accept: &str) {
     let engine = engine.to_string();
     let name = unique("direct");
