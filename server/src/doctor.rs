@@ -38,7 +38,11 @@ impl Report {
 }
 
 /// Runs every check; `Err` (exit 1) when one failed.
-pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<(), String> {
+pub async fn run(
+    config: Result<Config, String>,
+    file: Option<&Path>,
+    containerd_config: Option<&Path>,
+) -> Result<(), String> {
     let mut r = Report::default();
     let config = match config {
         Ok(c) => c,
@@ -90,6 +94,9 @@ pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<
             _ => {}
         }
     }
+    if let Some(path) = containerd_config {
+        check_node_config(&mut r, path);
+    }
     check_listen(&mut r, "listen", config.server.addr).await;
     if let Some(a) = config.admin.addr {
         check_listen(&mut r, "admin listen", a).await;
@@ -107,6 +114,29 @@ pub async fn run(config: Result<Config, String>, file: Option<&Path>) -> Result<
             let summary = format!("{n} problem{} found", if n == 1 { "" } else { "s" });
             println!("{summary}");
             Err(summary)
+        }
+    }
+}
+
+/// A node's containerd config: whether its CRI pulls reach a mirror.
+fn check_node_config(r: &mut Report, path: &Path) {
+    let what = format!("containerd config {}", path.display());
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            r.fail(
+                &what,
+                format!("cannot read it: {e}"),
+                "give the path of the node's config.toml",
+            );
+            return;
+        }
+    };
+    for finding in crate::node_config::check(&text) {
+        match finding {
+            crate::node_config::Finding::Ok(detail) => r.ok(&what, detail),
+            crate::node_config::Finding::Warn(problem, fix) => r.warn(&what, problem, fix),
+            crate::node_config::Finding::Fail(problem, fix) => r.fail(&what, problem, fix),
         }
     }
 }

@@ -4,6 +4,7 @@ mod doctor;
 mod goflags;
 mod logging;
 mod mirrors;
+mod node_config;
 mod privileges;
 
 use std::path::PathBuf;
@@ -62,7 +63,14 @@ enum Command {
     Serve(ConfigArgs),
     /// Check the configuration, every backend, the data directory and the listen address;
     /// print what is wrong and how to fix it. Exits 1 when something is broken.
-    Doctor(ConfigArgs),
+    Doctor {
+        /// Also check a node's containerd config (kind, k3s, a host's own): whether its CRI
+        /// pulls would reach a mirror through its hosts files.
+        #[arg(long)]
+        containerd_config: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        args: ConfigArgs,
+    },
     /// Print the effective configuration, each value with its source (default, file,
     /// environment, flag).
     Config(ConfigArgs),
@@ -134,9 +142,12 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Doctor(args) => {
+        Command::Doctor {
+            containerd_config,
+            args,
+        } => {
             let config = Config::load(args.config.as_deref(), &args.flags()).map_err(|e| e.to_string());
-            run(async move { doctor::run(config, args.config.as_deref()).await })
+            run(async move { doctor::run(config, args.config.as_deref(), containerd_config.as_deref()).await })
         }
         Command::Gc { dry_run, min_age, args } => match args.load() {
             Ok(config) => run(gc(config, dry_run, min_age)),

@@ -72,6 +72,7 @@ fn cri_pull(socket: &str, image: &str) -> Result<String, String> {
 struct Node {
     name: String,
     socket: String,
+    config: String,
 }
 
 impl Node {
@@ -84,7 +85,8 @@ impl Node {
             lib()
         ));
         let socket = format!("{}/{name}/containerd.sock", env("E2E_DIR"));
-        Node { name, socket }
+        let config = format!("{}/{name}/config.toml", env("E2E_DIR"));
+        Node { name, socket, config }
     }
 }
 
@@ -116,6 +118,19 @@ fn pulls_through_ferry_over_the_cri(root: &str, label: &str) {
     std::fs::create_dir_all(hosts_dir.join("_default")).unwrap();
     std::fs::write(hosts_dir.join("_default/hosts.toml"), hosts).unwrap();
     let node = Node::start(root, &patch, &hosts_dir);
+    // The doctor reads the node's config as this node has it: its pulls reach ferry.
+    let (_, report) = run_ferry(
+        &[
+            "doctor",
+            "--config",
+            &config.display().to_string(),
+            "--containerd-config",
+            &node.config,
+        ],
+        &[("DOCKER_HOST", d28.as_str())],
+    );
+    let line = doctor_line(&report, "containerd config");
+    assert!(line.starts_with("ok") && line.contains(&ferry.addr()), "{report}");
 
     for (image, request) in [
         (
