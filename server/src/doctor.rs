@@ -97,9 +97,10 @@ pub async fn run(
     if let Some(path) = containerd_config {
         check_node_config(&mut r, path);
     }
-    check_listen(&mut r, "listen", config.server.addr).await;
+    let tls = config.server.tls_files().is_some();
+    check_listen(&mut r, "listen", config.server.addr, tls).await;
     if let Some(a) = config.admin.addr {
-        check_listen(&mut r, "admin listen", a).await;
+        check_listen(&mut r, "admin listen", a, false).await;
     }
     match config.admin.token() {
         Ok(_) => {}
@@ -487,23 +488,84 @@ async fn check_data_dir(r: &mut Report, dir: &Path) -> bool {
 }
 
 /// Nothing else listens on `addr`, and this user may bind it.
-async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr) {
+async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) {
     let what = format!("{what} {addr}");
     match tokio::net::TcpListener::bind(addr).await {
         Ok(_) => r.ok(&what, "free"),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => r.fail(
-            &what,
-            "address already in use (another ferry, or a registry, listens there)",
-            format!(
-                "ss -ltnp 'sport = :{}' shows who; stop it, or choose another address with --addr",
-                addr.port()
-            ),
-        ),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => check_running(r, &what, addr, tls).await,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
             &what,
             format!("permission denied: {e}"),
             "ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port above 1024 (--addr :5000)",
         ),
         Err(e) => r.fail(&what, e.to_string(), "choose another address with --addr"),
+    }
+}
+
+/// Who holds the listen address: a running ferry (its `/healthz` says so; then what its
+/// `/readyz` sees is reported), or another program (a failure: this ferry could not start).
+async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) {
+    let in_use = format!(
+        "ss -ltnp 'sport = :{}' shows who; stop it, or choose another address with --addr",
+        addr.port()
+    );
+    if tls {
+        r.warn(
+            what,
+            "something listens here, behind TLS the doctor cannot ask whether it is this ferry",
+            format!("curl -k https://{addr}/healthz answers ok with a Ferry-Version header if it is; else {in_use}"),
+        );
+        return;
+    }
+    let probe_addr = match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => format!("127.0.0.1:{}", addr.port()),
+        ip if ip.is_unspecified() => format!("[::1]:{}", addr.port()),
+        _ => addr.to_string(),
+    };
+    let asked = probe_addr.clone();
+    let health = tokio::task::spawn_blocking(move || crate::probe::get(&asked, "/healthz")).await;
+    let health = match health {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            r.fail(
+                what,
+                format!("address already in use, by a program that does not answer HTTP ({e})"),
+                in_use,
+            );
+            return;
+        }
+        Err(e) => {
+            r.fail(what, format!("address already in use: {e}"), in_use);
+            return;
+        }
+    };
+    let Some(version) = health.header("ferry-version").filter(|_| health.status == 200) else {
+        let who = health.header("server").map_or(String::new(), |s| format!(" ({s})"));
+        r.fail(
+            what,
+            format!(
+                "address already in use by another program{who}: /healthz answered {}",
+                health.status
+            ),
+            in_use,
+        );
+        return;
+    };
+    let uptime = health.header("ferry-uptime").unwrap_or("?");
+    let ready = tokio::task::spawn_blocking(move || crate::probe::get(&probe_addr, "/readyz")).await;
+    match ready {
+        Ok(Ok(a)) if a.status == 200 => r.ok(
+            what,
+            format!("ferry {version} is serving here (up {uptime} s), {}", a.body.trim()),
+        ),
+        Ok(Ok(a)) => {
+            r.ok(what, format!("ferry {version} is serving here (up {uptime} s)"));
+            r.warn(
+                what,
+                format!("the running ferry is not ready: {}", a.body.trim()),
+                "its log says why each backend cannot be reached",
+            );
+        }
+        _ => r.ok(what, format!("ferry {version} is serving here (up {uptime} s)")),
     }
 }

@@ -6,6 +6,7 @@ mod logging;
 mod mirrors;
 mod node_config;
 mod privileges;
+mod probe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -218,26 +219,18 @@ async fn gc(config: Config, dry_run: bool, min_age: Option<u64>) -> Result<(), S
 /// `GET /healthz` on `addr` within 5 s: success when it answers 200. Behind TLS, that the
 /// listener accepts a connection (the binary carries no TLS client for this).
 fn healthcheck(addr: &str, tls: bool) -> ExitCode {
-    use std::io::{Read, Write};
-    let timeout = Duration::from_secs(5);
-    let answer = (|| -> std::io::Result<String> {
-        let target = std::net::ToSocketAddrs::to_socket_addrs(addr)?
-            .next()
-            .ok_or_else(|| std::io::Error::other("no address"))?;
-        let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
-        if tls {
-            return Ok("HTTP/1.1 200".to_string());
-        }
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head)?;
-        Ok(String::from_utf8_lossy(&head).into_owned())
-    })();
+    let answer = if tls {
+        std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .and_then(|mut a| a.next().ok_or_else(|| std::io::Error::other("no address")))
+            .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(5)))
+            .map(|_| 200)
+    } else {
+        probe::get(addr, "/healthz").map(|a| a.status)
+    };
     match answer {
-        Ok(status) if status.ends_with(" 200") => ExitCode::SUCCESS,
+        Ok(200) => ExitCode::SUCCESS,
         Ok(status) => {
-            eprintln!("ferry at {addr} answered {status:?}");
+            eprintln!("ferry at {addr} answered {status}");
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -82,6 +82,42 @@ fn doctor_says_what_is_broken_and_how_to_fix_it() {
     assert!(out.contains("FAIL  config") && out.contains("adr"), "{out}");
 }
 
+/// Run beside the ferry it checks (what someone does when a cluster cannot pull), the doctor
+/// reports that ferry, and what it sees, rather than a taken port; another HTTP server there
+/// is a failure that names it.
+#[test]
+fn doctor_beside_a_running_ferry_reports_it() {
+    let dir = scratch();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[[backends]]\ntype = \"docker\"\nsocket = \"{}\"\n[[backends]]\ntype = \"push\"\n",
+            docker20()
+        ),
+    );
+    let running = Ferry::start_with(dir.path(), Path::new(&config), &[]);
+    let (code, out) = ferry(&["doctor", "--config", &config, "--addr", &running.addr()], &[]);
+    assert_eq!(code, 0, "{out}");
+    let line = doctor_line(&out, &format!("listen {}", running.addr()));
+    assert!(line.starts_with("ok"), "{out}");
+    assert!(
+        line.contains(&format!("ferry {} is serving here", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
+    assert!(line.contains("ready: docker, push"), "{out}");
+
+    let stranger = FakeHttp::start("127.0.0.1", |_| {
+        http_response("200 OK", "Server: nginx/1.22\r\n", b"welcome")
+    });
+    let (code, out) = ferry(&["doctor", "--config", &config, "--addr", &stranger.addr], &[]);
+    assert_eq!(code, 1, "{out}");
+    let line = doctor_line(&out, &format!("listen {}", stranger.addr));
+    assert!(
+        line.starts_with("FAIL") && line.contains("another program (nginx/1.22)"),
+        "{out}"
+    );
+}
+
 #[test]
 fn doctor_names_the_group_a_user_lacks() {
     // The suite's unprivileged user (it runs rootless Podman) may not use Docker's socket.
@@ -231,4 +267,35 @@ fn each_printed_mirror_works_with_its_client() {
         served.logs()
     );
     sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
+
+/// The k3d file `ferry mirrors --for k3d` prints, read as k3d reads a v1alpha5 SimpleConfig:
+/// only keys that schema has (each level's `additionalProperties` is false), the registry to
+/// use, and the mirror inside `registries.config` — a file `k3d cluster create --config`
+/// takes alone.
+#[test]
+fn the_k3d_file_is_a_simple_config_k3d_takes_alone() {
+    let (code, out) = ferry(&["mirrors", "--for", "k3d", "--address", "k3d-ferry:5000"], &[]);
+    assert_eq!(code, 0, "{out}");
+    let dir = scratch();
+    let file = dir.path().join("k3d.yaml");
+    std::fs::write(&file, &out).unwrap();
+    let check = r#"
+import sys, yaml
+c = yaml.safe_load(open(sys.argv[1]))
+top = {"apiVersion", "kind", "metadata", "servers", "agents", "kubeAPI", "image", "network",
+       "subnet", "token", "volumes", "manifests", "ports", "options", "env", "registries",
+       "hostAliases"}
+assert set(c) <= top, set(c) - top
+assert c["apiVersion"] == "k3d.io/v1alpha5" and c["kind"] == "Simple", c
+r = c["registries"]
+assert set(r) <= {"create", "use", "config"}, r
+assert r["use"] == ["k3d-ferry:5000"], r
+assert isinstance(r["config"], str)
+m = yaml.safe_load(r["config"])
+assert m["mirrors"]["*"]["endpoint"] == ["http://k3d-ferry:5000"], m
+print("ok")
+"#;
+    let (ok, said) = sh_result(&format!("python3 -c '{check}' {}", file.display()));
+    assert!(ok && said.trim() == "ok", "{said}\n{out}");
 }

@@ -90,6 +90,7 @@ impl Call<'_> {
 /// Builds the HTTP application: the API under `/v2` (and the admin API under `/api` when
 /// it is served here), with one log line per request.
 pub fn app(state: Arc<AppState>, admin: Option<Arc<crate::admin::AdminState>>) -> impl poem::Endpoint {
+    std::sync::LazyLock::force(&STARTED);
     let mut route = Route::new();
     if let Some(admin) = admin {
         route = route.nest("/api", crate::admin::routes(admin));
@@ -115,9 +116,17 @@ pub fn admin_app(admin: Arc<crate::admin::AdminState>) -> impl poem::Endpoint {
         .into_endpoint()
 }
 
+/// When the application was built: the uptime `/healthz` reports.
+static STARTED: std::sync::LazyLock<std::time::Instant> = std::sync::LazyLock::new(std::time::Instant::now);
+
+/// `ok`, with `Ferry-Version` and `Ferry-Uptime` (seconds): `ferry doctor` tells a running
+/// ferry from another program on its port by them.
 #[handler]
-fn healthz() -> &'static str {
-    "ok\n"
+fn healthz() -> Response {
+    Response::builder()
+        .header("Ferry-Version", env!("CARGO_PKG_VERSION"))
+        .header("Ferry-Uptime", STARTED.elapsed().as_secs().to_string())
+        .body("ok\n")
 }
 
 /// Ready when at least one backend can be reached (an engine answers, containerd answers,
