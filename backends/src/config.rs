@@ -29,6 +29,26 @@ pub enum BackendConfig {
 }
 
 impl BackendConfig {
+    /// Its `name`: in logs, the `Ferry-Backend` header and the status pages.
+    pub fn name(&self) -> &str {
+        match self {
+            BackendConfig::Docker(c) => &c.name,
+            BackendConfig::Containerd(c) => &c.name,
+            BackendConfig::Push(c) => &c.name,
+            BackendConfig::Upstream(c) => &c.name,
+        }
+    }
+
+    /// Its `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendConfig::Docker(_) => "docker",
+            BackendConfig::Containerd(_) => "containerd",
+            BackendConfig::Push(_) => "push",
+            BackendConfig::Upstream(_) => "upstream",
+        }
+    }
+
     /// The Unix socket this backend talks to, when it talks to one (not a `tcp://` engine,
     /// not the push store).
     pub fn unix_socket(&self) -> Option<std::path::PathBuf> {

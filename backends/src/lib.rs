@@ -9,7 +9,7 @@ mod fsutil;
 mod outbound;
 pub mod push;
 pub mod registry;
-mod size;
+pub mod size;
 pub mod upstream;
 
 pub use config::BackendConfig;

@@ -55,7 +55,7 @@ pub async fn run(
             return Err("1 problem found".into());
         }
     };
-    let names: Vec<&str> = config.backends.iter().map(backend_name).collect();
+    let names: Vec<&str> = config.backends.iter().map(BackendConfig::name).collect();
     r.ok(
         "config",
         format!(
@@ -68,7 +68,7 @@ pub async fn run(
     let dir_ok = check_data_dir(&mut r, &config.cache.dir).await;
     let origins = Arc::new(config.origins.policy());
     for (i, b) in config.backends.iter().enumerate() {
-        let what = format!("backend {} ({})", backend_name(b), kind(b));
+        let what = format!("backend {} ({})", b.name(), b.kind());
         if let Some(socket) = b.unix_socket() {
             if !check_socket(&mut r, &what, &socket, b) {
                 continue;
@@ -139,24 +139,6 @@ fn check_node_config(r: &mut Report, path: &Path) {
             crate::node_config::Finding::Warn(problem, fix) => r.warn(&what, problem, fix),
             crate::node_config::Finding::Fail(problem, fix) => r.fail(&what, problem, fix),
         }
-    }
-}
-
-fn backend_name(b: &BackendConfig) -> &str {
-    match b {
-        BackendConfig::Docker(c) => &c.name,
-        BackendConfig::Containerd(c) => &c.name,
-        BackendConfig::Push(c) => &c.name,
-        BackendConfig::Upstream(c) => &c.name,
-    }
-}
-
-fn kind(b: &BackendConfig) -> &'static str {
-    match b {
-        BackendConfig::Docker(_) => "docker",
-        BackendConfig::Containerd(_) => "containerd",
-        BackendConfig::Push(_) => "push",
-        BackendConfig::Upstream(_) => "upstream",
     }
 }
 

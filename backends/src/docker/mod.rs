@@ -63,7 +63,7 @@ pub struct DockerConfig {
     pub max_parallel_exports: usize,
     /// Cache size limit, e.g. "20GiB"; unset means no limit.
     #[serde(default)]
-    pub max_cache_size: Option<String>,
+    pub max_cache_size: Option<crate::size::Size>,
     /// Where exported blobs are cached; defaults to `<cache.dir>/docker`.
     #[serde(default)]
     pub dir: Option<PathBuf>,
@@ -113,11 +113,7 @@ impl DockerConfig {
     /// come up later); fails only when the cache directory cannot be used.
     pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
         let socket = self.socket_url();
-        let max_bytes = self
-            .max_cache_size
-            .as_deref()
-            .map(|s| crate::size::parse(s, "max_cache_size"))
-            .transpose()?;
+        let max_bytes = self.max_cache_size.as_ref().map(crate::size::Size::bytes);
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
         let cache = Arc::new(Cache::open(&self.name, dir, self.max_parallel_exports, max_bytes).await?);
         let tls_dir = self.tls_dir.clone().or_else(|| {

@@ -61,11 +61,11 @@ pub struct PushConfig {
     pub upload_ttl_secs: u64,
     /// Largest blob accepted, e.g. "16GiB".
     #[serde(default = "default_max_blob_size")]
-    pub max_blob_size: String,
+    pub max_blob_size: crate::size::Size,
     /// Total size the push store may grow to (blobs and uploads in progress), e.g.
     /// "200GiB"; unset: no limit.
     #[serde(default)]
-    pub quota: Option<String>,
+    pub quota: Option<crate::size::Size>,
     /// Run a garbage collection this often (seconds; 0: only `ferry gc`).
     #[serde(default)]
     pub gc_interval_secs: u64,
@@ -84,8 +84,8 @@ pub struct PushConfig {
 fn default_gc_min_age() -> u64 {
     3600
 }
-fn default_max_blob_size() -> String {
-    "16GiB".into()
+fn default_max_blob_size() -> crate::size::Size {
+    crate::size::Size::sixteen_gib()
 }
 fn default_max_uploads() -> usize {
     1000
@@ -190,12 +190,8 @@ impl PushBackend {
 
     fn limits(config: &PushConfig) -> Result<uploads::Limits> {
         Ok(uploads::Limits {
-            max_blob_size: crate::size::parse(&config.max_blob_size, "max_blob_size")?,
-            quota: config
-                .quota
-                .as_deref()
-                .map(|q| crate::size::parse(q, "quota"))
-                .transpose()?,
+            max_blob_size: config.max_blob_size.bytes(),
+            quota: config.quota.as_ref().map(crate::size::Size::bytes),
             max_sessions: config.max_upload_sessions,
             max_sessions_per_client: config.max_upload_sessions_per_client,
         })

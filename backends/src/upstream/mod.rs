@@ -59,11 +59,11 @@ pub struct UpstreamConfig {
     /// The cache's size limit ("20GiB"); least recently used blobs go first. No limit when
     /// unset.
     #[serde(default)]
-    pub max_cache_size: Option<String>,
+    pub max_cache_size: Option<crate::size::Size>,
     /// The largest blob fetched ("16GiB"): a bigger one is refused before its body is read,
     /// so no client can fill the disk with one huge blob from an allowed origin.
     #[serde(default = "default_max_blob_size")]
-    pub max_blob_size: String,
+    pub max_blob_size: crate::size::Size,
     /// A fetch whose clients all went away goes on when at least this share of the blob
     /// arrived (0: always finish, 100: stop unless done).
     #[serde(default = "default_keep_percent")]
@@ -96,8 +96,8 @@ fn default_ttl() -> u64 {
 fn default_keep_percent() -> u8 {
     50
 }
-fn default_max_blob_size() -> String {
-    "16GiB".into()
+fn default_max_blob_size() -> crate::size::Size {
+    crate::size::Size::sixteen_gib()
 }
 
 impl Default for UpstreamConfig {
@@ -128,12 +128,8 @@ impl UpstreamConfig {
         let store = BlobStore::open(&dir).await?;
         let meta = Meta::open(&dir).await?;
         let access = Access::open(&dir, Duration::from_secs(self.tag_ttl_secs)).await?;
-        let max_bytes = self
-            .max_cache_size
-            .as_deref()
-            .map(|s| crate::size::parse(s, "max_cache_size"))
-            .transpose()?;
-        let max_blob = crate::size::parse(&self.max_blob_size, "max_blob_size")?;
+        let max_bytes = self.max_cache_size.as_ref().map(crate::size::Size::bytes);
+        let max_blob = self.max_blob_size.bytes();
         let used = Arc::new(AtomicU64::new(0));
         tracing::info!(backend = %self.name, dir = %dir.display(), allow = ?self.allow, "upstream cache open");
         if max_bytes.is_some() {
