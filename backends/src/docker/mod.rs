@@ -2,35 +2,36 @@
 //! exporting them (`docker save`) into a content-addressed cache.
 
 mod archive;
+mod blobs;
 mod cache;
+mod config;
 mod containerd_store;
 mod direct;
 mod engine;
 mod export;
+mod export_task;
 mod index;
 mod pins;
+mod pull;
 
-use std::path::{Path, PathBuf};
+pub use config::DockerConfig;
+
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
-use base64::Engine as _;
-use bollard::auth::DockerCredentials;
 use futures::StreamExt;
-use serde::Deserialize;
 
 use ferry_core::flight::Flights;
 use ferry_core::origin::OriginPolicy;
 use ferry_core::status::{BackendStatus, CachedImage, Evicted};
 use ferry_core::{
-    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
-    Result, DOCKER_HUB,
+    Backend, BlobBody, ByteRange, Digest, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx, Result,
+    DOCKER_HUB,
 };
 
 use cache::{Cache, Entry};
 use engine::Engine;
-use export::Exported;
+use export_task::Export;
 use index::ImageIndex;
 
 /// How many chunks of an export are read from the engine ahead of the tar reader (hyper's
@@ -39,129 +40,6 @@ const EXPORT_PREFETCH_CHUNKS: usize = 16;
 
 /// Images of one repository exported at most to find a blob asked for before its manifest.
 const MAX_EXPORTS_PER_BLOB_LOOKUP: usize = 8;
-
-/// `[[backends]] type = "docker"`.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DockerConfig {
-    /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
-    pub name: String,
-    /// Engine API socket: `unix:///var/run/docker.sock`, a Podman socket, or `tcp://host:port`.
-    /// Unset: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
-    #[serde(default)]
-    pub socket: Option<String>,
-    /// For a `tcp://` engine behind TLS: a directory with `ca.pem`, `cert.pem` and `key.pem`
-    /// (as `DOCKER_CERT_PATH`). Unset: `DOCKER_CERT_PATH` when `DOCKER_TLS_VERIFY` is set.
-    #[serde(default)]
-    pub tls_dir: Option<PathBuf>,
-    /// Pull images the engine lacks through the engine, with the client's credentials.
-    #[serde(default)]
-    pub pull_missing: bool,
-    /// How many different images may be exported at once.
-    #[serde(default = "default_parallel")]
-    pub max_parallel_exports: usize,
-    /// Cache size limit, e.g. "20GiB"; unset means no limit.
-    #[serde(default)]
-    pub max_cache_size: Option<crate::size::Size>,
-    /// Where exported blobs are cached; defaults to `<cache.dir>/docker`.
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// Serve images from the engine's own storage (Docker's graph driver: overlay2, vfs)
-    /// when ferry can read its data root, with no export; anything else is exported.
-    #[serde(default = "default_true")]
-    pub direct_reads: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_name() -> String {
-    "docker".into()
-}
-fn default_parallel() -> usize {
-    2
-}
-
-impl Default for DockerConfig {
-    /// The defaults of an empty `[[backends]] type = "docker"` table.
-    fn default() -> Self {
-        DockerConfig {
-            name: default_name(),
-            socket: None,
-            tls_dir: None,
-            pull_missing: false,
-            max_parallel_exports: default_parallel(),
-            max_cache_size: None,
-            dir: None,
-            direct_reads: true,
-        }
-    }
-}
-
-impl DockerConfig {
-    /// The engine's address: `socket`, else `DOCKER_HOST`, else Docker's default socket.
-    pub fn socket_url(&self) -> String {
-        self.socket
-            .clone()
-            .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
-    }
-
-    /// Opens the export cache under `data_dir` and starts following the engine (which may
-    /// come up later); fails only when the cache directory cannot be used.
-    pub async fn build(&self, data_dir: &Path, origins: Arc<OriginPolicy>) -> Result<Arc<DockerBackend>> {
-        let socket = self.socket_url();
-        let max_bytes = self.max_cache_size.as_ref().map(crate::size::Size::bytes);
-        let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
-        let cache = Arc::new(Cache::open(&self.name, dir, self.max_parallel_exports, max_bytes).await?);
-        let tls_dir = self.tls_dir.clone().or_else(|| {
-            let verify = std::env::var("DOCKER_TLS_VERIFY").is_ok_and(|v| !v.is_empty() && v != "0");
-            verify
-                .then(|| std::env::var("DOCKER_CERT_PATH").ok())
-                .flatten()
-                .map(PathBuf::from)
-        });
-        let engine = Arc::new(Engine::new(&self.name, &socket, tls_dir));
-        let index = Arc::new(ImageIndex::new());
-        let reachable = match engine.client().await {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::warn!(backend = %self.name, error = %e,
-                    "engine not reachable now; the backend answers 'unavailable' until it is");
-                false
-            }
-        };
-        index.follow(engine.clone());
-        let (i, e, name) = (index.clone(), engine.clone(), self.name.clone());
-        tokio::spawn(async move {
-            if let Err(err) = i.refresh(&e).await {
-                tracing::debug!(backend = %name, error = %err, "engine image index not built at start");
-            }
-        });
-        let direct = Arc::new(direct::Direct::new(&self.name, self.direct_reads));
-        let containerd = containerd_store::EngineContainerd::new(&self.name, origins.clone());
-        if reachable {
-            // Whether the engine's storage can be read is asked at start, not on the first
-            // request (Podman's `info` takes a quarter of a second).
-            if containerd.get(&engine).await.is_none() {
-                direct.in_use(&engine).await;
-            }
-        }
-        Ok(Arc::new(DockerBackend {
-            containerd,
-            direct,
-            config: self.clone(),
-            engine,
-            cache,
-            index,
-            pulls: Flights::default(),
-            direct_image_reads: Flights::default(),
-            origins,
-        }))
-    }
-}
 
 /// Serves a Docker or Podman engine's images through exports cached on disk.
 pub struct DockerBackend {
@@ -180,106 +58,6 @@ pub struct DockerBackend {
     direct_image_reads: Flights<Option<Arc<Entry>>>,
     /// The engine's containerd content store, when the engine keeps its images there.
     containerd: containerd_store::EngineContainerd,
-}
-
-/// One export of an engine image, owning what it needs: it runs as a task of its own.
-struct Export {
-    backend: String,
-    engine: Arc<Engine>,
-    cache: Arc<Cache>,
-    name: String,
-    id: String,
-    repo: Repository,
-}
-
-impl Export {
-    /// Streams the archive into the cache and interprets it. Blobs it stored but nothing
-    /// references (all of them, when the archive is unusable) are discarded; the rest come
-    /// back pinned until the cache records the entry.
-    async fn run(self) -> Result<(Exported, Vec<pins::Pin>)> {
-        let Export {
-            backend,
-            engine,
-            cache,
-            name,
-            id,
-            repo,
-        } = self;
-        let started = Instant::now();
-        let metric = ferry_core::metrics::export_started(&backend);
-        let result = Self::read(&backend, &engine, &cache, &name, &id, &repo, started).await;
-        metric.done(result.is_ok());
-        result
-    }
-
-    async fn read(
-        backend: &str,
-        engine: &Engine,
-        cache: &Arc<Cache>,
-        name: &str,
-        id: &str,
-        repo: &Repository,
-        started: Instant,
-    ) -> Result<(Exported, Vec<pins::Pin>)> {
-        // The image's size estimates the archive's (exact for layer tars, high for the OCI
-        // layout's compressed blobs).
-        let estimate = match engine.inspect(id).await {
-            Ok(Some(i)) => i.size.unwrap_or(0).max(0) as u64,
-            _ => 0,
-        };
-        tracing::info!(backend = %backend, image = %name, id = %id, estimated_bytes = estimate, "exporting image from the engine");
-        let progress = ferry_core::progress::Progress::new("export", backend, name, estimate);
-        let counted = progress.clone();
-        let stream = engine.export(name).await?.map(move |chunk| {
-            if let Ok(b) = &chunk {
-                counted.add(b.len() as u64);
-            }
-            chunk
-        });
-        let reader = ferry_core::prefetch::Prefetched::spawn(stream, EXPORT_PREFETCH_CHUNKS);
-        let store = cache.store.clone();
-        let mut archive = archive::Archive::new(&cache.pins);
-        let (mut archive, read) = tokio::task::spawn_blocking(move || {
-            let read = archive::read(reader, &store, &mut archive);
-            (archive, read)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("export task failed: {e}")))?;
-        if let Err(e) = read {
-            cache.discard(std::mem::take(&mut archive.pins).into_values()).await;
-            tracing::error!(backend = %backend, image = %name, error = %e,
-                elapsed_ms = started.elapsed().as_millis() as u64, "export failed");
-            return Err(e);
-        }
-        let result = export::interpret(&mut archive, &cache.store, repo, name).await;
-        let mut pinned = std::mem::take(&mut archive.pins);
-        let exported = match result {
-            Ok(exported) => exported,
-            Err(e) => {
-                cache.discard(pinned.into_values()).await;
-                tracing::error!(backend = %backend, image = %name, error = %e, "export unusable");
-                return Err(e);
-            }
-        };
-        let used: Vec<pins::Pin> = exported
-            .blobs
-            .iter()
-            .chain(&exported.manifests)
-            .filter_map(|d| pinned.remove(d))
-            .collect();
-        cache.discard(pinned.into_values()).await;
-        let summary = export::describe(&exported);
-        let elapsed_ms = started.elapsed().as_millis() as u64;
-        let (bytes, _, rate_mib_s) = progress.summary();
-        if exported.missing.is_empty() {
-            tracing::info!(backend = %backend, image = %name, %summary, bytes, rate_mib_s, elapsed_ms, "export finished");
-        } else {
-            tracing::warn!(backend = %backend, image = %name, %summary, elapsed_ms,
-                missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
-        }
-        Ok((exported, used))
-    }
 }
 
 /// An engine image found for a request: its id and the name it was found under.
@@ -397,107 +175,6 @@ impl DockerBackend {
         }))
     }
 
-    /// The client's Basic credentials, in the form the engine's pull takes.
-    fn credentials(ctx: &RequestCtx, repo: &Repository) -> Option<DockerCredentials> {
-        let b64 = ctx.authorization.as_deref()?.strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
-        let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
-        let server = if repo.registry() == DOCKER_HUB {
-            "https://index.docker.io/v1/".to_string()
-        } else {
-            repo.registry().to_string()
-        };
-        Some(DockerCredentials {
-            username: Some(user.to_string()),
-            password: Some(pass.to_string()),
-            serveraddress: Some(server),
-            ..Default::default()
-        })
-    }
-
-    /// Pulls a missing image through the engine, once however many requests ask for it at
-    /// the same time (with the same credentials). Without credentials a failure asks the
-    /// client to authenticate (kubelet then retries with its pull secret); with them it is
-    /// "not found".
-    async fn pull(&self, image: &ImageRef, ctx: &RequestCtx) -> Result<bool> {
-        let repo = &image.repository;
-        let from = if repo.registry() == DOCKER_HUB {
-            repo.familiar()
-        } else {
-            repo.canonical()
-        };
-        if let Err(reason) = self.may_pull_from(repo.registry()).await {
-            tracing::warn!(backend = %self.config.name, image = %image, %reason, "not pulling through the engine");
-            return Ok(false);
-        }
-        let credentials = Self::credentials(ctx, repo);
-        let key = format!(
-            "{from}:{}\n{}",
-            image.reference,
-            ctx.authorization.as_deref().unwrap_or("")
-        );
-        let (engine, index, backend, image) = (
-            self.engine.clone(),
-            self.index.clone(),
-            self.config.name.clone(),
-            image.clone(),
-        );
-        let work = async move {
-            let with_credentials = credentials.is_some();
-            let started = Instant::now();
-            tracing::info!(backend = %backend, image = %image, with_credentials, "pulling missing image through the engine");
-            match engine.pull(&from, &image.reference.to_string(), credentials).await? {
-                Ok(()) => {
-                    ferry_core::metrics::engine_pull(&backend, true);
-                    tracing::info!(backend = %backend, image = %image,
-                        elapsed_ms = started.elapsed().as_millis() as u64, "pull finished");
-                    index.mark_stale();
-                    Ok(true)
-                }
-                Err(message) => {
-                    ferry_core::metrics::engine_pull(&backend, false);
-                    tracing::warn!(backend = %backend, image = %image, with_credentials, error = %message, "pull failed");
-                    // The engine's words stay in the log: they would tell a client which hosts
-                    // and ports answer, and how.
-                    if with_credentials {
-                        Ok(false)
-                    } else {
-                        Err(Error::Unauthorized {
-                            realm: "ferry".into(),
-                            message: format!(
-                                "{image} is not in the engine and could not be pulled without credentials"
-                            ),
-                            challenge: None,
-                        })
-                    }
-                }
-            }
-        };
-        self.pulls.run(&key, work).await
-    }
-
-    /// Whether the engine may pull from `registry` for a client: the registry must pass the
-    /// origin policy, and a name must not resolve to an internal address the policy does not
-    /// name (the engine resolves it again itself; this keeps listed names honest).
-    async fn may_pull_from(&self, registry: &str) -> std::result::Result<(), String> {
-        self.origins.check_registry(registry)?;
-        let host = if registry == DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            registry
-        };
-        let (name, _) = ferry_core::origin::split_host(host);
-        if name.parse::<std::net::IpAddr>().is_ok() {
-            return Ok(()); // an IP literal: check_registry judged it
-        }
-        if let Ok(addrs) = tokio::net::lookup_host((name, 0)).await {
-            for a in addrs {
-                self.origins.check_address(registry, a.ip())?;
-            }
-        }
-        Ok(())
-    }
-
     /// The manifest (or index) of engine image `id` from the engine's containerd content
     /// store, when the engine keeps its images there: on that store an image's id is the
     /// digest of its index or manifest, so these are the bytes `docker push` and `docker
@@ -511,17 +188,6 @@ impl DockerBackend {
         };
         let by_id = ImageRef::new(image.repository.clone(), Reference::Digest(digest));
         store.manifest(&by_id, ctx).await
-    }
-
-    /// Finds an image, pulling it first when it is missing and `pull_missing` is on.
-    async fn find_or_pull(&self, names: &[String], image: &ImageRef, ctx: &RequestCtx) -> Result<Option<Found>> {
-        if let Some(f) = self.find(names).await? {
-            return Ok(Some(f));
-        }
-        if !self.config.pull_missing || !self.pull(image, ctx).await? {
-            return Ok(None);
-        }
-        self.find(names).await
     }
 
     /// The engine's tagged images as (repository, tag, image id). Podman's `localhost/NAME`
@@ -546,117 +212,6 @@ impl DockerBackend {
             }
         }
         Ok(out)
-    }
-
-    /// Exports the engine images tagged under `repo` that the cache holds no export of, until
-    /// one holds `digest`. For a blob asked for before any manifest (a client resuming a pull
-    /// after a restart with an empty cache, or after an eviction) on an engine whose image
-    /// ids and layer ids are not blob digests — the containerd image store: ids are manifest
-    /// digests, layers are stored compressed — only an export tells which image holds it.
-    /// The repository narrows it to a few images, each exported once.
-    async fn find_by_export(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
-        let mut ids: Vec<String> = self
-            .engine_tags()
-            .await?
-            .into_iter()
-            .filter(|(r, _, _)| r == repo)
-            .map(|(_, _, id)| id)
-            .collect();
-        ids.dedup();
-        for id in ids.into_iter().take(MAX_EXPORTS_PER_BLOB_LOOKUP) {
-            if self.cache.get(&id).await.is_some() {
-                continue;
-            }
-            tracing::info!(backend = %self.config.name, repository = %repo, %digest, image = %id,
-                "blob asked for before its manifest and not in the engine's index: exporting an image of this repository to find it");
-            let found = Found { name: id.clone(), id };
-            self.entry(&found, repo).await?;
-            if let Some(size) = self.cache.store.size(digest).await? {
-                return Ok(Some(size));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The layer `digest` when it is served from the engine's storage: known from a manifest
-    /// read directly, or (after a restart) from a cached entry read that way. A layer found
-    /// not to match makes its image exported from then on.
-    async fn direct_layer(&self, repo: &Repository, digest: &Digest) -> Result<Option<Arc<direct::Layer>>> {
-        if let Some(l) = self.direct.layer(digest).await {
-            if !l.is_bad() {
-                return Ok(Some(l));
-            }
-            let image = l.image_id.clone();
-            self.fall_back_to_export(&image).await?;
-            return Ok(None);
-        }
-        let (holding, _) = self.cache.images_with_blob(digest).await;
-        for id in holding {
-            if self
-                .cache
-                .get(&id)
-                .await
-                .is_some_and(|e| e.export.format == export::Format::Direct)
-            {
-                let found = Found { name: id.clone(), id };
-                self.entry(&found, repo).await?;
-                return Ok(self.direct.layer(digest).await.filter(|l| !l.is_bad()));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The layer `digest` from the engine's storage, when it is served from there.
-    async fn direct_blob(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        range: Option<ByteRange>,
-    ) -> Result<Option<BlobBody>> {
-        let Some(layer) = self.direct_layer(repo, digest).await? else {
-            return Ok(None);
-        };
-        let image = layer.image_id.clone();
-        if let Some(body) = self.direct.body(layer, range).await? {
-            return Ok(Some(body));
-        }
-        self.fall_back_to_export(&image).await?;
-        Ok(None)
-    }
-
-    /// Stops reading `image` directly and drops its entry: its next request exports it.
-    async fn fall_back_to_export(&self, image: &str) -> Result<()> {
-        self.direct.refuse(image).await;
-        let id = image.to_string();
-        self.cache
-            .evict_where(|e| e.image_id == id && e.export.format == export::Format::Direct)
-            .await?;
-        Ok(())
-    }
-
-    /// Makes sure the cache holds `digest`, re-exporting the image it came from when it was
-    /// evicted or exporting the engine image that holds it. Its size, or `None` when no image
-    /// has it.
-    async fn ensure_blob(&self, repo: &Repository, digest: &Digest) -> Result<Option<u64>> {
-        if let Some(size) = self.cache.store.size(digest).await? {
-            return Ok(Some(size));
-        }
-        let (holding, lacking) = self.cache.images_with_blob(digest).await;
-        let id = match holding.into_iter().next() {
-            Some(id) => Some(id),
-            None if !lacking.is_empty() => {
-                tracing::debug!(backend = %self.config.name, %digest, images = ?lacking,
-                    "the engine's export lacks this blob");
-                return Ok(None);
-            }
-            None => self.index.lookup(&self.engine, digest).await?,
-        };
-        let Some(id) = id else {
-            return self.find_by_export(repo, digest).await;
-        };
-        let found = Found { name: id.clone(), id };
-        self.entry(&found, repo).await?;
-        self.cache.store.size(digest).await
     }
 }
 
