@@ -196,10 +196,8 @@ impl Chain {
             return Err(e);
         }
         tracing::warn!(request = %ctx.request_id, image = %image, manifest = %m.digest, missing = ?lacking,
-            "the engine's export of this image lacks blobs and no later backend holds them \
-             (Docker 25+ with the containerd image store drops shared layers from `docker save`, \
-             moby#49473); add a containerd backend (namespace \"moby\", fetch_missing = true) after \
-             the docker backend to serve them; answering 404 so the client falls back");
+            "the manifest's backend lacks blobs it references and no later backend holds them (its own \
+             log line says why and what supplies them); answering 404 so the client falls back");
         Ok(false)
     }
 

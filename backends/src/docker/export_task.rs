@@ -107,7 +107,7 @@ impl Export {
         } else {
             tracing::warn!(backend = %backend, image = %name, %summary, elapsed_ms,
                 missing = ?exported.missing.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "export lacks blobs its manifest references (moby#49473); later backends are asked for them");
+                "export lacks blobs its manifest references (Docker's containerd image store drops layers shared between images from `docker save`, moby#49473); later backends are asked for them: let ferry reach the engine's containerd (mount its socket) to serve and heal them, or add a containerd backend (namespace \"moby\") after this one");
         }
         Ok((exported, used))
     }
