@@ -70,7 +70,9 @@ impl BackendConfig {
     pub async fn build(&self, data_dir: &Path, origins: &Arc<OriginPolicy>) -> Result<BackendHandle> {
         match self {
             BackendConfig::Docker(c) => Ok(BackendHandle::read_only(c.build(data_dir, origins.clone()).await?)),
-            BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(c.build(origins.clone()).await?)),
+            BackendConfig::Containerd(c) => Ok(BackendHandle::read_only(
+                c.build(&data_dir.join("heal").join(&c.name), origins.clone()).await?,
+            )),
             BackendConfig::Push(c) => Ok(BackendHandle::writable(c.build(data_dir).await?)),
             BackendConfig::Upstream(c) => Ok(BackendHandle::read_only(c.build(data_dir).await?)),
         }

@@ -232,7 +232,7 @@ impl BlobStore {
     pub async fn adopt(&self, file: &Path, expected: &Digest, actual: &Digest) -> Result<()> {
         if expected != actual {
             return Err(Error::DigestInvalid(format!(
-                "content hashes to {actual}, not {expected}"
+                "content hashing to {actual} instead of {expected}"
             )));
         }
         let (store, file, digest) = (self.clone(), file.to_path_buf(), expected.clone());
@@ -541,7 +541,7 @@ impl BlobWriter {
         if let Some(expected) = &self.expected {
             if *expected != digest {
                 return Err(Error::DigestInvalid(format!(
-                    "content hashes to {digest}, not {expected}"
+                    "content hashing to {digest} instead of {expected}"
                 )));
             }
         }

@@ -11,22 +11,22 @@ mod store;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use bytes::BytesMut;
+use reqwest::Method;
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
-use tokio::sync::{mpsc, watch, Mutex};
 
+use ferry_core::flight::Flights;
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::status::BackendStatus;
 use ferry_core::{
-    Backend, BlobBody, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository, RequestCtx,
-    Result,
+    Backend, BlobBody, BlobStore, ByteRange, Digest, Error, ImageRef, Manifest, ManifestInfo, Reference, Repository,
+    RequestCtx, Result,
 };
 
+use crate::fill::{Commit, Fill, Fills, HandOff, Joined, Wanted};
 use crate::registry::{ClientSettings, HostConfig, RegistryClient, Target};
 use store::{Store, SOURCE_LABEL};
 
@@ -94,9 +94,6 @@ fn default_true() -> bool {
 
 /// Coalesce fetched bytes into writes of this size (a gRPC message each).
 const WRITE_CHUNK: usize = 1024 * 1024;
-/// How long a heal waits on its client to take a chunk: one that stops reading must not hold
-/// the heal, nor the requests waiting for it, for ever.
-const CLIENT_WAIT: Duration = Duration::from_secs(60);
 
 impl Default for ContainerdConfig {
     /// The defaults of an empty `[[backends]] type = "containerd"` table.
@@ -115,28 +112,38 @@ impl Default for ContainerdConfig {
 }
 
 impl ContainerdConfig {
-    /// Connects (lazily: containerd may come up later) and builds the backend; fails only on
-    /// an unreadable `ca_file`.
-    pub async fn build(&self, policy: Arc<ferry_core::origin::OriginPolicy>) -> Result<Arc<ContainerdBackend>> {
+    /// Connects (lazily: containerd may come up later) and builds the backend, heals keeping
+    /// their temp files under `heal_dir`; fails only on an unreadable `ca_file` or a
+    /// directory that cannot be used.
+    pub async fn build(
+        &self,
+        heal_dir: &std::path::Path,
+        policy: Arc<ferry_core::origin::OriginPolicy>,
+    ) -> Result<Arc<ContainerdBackend>> {
         let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
         if let Err(e) = store.channel().await {
             tracing::warn!(backend = %self.name, error = %e,
                 "containerd not reachable now; the backend answers 'unavailable' until it is");
         }
-        self.with_store(store, policy)
+        self.with_store(store, heal_dir, policy).await
     }
 
     /// Builds the backend only when containerd answers on the socket now (a containerd found
     /// rather than configured: one that does not answer is not this one).
-    pub async fn connect(&self, policy: Arc<ferry_core::origin::OriginPolicy>) -> Result<Arc<ContainerdBackend>> {
+    pub async fn connect(
+        &self,
+        heal_dir: &std::path::Path,
+        policy: Arc<ferry_core::origin::OriginPolicy>,
+    ) -> Result<Arc<ContainerdBackend>> {
         let store = Store::new(&self.name, self.socket.clone(), &self.namespace, self.direct_reads);
         store.channel().await?;
-        self.with_store(store, policy)
+        self.with_store(store, heal_dir, policy).await
     }
 
-    fn with_store(
+    async fn with_store(
         &self,
         store: Store,
+        heal_dir: &std::path::Path,
         policy: Arc<ferry_core::origin::OriginPolicy>,
     ) -> Result<Arc<ContainerdBackend>> {
         let origins = self.heal_client(&policy)?;
@@ -144,7 +151,9 @@ impl ContainerdConfig {
             config: self.clone(),
             store: Arc::new(store),
             origins: Arc::new(origins),
-            healing: Arc::new(Mutex::new(HashMap::new())),
+            scratch: BlobStore::open(heal_dir).await?,
+            fills: Arc::new(Fills::default()),
+            starting: Arc::new(Flights::default()),
         }))
     }
 
@@ -182,16 +191,18 @@ impl ContainerdConfig {
     }
 }
 
-/// How a heal ended, for requests that waited on it.
-type HealDone = Option<std::result::Result<(), String>>;
-
 /// Serves containerd's content store and heals blobs it lacks from their origin.
 pub struct ContainerdBackend {
     config: ContainerdConfig,
     store: Arc<Store>,
     origins: Arc<RegistryClient>,
-    /// Heals in progress: later requests for the digest wait for the first one.
-    healing: Arc<Mutex<HashMap<Digest, watch::Receiver<HealDone>>>>,
+    /// Where heals keep a blob while it is fetched and verified (temp files only: a verified
+    /// blob goes to containerd, then the file goes).
+    scratch: BlobStore,
+    /// Heals under way, by digest: later clients join them mid-stream.
+    fills: Arc<Fills>,
+    /// Single flight for starting a heal: one origin request per digest.
+    starting: Arc<Flights<Option<Arc<Fill>>>>,
 }
 
 impl ContainerdBackend {
@@ -227,40 +238,6 @@ impl ContainerdBackend {
         })
     }
 
-    /// Waits for a heal of `digest` already under way; `true` when there was one.
-    async fn wait_for_heal(&self, digest: &Digest) -> bool {
-        let rx = self.healing.lock().await.get(digest).cloned();
-        let Some(mut rx) = rx else { return false };
-        let _ = rx.wait_for(|done| done.is_some()).await;
-        true
-    }
-
-    /// Fetches a missing blob from its origin into the content store and streams it to the
-    /// caller as it arrives. `None` when no origin has it.
-    async fn heal(
-        &self,
-        repo: &Repository,
-        digest: &Digest,
-        range: Option<ByteRange>,
-        ctx: &RequestCtx,
-    ) -> Result<Option<BlobBody>> {
-        let (tx_done, rx_done) = watch::channel::<HealDone>(None);
-        {
-            let mut healing = self.healing.lock().await;
-            if healing.contains_key(digest) {
-                drop(healing);
-                self.wait_for_heal(digest).await;
-                return self.stored(digest, range).await;
-            }
-            healing.insert(digest.clone(), rx_done);
-        }
-        let result = self.start_heal(repo, digest, range, ctx, tx_done).await;
-        if !matches!(result, Ok(Some(_))) {
-            self.healing.lock().await.remove(digest);
-        }
-        result
-    }
-
     async fn stored(&self, digest: &Digest, range: Option<ByteRange>) -> Result<Option<BlobBody>> {
         match self.store.info(digest).await? {
             Some(info) => Ok(Some(self.read_body(digest, info.size as u64, range).await?)),
@@ -268,206 +245,163 @@ impl ContainerdBackend {
         }
     }
 
-    async fn start_heal(
+    /// Fetches a missing blob from its origin into the content store and streams it to the
+    /// caller as it arrives (the shared verified fetch, [`crate::fill`]): the last byte goes
+    /// out once the blob hashed to its digest and containerd committed it. Clients asking
+    /// meanwhile join the same fetch. `None` when no origin has it.
+    async fn heal(
         &self,
         repo: &Repository,
         digest: &Digest,
         range: Option<ByteRange>,
         ctx: &RequestCtx,
-        done: watch::Sender<HealDone>,
     ) -> Result<Option<BlobBody>> {
-        let mut refused = None;
-        for origin in self.origins_for(repo, digest).await? {
-            let resp = match self
-                .origins
-                .fetch(
-                    reqwest::Method::GET,
-                    &origin,
-                    Target::Blob(digest),
-                    &[],
-                    ctx.authorization.as_deref(),
-                )
-                .await
-            {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e @ Error::Unauthorized { .. }) => {
-                    tracing::warn!(backend = %self.config.name, %digest, origin = %origin, error = %e, "origin refused the fetch");
-                    refused = Some(e);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(backend = %self.config.name, %digest, origin = %origin, error = %e, "origin fetch failed");
-                    continue;
-                }
+        for _ in 0..3 {
+            let fill = match self.fills.get(digest).filter(|f| !f.failed()) {
+                Some(f) => f,
+                None => match self.start_heal(repo, digest, ctx).await? {
+                    Some(f) => f,
+                    // Healed meanwhile, or no origin has it.
+                    None => return self.stored(digest, range).await,
+                },
             };
-            let Some(size) = resp.content_length() else {
-                tracing::warn!(backend = %self.config.name, %digest, origin = %origin, "origin sent no Content-Length");
-                continue;
-            };
+            match fill.join(range).await? {
+                Joined::Body(body) => return Ok(Some(body)),
+                Joined::Gone => {
+                    if let Some(body) = self.stored(digest, range).await? {
+                        return Ok(Some(body));
+                    }
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            backend: self.config.name.clone(),
+            reason: format!("healing {digest} from {repo} kept failing"),
+        })
+    }
+
+    /// Starts the heal of `digest` from the first origin that has it, or joins the one just
+    /// started; `None` when it is in the store now or no origin has it.
+    async fn start_heal(&self, repo: &Repository, digest: &Digest, ctx: &RequestCtx) -> Result<Option<Arc<Fill>>> {
+        let origins = self.origins_for(repo, digest).await?;
+        let (client, store, scratch, fills) = (
+            self.origins.clone(),
+            self.store.clone(),
+            self.scratch.clone(),
+            self.fills.clone(),
+        );
+        let (backend, digest, authorization) = (self.config.name.clone(), digest.clone(), ctx.authorization.clone());
+        self.starting
+            .clone()
+            .run(&digest.to_string(), async move {
+                if let Some(f) = fills.get(&digest).filter(|f| !f.failed()) {
+                    return Ok(Some(f));
+                }
+                if store.info(&digest).await?.is_some() {
+                    return Ok(None);
+                }
+                let mut refused = None;
+                for origin in origins {
+                    let resp = match client
+                        .fetch(Method::GET, &origin, Target::Blob(&digest), &[], authorization.as_deref())
+                        .await
+                    {
+                        Ok(Some(r)) => r,
+                        Ok(None) => continue,
+                        Err(e @ Error::Unauthorized { .. }) => {
+                            tracing::warn!(backend = %backend, %digest, origin = %origin, error = %e, "origin refused the fetch");
+                            refused = Some(e);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(backend = %backend, %digest, origin = %origin, error = %e, "origin fetch failed");
+                            continue;
+                        }
+                    };
+                    let Some(size) = resp.content_length() else {
+                        tracing::warn!(backend = %backend, %digest, origin = %origin, "origin sent no Content-Length");
+                        continue;
+                    };
+                    tracing::info!(backend = %backend, %digest, origin = %origin, size,
+                        "healing: fetching a blob the content store lacks from its origin");
+                    let commit = into_containerd(store.clone(), origin.clone(), digest.clone(), size);
+                    let done = {
+                        let (fills, backend, digest, origin) =
+                            (fills.clone(), backend.clone(), digest.clone(), origin.clone());
+                        let started = Instant::now();
+                        move |outcome: &Result<()>| {
+                            ferry_core::metrics::heal(&backend, outcome.is_ok());
+                            match outcome {
+                                Ok(()) => tracing::info!(backend = %backend, %digest, origin = %origin, size,
+                                    elapsed_ms = started.elapsed().as_millis() as u64,
+                                    "healed: blob verified and committed to the content store"),
+                                Err(e) => tracing::error!(backend = %backend, %digest, origin = %origin, error = %e,
+                                    "heal failed; nothing was committed and the client's response was cut short"),
+                            }
+                            fills.remove(&digest);
+                        }
+                    };
+                    let wanted = Wanted {
+                        repo: origin,
+                        digest: digest.clone(),
+                        size,
+                    };
+                    // A heal goes on when its client leaves: the store is repaired regardless.
+                    let (fill, _) = fills.start(&digest, || {
+                        Fill::spawn(&backend, &scratch, wanted, resp, 0, Commit::Hand(commit), done)
+                    })?;
+                    return Ok(Some(fill));
+                }
+                match refused {
+                    Some(e) => Err(e),
+                    None => Ok(None),
+                }
+            })
+            .await
+    }
+}
+
+/// Commits a verified heal's file into containerd's content store, labelled with the origin
+/// it came from (as a pull labels it), in writes of [`WRITE_CHUNK`].
+fn into_containerd(store: Arc<Store>, origin: Repository, digest: Digest, size: u64) -> HandOff {
+    Box::new(move |file: PathBuf| {
+        Box::pin(async move {
             let mut labels = HashMap::new();
             labels.insert(
                 format!("{SOURCE_LABEL}{}", origin.registry()),
                 origin.path().to_string(),
             );
-            let writer = self.store.writer(digest, size, labels).await?;
-            tracing::info!(backend = %self.config.name, %digest, origin = %origin, size,
-                "healing: fetching a blob the content store lacks from its origin");
-            let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
-            let task = HealTask {
-                backend: self.config.name.clone(),
-                digest: digest.clone(),
-                origin,
-                size,
-            };
-            let healing = self.healing.clone();
-            tokio::spawn(async move {
-                let outcome = task.run(resp, writer, tx).await;
-                healing.lock().await.remove(&task.digest);
-                let _ = done.send(Some(outcome.map_err(|e| e.to_string())));
-            });
-            if range.is_some() {
-                // A range of a blob being fetched: serve it from the store once it is there.
-                drop(rx);
-                self.wait_for_heal(digest).await;
-                return self.stored(digest, range).await;
-            }
-            let stream = futures::stream::poll_fn({
-                let mut rx = rx;
-                move |cx| rx.poll_recv(cx)
-            })
-            .boxed();
-            return Ok(Some(BlobBody {
-                size,
-                range: None,
-                stream,
-            }));
-        }
-        match refused {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
-    }
-}
-
-/// One blob being fetched from its origin into the content store and to a client.
-struct HealTask {
-    backend: String,
-    digest: Digest,
-    origin: Repository,
-    size: u64,
-}
-
-impl HealTask {
-    /// Sends to the client while it listens. A client that went away is forgotten, and so is
-    /// one that took nothing for [`CLIENT_WAIT`] (its response is cut short; asked again, the
-    /// blob comes from the store).
-    async fn send(&self, client: &mut Option<mpsc::Sender<std::io::Result<Bytes>>>, item: std::io::Result<Bytes>) {
-        let Some(c) = client else { return };
-        match tokio::time::timeout(CLIENT_WAIT, c.send(item)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => *client = None,
-            Err(_) => {
-                tracing::warn!(backend = %self.backend, digest = %self.digest, origin = %self.origin,
-                    wait_s = CLIENT_WAIT.as_secs(), "the heal's client took nothing for too long; the heal goes on without it");
-                *client = None;
-            }
-        }
-    }
-
-    /// Copies the origin's body into containerd (in 1 MiB writes) and to the client channel,
-    /// hashing it on the way. The last chunk is held back until the whole body hashes to the
-    /// digest: on a mismatch the client's response is cut short instead (it never receives a
-    /// complete wrong blob), and the ingest is aborted, so nothing wrong is committed either.
-    /// The fetch goes on when the client goes away, so the store is healed regardless.
-    async fn run(
-        &self,
-        resp: reqwest::Response,
-        mut writer: store::ContentWriter,
-        tx: mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<()> {
-        let started = Instant::now();
-        let mut body = resp.bytes_stream();
-        let mut pending = BytesMut::with_capacity(WRITE_CHUNK);
-        let mut client = Some(tx);
-        let mut received = 0u64;
-        let mut hasher = Sha256::new();
-        let mut held: Option<Bytes> = None;
-        let failed: Option<Error> = loop {
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    received += chunk.len() as u64;
-                    if received > self.size {
-                        break Some(Error::Internal(format!(
-                            "origin {} sent more than the {} bytes it announced",
-                            self.origin, self.size
-                        )));
-                    }
-                    hasher.update(&chunk);
-                    if let Some(previous) = held.replace(chunk.clone()) {
-                        self.send(&mut client, Ok(previous)).await;
-                    }
-                    pending.extend_from_slice(&chunk);
-                    if pending.len() >= WRITE_CHUNK {
-                        if let Err(e) = writer.write(pending.split().freeze()).await {
-                            break Some(e);
+            let mut writer = store.writer(&digest, size, labels).await?;
+            let copied = async {
+                let mut f = tokio::fs::File::open(&file)
+                    .await
+                    .map_err(|e| Error::io(format!("opening {}", file.display()), e))?;
+                loop {
+                    let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+                    while buf.len() < WRITE_CHUNK {
+                        let n = tokio::io::AsyncReadExt::read_buf(&mut f, &mut buf)
+                            .await
+                            .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+                        if n == 0 {
+                            break;
                         }
                     }
-                }
-                Some(Err(e)) => {
-                    break Some(Error::Unavailable {
-                        backend: self.backend.clone(),
-                        reason: format!("origin {}: {}", self.origin, ferry_core::error::with_causes(&e)),
-                    })
-                }
-                None if received != self.size => {
-                    break Some(Error::Internal(format!(
-                        "origin {} sent {received} of {} bytes",
-                        self.origin, self.size
-                    )))
-                }
-                None => {
-                    let actual = Digest::from_hasher(std::mem::take(&mut hasher));
-                    if actual != self.digest {
-                        break Some(Error::DigestInvalid(format!(
-                            "origin {} sent content hashing to {actual} for {}",
-                            self.origin, self.digest
-                        )));
+                    if buf.is_empty() {
+                        return Ok::<_, Error>(());
                     }
-                    break None;
+                    writer.write(buf.freeze()).await?;
                 }
             }
-        };
-        let result = match failed {
-            Some(e) => {
-                writer.abort().await;
-                Err(e)
-            }
-            None => match writer.write(pending.split().freeze()).await {
+            .await;
+            match copied {
                 Ok(()) => writer.commit().await,
                 Err(e) => {
                     writer.abort().await;
                     Err(e)
                 }
-            },
-        };
-        ferry_core::metrics::heal(&self.backend, result.is_ok());
-        match &result {
-            Ok(()) => {
-                if let Some(last) = held.take() {
-                    self.send(&mut client, Ok(last)).await;
-                }
-                tracing::info!(backend = %self.backend, digest = %self.digest, origin = %self.origin, size = self.size,
-                elapsed_ms = started.elapsed().as_millis() as u64, "healed: blob verified and committed to the content store")
             }
-            Err(e) => {
-                tracing::error!(backend = %self.backend, digest = %self.digest, origin = %self.origin, error = %e,
-                    "heal failed; nothing was committed and the client's response was cut short");
-                self.send(&mut client, Err(std::io::Error::other(e.to_string()))).await;
-            }
-        }
-        result
-    }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>
+    })
 }
 
 #[async_trait]

@@ -89,7 +89,7 @@ impl DockerConfig {
         let socket = self.socket_url();
         let max_bytes = self.max_cache_size.as_ref().map(crate::size::Size::bytes);
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("docker"));
-        let cache = Arc::new(Cache::open(&self.name, dir, self.max_parallel_exports, max_bytes).await?);
+        let cache = Arc::new(Cache::open(&self.name, dir.clone(), self.max_parallel_exports, max_bytes).await?);
         let tls_dir = self.tls_dir.clone().or_else(|| {
             let verify = std::env::var("DOCKER_TLS_VERIFY").is_ok_and(|v| !v.is_empty() && v != "0");
             verify
@@ -115,7 +115,7 @@ impl DockerConfig {
             }
         });
         let direct = Arc::new(direct::Direct::new(&self.name, self.direct_reads));
-        let containerd = containerd_store::EngineContainerd::new(&self.name, origins.clone());
+        let containerd = containerd_store::EngineContainerd::new(&self.name, dir.join("heal"), origins.clone());
         if reachable {
             // Whether the engine's storage can be read is asked at start, not on the first
             // request (Podman's `info` takes a quarter of a second).

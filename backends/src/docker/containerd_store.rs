@@ -20,6 +20,8 @@ use crate::containerd::{ContainerdBackend, ContainerdConfig};
 /// The engine's containerd content store, found on first use.
 pub struct EngineContainerd {
     backend: String,
+    /// Where heals keep a blob while it is fetched and verified.
+    heal_dir: std::path::PathBuf,
     origins: Arc<OriginPolicy>,
     /// `None` until decided: the store, or `Some(None)` when images are exported.
     found: Mutex<Option<Option<Arc<ContainerdBackend>>>>,
@@ -36,9 +38,10 @@ enum Probe {
 }
 
 impl EngineContainerd {
-    pub fn new(backend: &str, origins: Arc<OriginPolicy>) -> Self {
+    pub fn new(backend: &str, heal_dir: std::path::PathBuf, origins: Arc<OriginPolicy>) -> Self {
         EngineContainerd {
             backend: backend.to_string(),
+            heal_dir,
             origins,
             found: Mutex::new(None),
         }
@@ -88,7 +91,7 @@ impl EngineContainerd {
             namespace: namespace.to_string(),
             ..ContainerdConfig::default()
         };
-        let store = match config.connect(self.origins.clone()).await {
+        let store = match config.connect(&self.heal_dir, self.origins.clone()).await {
             Ok(s) => s,
             Err(e) => return Probe::Not(format!("{}: {e}", socket.display())),
         };

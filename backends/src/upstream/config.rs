@@ -16,10 +16,10 @@ use crate::registry::{ClientSettings, HostConfig, RegistryClient};
 use ferry_core::{BlobStore, Result};
 
 use super::access::Access;
-use super::fill::Fills;
 use super::meta::Meta;
 use super::tag_list::TagLists;
 use super::UpstreamBackend;
+use crate::fill::Fills;
 
 /// `[[backends]] type = "upstream"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]

@@ -10,8 +10,8 @@ use reqwest::Method;
 use crate::registry::Target;
 use ferry_core::{Backend, Digest, Error, Repository, RequestCtx, Result};
 
-use super::fill::{Fill, Wanted};
 use super::{credentials_key, evict, mark_if_private, UpstreamBackend};
+use crate::fill::{Commit, Fill, Wanted};
 
 /// Bytes free for this user on the file system of `dir`.
 pub(super) fn free_bytes(dir: &Path) -> Result<u64> {
@@ -147,7 +147,8 @@ impl UpstreamBackend {
                         store.clone(),
                         backend.clone(),
                     );
-                    move |stored: bool| {
+                    move |outcome: &Result<()>| {
+                        let stored = outcome.is_ok();
                         tokio::spawn(async move {
                             if stored {
                                 if let Err(e) = meta.link(&repo, &digest).await {
@@ -167,7 +168,7 @@ impl UpstreamBackend {
                     digest: digest.clone(),
                     size,
                 };
-                let (fill, started) = fills.start(&digest, || Fill::spawn(&backend, &store, wanted, resp, keep, done))?;
+                let (fill, started) = fills.start(&digest, || Fill::spawn(&backend, &store, wanted, resp, keep, Commit::Store, done))?;
                 if started {
                     tracing::info!(backend = %backend, origin = %repo, %digest, size, "cache miss: fetching blob from its origin");
                     ferry_core::metrics::upstream_cache(&backend, "miss");

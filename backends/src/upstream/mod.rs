@@ -8,7 +8,7 @@
 mod access;
 mod config;
 mod eviction;
-mod fill;
+
 mod fills;
 mod inventory;
 mod manifests;
@@ -36,9 +36,9 @@ use ferry_core::{
     Result,
 };
 
+use crate::fill::{Fill, Fills, Joined};
 use crate::registry::{RegistryClient, Target};
 use access::Access;
-use fill::{Fill, Fills, Joined};
 use meta::Meta;
 use tag_list::TagLists;
 

@@ -1,15 +1,17 @@
-//! One blob being fetched from its origin into the cache while clients read it (a tee):
-//! the origin's bytes go to a temp file of the blob store and every client reads that file
-//! as it grows, from wherever its `Range` starts. One fill per digest, however many clients
-//! ask at once. The last byte is handed out only after the whole blob hashed to its digest,
-//! so no client ever gets a complete blob that is not the one it asked for; a blob that does
-//! not verify is not stored. The fetch runs at most half a MiB ahead of its furthest reader, so
-//! readers get the newest bytes from memory. A fill whose clients all went away goes on (at
-//! the origin's pace) when it is well along (configurable), and stops otherwise.
+//! The one verified fetch of a blob from its origin while clients read it (a tee), for the
+//! upstream cache and for heals: the origin's bytes go to a temp file of a blob store and
+//! every client reads that file as it grows, from wherever its `Range` starts. One fill per
+//! digest, however many clients ask at once. The last byte is handed out only after the
+//! whole blob hashed to its digest and was committed where it belongs ([`Commit`]), so no
+//! client ever gets a complete blob that is not the one it asked for, and a blob that does
+//! not verify is committed nowhere. The fetch runs at most half a MiB ahead of its furthest
+//! reader, so readers get the newest bytes from memory. A fill whose clients all went away
+//! goes on (at the origin's pace) when it is well along (configurable), and stops otherwise.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -92,6 +94,18 @@ pub struct Fill {
     cancel: Notify,
 }
 
+/// Where a verified blob goes before its last byte reaches a client.
+pub enum Commit {
+    /// Into the blob store the fill writes to (the upstream cache).
+    Store,
+    /// Handed over as the verified temp file (its path) to a store of its own — containerd's
+    /// content store, for a heal; the temp file goes once that is done.
+    Hand(HandOff),
+}
+
+/// What takes a verified temp file (its path) into a store of its own.
+pub type HandOff = Box<dyn FnOnce(PathBuf) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>> + Send>;
+
 /// The blob a fill fetches: `size` bytes of `digest`, for `repo`.
 pub struct Wanted {
     /// The repository asked for.
@@ -111,16 +125,17 @@ pub enum Joined {
 }
 
 impl Fill {
-    /// Starts filling `blob` from `origin`'s body into `store`. `keep_percent` is how far
-    /// along a fill goes on without readers. `done` runs once the fill ended, with whether
-    /// the blob is now stored.
+    /// Starts filling `blob` from `origin`'s body into `store`'s temp file, committed as
+    /// `commit` says. `keep_percent` is how far along a fill goes on without readers. `done`
+    /// runs once the fill ended, with its outcome.
     pub fn spawn(
         backend: &str,
         store: &BlobStore,
         blob: Wanted,
         origin: reqwest::Response,
         keep_percent: u8,
-        done: impl FnOnce(bool) + Send + 'static,
+        commit: Commit,
+        done: impl FnOnce(&Result<()>) + Send + 'static,
     ) -> Result<Arc<Fill>> {
         let Wanted { repo, digest, size } = blob;
         let writer = store.writer(Some(digest.clone()))?;
@@ -148,16 +163,29 @@ impl Fill {
         // The writer: appends each batch (on a blocking thread, which it gives back between
         // batches: a slow origin must not hold one for the whole fetch), publishes how far the
         // file is, and commits (verifying the digest) when the origin's body ended whole.
+        let logged = matches!(commit, Commit::Store);
         let written = {
             let progress_tx = progress_tx.clone();
             let fill = fill.clone();
+            let temp = fill.temp.clone();
             tokio::spawn(async move {
                 let mut writer = writer;
+                let mut commit = Some(commit);
                 while let Some(piece) = batches_rx.recv().await {
                     let Some(batch) = piece else {
                         let sealed = blocking(move || writer.seal()).await?;
-                        progress_tx.send_replace(Progress::Verified);
-                        return blocking(move || sealed.persist()).await;
+                        return match commit.take() {
+                            Some(Commit::Hand(hand)) => {
+                                hand(temp).await?;
+                                progress_tx.send_replace(Progress::Verified);
+                                drop(sealed);
+                                Ok(())
+                            }
+                            _ => {
+                                progress_tx.send_replace(Progress::Verified);
+                                blocking(move || sealed.persist()).await
+                            }
+                        };
                     };
                     let offset = writer.size();
                     // Straight to the file: readers may read it as soon as it is published.
@@ -193,17 +221,21 @@ impl Fill {
             let elapsed_ms = started.elapsed().as_millis() as u64;
             match &outcome {
                 Ok(()) => {
-                    tracing::info!(backend = %backend, origin = %fill.repo, digest = %fill.digest, size = fill.size,
-                        elapsed_ms, "fetched blob from its origin into the cache");
+                    if logged {
+                        tracing::info!(backend = %backend, origin = %fill.repo, digest = %fill.digest, size = fill.size,
+                            elapsed_ms, "fetched blob from its origin into the cache");
+                    }
                     progress_tx.send_replace(Progress::Done);
                 }
                 Err(e) => {
-                    tracing::warn!(backend = %backend, origin = %fill.repo, digest = %fill.digest, error = %e,
-                        elapsed_ms, "fetch of a blob from its origin failed; nothing stored");
+                    if logged {
+                        tracing::warn!(backend = %backend, origin = %fill.repo, digest = %fill.digest, error = %e,
+                            elapsed_ms, "fetch of a blob from its origin failed; nothing stored");
+                    }
                     progress_tx.send_replace(Progress::Failed(e.to_string()));
                 }
             }
-            done(outcome.is_ok());
+            done(&outcome);
         });
         Ok(fill)
     }
@@ -581,9 +613,17 @@ mod tests {
         keep_percent: u8,
     ) -> (Arc<Fill>, tokio::sync::oneshot::Receiver<bool>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let fill = Fill::spawn("test", store, wanted, origin(body), keep_percent, move |stored| {
-            let _ = tx.send(stored);
-        })
+        let fill = Fill::spawn(
+            "test",
+            store,
+            wanted,
+            origin(body),
+            keep_percent,
+            Commit::Store,
+            move |outcome: &Result<()>| {
+                let _ = tx.send(outcome.is_ok());
+            },
+        )
         .unwrap();
         (fill, rx)
     }
@@ -619,6 +659,115 @@ mod tests {
         drop(body);
         assert!(outcome(stored).await, "every byte had arrived");
         assert_eq!(std::fs::read(store.path(&Digest::of(&data))).unwrap(), data);
+    }
+
+    /// A fill handed to a store of its own (a heal's containerd), its outcome on the channel:
+    /// the hand-off copies the verified file into `into` after `delay`.
+    fn spawn_handed(
+        store: &BlobStore,
+        wanted: Wanted,
+        body: reqwest::Body,
+        into: PathBuf,
+        delay: std::time::Duration,
+    ) -> (Arc<Fill>, tokio::sync::oneshot::Receiver<bool>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let hand: HandOff = Box::new(move |file: PathBuf| {
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                std::fs::copy(&file, &into).map_err(|e| Error::io("handing over", e))?;
+                Ok(())
+            })
+        });
+        let fill = Fill::spawn(
+            "heal",
+            store,
+            wanted,
+            origin(body),
+            0,
+            Commit::Hand(hand),
+            move |o: &Result<()>| {
+                let _ = tx.send(o.is_ok());
+            },
+        )
+        .unwrap();
+        (fill, rx)
+    }
+
+    async fn read_all(fill: &Arc<Fill>) -> (Vec<u8>, Option<io::Error>) {
+        let Joined::Body(body) = fill.join(None).await.unwrap() else {
+            panic!("the fill ended before its first reader")
+        };
+        let mut out = Vec::new();
+        let mut stream = body.stream;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        (out, None)
+    }
+
+    #[tokio::test]
+    async fn a_handed_blob_reaches_its_store_before_its_last_byte_reaches_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("scratch")).await.unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let into = dir.path().join("committed");
+        let (fill, stored) = spawn_handed(
+            &store,
+            wanted(&data),
+            data.clone().into(),
+            into.clone(),
+            std::time::Duration::from_millis(300),
+        );
+        let (got, err) = read_all(&fill).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(got, data);
+        assert_eq!(
+            std::fs::read(&into).unwrap(),
+            data,
+            "the whole blob was in its store when the client had it"
+        );
+        assert!(outcome(stored).await);
+        assert_eq!(store.size(&Digest::of(&data)).await.unwrap(), None, "not kept twice");
+        assert!(!fill.temp.exists(), "the temp file went");
+    }
+
+    #[tokio::test]
+    async fn a_handed_blob_that_does_not_verify_reaches_no_store_and_no_client_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("scratch")).await.unwrap();
+        let good = vec![5u8; 100_000];
+        let mut evil = good.clone();
+        evil[70_000] ^= 1;
+        let into = dir.path().join("committed");
+        let (fill, stored) = spawn_handed(
+            &store,
+            wanted(&good),
+            evil.into(),
+            into.clone(),
+            std::time::Duration::ZERO,
+        );
+        let (got, err) = read_all(&fill).await;
+        assert!(err.is_some(), "a complete wrong blob reached the client");
+        assert!(got.len() < good.len());
+        assert!(!outcome(stored).await);
+        assert!(!into.exists(), "nothing was handed over");
+        assert!(!fill.temp.exists(), "nothing partial is left");
+        // A short body fails the same way, as unavailable.
+        let short = good[..50_000].to_vec();
+        let (fill, stored) = spawn_handed(
+            &store,
+            wanted(&good),
+            short.into(),
+            into.clone(),
+            std::time::Duration::ZERO,
+        );
+        let (_, err) = read_all(&fill).await;
+        assert!(err.is_some());
+        assert!(!outcome(stored).await);
+        assert!(!into.exists());
     }
 
     #[tokio::test]
