@@ -30,6 +30,10 @@ const REMEMBER: Duration = Duration::from_secs(300);
 const REMEMBER_MAX: usize = 1024;
 /// bcrypt checks at once.
 const CHECKS_AT_ONCE: usize = 2;
+/// bcrypt checks waiting for one of those at most: past it, a check is refused (429) rather
+/// than queued, so clients from many addresses (each within its own allowance) cannot queue
+/// unbounded work. At cost 12 (a quarter of a second) the queue is gone in about 4 s.
+const CHECKS_WAITING: usize = 32;
 
 /// The realm in `WWW-Authenticate`.
 pub const REALM: &str = "ferry";
@@ -63,6 +67,10 @@ pub struct Access {
 struct Checker {
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     checks: Semaphore,
+    /// Checks waiting for `checks`.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// The second a full queue was last logged in.
+    queue_full_told: std::sync::atomic::AtomicU64,
     guesses: Guesses,
     /// A hash of the users' cost that no password matches, checked for names that are not
     /// users (made at the first such check).
@@ -223,6 +231,8 @@ impl Checker {
         Checker {
             verified: Mutex::new(HashMap::new()),
             checks: Semaphore::new(CHECKS_AT_ONCE),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            queue_full_told: std::sync::atomic::AtomicU64::new(0),
             guesses,
             stand_in: std::sync::OnceLock::new(),
         }
@@ -232,6 +242,38 @@ impl Checker {
     fn remembered(&self, key: &[u8; 32]) -> bool {
         let verified = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
         verified.get(key).is_some_and(|at| at.elapsed() < REMEMBER)
+    }
+
+    /// A turn at bcrypt, waiting behind at most [`CHECKS_WAITING`] others; `None` when as
+    /// many wait already (logged once per second at most).
+    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.checks.try_acquire() {
+            return Some(p);
+        }
+        /// Counts a check among the waiting while it waits, however its wait ends (a
+        /// client that leaves drops it).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let waiting = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= CHECKS_WAITING {
+            drop(waiting);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if self.queue_full_told.swap(now, Ordering::SeqCst) != now {
+                tracing::warn!(waiting = CHECKS_WAITING,
+                    "too many password checks queued: refusing more (429) until the queue drains");
+            }
+            return None;
+        }
+        let permit = self.checks.acquire().await.ok();
+        drop(waiting);
+        permit
     }
 
     /// Checks `header` with bcrypt, if its client may have one more check.
@@ -254,8 +296,9 @@ impl Checker {
             return Verdict::TooMany(refused.wait);
         }
         let hash = users.get(&user).cloned();
-        let Ok(_permit) = self.checks.acquire().await else {
-            return Verdict::Wrong;
+        let Some(_permit) = self.permit().await else {
+            self.guesses.give_back(client);
+            return Verdict::TooMany(Duration::from_secs(1));
         };
         // A user who does not exist takes as long as a wrong password: the answer's timing
         // must not tell which names do.
@@ -387,6 +430,42 @@ mod tests {
             a.check(Action::Write, Some(&r), Some(&header("", "")), LOCAL).await,
             Err(Error::Unauthorized { .. })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checks_from_many_addresses_queue_no_further_than_the_bound() {
+        // Each check takes a while (cost 10), and each address is within its own allowance:
+        // only the queue's bound keeps the work from piling up.
+        let users: HashMap<String, String> = [("ann".to_string(), bcrypt::hash("pw", 10).unwrap())].into();
+        let a = Arc::new(Access::new(false, Some(users), false, Vec::new()));
+        let r = repo("team/app");
+        let mut tasks = Vec::new();
+        for i in 0..100u32 {
+            let (a, r) = (a.clone(), r.clone());
+            let client = Some(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+            tasks.push(tokio::spawn(async move {
+                a.check(Action::Write, Some(&r), Some(&header("ann", &format!("guess{i}"))), client)
+                    .await
+            }));
+        }
+        let (mut refused, mut checked) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(Error::TooManyRequests(_)) => refused += 1,
+                Err(Error::Unauthorized { .. }) => checked += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            checked <= CHECKS_AT_ONCE + CHECKS_WAITING + 8,
+            "{checked} checked, {refused} refused"
+        );
+        assert_eq!(checked + refused, 100);
+        // Drained: the next client is checked, and gets in.
+        assert!(a
+            .check(Action::Write, Some(&r), Some(&header("ann", "pw")), LOCAL)
+            .await
+            .unwrap());
     }
 
     #[tokio::test]
