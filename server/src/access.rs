@@ -266,8 +266,10 @@ impl Checker {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             if self.queue_full_told.swap(now, Ordering::SeqCst) != now {
-                tracing::warn!(waiting = CHECKS_WAITING,
-                    "too many password checks queued: refusing more (429) until the queue drains");
+                tracing::warn!(
+                    waiting = CHECKS_WAITING,
+                    "too many password checks queued: refusing more (429) until the queue drains"
+                );
             }
             return None;
         }
@@ -444,8 +446,13 @@ mod tests {
             let (a, r) = (a.clone(), r.clone());
             let client = Some(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
             tasks.push(tokio::spawn(async move {
-                a.check(Action::Write, Some(&r), Some(&header("ann", &format!("guess{i}"))), client)
-                    .await
+                a.check(
+                    Action::Write,
+                    Some(&r),
+                    Some(&header("ann", &format!("guess{i}"))),
+                    client,
+                )
+                .await
             }));
         }
         let (mut refused, mut checked) = (0, 0);

@@ -33,6 +33,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// client's throughput is the same with 32 KiB (a 256 KiB chunk is queued whole).
 const CONNECTION_BUFFER: usize = 32 * 1024;
 
+/// Requests an HTTP/2 connection may have open at once (hyper's default is 200). A pull asks
+/// for a handful of layers at a time; a client that opens more waits for one to end. With
+/// `server.max_connections` this bounds the streams served at once, and with them the files
+/// held open and the chunks in memory: 32 × 4096 by default.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
 /// What one client may hold of the server.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -68,6 +74,7 @@ pub async fn serve(
         .max_buf_size(CONNECTION_BUFFER);
     builder
         .http2()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .timer(TokioTimer::new())
         .keep_alive_interval(limits.header_timeout)
         .keep_alive_timeout(limits.header_timeout);

@@ -226,8 +226,9 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        // One connection asks for the blob 100 times and reads none of it: the socket stays
-        // free (the client answers pings), only the streams' windows stay shut.
+        // One connection asks for the blob as many times as it may at once (32 streams) and
+        // reads none of it: the socket stays free (the client answers pings), only the
+        // streams' windows stay shut.
         let tcp = tokio::net::TcpStream::connect(ferry.addr()).await.unwrap();
         let (stalled, conn) = h2::client::handshake(tcp).await.unwrap();
         let connection = tokio::spawn(async move {
@@ -236,7 +237,7 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
         });
         let asked_at = Instant::now();
         let mut asked = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..32 {
             let (response, _) = stalled
                 .clone()
                 .ready()
@@ -255,9 +256,27 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
         // The premise: each stalled stream holds the blob's file open in ferry.
         let files_stalled = open_files(ferry.pid());
         assert!(
-            files_stalled >= files_before + 50,
-            "open files: {files_before} before, {files_stalled} with 100 stalled streams"
+            files_stalled >= files_before + 16,
+            "open files: {files_before} before, {files_stalled} with 32 stalled streams"
         );
+        // A 33rd stream is not opened while those are: the connection's streams, and the
+        // files they hold, have a ceiling.
+        let opened = tokio::time::timeout(Duration::from_secs(1), async {
+            let (r, _) = stalled
+                .clone()
+                .ready()
+                .await
+                .ok()?
+                .send_request(h2_get(&ferry, &path), true)
+                .ok()?;
+            r.await.ok()
+        })
+        .await;
+        assert!(
+            !matches!(opened, Ok(Some(_))),
+            "a 33rd stream was served beside 32 open ones"
+        );
+        assert!(open_files(ferry.pid()) <= files_stalled + 2);
 
         // Meanwhile another connection reads the blob slowly but steadily, for longer than
         // the send timeout, and gets all of it.
