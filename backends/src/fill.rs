@@ -28,7 +28,7 @@ use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Resu
 /// read chunks (1 MiB while few blobs are served, less under load, from the shared read-ahead
 /// budget). The newest batch is always kept whole.
 fn recent_bytes() -> usize {
-    4 * ferry_core::blobstore::chunk_size()
+    4 * ferry_core::chunks::chunk_size()
 }
 
 /// How far the fetch runs ahead of its furthest reader: a client slower than the origin then
@@ -435,7 +435,7 @@ impl Fill {
             end: offset + len,
             progress: self.progress.clone(),
             failed: false,
-            _serving: ferry_core::blobstore::Serving::start(),
+            _serving: ferry_core::chunks::Serving::start(),
         };
         Ok(Joined::Body(BlobBody {
             size: self.size,
@@ -475,7 +475,7 @@ struct Reader {
     progress: watch::Receiver<Progress>,
     failed: bool,
     /// Counted in the shared read-ahead budget.
-    _serving: ferry_core::blobstore::Serving,
+    _serving: ferry_core::chunks::Serving,
 }
 
 impl Reader {
@@ -495,7 +495,7 @@ impl Reader {
                 }
             };
             if available > self.pos {
-                let chunk = ferry_core::blobstore::chunk_size() as u64;
+                let chunk = ferry_core::chunks::chunk_size() as u64;
                 let want = (available.min(self.end) - self.pos).min(chunk);
                 if let Some(bytes) = self.fill.recent_at(self.pos, want) {
                     self.pos += bytes.len() as u64;

@@ -11,7 +11,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tokio::fs;
 
 use crate::backend::{BlobBody, ByteStream};
@@ -19,46 +18,10 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::range::ByteRange;
 
-/// Read buffer for serving blobs: large enough to keep syscalls off the profile.
-const READ_CHUNK: usize = 256 * 1024;
-/// A blob being written starts going to the disk every this many bytes.
-const WRITEBACK_EVERY: u64 = 1024 * 1024;
-/// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
-/// up to four chunks (three queued, one being sent; see [`crate::chunks`]), so chunks shrink
-/// as streams multiply (up to 12 streams still read 256 KiB chunks).
-const SERVE_BUDGET: usize = 12 * 1024 * 1024;
-/// The smallest chunk, however many streams there are.
-const MIN_READ_CHUNK: usize = 16 * 1024;
+use crate::blob_writer::Writing;
+pub use crate::blob_writer::{BlobWriter, SealedBlob};
+use crate::chunks::file_stream;
 
-/// Blob streams being served right now.
-static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
-/// 16 KiB) when many are, so that memory stays near a 12 MiB budget — 200 clients pulling at once must
-/// not hold 200 × 768 KiB. Every stream that reads ahead (files here, layers read straight
-/// from an engine's storage, blobs being fetched) takes its chunks from this budget while it
-/// holds a [`Serving`].
-pub fn chunk_size() -> usize {
-    let serving = SERVING.load(std::sync::atomic::Ordering::Relaxed).max(1);
-    (SERVE_BUDGET / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
-}
-
-/// Counts a stream in the shared read-ahead budget while it lives.
-pub struct Serving;
-
-impl Serving {
-    /// Counts one more stream until the guard drops.
-    pub fn start() -> Self {
-        SERVING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Serving
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        SERVING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
 /// Bytes of a stream being stored gathered into one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -162,17 +125,7 @@ impl BlobStore {
     /// (the async helpers below run it on a blocking thread). `expected`, when given, is
     /// checked at [`BlobWriter::commit`].
     pub fn writer(&self, expected: Option<Digest>) -> Result<BlobWriter> {
-        let tmp = self.tmp_path();
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
-        Ok(BlobWriter {
-            store: self.clone(),
-            file: std::io::BufWriter::with_capacity(READ_CHUNK, file),
-            hasher: Sha256::new(),
-            size: 0,
-            written_back: 0,
-            tmp: Some(tmp),
-            expected,
-        })
+        BlobWriter::create(self.clone(), self.tmp_path(), expected)
     }
 
     /// Writes a whole stream as one blob. Its chunks are gathered into writes of
@@ -281,7 +234,7 @@ impl BlobStore {
     /// already there is never replaced (it holds the same bytes, verified when it was
     /// written): the temp file is dropped instead. A hard link makes "create unless it
     /// exists" one atomic step; a rename is the fallback for file systems without links.
-    fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
+    pub(crate) fn place(&self, file: &Path, digest: &Digest) -> Result<()> {
         let dest = self.path(digest);
         let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -338,271 +291,15 @@ impl BlobStore {
     }
 }
 
-/// Streams `len` bytes of `file` from `offset`, each chunk read on a blocking thread
-/// straight into the buffer it is sent in (a tokio `File` would copy every chunk once more),
-/// one chunk ahead of the client (see [`crate::chunks`]).
-pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> crate::backend::ByteStream {
-    crate::chunks::stream(FileChunks {
-        file,
-        seek_to: (offset > 0).then_some(offset),
-        left: len,
-        _serving: Serving::start(),
-    })
-}
-
-/// A range of a file, read a chunk at a time.
-struct FileChunks {
-    file: std::fs::File,
-    /// Where the first read starts, when not at the beginning.
-    seek_to: Option<u64>,
-    left: u64,
-    _serving: Serving,
-}
-
-impl crate::chunks::ChunkSource for FileChunks {
-    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
-        use std::io::{Read, Seek};
-        if self.left == 0 {
-            return None;
-        }
-        if let Some(offset) = self.seek_to.take() {
-            if let Err(e) = self.file.seek(io::SeekFrom::Start(offset)) {
-                self.left = 0;
-                return Some(Err(e));
-            }
-        }
-        let want = self.left.min(chunk_size() as u64);
-        // read_to_end fills spare capacity without zeroing it first.
-        let mut buf = Vec::with_capacity(want as usize);
-        let read = match (&mut self.file).take(want).read_to_end(&mut buf) {
-            Ok(0) => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "blob file is shorter than its size",
-            )),
-            Ok(n) => {
-                self.left -= n as u64;
-                Ok(Bytes::from(buf))
-            }
-            Err(e) => Err(e),
-        };
-        if read.is_err() {
-            self.left = 0;
-        }
-        Some(read)
-    }
-}
-
 /// Runs blocking file work off the async threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     joined(tokio::task::spawn_blocking(f)).await
 }
 
 /// The outcome of blocking work already started.
-async fn joined<T>(work: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+pub(crate) async fn joined<T>(work: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
     work.await
         .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
-}
-
-/// A blob writer an async stream feeds: free, or on a blocking thread with a batch.
-enum Writing {
-    Idle(Box<BlobWriter>),
-    Busy(tokio::task::JoinHandle<Result<BlobWriter>>),
-}
-
-impl Writing {
-    /// The writer once its batch is written.
-    async fn ready(self) -> Result<BlobWriter> {
-        match self {
-            Writing::Idle(w) => Ok(*w),
-            Writing::Busy(h) => joined(h).await,
-        }
-    }
-}
-
-/// A blob being written (blocking I/O): bytes go to a temp file and through sha256.
-/// Dropping it without [`commit`](BlobWriter::commit) removes the temp file.
-pub struct BlobWriter {
-    store: BlobStore,
-    file: std::io::BufWriter<std::fs::File>,
-    hasher: Sha256,
-    size: u64,
-    /// Where the writeback last started: bytes before it are on their way to the disk.
-    written_back: u64,
-    tmp: Option<PathBuf>,
-    expected: Option<Digest>,
-}
-
-impl std::io::Write for BlobWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(data)?;
-        self.hasher.update(&data[..n]);
-        self.size += n as u64;
-        self.write_back();
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl BlobWriter {
-    /// The temp file the bytes go to until the commit: a reader may follow the write there
-    /// (a flushed byte is readable), and keeps reading after the commit through its open file.
-    pub fn temp_path(&self) -> Option<&Path> {
-        self.tmp.as_deref()
-    }
-
-    /// Writes `chunks` whole, straight to the file (after what is buffered): no copy, as few
-    /// gathered writes as the kernel takes. For a caller that holds the bytes in chunks already.
-    pub fn write_chunks(&mut self, chunks: &[Bytes]) -> io::Result<()> {
-        use std::io::Write;
-        self.file.flush()?;
-        let mut slices: Vec<io::IoSlice<'_>> = chunks.iter().map(|c| io::IoSlice::new(c)).collect();
-        let mut left = &mut slices[..];
-        io::IoSlice::advance_slices(&mut left, 0);
-        while !left.is_empty() {
-            match self.file.get_mut().write_vectored(left) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.hash_written(left, n);
-                    io::IoSlice::advance_slices(&mut left, n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.write_back();
-        Ok(())
-    }
-
-    /// Starts the disk write of what reached the file since the last start, every
-    /// [`WRITEBACK_EVERY`] bytes, without waiting for it: the disk works while the bytes
-    /// arrive, and the fsync at the commit finds only the tail still to write (rather than the
-    /// whole blob at once, in the way of every other writer's fsync on the same disk).
-    fn write_back(&mut self) {
-        use std::os::fd::AsRawFd;
-        let in_file = self.size - self.file.buffer().len() as u64;
-        if in_file - self.written_back < WRITEBACK_EVERY {
-            return;
-        }
-        let (offset, len) = (self.written_back, in_file - self.written_back);
-        // SAFETY: a plain system call on the open file's descriptor, passing no memory; it
-        // only starts writeback of pages already written (a failure shows at the fsync).
-        let _ = unsafe {
-            libc::sync_file_range(
-                self.file.get_ref().as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        self.written_back = in_file;
-    }
-
-    /// Counts and hashes the first `n` bytes of `bufs`, just written.
-    fn hash_written(&mut self, bufs: &[io::IoSlice<'_>], n: usize) {
-        let mut hashed = 0;
-        for buf in bufs {
-            if hashed == n {
-                break;
-            }
-            let take = buf.len().min(n - hashed);
-            self.hasher.update(&buf[..take]);
-            hashed += take;
-        }
-        self.size += n as u64;
-    }
-
-    /// Bytes written so far.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// The digest of what was written so far.
-    pub fn digest_so_far(&self) -> Digest {
-        Digest::from_hasher(self.hasher.clone())
-    }
-
-    /// Flushes, fsyncs and checks the digest; on a match renames the blob into place.
-    /// On a mismatch nothing is stored and [`Error::DigestInvalid`] is returned.
-    pub fn commit(self) -> Result<(Digest, u64)> {
-        let sealed = self.seal()?;
-        let out = (sealed.digest.clone(), sealed.size);
-        sealed.persist()?;
-        Ok(out)
-    }
-
-    /// The first half of [`commit`](BlobWriter::commit): flushes and checks the digest, and
-    /// hands back the blob to [`persist`](SealedBlob::persist), possibly on another thread
-    /// while the caller goes on writing the next one.
-    pub fn seal(mut self) -> Result<SealedBlob> {
-        let digest = Digest::from_hasher(std::mem::take(&mut self.hasher));
-        if let Some(expected) = &self.expected {
-            if *expected != digest {
-                return Err(Error::DigestInvalid(format!(
-                    "content hashing to {digest} instead of {expected}"
-                )));
-            }
-        }
-        std::io::Write::flush(&mut self.file).map_err(|e| Error::io("flushing blob temp file", e))?;
-        let file = self
-            .file
-            .get_ref()
-            .try_clone()
-            .map_err(|e| Error::io("reopening blob temp file", e))?;
-        Ok(SealedBlob {
-            store: self.store.clone(),
-            file,
-            tmp: self.tmp.take(),
-            digest,
-            size: self.size,
-        })
-    }
-}
-
-/// A fully written blob with a verified digest, not yet durable nor in place. Dropping it
-/// without [`persist`](SealedBlob::persist) removes it.
-pub struct SealedBlob {
-    store: BlobStore,
-    file: std::fs::File,
-    tmp: Option<PathBuf>,
-    /// What the content hashed to.
-    pub digest: Digest,
-    /// Its length.
-    pub size: u64,
-}
-
-impl SealedBlob {
-    /// fsyncs the content, then renames it into its content address.
-    pub fn persist(mut self) -> Result<()> {
-        self.file
-            .sync_all()
-            .map_err(|e| Error::io("syncing blob temp file", e))?;
-        if let Some(tmp) = self.tmp.take() {
-            if let Err(e) = self.store.place(&tmp, &self.digest) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for SealedBlob {
-    fn drop(&mut self) {
-        if let Some(tmp) = self.tmp.take() {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if let Some(tmp) = self.tmp.take() {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -644,7 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         // Buffered writes before and after chunks written straight to the file.
-        let chunks: Vec<Bytes> = [7usize, READ_CHUNK, 3, 100_000, 200_000, 1]
+        let chunks: Vec<Bytes> = [7usize, crate::chunks::READ_CHUNK, 3, 100_000, 200_000, 1]
             .iter()
             .enumerate()
             .map(|(i, n)| Bytes::from(vec![i as u8 + 1; *n]))

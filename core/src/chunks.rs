@@ -8,6 +8,9 @@
 //! back; the consumer starts the next run once it has taken all but one of them. A client that
 //! stops reading holds a few chunks and no thread, and one that reads costs a thread hop per
 //! two or three chunks.
+//!
+//! The read-ahead budget lives here too: every stream that reads ahead takes its chunk size
+//! from it while it holds a [`Serving`].
 
 use std::future::Future;
 use std::io;
@@ -22,7 +25,7 @@ use tokio::task::JoinHandle;
 use crate::backend::ByteStream;
 
 /// Chunks made ahead of the consumer: with the one it is sending, the four that the serving
-/// read-ahead budget counts per stream ([`crate::blobstore::chunk_size`]).
+/// read-ahead budget counts per stream ([`chunk_size`]).
 const QUEUED: usize = 3;
 /// The next run starts when no more than this many chunks are left queued.
 const LOW: usize = 1;
@@ -124,6 +127,99 @@ impl<S: ChunkSource> Stream for Chunks<S> {
                 }
             }
         }
+    }
+}
+
+/// Read buffer for serving blobs: large enough to keep syscalls off the profile.
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
+/// up to four chunks (three queued, one being sent; see [`QUEUED`]), so chunks shrink
+/// as streams multiply (up to 12 streams still read 256 KiB chunks).
+const SERVE_BUDGET: usize = 12 * 1024 * 1024;
+/// The smallest chunk, however many streams there are.
+const MIN_READ_CHUNK: usize = 16 * 1024;
+
+/// Blob streams being served right now.
+static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
+/// 16 KiB) when many are, so that memory stays near a 12 MiB budget — 200 clients pulling at once must
+/// not hold 200 × 768 KiB. Every stream that reads ahead (files here, layers read straight
+/// from an engine's storage, blobs being fetched) takes its chunks from this budget while it
+/// holds a [`Serving`].
+pub fn chunk_size() -> usize {
+    let serving = SERVING.load(std::sync::atomic::Ordering::Relaxed).max(1);
+    (SERVE_BUDGET / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
+}
+
+/// Counts a stream in the shared read-ahead budget while it lives.
+pub struct Serving;
+
+impl Serving {
+    /// Counts one more stream until the guard drops.
+    pub fn start() -> Self {
+        SERVING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Serving
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Streams `len` bytes of `file` from `offset`, each chunk read on a blocking thread
+/// straight into the buffer it is sent in (a tokio `File` would copy every chunk once more),
+/// one chunk ahead of the client.
+pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> crate::backend::ByteStream {
+    crate::chunks::stream(FileChunks {
+        file,
+        seek_to: (offset > 0).then_some(offset),
+        left: len,
+        _serving: Serving::start(),
+    })
+}
+
+/// A range of a file, read a chunk at a time.
+struct FileChunks {
+    file: std::fs::File,
+    /// Where the first read starts, when not at the beginning.
+    seek_to: Option<u64>,
+    left: u64,
+    _serving: Serving,
+}
+
+impl ChunkSource for FileChunks {
+    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        use std::io::{Read, Seek};
+        if self.left == 0 {
+            return None;
+        }
+        if let Some(offset) = self.seek_to.take() {
+            if let Err(e) = self.file.seek(io::SeekFrom::Start(offset)) {
+                self.left = 0;
+                return Some(Err(e));
+            }
+        }
+        let want = self.left.min(chunk_size() as u64);
+        // read_to_end fills spare capacity without zeroing it first.
+        let mut buf = Vec::with_capacity(want as usize);
+        let read = match (&mut self.file).take(want).read_to_end(&mut buf) {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "blob file is shorter than its size",
+            )),
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(Bytes::from(buf))
+            }
+            Err(e) => Err(e),
+        };
+        if read.is_err() {
+            self.left = 0;
+        }
+        Some(read)
     }
 }
 

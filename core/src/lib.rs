@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod blob_writer;
 pub mod blobstore;
 pub mod chain;
 pub mod chunks;

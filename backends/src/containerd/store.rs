@@ -186,7 +186,7 @@ impl Store {
         let root = self.content_root.read().await.clone();
         if let Some(path) = root.map(|r| r.join("blobs/sha256").join(digest.hex())) {
             if let Ok(Ok(file)) = tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
-                return Ok(ferry_core::blobstore::file_stream(file, offset, len));
+                return Ok(ferry_core::chunks::file_stream(file, offset, len));
             }
         }
         let mut client = ContentClient::new(self.channel().await?);

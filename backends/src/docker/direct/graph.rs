@@ -280,7 +280,7 @@ pub fn stream(
         held: None,
         verified: Some(Box::new(verified)),
         ended: false,
-        _serving: ferry_core::blobstore::Serving::start(),
+        _serving: ferry_core::chunks::Serving::start(),
     })
 }
 
@@ -304,7 +304,7 @@ struct Assembler {
     held: Option<Bytes>,
     verified: Option<Box<dyn FnOnce(bool) + Send>>,
     ended: bool,
-    _serving: ferry_core::blobstore::Serving,
+    _serving: ferry_core::chunks::Serving,
 }
 
 impl ferry_core::chunks::ChunkSource for Assembler {
@@ -373,7 +373,7 @@ impl Assembler {
     /// The next chunk of the range (up to the read chunk size, small pieces gathered), or
     /// `None` at the end of the tar.
     fn assemble(&mut self) -> io::Result<Option<Bytes>> {
-        let cap = ferry_core::blobstore::chunk_size();
+        let cap = ferry_core::chunks::chunk_size();
         let mut buf = Vec::with_capacity(cap);
         while buf.len() < cap && (self.left > 0 || self.hasher.is_some()) {
             if let Some((file, remaining, path)) = &mut self.file {
