@@ -16,18 +16,20 @@
 //! through a mirror (`?ns=`, containerd's hosts.toml) is not answered from the push store, so
 //! a cluster that uses ferry as its docker.io mirror never gets a pushed `library/nginx`.
 
+mod config;
 mod gc;
+mod layout;
 mod uploads;
+
+pub use config::PushConfig;
 
 pub use gc::GcReport;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Deserialize;
 
 use ferry_core::manifest::MAX_MANIFEST_SIZE;
 use ferry_core::status::{BackendStatus, RepositoryUsage};
@@ -38,127 +40,6 @@ use ferry_core::{
 
 use crate::fsutil::{list_names, probe_writable, read_optional, remove_optional, sweep_temp_files, write_atomic};
 use uploads::Uploads;
-
-/// `[[backends]] type = "push"`.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PushConfig {
-    /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
-    pub name: String,
-    /// Where pushed content lives; defaults to `<cache.dir>/push`.
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// Whether `DELETE` of manifests and blobs is allowed (off, as in distribution).
-    #[serde(default)]
-    pub allow_delete: bool,
-    /// Let pushed images stand in for an origin's: pushes to names with a registry host are
-    /// accepted, and clients using ferry as a mirror (`?ns=`) are served pushed images too.
-    #[serde(default)]
-    pub shadow_origins: bool,
-    /// Upload sessions idle for longer than this many seconds are removed.
-    #[serde(default = "default_upload_ttl")]
-    pub upload_ttl_secs: u64,
-    /// Largest blob accepted, e.g. "16GiB".
-    #[serde(default = "default_max_blob_size")]
-    pub max_blob_size: crate::size::Size,
-    /// Total size the push store may grow to (blobs and uploads in progress), e.g.
-    /// "200GiB"; unset: no limit.
-    #[serde(default)]
-    pub quota: Option<crate::size::Size>,
-    /// Run a garbage collection this often (seconds; 0: only `ferry gc`).
-    #[serde(default)]
-    pub gc_interval_secs: u64,
-    /// Blobs younger than this, or asked for or linked this recently, are never collected
-    /// (seconds): the manifest of a push under way may be about to name them.
-    #[serde(default = "default_gc_min_age")]
-    pub gc_min_age_secs: u64,
-    /// Upload sessions open at once, in all and per client address.
-    #[serde(default = "default_max_uploads")]
-    pub max_upload_sessions: usize,
-    #[serde(default = "default_max_uploads_per_client")]
-    /// Upload sessions open at once per client address.
-    pub max_upload_sessions_per_client: usize,
-}
-
-fn default_gc_min_age() -> u64 {
-    3600
-}
-fn default_max_blob_size() -> crate::size::Size {
-    crate::size::Size::sixteen_gib()
-}
-fn default_max_uploads() -> usize {
-    1000
-}
-fn default_max_uploads_per_client() -> usize {
-    100
-}
-
-fn default_name() -> String {
-    "push".into()
-}
-fn default_upload_ttl() -> u64 {
-    3600
-}
-
-impl Default for PushConfig {
-    /// The defaults of an empty `[[backends]] type = "push"` table.
-    fn default() -> Self {
-        PushConfig {
-            name: default_name(),
-            dir: None,
-            allow_delete: false,
-            shadow_origins: false,
-            upload_ttl_secs: default_upload_ttl(),
-            max_blob_size: default_max_blob_size(),
-            quota: None,
-            max_upload_sessions: default_max_uploads(),
-            max_upload_sessions_per_client: default_max_uploads_per_client(),
-            gc_interval_secs: 0,
-            gc_min_age_secs: default_gc_min_age(),
-        }
-    }
-}
-
-impl PushConfig {
-    /// Where the store lives: `dir`, else `<data_dir>/push`.
-    pub fn store_dir(&self, data_dir: &std::path::Path) -> PathBuf {
-        self.dir.clone().unwrap_or_else(|| data_dir.join("push"))
-    }
-
-    /// Opens the store under `data_dir` (or `dir`) and starts expiring idle upload sessions.
-    pub async fn build(&self, data_dir: &std::path::Path) -> Result<Arc<PushBackend>> {
-        let backend = Arc::new(PushBackend::open(self.clone(), self.store_dir(data_dir)).await?);
-        let weak = Arc::downgrade(&backend);
-        let period = Duration::from_secs(self.upload_ttl_secs.clamp(1, 3600));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(period).await;
-                let Some(b) = weak.upgrade() else { break };
-                if let Err(e) = b.uploads.expire().await {
-                    tracing::warn!(backend = %b.config.name, error = %e, "expiring upload sessions failed");
-                }
-            }
-        });
-        if self.gc_interval_secs > 0 {
-            let weak = Arc::downgrade(&backend);
-            let (every, min_age) = (
-                Duration::from_secs(self.gc_interval_secs),
-                Duration::from_secs(self.gc_min_age_secs),
-            );
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(b) = weak.upgrade() else { break };
-                    if let Err(e) = b.collect_garbage(min_age, false).await {
-                        tracing::warn!(backend = %b.config.name, error = %e, "garbage collection failed");
-                    }
-                }
-            });
-        }
-        Ok(backend)
-    }
-}
 
 /// The push store.
 pub struct PushBackend {
@@ -254,29 +135,6 @@ impl PushBackend {
         Ok(())
     }
 
-    fn link_path(&self, repo: &Repository, digest: &Digest) -> PathBuf {
-        self.repo_dir(repo).join("_blobs").join(digest.hex())
-    }
-
-    /// Links a stored blob into a repository.
-    async fn link(&self, repo: &Repository, digest: &Digest) -> Result<()> {
-        let path = self.link_path(repo, digest);
-        if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-            return Ok(());
-        }
-        write_atomic(&path, b"").await
-    }
-
-    /// Whether a repository may read `digest`: a blob linked into it, or one of its manifests.
-    async fn linked(&self, repo: &Repository, digest: &Digest) -> bool {
-        tokio::fs::try_exists(self.link_path(repo, digest))
-            .await
-            .unwrap_or(false)
-            || tokio::fs::try_exists(self.manifest_marker(repo, digest))
-                .await
-                .unwrap_or(false)
-    }
-
     /// Whether this request is answered from the push store: not when it comes through a
     /// mirror for an origin (see the module's doc), unless `shadow_origins`.
     fn serves(&self, ctx: &RequestCtx) -> bool {
@@ -296,42 +154,6 @@ impl PushBackend {
         )))
     }
 
-    fn repo_dir(&self, repo: &Repository) -> PathBuf {
-        self.root.join("repos").join(repo.registry()).join(repo.path())
-    }
-
-    fn manifest_marker(&self, repo: &Repository, digest: &Digest) -> PathBuf {
-        self.repo_dir(repo).join("_manifests").join(digest.hex())
-    }
-
-    fn tag_path(&self, repo: &Repository, tag: &str) -> PathBuf {
-        self.repo_dir(repo).join("_tags").join(tag)
-    }
-
-    fn referrer_path(&self, repo: &Repository, subject: &Digest, digest: &Digest) -> PathBuf {
-        self.repo_dir(repo)
-            .join("_referrers")
-            .join(subject.hex())
-            .join(digest.hex())
-    }
-
-    /// The digest a reference names in this repository and the manifest's media type (from
-    /// its marker), if the repository holds it.
-    async fn resolve(&self, repo: &Repository, reference: &Reference) -> Result<Option<(Digest, String)>> {
-        let digest = match reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(t) => match read_optional(&self.tag_path(repo, t)).await? {
-                Some(b) => String::from_utf8_lossy(&b)
-                    .trim()
-                    .parse()
-                    .map_err(|e| Error::Internal(format!("corrupt tag file {repo}:{t}: {e}")))?,
-                None => return Ok(None),
-            },
-        };
-        let marker = read_optional(&self.manifest_marker(repo, &digest)).await?;
-        Ok(marker.map(|m| (digest, String::from_utf8_lossy(&m).into_owned())))
-    }
-
     fn check_delete_allowed(&self) -> Result<()> {
         if self.config.allow_delete {
             Ok(())
@@ -341,38 +163,6 @@ impl PushBackend {
                 self.config.name
             )))
         }
-    }
-
-    /// Checks everything a manifest references is stored and linked into the repository,
-    /// so a pull of it cannot fail later.
-    async fn check_references(&self, repo: &Repository, info: &ManifestInfo) -> Result<()> {
-        for d in info.blobs.iter().chain(&info.manifests) {
-            if d.urls.as_ref().is_some_and(|u| !u.is_empty()) {
-                continue; // foreign layer, fetched by clients from its URL
-            }
-            if !self.linked(repo, &d.digest).await || self.blobs.size(&d.digest).await?.is_none() {
-                return Err(Error::ManifestBlobUnknown(d.digest.to_string()));
-            }
-        }
-        Ok(())
-    }
-
-    /// The manifest of `repo` that references `digest` as a blob, if any.
-    async fn referenced_by(&self, repo: &Repository, digest: &Digest) -> Result<Option<Digest>> {
-        for hex in list_names(&self.repo_dir(repo).join("_manifests")).await? {
-            let Ok(m) = format!("sha256:{hex}").parse::<Digest>() else {
-                continue;
-            };
-            let Some(bytes) = self.blobs.read(&m).await? else {
-                continue;
-            };
-            if let Ok(info) = ManifestInfo::parse(&bytes, None) {
-                if info.blobs.iter().chain(&info.manifests).any(|d| d.digest == *digest) {
-                    return Ok(Some(m));
-                }
-            }
-        }
-        Ok(None)
     }
 }
 
