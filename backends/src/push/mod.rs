@@ -475,3 +475,6 @@ impl Registry for PushBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
