@@ -6,6 +6,7 @@
 //! (another engine or driver, an unreadable data root, a layer that changed) is served by
 //! an export instead, and the log says why once.
 
+mod assemble;
 pub mod graph;
 pub mod tarsplit;
 
@@ -247,7 +248,7 @@ impl Direct {
 
     fn stream(&self, layer: Arc<Layer>, offset: u64, len: u64, verify: bool) -> ferry_core::ByteStream {
         let marked = layer.clone();
-        graph::stream(
+        assemble::stream(
             layer.files.clone(),
             layer.diff_id.clone(),
             offset,
