@@ -122,6 +122,13 @@ e2e_stop_all() {
     for f in "$E2E_DIR"/netns/*; do
         [ -f "$f" ] && e2e_netns_delete "$(basename "$f")"
     done
+    # Roots with mounts of their own (Podman 5's): unmounted, deepest first.
+    if [ -f "$E2E_DIR/mounts" ]; then
+        while read -r f; do
+            umount -R "$f" 2>/dev/null || umount -R -l "$f" 2>/dev/null || true
+        done <"$E2E_DIR/mounts"
+        rm -f "$E2E_DIR/mounts"
+    fi
     return 0
 }
 
@@ -337,6 +344,37 @@ runroot = "$d/runroot"
 TOML
     CONTAINERS_STORAGE_CONF="$d/storage.conf" e2e_spawn "$name" \
         podman --root "$d/root" --runroot "$d/runroot" --storage-driver vfs \
+        system service --time=0 "unix://$d/podman.sock"
+    e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
+}
+
+# Podman 5 (Debian 13's; it needs a newer glibc than Debian 12 has) as an API service run
+# inside a Debian 13 root made with debootstrap under $E2E_DIR/<name>-root. Its socket and
+# its storage are in $E2E_DIR/<name>, bind-mounted at the same path inside the root, so
+# ferry reads the storage at the path the engine reports. The root is itself a mount point
+# (containers/storage remounts / when it applies a layer). The mounts are listed in
+# $E2E_DIR/mounts for e2e_stop_all.
+e2e_start_podman5() {
+    local name=$1 d="$E2E_DIR/$1" r="$E2E_DIR/$1-root" uri
+    mkdir -p "$d" "$E2E_DIR/logs"
+    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
+    if [ ! -x "$r/usr/bin/podman" ]; then
+        uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+        debootstrap --variant=minbase trixie "$r" "$uri" >"$E2E_DIR/logs/$name-debootstrap.log" 2>&1
+        cp /etc/resolv.conf "$r/etc/resolv.conf"
+        chroot "$r" bash -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends podman' \
+            >>"$E2E_DIR/logs/$name-debootstrap.log" 2>&1
+    fi
+    mkdir -p "$r$d"
+    mount --bind "$r" "$r" && mount --make-private "$r"
+    mount -t proc proc "$r/proc"
+    mount --bind /dev "$r/dev"
+    mount --bind /sys "$r/sys"
+    mount --bind "$d" "$r$d"
+    echo "$r" >>"$E2E_DIR/mounts"
+    PODMAN_IGNORE_CGROUPSV1_WARNING=1 e2e_spawn "$name" chroot "$r" podman --root "$d/root" --runroot "$d/runroot" \
+        --storage-driver vfs --cgroup-manager cgroupfs --events-backend file \
         system service --time=0 "unix://$d/podman.sock"
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
 }

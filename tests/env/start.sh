@@ -34,6 +34,7 @@ PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" e2e_start_containerd ctd21g "$sid/usr/bi
 PATH="$sid/usr/bin:$sid/usr/sbin:$PATH" DOCKERD="$sid/usr/sbin/dockerd" \
     e2e_start_dockerd docker28g ctd21g
 e2e_start_podman podman
+e2e_start_podman5 podman5
 e2e_start_podman_rootless podman-rootless
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
 auth_port=$(e2e_free_port)
@@ -54,6 +55,7 @@ export E2E_SID_ROOT=$sid
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
 export E2E_PODMAN_ROOTLESS_HOST=unix://$E2E_DIR/podman-rootless/podman.sock
+export E2E_PODMAN5_HOST=unix://$E2E_DIR/podman5/podman.sock
 export E2E_REGISTRY=127.0.0.1:$registry_port
 export E2E_REGISTRY_AUTH=127.0.0.1:$auth_port
 export E2E_REGISTRY_USER=e2e-user

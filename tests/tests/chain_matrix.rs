@@ -1,7 +1,7 @@
 //! Every client flow through each configuration users run, not one backend alone: the
 //! default chain (docker, push), push first, Docker 26 with the containerd image store
 //! (containerd first, docker, push), Docker 28 on its containerd image store and on overlay2
-//! (the default chain), and Podman rootful and rootless (docker on the Podman
+//! (the default chain), and Podman 4.3 rootful and rootless and Podman 5.4 (docker on the Podman
 //! socket, push). The flows: a pull of an engine image (containerd through a hosts.toml
 //! mirror, then run), tags and catalog, a pull by digest, blobs asked for before any
 //! manifest after a restart with an empty cache, `docker push` / `podman push` of an image
@@ -12,10 +12,12 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-/// Who pushes an image of the engine to ferry: the engine's own CLI.
+/// Who pushes an image of the engine to ferry: the engine's own CLI (Podman 5's from its
+/// root: Podman 4.3's client cannot read Podman 5's push progress).
 enum Pusher {
     Docker(String),
     Podman(String),
+    PodmanIn { root: String, host: String },
 }
 
 impl Pusher {
@@ -29,6 +31,11 @@ impl Pusher {
             }
             Pusher::Podman(host) => {
                 sh(&format!("podman --url {host} push --tls-verify=false {image} {dest}"));
+            }
+            Pusher::PodmanIn { root, host } => {
+                sh(&format!(
+                    "chroot {root} podman --url {host} push --tls-verify=false {image} {dest}"
+                ));
             }
         }
     }
@@ -305,6 +312,22 @@ fn podman_rootful() {
         label: "pr",
         backends: format!("{}{PUSH}", docker(&engine)),
         pusher: Pusher::Podman(engine.clone()),
+        oci_archive: false,
+        engine,
+    });
+}
+
+/// Podman 5.4 (Debian 13's, in a root of its own) through the default chain.
+#[test]
+fn podman5() {
+    let engine = env("E2E_PODMAN5_HOST");
+    run_flows(Setup {
+        label: "p5",
+        backends: format!("{}{PUSH}", docker(&engine)),
+        pusher: Pusher::PodmanIn {
+            root: format!("{}/podman5-root", env("E2E_DIR")),
+            host: engine.clone(),
+        },
         oci_archive: false,
         engine,
     });

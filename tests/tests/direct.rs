@@ -282,12 +282,12 @@ fn an_unreadable_data_root_falls_back_to_exports() {
     sh(&format!("docker -H {engine} rmi {name}:v1"));
 }
 
-/// Podman (containers/storage, vfs here), rootful and rootless: served with no export, the
+/// Podman (containers/storage, vfs here), 4.3 rootful and rootless and 5.4 rootful: served with no export, the
 /// export path's manifest digest, every layer hashing to its digest, pulled by containerd and
 /// run.
 #[test]
 fn podman_images_are_served_from_containers_storage_with_no_export() {
-    for var in ["E2E_PODMAN_HOST", "E2E_PODMAN_ROOTLESS_HOST"] {
+    for var in ["E2E_PODMAN_HOST", "E2E_PODMAN_ROOTLESS_HOST", "E2E_PODMAN5_HOST"] {
         let engine = env(var);
         let name = unique("directpod");
         let ctx = scratch();
