@@ -1,5 +1,5 @@
-//! The docker backend against Docker 26.1 with the containerd image store and with its graph
-//! driver (OCI-layout exports both), and against Podman 4.3, rootful and rootless (its
+//! The docker backend against Docker 26.1 and 28.5, each with the containerd image store and
+//! with its graph driver, and against Podman 4.3 (rootful and rootless) and 5.4 (their
 //! Docker-compatible API): the same pulls as for Docker 20, by tag and by digest.
 
 mod common;
@@ -81,6 +81,38 @@ fn docker26_digest_reference_on_a_cold_cache() {
     assert_eq!(digest, id.trim());
     assert!(ferry.logs().contains("Oci export"));
     sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
+
+#[test]
+fn docker28_containerd_store() {
+    serves_images_of(&env("E2E_DOCKER28_HOST"), "d28");
+}
+
+#[test]
+fn docker28_graph_driver() {
+    serves_images_of(&env("E2E_DOCKER28G_HOST"), "d28g");
+}
+
+/// On Docker 28's containerd store the image id is its manifest's digest, served from the
+/// content store as is: asked for by that digest on a fresh ferry, with no export.
+#[test]
+fn docker28_digest_reference_on_a_cold_cache() {
+    let engine = env("E2E_DOCKER28_HOST");
+    let dir = scratch();
+    let ferry = Ferry::start(dir.path(), &docker_chain(&engine, ""));
+    let name = unique("d28dig");
+    build_image(&engine, &format!("{name}:v1"), 1);
+    let id = sh(&format!("docker -H {engine} inspect -f '{{{{.Id}}}}' {name}:v1"));
+    let (status, digest, _) = get_manifest(&ferry, &name, id.trim(), "?ns=docker.io");
+    assert_eq!(status, 200, "{}", ferry.logs());
+    assert_eq!(digest, id.trim());
+    assert!(!ferry.logs().contains("exporting image"), "{}", ferry.logs());
+    sh(&format!("docker -H {engine} rmi {name}:v1"));
+}
+
+#[test]
+fn podman5_compat_api() {
+    serves_images_of(&env("E2E_PODMAN5_HOST"), "pod5");
 }
 
 #[test]
