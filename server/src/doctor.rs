@@ -66,6 +66,14 @@ pub async fn run(
         ),
     );
     let dir_ok = check_data_dir(&mut r, &config.cache.dir).await;
+    // A ferry serving this configuration holds its stores: opening them here would sweep the
+    // temp files of its uploads and fetches under way. Its own view (/readyz) is reported
+    // on the listen line instead.
+    let tls = config.server.tls_files().is_some();
+    let serving = check_listen(&mut r, "listen", config.server.addr, tls).await;
+    if let Some(a) = config.admin.addr {
+        check_listen(&mut r, "admin listen", a, false).await;
+    }
     let origins = Arc::new(config.origins.policy());
     for (i, b) in config.backends.iter().enumerate() {
         let what = format!("backend {} ({})", b.name(), b.kind());
@@ -77,15 +85,22 @@ pub async fn run(
         if !dir_ok {
             continue; // building it would fail on the directory, already reported
         }
-        match b.build(&config.cache.dir, &origins).await {
-            Ok(handle) => report_status(&mut r, &what, b, handle.backend.status().await),
-            Err(e) => {
-                r.fail(
-                    &what,
-                    format!("cannot start: {e}"),
-                    format!("see backends[{i}] in the config"),
-                );
-                continue;
+        if serving {
+            r.ok(
+                &what,
+                "not opened here: the ferry serving this configuration holds its stores (what it sees is on the listen line)",
+            );
+        } else {
+            match b.build(&config.cache.dir, &origins).await {
+                Ok(handle) => report_status(&mut r, &what, b, handle.backend.status().await),
+                Err(e) => {
+                    r.fail(
+                        &what,
+                        format!("cannot start: {e}"),
+                        format!("see backends[{i}] in the config"),
+                    );
+                    continue;
+                }
             }
         }
         match b {
@@ -96,11 +111,6 @@ pub async fn run(
     }
     if let Some(path) = containerd_config {
         check_node_config(&mut r, path);
-    }
-    let tls = config.server.tls_files().is_some();
-    check_listen(&mut r, "listen", config.server.addr, tls).await;
-    if let Some(a) = config.admin.addr {
-        check_listen(&mut r, "admin listen", a, false).await;
     }
     match config.admin.token() {
         Ok(_) => {}
@@ -470,11 +480,12 @@ async fn check_data_dir(r: &mut Report, dir: &Path) -> bool {
 }
 
 /// Nothing else listens on `addr`, and this user may bind it.
-async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) {
+/// The listen address: free, or held by a running ferry (`true`), or a problem.
+async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) -> bool {
     let what = format!("{what} {addr}");
     match tokio::net::TcpListener::bind(addr).await {
         Ok(_) => r.ok(&what, "free"),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => check_running(r, &what, addr, tls).await,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return check_running(r, &what, addr, tls).await,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.fail(
             &what,
             format!("permission denied: {e}"),
@@ -482,11 +493,12 @@ async fn check_listen(r: &mut Report, what: &str, addr: std::net::SocketAddr, tl
         ),
         Err(e) => r.fail(&what, e.to_string(), "choose another address with --addr"),
     }
+    false
 }
 
 /// Who holds the listen address: a running ferry (its `/healthz` says so; then what its
 /// `/readyz` sees is reported), or another program (a failure: this ferry could not start).
-async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) {
+async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, tls: bool) -> bool {
     let in_use = format!(
         "ss -ltnp 'sport = :{}' shows who; stop it, or choose another address with --addr",
         addr.port()
@@ -497,7 +509,7 @@ async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, t
             "something listens here, behind TLS the doctor cannot ask whether it is this ferry",
             format!("curl -k https://{addr}/healthz answers ok with a Ferry-Version header if it is; else {in_use}"),
         );
-        return;
+        return true; // perhaps this ferry: its stores are not opened here
     }
     let probe_addr = match addr.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => format!("127.0.0.1:{}", addr.port()),
@@ -514,11 +526,11 @@ async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, t
                 format!("address already in use, by a program that does not answer HTTP ({e})"),
                 in_use,
             );
-            return;
+            return false;
         }
         Err(e) => {
             r.fail(what, format!("address already in use: {e}"), in_use);
-            return;
+            return false;
         }
     };
     let Some(version) = health.header("ferry-version").filter(|_| health.status == 200) else {
@@ -531,7 +543,7 @@ async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, t
             ),
             in_use,
         );
-        return;
+        return false;
     };
     let uptime = health.header("ferry-uptime").unwrap_or("?");
     let ready = tokio::task::spawn_blocking(move || crate::probe::get(&probe_addr, "/readyz")).await;
@@ -550,4 +562,5 @@ async fn check_running(r: &mut Report, what: &str, addr: std::net::SocketAddr, t
         }
         _ => r.ok(what, format!("ferry {version} is serving here (up {uptime} s)")),
     }
+    true
 }

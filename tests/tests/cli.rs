@@ -96,8 +96,48 @@ fn doctor_beside_a_running_ferry_reports_it() {
         ),
     );
     let running = Ferry::start_with(dir.path(), Path::new(&config), &[]);
+    // An upload under way, half sent: the doctor must not open (and sweep) the stores the
+    // running ferry holds.
+    let http = reqwest::blocking::Client::new();
+    let data = incompressible(256 * 1024);
+    let digest = format!("sha256:{}", sha256_hex(&data));
+    let r = http.post(running.url("/v2/doc/app/blobs/uploads/")).send().unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["Location"].to_str().unwrap().to_string();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        running.url(&location)
+    };
+    let r = http
+        .patch(&location)
+        .header("Content-Range", format!("0-{}", data.len() / 2 - 1))
+        .body(data[..data.len() / 2].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["Location"].to_str().unwrap().to_string();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        running.url(&location)
+    };
     let (code, out) = ferry(&["doctor", "--config", &config, "--addr", &running.addr()], &[]);
     assert_eq!(code, 0, "{out}");
+    let opened_here = !doctor_line(&out, "backend push (push)").contains("not opened here");
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let r = http
+        .put(format!("{location}{sep}digest={digest}"))
+        .body(data[data.len() / 2..].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        201,
+        "the upload did not survive the doctor: {}",
+        running.logs()
+    );
+    assert!(!opened_here, "{out}");
     let line = doctor_line(&out, &format!("listen {}", running.addr()));
     assert!(line.starts_with("ok"), "{out}");
     assert!(
