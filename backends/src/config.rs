@@ -78,3 +78,27 @@ impl BackendConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each backend's defaults are written twice (serde's field defaults, and the `Default`
+    /// the default chain and the doctor build from): an empty table must read as `Default`.
+    #[test]
+    fn an_empty_table_reads_as_the_defaults() {
+        for (kind, default) in [
+            ("docker", BackendConfig::Docker(Default::default())),
+            ("containerd", BackendConfig::Containerd(Default::default())),
+            ("push", BackendConfig::Push(Default::default())),
+            ("upstream", BackendConfig::Upstream(Default::default())),
+        ] {
+            let parsed: BackendConfig = serde_json::from_str(&format!(r#"{{"type": "{kind}"}}"#)).unwrap();
+            assert_eq!(
+                serde_json::to_value(&parsed).unwrap(),
+                serde_json::to_value(&default).unwrap(),
+                "{kind}"
+            );
+        }
+    }
+}

@@ -259,8 +259,12 @@ fn default_log_level() -> String {
 fn default_dir() -> PathBuf {
     PathBuf::from("/var/lib/ferry")
 }
+/// The default chain: the local engine, then the push store.
 fn default_backends() -> Vec<BackendConfig> {
-    serde_json::from_str(r#"[{"type": "docker"}, {"type": "push"}]"#).unwrap_or_else(|_| unreachable!("defaults parse"))
+    vec![
+        BackendConfig::Docker(ferry_backends::docker::DockerConfig::default()),
+        BackendConfig::Push(ferry_backends::push::PushConfig::default()),
+    ]
 }
 
 /// Accepts `host:port` and distribution's `:port`.
