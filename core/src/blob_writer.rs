@@ -12,6 +12,17 @@ use crate::blobstore::{joined, BlobStore};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
+/// Takes the exclusive flock of `file` without waiting; whether it was taken. A temp file is
+/// locked by its writer while it is written (and sealed), so that [`BlobStore::open`] in
+/// another process (`ferry doctor`, a second ferry on the same directory) sweeps only the
+/// temp files of writers that are gone.
+pub(crate) fn try_lock(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock takes a lock on a descriptor borrowed from `file` for the call; it reads
+    // and writes no memory of this process.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// A blob being written starts going to the disk every this many bytes.
 const WRITEBACK_EVERY: u64 = 1024 * 1024;
 
@@ -62,6 +73,8 @@ impl BlobWriter {
     /// A writer into a new temp file `tmp` of `store`.
     pub(crate) fn create(store: BlobStore, tmp: PathBuf, expected: Option<Digest>) -> Result<BlobWriter> {
         let file = std::fs::File::create(&tmp).map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        // Held until the file is closed: another process opening the store leaves it alone.
+        try_lock(&file);
         Ok(BlobWriter {
             store,
             file: std::io::BufWriter::with_capacity(crate::chunks::READ_CHUNK, file),

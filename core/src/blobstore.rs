@@ -4,8 +4,10 @@
 //! progress. A write goes through a hashing writer into a temp file under the same root (same
 //! file system), is fsynced, and is renamed into place only when its digest is the expected
 //! one; so a blob path either holds the full, verified content or does not exist, and a crash
-//! leaves at most a temp file, which [`BlobStore::open`] sweeps away. Two writers of one digest
-//! at once each write their own temp file and the second rename replaces identical bytes.
+//! leaves at most a temp file, which [`BlobStore::open`] sweeps away — only those no writer
+//! holds (each locks its temp file), so a second process opening the store (`ferry doctor`)
+//! leaves the first's writes alone. Two writers of one digest at once each write their own
+//! temp file and the second rename replaces identical bytes.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,23 @@ use crate::chunks::file_stream;
 /// Bytes of a stream being stored gathered into one write.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// Removes the temp files under `tmp` whose writers are gone (a crash's leftovers): those
+/// whose lock can be taken. A writer of a store another process holds keeps its file.
+fn sweep(tmp: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(tmp)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(&path) else { continue };
+        if crate::blob_writer::try_lock(&file) {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 /// A directory of blobs keyed by digest.
 #[derive(Clone, Debug)]
 pub struct BlobStore {
@@ -38,16 +57,12 @@ impl BlobStore {
         let root = root.into();
         let store = BlobStore { root };
         let tmp = store.tmp_dir();
-        if fs::try_exists(&tmp).await.unwrap_or(false) {
-            fs::remove_dir_all(&tmp)
-                .await
-                .map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))?;
-        }
-        for dir in [tmp, store.root.join("blobs/sha256")] {
+        for dir in [tmp.clone(), store.root.join("blobs/sha256")] {
             fs::create_dir_all(&dir)
                 .await
                 .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         }
+        blocking(move || sweep(&tmp).map_err(|e| Error::io(format!("clearing {}", tmp.display()), e))).await?;
         Ok(store)
     }
 
@@ -314,6 +329,28 @@ mod tests {
             out.extend_from_slice(&c.unwrap());
         }
         out
+    }
+
+    #[tokio::test]
+    async fn opening_a_store_sweeps_only_temp_files_no_writer_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = BlobStore::open(dir.path()).await.unwrap();
+        let data = b"written while another process opens the store".to_vec();
+        let digest = Digest::of(&data);
+        let mut writer = first.writer(Some(digest.clone())).unwrap();
+        std::io::Write::write_all(&mut writer, &data[..10]).unwrap();
+        let temp = writer.temp_path().unwrap().to_path_buf();
+        // A crash's leftover: a temp file nobody holds.
+        let crashed = dir.path().join("tmp/crashed");
+        std::fs::write(&crashed, b"partial").unwrap();
+
+        let second = BlobStore::open(dir.path()).await.unwrap();
+        assert!(temp.exists(), "a living writer's temp file was swept");
+        assert!(!crashed.exists(), "the leftover stayed");
+        std::io::Write::write_all(&mut writer, &data[10..]).unwrap();
+        writer.seal().unwrap().persist().unwrap();
+        assert_eq!(second.read(&digest).await.unwrap().unwrap().as_ref(), data.as_slice());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 
     #[tokio::test]
