@@ -191,7 +191,7 @@ pub fn client_builder(policy: Arc<OriginPolicy>) -> reqwest::ClientBuilder {
     let for_redirects = policy.clone();
     let vouched = Arc::new(Vouched::default());
     let proxies = proxy_hosts();
-    for ip in proxies.iter().filter_map(|h| literal_host_ip(h)) {
+    for ip in proxies.iter().filter_map(|h| ferry_core::origin::literal(h)) {
         vouched.add(ip);
     }
     reqwest::Client::builder()
@@ -235,12 +235,7 @@ pub fn authority(url: &reqwest::Url) -> String {
 
 /// The URL's host when it is an IP address rather than a name.
 pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
-    literal_host_ip(url.host_str()?)
-}
-
-/// `host` (IPv6 in brackets) as an IP address, when it is one.
-fn literal_host_ip(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    ferry_core::origin::literal(url.host_str()?)
 }
 
 #[cfg(test)]

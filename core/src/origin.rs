@@ -122,8 +122,9 @@ fn canonical_or_lowercase(registry: &str) -> String {
     canonical_registry(trimmed).unwrap_or_else(|_| trimmed.to_ascii_lowercase())
 }
 
-/// The address a host names when it is an IP literal (IPv4 mapped into IPv6 as IPv4).
-fn literal(host: &str) -> Option<IpAddr> {
+/// The address a host (IPv6 in brackets) names when it is an IP literal rather than a name
+/// (IPv4 mapped into IPv6 as IPv4).
+pub fn literal(host: &str) -> Option<IpAddr> {
     host.trim_start_matches('[')
         .trim_end_matches(']')
         .parse::<IpAddr>()
