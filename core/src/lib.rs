@@ -7,6 +7,7 @@ pub mod blob_writer;
 pub mod blobstore;
 pub mod chain;
 pub mod chunks;
+pub mod contract;
 pub mod digest;
 pub mod error;
 pub mod flight;

@@ -493,7 +493,7 @@ impl Backend for ContainerdBackend {
                 .await
             {
                 Ok(Some(resp)) => {
-                    if let Some(len) = resp.content_length() {
+                    if let Some(len) = crate::registry::declared_length(&resp) {
                         return Ok(Some(len));
                     }
                 }

@@ -20,6 +20,16 @@ use crate::outbound;
 use auth::{parse_challenge, Challenge, TokenAnswer, Tokens};
 pub use hosts::{ClientSettings, HostConfig};
 
+/// The length an origin declares in `Content-Length`, read from the header itself: for a
+/// `HEAD` answer `reqwest::Response::content_length` is the (empty) body's, always 0
+/// (reqwest#1814).
+pub fn declared_length(resp: &Response) -> Option<u64> {
+    resp.headers()
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// What to fetch from a repository.
 #[derive(Clone, Copy, Debug)]
 pub enum Target<'a> {

@@ -46,7 +46,7 @@ impl UpstreamBackend {
                 ctx.authorization.as_deref(),
             )
             .await?;
-        let Some(size) = resp.and_then(|r| r.content_length()) else {
+        let Some(size) = resp.as_ref().and_then(crate::registry::declared_length) else {
             return Ok(None);
         };
         if self.access.is_private(repo) {
