@@ -3,6 +3,7 @@
 # on the same content: blob GET throughput (1 GiB blob; 1 and 8 clients, and 1 over h2c), manifest HEAD
 # requests/s (ab, from apache2-utils), and ferry's peak RSS. Prints a markdown table.
 # Usage: bench/registry.sh [BLOB_MIB]   (run as root; installs wrk and the engines' packages)
+# BENCH_FERRY=path runs that ferry binary (e.g. the image's static one) instead of a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # A directory of its own, removed at the end (set E2E_DIR to keep one).
@@ -14,11 +15,12 @@ e2e_install_packages
 command -v bc >/dev/null || apt-get install -y -q bc >/dev/null
 trap 'e2e_cleanup "$own_dir"' EXIT
 
-cargo build --release -q -p ferry-server
+bin=${BENCH_FERRY:-target/release/ferry}
+[ -n "${BENCH_FERRY:-}" ] || cargo build --release -q -p ferry-server
 ferry_port=5201 registry_port=5202
 mkdir -p "$E2E_DIR/ferry"
 printf '[cache]\ndir = "%s/ferry/data"\n' "$E2E_DIR" >"$E2E_DIR/ferry/config.toml"
-e2e_spawn ferry target/release/ferry serve --config "$E2E_DIR/ferry/config.toml" --addr "127.0.0.1:$ferry_port" --log-level warn
+e2e_spawn ferry "$bin" serve --config "$E2E_DIR/ferry/config.toml" --addr "127.0.0.1:$ferry_port" --log-level warn
 e2e_start_registry registry "$registry_port"
 e2e_wait ferry 30 curl -sf "http://127.0.0.1:$ferry_port/v2/"
 ferry_pid=$(cat "$E2E_DIR/pids/ferry.pid")

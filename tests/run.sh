@@ -13,6 +13,9 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 e2e_install_packages
+# The static arm64 build (README, "A single static binary") that the image test runs.
+rustup target add aarch64-unknown-linux-musl >/dev/null 2>&1 ||
+    { echo "rustup could not add the aarch64-unknown-linux-musl target" >&2; exit 1; }
 # At the end: stop what was started, and keep only the logs.
 trap 'bash tests/env/stop.sh
       find "$E2E_DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf --one-file-system {} + 2>/dev/null

@@ -24,6 +24,10 @@ use ferry_core::Chain;
 
 pub use listen::Limits;
 
+/// What `ferry --version` prints: the package version and the commit it was built from
+/// (`build.rs`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("BUILT_COMMIT"), ")");
+
 /// How [`serve`] serves.
 #[derive(Clone, Debug)]
 pub struct Options {

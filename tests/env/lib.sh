@@ -26,6 +26,11 @@ e2e_install_packages() {
     command -v slirp4netns >/dev/null || need+=(slirp4netns)
     command -v ip >/dev/null || need+=(iproute2)
     command -v g++ >/dev/null || need+=(g++)   # libFuzzer, built by the fuzz targets
+    # The container image's builder base, and the static arm64 binary run under emulation.
+    command -v debootstrap >/dev/null || need+=(debootstrap)
+    command -v file >/dev/null || need+=(file)
+    command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
+    command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
     if [ ${#need[@]} -gt 0 ]; then
         e2e_log "installing ${need[*]}"
         export DEBIAN_FRONTEND=noninteractive
@@ -160,7 +165,7 @@ e2e_fetch_trixie() {
 # under $E2E_DIR/sid/root. Their runc needs a newer glibc than Debian 12's: it is removed, so
 # Debian 12's runc is found on PATH.
 e2e_fetch_sid() {
-    e2e_fetch_suite sid docker.io docker-cli containerd && rm -f "$E2E_DIR/sid/root/usr/sbin/runc" "$E2E_DIR/sid/root/usr/bin/runc"
+    e2e_fetch_suite sid docker.io docker-cli containerd docker-buildx && rm -f "$E2E_DIR/sid/root/usr/sbin/runc" "$E2E_DIR/sid/root/usr/bin/runc"
 }
 
 # Downloads (without installing) packages $2.. of Debian suite $1 and unpacks them under
@@ -377,6 +382,40 @@ e2e_start_podman5() {
         --storage-driver vfs --cgroup-manager cgroupfs --events-backend file \
         system service --time=0 "unix://$d/podman.sock"
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
+}
+
+# A Rust builder image for the Dockerfile's RUST_IMAGE, made here because no base image can be
+# pulled: a Debian 12 root from debootstrap (gcc, git), this machine's CA bundle and rustup
+# and its default toolchain (without documentation) at the official Rust image's
+# paths, imported into the engine at DOCKER_HOST as TAG. The root is kept under $E2E_DIR.
+e2e_rust_builder_image() { # tag
+    local tag=$1 r="$E2E_DIR/rust-root" log="$E2E_DIR/logs/rust-root.log" uri tc
+    command -v debootstrap >/dev/null || apt-get install -y -q debootstrap >/dev/null
+    if [ ! -x "$r/usr/local/cargo/bin/rustup" ]; then
+        rm -rf "$r"
+        uri=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+        debootstrap --variant=minbase --include=gcc,libc6-dev,git,ca-certificates \
+            bookworm "$r" "$uri" >"$log" 2>&1
+        rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*
+        cp /etc/resolv.conf "$r/etc/resolv.conf"
+        # This machine's trust store: where TLS to the crate registry goes through a proxy
+        # with an authority of its own, the builder must trust it as the host does.
+        cp /etc/ssl/certs/ca-certificates.crt "$r/etc/ssl/certs/ca-certificates.crt"
+        # The toolchain as rustup installed it (its manifests, so `rustup target add` works),
+        # without its documentation.
+        tc=$(rustc --print sysroot)
+        mkdir -p "$r/usr/local/cargo/bin" "$r/usr/local/rustup/toolchains/${tc##*/}"
+        cp -a "$tc/bin" "$tc/lib" "$tc/libexec" "$tc/etc" "$r/usr/local/rustup/toolchains/${tc##*/}/"
+        cp "$(command -v rustup)" "$r/usr/local/cargo/bin/rustup"
+        for t in cargo rustc rustdoc; do ln -sf rustup "$r/usr/local/cargo/bin/$t"; done
+        printf 'version = "12"\ndefault_toolchain = "%s"\nauto_self_update = "disable"\nprofile = "minimal"\n' \
+            "${tc##*/}" >"$r/usr/local/rustup/settings.toml"
+    fi
+    tar -C "$r" -c . | docker import \
+        -c 'ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo' \
+        -c 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        - "$tag" >/dev/null
 }
 
 # Uploads FILE as a blob of REPO to the registry at HOST:PORT (POST, then PUT with the

@@ -39,6 +39,9 @@ e2e_start_podman_rootless podman-rootless
 htpasswd -Bbc "$E2E_DIR/htpasswd" e2e-user e2e-pass >/dev/null 2>&1
 auth_port=$(e2e_free_port)
 e2e_start_registry registry-auth "$auth_port" "$E2E_DIR/htpasswd"
+# A Docker client config with Debian unstable's buildx as its plugin, for `docker buildx build`.
+mkdir -p "$E2E_DIR/docker-config/cli-plugins"
+ln -sf "$sid/usr/libexec/docker/cli-plugins/docker-buildx" "$E2E_DIR/docker-config/cli-plugins/"
 cat >"$E2E_DIR/env" <<ENV
 export E2E_DIR=$E2E_DIR
 export E2E_DOCKER20_HOST=unix://$E2E_DIR/docker20/docker.sock
@@ -52,6 +55,7 @@ export E2E_DOCKER28G_HOST=unix://$E2E_DIR/docker28g/docker.sock
 export E2E_CONTAINERD21_SOCK=$E2E_DIR/ctd21/containerd.sock
 export E2E_CONTAINERD21G_SOCK=$E2E_DIR/ctd21g/containerd.sock
 export E2E_SID_ROOT=$sid
+export E2E_DOCKER_CONFIG=$E2E_DIR/docker-config
 export E2E_TRIXIE_ROOT=$trixie
 export E2E_PODMAN_HOST=unix://$E2E_DIR/podman/podman.sock
 export E2E_PODMAN_ROOTLESS_HOST=unix://$E2E_DIR/podman-rootless/podman.sock
