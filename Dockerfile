@@ -19,14 +19,15 @@ ARG SOURCE_COMMIT=
 # the host): no debug info, symbols stripped, whole-program LTO (about 3 MB less).
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_LTO=true
 WORKDIR /src
-# protoc for containerd's API; the musl target of TARGETARCH, and Debian's gcc for that arch
-# when it is not the builder's own (.cargo/config.toml names it as linker and C compiler).
+# protoc for containerd's API, make for jemalloc's build; the musl target of TARGETARCH, and
+# Debian's gcc for that arch when it is not the builder's own (.cargo/config.toml names it as
+# linker and C compiler).
 RUN set -eu; native=$(dpkg --print-architecture); arch=${TARGETARCH:-$native}; \
     case "$arch" in amd64) cpu=x86_64 ;; arm64) cpu=aarch64 ;; \
         *) echo "ferry builds for amd64 and arm64, not $arch" >&2; exit 1 ;; esac; \
     cross=""; [ "$arch" = "$native" ] || cross="gcc-$(echo $cpu | tr _ -)-linux-gnu libc6-dev-$arch-cross"; \
     apt-get update -q && \
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends protobuf-compiler $cross && \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends protobuf-compiler make $cross && \
     rm -rf /var/lib/apt/lists/*; \
     rustup target add "$cpu-unknown-linux-musl"; echo "$cpu-unknown-linux-musl" >/target
 # Dependencies in a layer of their own, built from the manifests and empty crates: a change

@@ -29,6 +29,7 @@ e2e_install_packages() {
     # The container image's builder base, and the static arm64 binary run under emulation.
     command -v debootstrap >/dev/null || need+=(debootstrap)
     command -v file >/dev/null || need+=(file)
+    command -v make >/dev/null || need+=(make)   # jemalloc, in the static builds
     command -v qemu-aarch64-static >/dev/null || need+=(qemu-user-static)
     command -v aarch64-linux-gnu-gcc >/dev/null || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
     if [ ${#need[@]} -gt 0 ]; then
