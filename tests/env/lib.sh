@@ -348,9 +348,11 @@ driver = "vfs"
 graphroot = "$d/root"
 runroot = "$d/runroot"
 TOML
-    CONTAINERS_STORAGE_CONF="$d/storage.conf" e2e_spawn "$name" \
+    # From its own directory: Podman 4.3's API service reads a remote build's Dockerfile from
+    # its working directory when one is there (the repository's, had it started from there).
+    (cd "$d" && CONTAINERS_STORAGE_CONF="$d/storage.conf" e2e_spawn "$name" \
         podman --root "$d/root" --runroot "$d/runroot" --storage-driver vfs \
-        system service --time=0 "unix://$d/podman.sock"
+        system service --time=0 "unix://$d/podman.sock")
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
 }
 
@@ -379,9 +381,10 @@ e2e_start_podman5() {
     mount --bind /sys "$r/sys"
     mount --bind "$d" "$r$d"
     echo "$r" >>"$E2E_DIR/mounts"
-    PODMAN_IGNORE_CGROUPSV1_WARNING=1 e2e_spawn "$name" chroot "$r" podman --root "$d/root" --runroot "$d/runroot" \
+    # From its own directory, as e2e_start_podman says.
+    (cd "$d" && PODMAN_IGNORE_CGROUPSV1_WARNING=1 e2e_spawn "$name" chroot "$r" podman --root "$d/root" --runroot "$d/runroot" \
         --storage-driver vfs --cgroup-manager cgroupfs --events-backend file \
-        system service --time=0 "unix://$d/podman.sock"
+        system service --time=0 "unix://$d/podman.sock")
     e2e_wait "$name" 30 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
 }
 
@@ -443,9 +446,10 @@ e2e_start_podman_rootless() {
     mkdir -p "$run" "$d" && chown "$user:" "$run" "$d" && chmod 700 "$run"
     # The socket directory must be reachable by root (ferry) and writable by the user.
     chmod 755 "$E2E_DIR" "$d"
-    e2e_spawn "$name" setpriv --reuid="$uid" --regid="$gid" --init-groups \
+    # From its own directory, as e2e_start_podman says.
+    (cd "$d" && e2e_spawn "$name" setpriv --reuid="$uid" --regid="$gid" --init-groups \
         env HOME="$(getent passwd "$user" | cut -d: -f6)" USER="$user" XDG_RUNTIME_DIR="$run" \
-        podman --storage-driver vfs system service --time=0 "unix://$d/podman.sock"
+        podman --storage-driver vfs system service --time=0 "unix://$d/podman.sock")
     e2e_wait "$name" 60 curl -sf --unix-socket "$d/podman.sock" http://d/v1.41/version
     # The recorded podman re-executes itself inside a user namespace and waits for that child,
     # which outlives it when the parent has to be killed; and Podman keeps a pause process

@@ -6,10 +6,8 @@
 mod common;
 
 use common::*;
-use reqwest::blocking::{Client, Response};
+use reqwest::blocking::Client;
 use serde_json::{json, Value};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 struct Api {
     ferry: Ferry,
@@ -33,43 +31,12 @@ impl Api {
     }
 
     fn put_blob(&self, repo: &str, data: &[u8]) -> String {
-        let d = format!("sha256:{}", sha256_hex(data));
-        let r = self
-            .http
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-            .body(data.to_vec())
-            .send()
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        d
+        upload_blob(&self.http, &self.url(""), repo, data)
     }
 
     /// Pushes a config and one layer and a manifest referencing them; returns the manifest digest.
     fn put_image(&self, repo: &str, tag: &str, seed: &str) -> (String, Vec<u8>) {
-        let config = format!("{{\"seed\":\"{seed}\"}}");
-        let layer = format!("layer of {seed}");
-        let cd = self.put_blob(repo, config.as_bytes());
-        let ld = self.put_blob(repo, layer.as_bytes());
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
-        })
-        .to_string()
-        .into_bytes();
-        let r = self.put_manifest(repo, tag, &manifest);
-        assert_eq!(r.status(), 201);
-        (format!("sha256:{}", sha256_hex(&manifest)), manifest)
-    }
-
-    fn put_manifest(&self, repo: &str, reference: &str, body: &[u8]) -> Response {
-        self.http
-            .put(self.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header("Content-Type", OCI_MANIFEST)
-            .body(body.to_vec())
-            .send()
-            .unwrap()
+        upload_image(&self.http, &self.url(""), repo, tag, seed)
     }
 }
 

@@ -6,7 +6,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+use reqwest::blocking::{Client, Response};
 use sha2::{Digest as _, Sha256};
+
+/// An OCI image manifest's media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Lowercase hex sha256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -71,4 +75,46 @@ pub fn assert_oci_error(status: u16, body: &str, want_status: u16, want_code: &s
     assert_eq!(status, want_status, "body: {body}");
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"));
     assert_eq!(v["errors"][0]["code"], want_code, "body: {body}");
+}
+
+/// Uploads `data` as a blob of `repo` to the registry at `base` (`http://host:port`) in one
+/// request; returns its digest.
+pub fn upload_blob(http: &Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = format!("sha256:{}", sha256_hex(data));
+    let r = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .body(data.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    d
+}
+
+/// PUTs `body` as an OCI image manifest of `repo` under `reference`.
+pub fn upload_manifest(http: &Client, base: &str, repo: &str, reference: &str, body: &[u8]) -> Response {
+    http.put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("Content-Type", OCI_MANIFEST)
+        .body(body.to_vec())
+        .send()
+        .unwrap()
+}
+
+/// Pushes a config, one layer and a manifest referencing them, tagged `tag`; returns the
+/// manifest's digest and bytes.
+pub fn upload_image(http: &Client, base: &str, repo: &str, tag: &str, seed: &str) -> (String, Vec<u8>) {
+    let config = format!("{{\"seed\":\"{seed}\"}}");
+    let layer = format!("layer of {seed}");
+    let cd = upload_blob(http, base, repo, config.as_bytes());
+    let ld = upload_blob(http, base, repo, layer.as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ld, "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let r = upload_manifest(http, base, repo, tag, &manifest);
+    assert_eq!(r.status(), 201);
+    (format!("sha256:{}", sha256_hex(&manifest)), manifest)
 }
