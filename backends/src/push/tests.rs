@@ -5,19 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 
-use ferry_core::{Backend, ByteStream, Digest, Error, ImageRef, Reference, Registry, Repository, RequestCtx};
+use ferry_core::contract::{body, collect};
+use ferry_core::{Backend, Digest, Error, ImageRef, Reference, Registry, Repository, RequestCtx};
 
 use super::{PushBackend, PushConfig};
 
 async fn store(dir: &std::path::Path, config: PushConfig) -> Arc<PushBackend> {
     Arc::new(PushBackend::open(config, dir.to_path_buf()).await.unwrap())
-}
-
-fn body(parts: &[&[u8]]) -> ByteStream {
-    let parts: Vec<std::io::Result<Bytes>> = parts.iter().map(|p| Ok(Bytes::copy_from_slice(p))).collect();
-    futures::stream::iter(parts).boxed()
 }
 
 fn repo(name: &str) -> Repository {
@@ -26,12 +21,7 @@ fn repo(name: &str) -> Repository {
 
 async fn read(b: &PushBackend, repo: &Repository, digest: &Digest) -> Option<Vec<u8>> {
     let body = b.blob(repo, digest, None, &RequestCtx::default()).await.unwrap()?;
-    let mut out = Vec::new();
-    let mut s = body.stream;
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    Some(out)
+    Some(collect(body.stream).await.unwrap())
 }
 
 fn manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
