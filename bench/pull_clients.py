@@ -3,7 +3,7 @@
 every blob it names, and checks each blob hashes to its digest. Prints one JSON line: clients,
 errors (with the first few reasons), bytes received, seconds.
 
-usage: pull_clients.py HOST:PORT NAME TAG N
+usage: pull_clients.py HOST:PORT NAME TAG N [QUERY]   (QUERY: appended to every path, e.g. ?ns=HOST)
 """
 import hashlib
 import http.client
@@ -13,6 +13,7 @@ import threading
 import time
 
 addr, name, tag, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+query = sys.argv[5] if len(sys.argv) > 5 else ""
 host, port = addr.rsplit(":", 1)
 ACCEPT = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
 errors, received = [], [0]
@@ -27,14 +28,14 @@ def get(conn, path, headers=None):
 def client():
     try:
         conn = http.client.HTTPConnection(host, int(port), timeout=600)
-        r = get(conn, f"/v2/{name}/manifests/{tag}", {"Accept": ACCEPT})
+        r = get(conn, f"/v2/{name}/manifests/{tag}{query}", {"Accept": ACCEPT})
         body = r.read()
         if r.status != 200:
             raise RuntimeError(f"manifest: {r.status} {body[:200]!r}")
         m = json.loads(body)
         total = 0
         for d in [m["config"]["digest"]] + [l["digest"] for l in m["layers"]]:
-            r = get(conn, f"/v2/{name}/blobs/{d}")
+            r = get(conn, f"/v2/{name}/blobs/{d}{query}")
             if r.status != 200:
                 raise RuntimeError(f"blob {d}: {r.status} {r.read()[:200]!r}")
             h = hashlib.sha256()

@@ -23,6 +23,14 @@ impl Size {
         }
     }
 
+    /// `n` MiB.
+    pub fn mib(n: u64) -> Size {
+        Size {
+            bytes: n << 20,
+            text: format!("{n}MiB"),
+        }
+    }
+
     /// The size in bytes.
     pub fn bytes(&self) -> u64 {
         self.bytes

@@ -9,31 +9,35 @@
 //! stops reading holds a few chunks and no thread, and one that reads costs a thread hop per
 //! two or three chunks.
 //!
-//! The read-ahead budget lives here too: every stream that reads ahead takes its chunk size
-//! from it while it holds a [`Serving`].
+//! The read-ahead budget lives here too, a ceiling on the bytes of chunks made and not yet
+//! sent, whatever the number of streams ([`Account`]).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::backend::ByteStream;
 
-/// Chunks made ahead of the consumer: with the one it is sending, the four that the serving
-/// read-ahead budget counts per stream ([`chunk_size`]).
+/// Chunks made ahead of the consumer: with the one it is sending, the four that
+/// [`chunk_size`] sizes each stream's share of the budget by.
 const QUEUED: usize = 3;
 /// The next run starts when no more than this many chunks are left queued.
 const LOW: usize = 1;
 
 /// Something read a chunk at a time by blocking calls.
 pub trait ChunkSource: Send + 'static {
-    /// The next chunk, or `None` at the end. An error ends the stream.
-    fn next_chunk(&mut self) -> Option<io::Result<Bytes>>;
+    /// The next chunk, of at most `max` bytes, or `None` at the end. An error ends the
+    /// stream.
+    fn next_chunk(&mut self, max: usize) -> Option<io::Result<Bytes>>;
 }
 
 /// Streams `source`'s chunks, made on blocking threads a few ahead of the consumer.
@@ -43,6 +47,7 @@ pub fn stream<S: ChunkSource>(source: S) -> ByteStream {
         rx,
         tx,
         maker: Maker::Idle(source),
+        account: Account::new(),
     }
     .boxed()
 }
@@ -62,14 +67,21 @@ struct Chunks<S> {
     /// Handed to each run.
     tx: mpsc::Sender<io::Result<Bytes>>,
     maker: Maker<S>,
+    account: Account,
 }
 
-/// Makes chunks until the queue is full, the source ends, or the consumer has gone.
-fn run<S: ChunkSource>(mut source: S, tx: mpsc::Sender<io::Result<Bytes>>) -> (S, bool) {
+/// Makes chunks until the queue is full, the source ends, the consumer has gone, or the
+/// budget has no room for more: the first with `first`, the rest read ahead.
+fn run<S: ChunkSource>(mut source: S, tx: mpsc::Sender<io::Result<Bytes>>, first: Grant, ahead: Ahead) -> (S, bool) {
+    let mut grant = Some(first);
     while tx.capacity() > 0 {
-        let Some(chunk) = source.next_chunk() else {
+        let Some(g) = grant.take().or_else(|| ahead.try_grant()) else {
+            return (source, true);
+        };
+        let Some(chunk) = source.next_chunk(g.size()) else {
             return (source, false);
         };
+        let chunk = chunk.map(|bytes| g.hold(bytes));
         let failed = chunk.is_err();
         if tx.try_send(chunk).is_err() || failed {
             return (source, false);
@@ -82,14 +94,22 @@ fn run<S: ChunkSource>(mut source: S, tx: mpsc::Sender<io::Result<Bytes>>) -> (S
 impl<S> Unpin for Chunks<S> {}
 
 impl<S: ChunkSource> Chunks<S> {
-    /// Starts a run when the source is idle and the queue is down to its low mark.
-    fn refill(&mut self) {
+    /// Starts a run with `grant` when the source is idle.
+    fn start(&mut self, grant: Grant) {
+        if let Maker::Idle(source) = std::mem::replace(&mut self.maker, Maker::Done) {
+            let (tx, ahead) = (self.tx.clone(), self.account.ahead());
+            self.maker = Maker::Running(tokio::task::spawn_blocking(move || run(source, tx, grant, ahead)));
+        }
+    }
+
+    /// Reads ahead when the source is idle, the queue is down to its low mark, and the
+    /// budget has room.
+    fn read_ahead(&mut self) {
         if self.rx.len() > LOW || !matches!(self.maker, Maker::Idle(_)) {
             return;
         }
-        if let Maker::Idle(source) = std::mem::replace(&mut self.maker, Maker::Done) {
-            let tx = self.tx.clone();
-            self.maker = Maker::Running(tokio::task::spawn_blocking(move || run(source, tx)));
+        if let Some(grant) = self.account.ahead().try_grant() {
+            self.start(grant);
         }
     }
 }
@@ -100,18 +120,20 @@ impl<S: ChunkSource> Stream for Chunks<S> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         loop {
-            this.refill();
             if let Poll::Ready(Some(chunk)) = this.rx.poll_recv(cx) {
                 // The next chunks are made while this one is sent.
-                this.refill();
+                this.read_ahead();
                 return Poll::Ready(Some(chunk));
             }
             // The queue is empty (this stream holds a sender, so it never closes).
-            let Maker::Running(making) = &mut this.maker else {
-                if matches!(this.maker, Maker::Done) {
-                    return Poll::Ready(None);
+            let making = match &mut this.maker {
+                Maker::Done => return Poll::Ready(None),
+                Maker::Idle(_) => {
+                    let grant = std::task::ready!(this.account.poll_grant(cx));
+                    this.start(grant);
+                    continue;
                 }
-                continue;
+                Maker::Running(making) => making,
             };
             let made = match Pin::new(making).poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -132,40 +154,222 @@ impl<S: ChunkSource> Stream for Chunks<S> {
 
 /// Read buffer for serving blobs: large enough to keep syscalls off the profile.
 pub(crate) const READ_CHUNK: usize = 256 * 1024;
-/// Bytes read ahead for all the blobs being served at once, as a target: each stream holds
-/// up to four chunks (three queued, one being sent; see [`QUEUED`]), so chunks shrink
-/// as streams multiply (up to 12 streams still read 256 KiB chunks).
-const SERVE_BUDGET: usize = 12 * 1024 * 1024;
+/// The read-ahead budget unless the config sets one: 12 MiB, so up to 12 streams read
+/// 256 KiB chunks four deep.
+pub const DEFAULT_READ_AHEAD: usize = 12 * 1024 * 1024;
 /// The smallest chunk, however many streams there are.
 const MIN_READ_CHUNK: usize = 16 * 1024;
 
-/// Blob streams being served right now.
-static SERVING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
-/// 16 KiB) when many are, so that memory stays near a 12 MiB budget — 200 clients pulling at once must
-/// not hold 200 × 768 KiB. Every stream that reads ahead (files here, layers read straight
-/// from an engine's storage, blobs being fetched) takes its chunks from this budget while it
-/// holds a [`Serving`].
-pub fn chunk_size() -> usize {
-    let serving = SERVING.load(std::sync::atomic::Ordering::Relaxed).max(1);
-    (SERVE_BUDGET / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
+/// The bytes of chunks made and not yet sent, for the whole process.
+struct Budget {
+    permits: Arc<Semaphore>,
+    bytes: usize,
 }
 
-/// Counts a stream in the shared read-ahead budget while it lives.
-pub struct Serving;
+static BUDGET: OnceLock<Budget> = OnceLock::new();
+
+/// Sets the read-ahead budget (bytes, at least one smallest chunk) before the first stream;
+/// `false` when it was already set to another figure (it is the process's, set once).
+pub fn set_read_ahead(bytes: usize) -> bool {
+    let bytes = bytes.clamp(MIN_READ_CHUNK, u32::MAX as usize);
+    BUDGET.get_or_init(|| Budget::new(bytes)).bytes == bytes
+}
+
+impl Budget {
+    fn new(bytes: usize) -> Budget {
+        Budget {
+            permits: Arc::new(Semaphore::new(bytes)),
+            bytes,
+        }
+    }
+}
+
+fn budget() -> &'static Budget {
+    BUDGET.get_or_init(|| Budget::new(DEFAULT_READ_AHEAD))
+}
+
+/// Blob streams being served now, and the bytes they hold against the budget.
+pub fn in_use() -> (usize, usize) {
+    let b = budget();
+    (SERVING.load(Ordering::Relaxed), b.bytes - b.permits.available_permits().min(b.bytes))
+}
+
+/// Blob streams being served right now.
+static SERVING: AtomicUsize = AtomicUsize::new(0);
+
+/// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
+/// 16 KiB) when many are, so that four chunks a stream fit the budget while they can.
+pub fn chunk_size() -> usize {
+    let serving = SERVING.load(Ordering::Relaxed).max(1);
+    (budget().bytes / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)
+}
+
+/// Counts a stream in [`chunk_size`] while it lives.
+struct Serving;
 
 impl Serving {
-    /// Counts one more stream until the guard drops.
-    pub fn start() -> Self {
-        SERVING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn start() -> Self {
+        SERVING.fetch_add(1, Ordering::Relaxed);
         Serving
     }
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        SERVING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        SERVING.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One stream's dealings with the read-ahead budget. Every chunk a stream makes is held
+/// against it until the chunk's last byte is dropped (sent, or thrown away), wherever it
+/// waits meanwhile: in the stream's queue, in the HTTP connection's buffers, in an HTTP/2
+/// stream's send buffer. A chunk read ahead needs room in the budget; the chunk a consumer
+/// waits for is free when none of the stream's chunks is held anywhere, so that every
+/// stream moves, one chunk at a time, however the budget is spent (by clients that stopped
+/// reading, say). Chunk bytes held at once are thus at most the budget plus one chunk a
+/// stream.
+pub struct Account {
+    share: Arc<Share>,
+    /// A turn at the budget, queued behind the streams that asked before.
+    waiting: Option<Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>>,
+    _serving: Serving,
+}
+
+/// What a stream's chunks tell it when they are dropped.
+#[derive(Default)]
+struct Share {
+    /// Its chunks not yet dropped.
+    held: AtomicUsize,
+    /// Woken when the last of them is.
+    waker: AtomicWaker,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Account {
+    /// A stream's account; it counts in [`chunk_size`] while it lives.
+    pub fn new() -> Self {
+        Account {
+            share: Arc::default(),
+            waiting: None,
+            _serving: Serving::start(),
+        }
+    }
+
+    /// Leave to make the chunk a consumer waits for: free when the stream holds no chunk,
+    /// else from the budget, waiting for room or for the stream's chunks to be dropped.
+    pub fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<Grant> {
+        loop {
+            if let Some(waiting) = &mut self.waiting {
+                if let Poll::Ready(turn) = waiting.as_mut().poll(cx) {
+                    self.waiting = None;
+                    if let Ok(permit) = turn {
+                        return Poll::Ready(self.grant(permit.num_permits(), Some(permit)));
+                    }
+                }
+            }
+            if self.share.held.load(Ordering::Acquire) == 0 {
+                self.waiting = None;
+                return Poll::Ready(self.grant(chunk_size(), None));
+            }
+            if let Some(grant) = self.ahead().try_grant() {
+                self.waiting = None;
+                return Poll::Ready(grant);
+            }
+            self.share.waker.register(cx.waker());
+            if self.share.held.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            if self.waiting.is_none() {
+                let turn = budget().permits.clone().acquire_many_owned(MIN_READ_CHUNK as u32);
+                self.waiting = Some(Box::pin(turn));
+                continue;
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// [`Account::poll_grant`] as a future.
+    pub async fn grant_next(&mut self) -> Grant {
+        std::future::poll_fn(|cx| self.poll_grant(cx)).await
+    }
+
+    /// What reading ahead needs, for a blocking thread.
+    pub fn ahead(&self) -> Ahead {
+        Ahead(self.share.clone())
+    }
+
+    fn grant(&self, size: usize, permit: Option<OwnedSemaphorePermit>) -> Grant {
+        Grant {
+            size,
+            permit,
+            share: self.share.clone(),
+        }
+    }
+}
+
+/// Reads ahead for one stream, from the budget only.
+pub struct Ahead(Arc<Share>);
+
+impl Ahead {
+    /// Leave to read one more chunk ahead, if the budget has room for it now.
+    pub fn try_grant(&self) -> Option<Grant> {
+        let size = chunk_size();
+        let permit = budget().permits.clone().try_acquire_many_owned(size as u32).ok()?;
+        Some(Grant {
+            size,
+            permit: Some(permit),
+            share: self.0.clone(),
+        })
+    }
+}
+
+/// Leave to make one chunk of at most [`Grant::size`] bytes.
+pub struct Grant {
+    size: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    share: Arc<Share>,
+}
+
+impl Grant {
+    /// The most bytes the chunk may have.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The chunk, held against the stream's account until its last byte is dropped.
+    pub fn hold(self, bytes: Bytes) -> Bytes {
+        self.share.held.fetch_add(1, Ordering::AcqRel);
+        Bytes::from_owner(Held {
+            bytes,
+            _permit: self.permit,
+            share: self.share,
+        })
+    }
+}
+
+/// A chunk and what it holds of the budget.
+struct Held {
+    bytes: Bytes,
+    _permit: Option<OwnedSemaphorePermit>,
+    share: Arc<Share>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.share.held.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.share.waker.wake();
+        }
     }
 }
 
@@ -177,7 +381,6 @@ pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> crate::backend
         file,
         seek_to: (offset > 0).then_some(offset),
         left: len,
-        _serving: Serving::start(),
     })
 }
 
@@ -187,11 +390,10 @@ struct FileChunks {
     /// Where the first read starts, when not at the beginning.
     seek_to: Option<u64>,
     left: u64,
-    _serving: Serving,
 }
 
 impl ChunkSource for FileChunks {
-    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+    fn next_chunk(&mut self, max: usize) -> Option<io::Result<Bytes>> {
         use std::io::{Read, Seek};
         if self.left == 0 {
             return None;
@@ -202,7 +404,7 @@ impl ChunkSource for FileChunks {
                 return Some(Err(e));
             }
         }
-        let want = self.left.min(chunk_size() as u64);
+        let want = self.left.min(max as u64);
         // read_to_end fills spare capacity without zeroing it first.
         let mut buf = Vec::with_capacity(want as usize);
         let read = match (&mut self.file).take(want).read_to_end(&mut buf) {
@@ -253,7 +455,7 @@ pub(crate) mod tests {
     }
 
     impl ChunkSource for Counting {
-        fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        fn next_chunk(&mut self, _max: usize) -> Option<io::Result<Bytes>> {
             if self.left == 0 {
                 return None;
             }
@@ -298,10 +500,64 @@ pub(crate) mod tests {
         });
     }
 
+    /// Chunks of whatever size is asked, counting the bytes made.
+    struct Sized {
+        left: usize,
+        made: Arc<AtomicUsize>,
+    }
+
+    impl ChunkSource for Sized {
+        fn next_chunk(&mut self, max: usize) -> Option<io::Result<Bytes>> {
+            let n = max.min(self.left);
+            if n == 0 {
+                return None;
+            }
+            self.left -= n;
+            self.made.fetch_add(n, Ordering::SeqCst);
+            Some(Ok(Bytes::from(vec![7u8; n])))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn chunks_read_ahead_stay_within_the_budget_and_every_stream_moves() {
+        // 600 clients that took one chunk and stopped reading (their chunk kept, as a
+        // socket that takes nothing keeps it).
+        let made = Arc::new(AtomicUsize::new(0));
+        let mut stalled = Vec::new();
+        let mut kept = 0;
+        for _ in 0..600 {
+            let mut s = stream(Sized {
+                left: 64 << 20,
+                made: made.clone(),
+            });
+            let first = s.next().await.unwrap().unwrap();
+            kept += first.len();
+            stalled.push((s, first));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Beyond the one chunk each was given, what they read ahead fits the budget.
+        let ahead = made.load(Ordering::SeqCst) - kept;
+        assert!(ahead <= DEFAULT_READ_AHEAD, "{ahead} bytes read ahead");
+        assert!(in_use().1 <= DEFAULT_READ_AHEAD);
+        // A client that reads gets its blob whole meanwhile, however the budget is spent.
+        let reader = stream(Sized {
+            left: 8 << 20,
+            made: Arc::new(AtomicUsize::new(0)),
+        });
+        let read = tokio::time::timeout(
+            Duration::from_secs(20),
+            reader.fold(0, |n, c| async move { n + c.unwrap().len() }),
+        )
+        .await
+        .expect("the reader was kept waiting");
+        assert_eq!(read, 8 << 20);
+        drop(stalled);
+    }
+
     struct Failing;
 
     impl ChunkSource for Failing {
-        fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+        fn next_chunk(&mut self, _max: usize) -> Option<io::Result<Bytes>> {
             Some(Err(io::Error::other("disk went away")))
         }
     }

@@ -48,6 +48,8 @@ struct Metrics {
     engine_pulls: Family<OutcomeLabels, Counter>,
     heals: Family<OutcomeLabels, Counter>,
     upload_sessions: Gauge,
+    blob_streams: Gauge,
+    read_ahead_bytes: Gauge,
 }
 
 fn metrics() -> &'static Metrics {
@@ -64,6 +66,8 @@ fn metrics() -> &'static Metrics {
             engine_pulls: Family::default(),
             heals: Family::default(),
             upload_sessions: Gauge::default(),
+            blob_streams: Gauge::default(),
+            read_ahead_bytes: Gauge::default(),
             upstream_requests: Family::default(),
             upstream_bytes: Family::default(),
             upstream_cache: Family::default(),
@@ -105,6 +109,16 @@ fn metrics() -> &'static Metrics {
             "upload_sessions_open",
             "Upload sessions open in the push store",
             m.upload_sessions.clone(),
+        );
+        registry.register(
+            "blob_streams",
+            "Blob bodies being served now (from files, engines and fetches under way)",
+            m.blob_streams.clone(),
+        );
+        registry.register(
+            "read_ahead_bytes",
+            "Bytes of blob chunks read ahead and not yet sent, held against server.read_ahead",
+            m.read_ahead_bytes.clone(),
         );
         registry.register(
             "upstream_requests",
@@ -244,6 +258,9 @@ pub fn upstream_cache(backend: &str, outcome: &str) {
 
 /// Every metric in Prometheus text format.
 pub fn render() -> String {
+    let (streams, read_ahead) = crate::chunks::in_use();
+    metrics().blob_streams.set(streams as i64);
+    metrics().read_ahead_bytes.set(read_ahead as i64);
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &metrics().registry).is_err() {
         out.clear();

@@ -63,6 +63,11 @@ pub struct ServerConfig {
     /// Connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Bytes of blob chunks read ahead of their clients, for all streams together: a ceiling
+    /// on that memory however many clients pull (each stream also holds at most one chunk
+    /// outside it, 16 KiB when many are served).
+    #[serde(default = "default_read_ahead")]
+    pub read_ahead: ferry_backends::size::Size,
     /// Seconds requests under way may take to finish at shutdown.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
@@ -95,6 +100,7 @@ impl Default for ServerConfig {
             body_idle_timeout_secs: default_body_idle_timeout(),
             send_timeout_secs: default_send_timeout(),
             max_connections: default_max_connections(),
+            read_ahead: default_read_ahead(),
             shutdown_grace_secs: default_shutdown_grace(),
             tls_cert: None,
             tls_key: None,
@@ -113,6 +119,9 @@ fn default_send_timeout() -> u64 {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_read_ahead() -> ferry_backends::size::Size {
+    ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20)
 }
 fn default_shutdown_grace() -> u64 {
     30

@@ -284,6 +284,8 @@ fn run<E: std::fmt::Display>(work: impl std::future::Future<Output = Result<(), 
 
 async fn serve(config: Config) -> Result<(), String> {
     raise_open_file_limit();
+    let read_ahead = config.server.read_ahead.bytes();
+    ferry_core::chunks::set_read_ahead(usize::try_from(read_ahead).unwrap_or(usize::MAX));
     let tls = config
         .server
         .tls_files()

@@ -435,7 +435,7 @@ impl Fill {
             end: offset + len,
             progress: self.progress.clone(),
             failed: false,
-            _serving: ferry_core::chunks::Serving::start(),
+            account: ferry_core::chunks::Account::new(),
         };
         Ok(Joined::Body(BlobBody {
             size: self.size,
@@ -474,8 +474,8 @@ struct Reader {
     end: u64,
     progress: watch::Receiver<Progress>,
     failed: bool,
-    /// Counted in the shared read-ahead budget.
-    _serving: ferry_core::chunks::Serving,
+    /// Its chunks are held against the read-ahead budget.
+    account: ferry_core::chunks::Account,
 }
 
 impl Reader {
@@ -495,12 +495,12 @@ impl Reader {
                 }
             };
             if available > self.pos {
-                let chunk = ferry_core::chunks::chunk_size() as u64;
-                let want = (available.min(self.end) - self.pos).min(chunk);
+                let grant = self.account.grant_next().await;
+                let want = (available.min(self.end) - self.pos).min(grant.size() as u64);
                 if let Some(bytes) = self.fill.recent_at(self.pos, want) {
                     self.pos += bytes.len() as u64;
                     self.fill.reached(self.pos);
-                    return Some(Ok(bytes));
+                    return Some(Ok(grant.hold(bytes)));
                 }
                 let (file, pos) = (self.file.clone(), self.pos);
                 let read = tokio::task::spawn_blocking(move || {
@@ -526,7 +526,7 @@ impl Reader {
                     Ok(buf) => {
                         self.pos += buf.len() as u64;
                         self.fill.reached(self.pos);
-                        Some(Ok(Bytes::from(buf)))
+                        Some(Ok(grant.hold(Bytes::from(buf))))
                     }
                     Err(e) => {
                         self.failed = true;

@@ -37,7 +37,6 @@ pub fn stream(
         held: None,
         verified: Some(Box::new(verified)),
         ended: false,
-        _serving: ferry_core::chunks::Serving::start(),
     })
 }
 
@@ -61,16 +60,15 @@ struct Assembler {
     held: Option<Bytes>,
     verified: Option<Box<dyn FnOnce(bool) + Send>>,
     ended: bool,
-    _serving: ferry_core::chunks::Serving,
 }
 
 impl ferry_core::chunks::ChunkSource for Assembler {
-    fn next_chunk(&mut self) -> Option<io::Result<Bytes>> {
+    fn next_chunk(&mut self, max: usize) -> Option<io::Result<Bytes>> {
         loop {
             if self.ended {
                 return None;
             }
-            match self.assemble() {
+            match self.assemble(max) {
                 Ok(Some(chunk)) => {
                     if self.hasher.is_none() {
                         return Some(Ok(chunk));
@@ -127,10 +125,9 @@ impl Assembler {
         }
     }
 
-    /// The next chunk of the range (up to the read chunk size, small pieces gathered), or
+    /// The next chunk of the range (up to `cap` bytes, small pieces gathered), or
     /// `None` at the end of the tar.
-    fn assemble(&mut self) -> io::Result<Option<Bytes>> {
-        let cap = ferry_core::chunks::chunk_size();
+    fn assemble(&mut self, cap: usize) -> io::Result<Option<Bytes>> {
         let mut buf = Vec::with_capacity(cap);
         while buf.len() < cap && (self.left > 0 || self.hasher.is_some()) {
             if let Some((file, remaining, path)) = &mut self.file {
