@@ -191,7 +191,10 @@ fn budget() -> &'static Budget {
 /// Blob streams being served now, and the bytes they hold against the budget.
 pub fn in_use() -> (usize, usize) {
     let b = budget();
-    (SERVING.load(Ordering::Relaxed), b.bytes - b.permits.available_permits().min(b.bytes))
+    (
+        SERVING.load(Ordering::Relaxed),
+        b.bytes - b.permits.available_permits().min(b.bytes),
+    )
 }
 
 /// Blob streams being served right now.
@@ -231,9 +234,12 @@ impl Drop for Serving {
 pub struct Account {
     share: Arc<Share>,
     /// A turn at the budget, queued behind the streams that asked before.
-    waiting: Option<Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>>,
+    waiting: Option<Turn>,
     _serving: Serving,
 }
+
+/// A place in the budget's queue.
+type Turn = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// What a stream's chunks tell it when they are dropped.
 #[derive(Default)]

@@ -386,3 +386,106 @@ fn an_upload_whose_body_stops_frees_its_session() {
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["Range"], "0-4");
 }
+
+/// A gauge of `/metrics`, by its full name.
+fn gauge(ferry: &Ferry, name: &str) -> u64 {
+    let text = reqwest::blocking::get(ferry.url("/metrics")).unwrap().text().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not in /metrics"))
+}
+
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[test]
+fn many_http2_connections_of_slow_streams_stay_under_the_ceilings_while_a_client_pulls() {
+    const CONNECTIONS: usize = 64;
+    const STREAMS: usize = 32;
+    const READ_AHEAD_MIB: u64 = 4;
+    let dir = scratch();
+    let ferry = ferry_with_low_nofile(dir.path(), &format!("read_ahead = \"{READ_AHEAD_MIB}MiB\""));
+    let blob = incompressible(16 * 1024 * 1024);
+    let digest = push_blob(&ferry, "hostile", &blob);
+    let path = format!("/v2/hostile/blobs/{digest}");
+    let rss_before = peak_rss_mib(ferry.pid());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = runtime.block_on(async {
+        // 64 connections open as many streams as each may (32), each asking for the blob and
+        // taking just its first window's worth: 2048 streams, all waiting on their clients.
+        let (mut held, mut clients) = (Vec::new(), Vec::new());
+        for _ in 0..CONNECTIONS {
+            let tcp = tokio::net::TcpStream::connect(ferry.addr()).await.unwrap();
+            let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let mut asked = Vec::new();
+            for _ in 0..STREAMS {
+                let (response, _) = client
+                    .clone()
+                    .ready()
+                    .await
+                    .unwrap()
+                    .send_request(h2_get(&ferry, &path), true)
+                    .unwrap();
+                asked.push(response);
+            }
+            for response in asked {
+                let response = response.await.unwrap();
+                assert_eq!(response.status(), 200);
+                held.push(response.into_body());
+            }
+            clients.push(client);
+        }
+        (held, clients)
+    });
+    // Every stream is served at once, and what they read ahead stays within the budget.
+    std::thread::sleep(Duration::from_secs(1));
+    let streams = gauge(&ferry, "ferry_blob_streams");
+    let read_ahead = gauge(&ferry, "ferry_read_ahead_bytes");
+    assert!(
+        streams >= (CONNECTIONS * STREAMS) as u64,
+        "{streams} blob streams served"
+    );
+    assert!(
+        read_ahead <= READ_AHEAD_MIB << 20,
+        "{read_ahead} bytes read ahead, over the {READ_AHEAD_MIB} MiB budget"
+    );
+
+    // A normal client pulls the blob meanwhile, whole.
+    let started = Instant::now();
+    let got = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+        .get(ferry.url(&path))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got == blob, "the normal client got {} bytes, not the blob", got.len());
+    let took = started.elapsed();
+
+    // Memory: what ferry held at its peak, against the ceiling RELIABILITY.md states for
+    // this many streams: the budget, one 16 KiB chunk and some 24 KiB of connection and
+    // request state a stream, over what it held before.
+    let peak = peak_rss_mib(ferry.pid());
+    let ceiling = rss_before + READ_AHEAD_MIB + (CONNECTIONS * STREAMS) as u64 * 40 / 1024;
+    eprintln!(
+        "{} streams: peak RSS {peak} MiB ({rss_before} before, ceiling {ceiling}), read ahead {read_ahead} B, normal pull {took:?}",
+        CONNECTIONS * STREAMS
+    );
+    assert!(peak <= ceiling, "peak RSS {peak} MiB, over the {ceiling} MiB ceiling");
+    drop(held);
+}
