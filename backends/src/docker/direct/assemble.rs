@@ -40,7 +40,7 @@ pub fn stream(
     })
 }
 
-type TarSplit = tarsplit::Pieces<std::io::BufReader<flate2::read::GzDecoder<std::fs::File>>>;
+type TarSplit = tarsplit::Opened;
 
 /// A layer's tar being assembled.
 struct Assembler {

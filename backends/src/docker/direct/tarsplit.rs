@@ -64,10 +64,22 @@ pub struct Pieces<R> {
     line: Vec<u8>,
 }
 
+/// A tar-split being decompressed, as [`open`] reads it.
+pub type Opened = Pieces<BufReader<flate2::bufread::GzDecoder<BufReader<std::fs::File>>>>;
+
+/// Buffer of each of the two readers around the decompressor. Every layer served by direct
+/// reads keeps a tar-split open for as long as it is streamed, so its buffers count once per
+/// client (`flate2::read`'s own is 32 KiB).
+const TAR_SPLIT_BUFFER: usize = 8 * 1024;
+
 /// Opens a `tar-split.json.gz` (Docker) or `<id>.tar-split.gz` (containers/storage).
-pub fn open(path: &Path) -> Result<Pieces<BufReader<flate2::read::GzDecoder<std::fs::File>>>> {
+pub fn open(path: &Path) -> Result<Opened> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    Ok(Pieces::new(BufReader::new(flate2::read::GzDecoder::new(file))))
+    let compressed = BufReader::with_capacity(TAR_SPLIT_BUFFER, file);
+    Ok(Pieces::new(BufReader::with_capacity(
+        TAR_SPLIT_BUFFER,
+        flate2::bufread::GzDecoder::new(compressed),
+    )))
 }
 
 impl<R: BufRead> Pieces<R> {
