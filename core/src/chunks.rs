@@ -158,7 +158,7 @@ pub(crate) const READ_CHUNK: usize = 256 * 1024;
 /// 256 KiB chunks four deep.
 pub const DEFAULT_READ_AHEAD: usize = 12 * 1024 * 1024;
 /// The smallest chunk, however many streams there are.
-const MIN_READ_CHUNK: usize = 16 * 1024;
+const MIN_READ_CHUNK: usize = 8 * 1024;
 
 /// The bytes of chunks made and not yet sent, for the whole process.
 struct Budget {
