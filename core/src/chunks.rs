@@ -201,7 +201,7 @@ pub fn in_use() -> (usize, usize) {
 static SERVING: AtomicUsize = AtomicUsize::new(0);
 
 /// The chunk size for the next read: 256 KiB while few blobs are served, less (down to
-/// 16 KiB) when many are, so that four chunks a stream fit the budget while they can.
+/// 8 KiB) when many are, so that four chunks a stream fit the budget while they can.
 pub fn chunk_size() -> usize {
     let serving = SERVING.load(Ordering::Relaxed).max(1);
     (budget().bytes / (4 * serving)).clamp(MIN_READ_CHUNK, READ_CHUNK)

@@ -6,15 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How often a progress line is written: 5 s, or `FERRY_PROGRESS_INTERVAL_MS` (read once).
+static INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Sets how often a progress line is written (`server.progress_interval_ms`), before the
+/// first; 5 s unless set.
+pub fn set_interval(every: Duration) {
+    let _ = INTERVAL.set(every);
+}
+
 fn interval() -> Duration {
-    static INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *INTERVAL.get_or_init(|| {
-        std::env::var("FERRY_PROGRESS_INTERVAL_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(Duration::from_secs(5), Duration::from_millis)
-    })
+    *INTERVAL.get_or_init(|| Duration::from_secs(5))
 }
 
 /// A byte counter for one piece of work; clones share it.

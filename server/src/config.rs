@@ -65,12 +65,20 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Bytes of blob chunks read ahead of their clients, for all streams together: a ceiling
     /// on that memory however many clients pull (each stream also holds at most one chunk
-    /// outside it, 16 KiB when many are served).
+    /// outside it, 8 KiB when many are served).
     #[serde(default = "default_read_ahead")]
     pub read_ahead: ferry_backends::size::Size,
     /// Seconds requests under way may take to finish at shutdown.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// `UID:GID` to become when started as root (the container image sets 65532:65532 through
+    /// `FERRY_DROP_TO`), keeping only the groups of the engine sockets configured; empty or
+    /// unset: stay as started.
+    #[serde(default)]
+    pub drop_to: Option<String>,
+    /// Milliseconds between the progress lines of long work (exports, engine pulls).
+    #[serde(default = "default_progress_interval")]
+    pub progress_interval_ms: u64,
     /// PEM certificate chain: with `tls_key`, ferry serves HTTPS (HTTP/2 over ALPN), and
     /// reads both again when they change.
     #[serde(default)]
@@ -101,6 +109,8 @@ impl Default for ServerConfig {
             send_timeout_secs: default_send_timeout(),
             max_connections: default_max_connections(),
             read_ahead: default_read_ahead(),
+            drop_to: None,
+            progress_interval_ms: default_progress_interval(),
             shutdown_grace_secs: default_shutdown_grace(),
             tls_cert: None,
             tls_key: None,
@@ -119,6 +129,9 @@ fn default_send_timeout() -> u64 {
 }
 fn default_max_connections() -> usize {
     4096
+}
+fn default_progress_interval() -> u64 {
+    5000
 }
 fn default_read_ahead() -> ferry_backends::size::Size {
     ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20)
@@ -295,15 +308,18 @@ fn parse_addr<E: serde::de::Error>(s: String) -> Result<SocketAddr, E> {
         .map_err(|e| E::custom(format!("{s:?} is not an address like 0.0.0.0:5000: {e}")))
 }
 
-/// Other registries' variables ferry reads too, and the key each sets; a later one wins:
-/// distribution's and k3d's listen address, oci-reg-docker's and distribution's certificate.
-const FOREIGN_ENV: [(&str, &str); 6] = [
+/// Variables that set a key under a name of their own, and the key; a later one wins:
+/// distribution's and k3d's listen address, oci-reg-docker's and distribution's certificate,
+/// and ferry's short names.
+const FOREIGN_ENV: [(&str, &str); 8] = [
     ("REGISTRY_LISTEN_ADDR", "server.addr"),
     ("REGISTRY_HTTP_ADDR", "server.addr"),
     ("REGISTRY_CERT_PATH", "server.tls_cert"),
     ("REGISTRY_KEY_PATH", "server.tls_key"),
     ("REGISTRY_HTTP_TLS_CERTIFICATE", "server.tls_cert"),
     ("REGISTRY_HTTP_TLS_KEY", "server.tls_key"),
+    ("FERRY_DROP_TO", "server.drop_to"),
+    ("FERRY_PROGRESS_INTERVAL_MS", "server.progress_interval_ms"),
 ];
 
 /// Values given on the command line; each overrides every other source.

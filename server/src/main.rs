@@ -286,6 +286,7 @@ async fn serve(config: Config) -> Result<(), String> {
     raise_open_file_limit();
     let read_ahead = config.server.read_ahead.bytes();
     ferry_core::chunks::set_read_ahead(usize::try_from(read_ahead).unwrap_or(usize::MAX));
+    ferry_core::progress::set_interval(Duration::from_millis(config.server.progress_interval_ms));
     let tls = config
         .server
         .tls_files()

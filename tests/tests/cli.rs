@@ -193,7 +193,12 @@ fn config_prints_each_value_with_its_source() {
     let config = write_config(dir.path(), "[server]\nlog_level = \"debug\"\n");
     let (code, out) = ferry(
         &["config", "--config", &config, "--log-format", "json"],
-        &[("REGISTRY_HTTP_ADDR", ":6001"), ("FERRY_SERVER__MAX_CONNECTIONS", "12")],
+        &[
+            ("REGISTRY_HTTP_ADDR", ":6001"),
+            ("FERRY_SERVER__MAX_CONNECTIONS", "12"),
+            ("FERRY_DROP_TO", "65532:65532"),
+            ("FERRY_PROGRESS_INTERVAL_MS", "250"),
+        ],
     );
     assert_eq!(code, 0, "{out}");
     let line = |key: &str| {
@@ -211,6 +216,18 @@ fn config_prints_each_value_with_its_source() {
         line("server.max_connections").ends_with("# environment FERRY_SERVER__MAX_CONNECTIONS"),
         "{out}"
     );
+    // ferry's own short names are configuration too, said as such.
+    assert!(
+        line("server.drop_to").contains("\"65532:65532\"")
+            && line("server.drop_to").ends_with("# environment FERRY_DROP_TO"),
+        "{out}"
+    );
+    assert!(
+        line("server.progress_interval_ms").contains("250")
+            && line("server.progress_interval_ms").ends_with("# environment FERRY_PROGRESS_INTERVAL_MS"),
+        "{out}"
+    );
+    assert!(line("server.read_ahead").contains("\"12MiB\""), "{out}");
     assert!(line("server.log_level").ends_with(&format!("# file {config}")), "{out}");
     assert!(line("server.log_format").ends_with("# flag"), "{out}");
     assert!(line("server.header_timeout_secs").ends_with("# default"), "{out}");
