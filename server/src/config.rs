@@ -38,53 +38,41 @@ pub struct Config {
 
 /// `[server]`.
 #[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Listen address; `:5000` means all interfaces, as in distribution's config.
-    #[serde(default = "default_addr", deserialize_with = "socket_addr")]
+    #[serde(deserialize_with = "socket_addr")]
     pub addr: SocketAddr,
     /// `text` or `json`.
-    #[serde(default)]
     pub log_format: LogFormat,
     /// A tracing filter (`info`, `ferry=debug,poem=info`); `RUST_LOG` wins when set.
-    #[serde(default = "default_log_level")]
     pub log_level: String,
     /// Seconds a client may take to send a request's headers; also how long an idle
     /// keep-alive connection stays open.
-    #[serde(default = "default_header_timeout")]
     pub header_timeout_secs: u64,
     /// Seconds a request body may go without a byte before the request fails.
-    #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout_secs: u64,
     /// Seconds a response may wait on a client that takes none of it before its connection
     /// is closed (a client that never reads would otherwise hold it for ever).
-    #[serde(default = "default_send_timeout")]
     pub send_timeout_secs: u64,
     /// Connections served at once.
-    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Bytes of blob chunks read ahead of their clients, for all streams together: a ceiling
     /// on that memory however many clients pull (each stream also holds at most one chunk
     /// outside it, 8 KiB when many are served).
-    #[serde(default = "default_read_ahead")]
     pub read_ahead: ferry_backends::size::Size,
     /// Seconds requests under way may take to finish at shutdown.
-    #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
     /// `UID:GID` to become when started as root (the container image sets 65532:65532 through
     /// `FERRY_DROP_TO`), keeping only the groups of the engine sockets configured; empty or
     /// unset: stay as started.
-    #[serde(default)]
     pub drop_to: Option<String>,
     /// Milliseconds between the progress lines of long work (exports, engine pulls).
-    #[serde(default = "default_progress_interval")]
     pub progress_interval_ms: u64,
     /// PEM certificate chain: with `tls_key`, ferry serves HTTPS (HTTP/2 over ALPN), and
     /// reads both again when they change.
-    #[serde(default)]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
-    #[serde(default)]
     pub tls_key: Option<PathBuf>,
 }
 
@@ -103,41 +91,19 @@ impl Default for ServerConfig {
         ServerConfig {
             addr: default_addr(),
             log_format: LogFormat::default(),
-            log_level: default_log_level(),
-            header_timeout_secs: default_header_timeout(),
-            body_idle_timeout_secs: default_body_idle_timeout(),
-            send_timeout_secs: default_send_timeout(),
-            max_connections: default_max_connections(),
-            read_ahead: default_read_ahead(),
+            log_level: "info".into(),
+            header_timeout_secs: 30,
+            body_idle_timeout_secs: 60,
+            send_timeout_secs: 60,
+            max_connections: 4096,
+            read_ahead: ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20),
             drop_to: None,
-            progress_interval_ms: default_progress_interval(),
-            shutdown_grace_secs: default_shutdown_grace(),
+            progress_interval_ms: 5000,
+            shutdown_grace_secs: 30,
             tls_cert: None,
             tls_key: None,
         }
     }
-}
-
-fn default_header_timeout() -> u64 {
-    30
-}
-fn default_body_idle_timeout() -> u64 {
-    60
-}
-fn default_send_timeout() -> u64 {
-    60
-}
-fn default_max_connections() -> usize {
-    4096
-}
-fn default_progress_interval() -> u64 {
-    5000
-}
-fn default_read_ahead() -> ferry_backends::size::Size {
-    ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20)
-}
-fn default_shutdown_grace() -> u64 {
-    30
 }
 
 /// How log lines are written.
@@ -154,15 +120,13 @@ pub enum LogFormat {
 /// `[origins]`: the registries ferry, or the engine, may fetch from on a client's behalf
 /// (heals, `pull_missing`).
 #[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct OriginsConfig {
     /// Hosts added to the public registries: `host`, `host:port`, `*.domain`, or `*` for any
     /// public host. Loopback, private and link-local addresses must be named exactly.
-    #[serde(default)]
     pub allow: Vec<String>,
     /// Whether the public registries (Docker Hub, ghcr.io, quay.io, registry.k8s.io, …) are
     /// allowed without being listed.
-    #[serde(default = "default_true")]
     pub public_registries: bool,
 }
 
@@ -180,10 +144,6 @@ impl OriginsConfig {
     pub fn policy(&self) -> ferry_core::origin::OriginPolicy {
         ferry_core::origin::OriginPolicy::new(&self.allow, self.public_registries)
     }
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// `[access]`: read-only mode, Basic auth, the repository prefix allow-list.
@@ -259,27 +219,22 @@ impl AdminConfig {
 
 /// `[cache]`.
 #[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Directory for everything ferry stores: pushed content and export caches.
-    #[serde(default = "default_dir")]
     pub dir: PathBuf,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { dir: default_dir() }
+        CacheConfig {
+            dir: PathBuf::from("/var/lib/ferry"),
+        }
     }
 }
 
 fn default_addr() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 5000))
-}
-fn default_log_level() -> String {
-    "info".into()
-}
-fn default_dir() -> PathBuf {
-    PathBuf::from("/var/lib/ferry")
 }
 /// The default chain: the local engine, then the push store.
 fn default_backends() -> Vec<BackendConfig> {

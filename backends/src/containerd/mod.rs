@@ -32,35 +32,27 @@ use store::{Store, SOURCE_LABEL};
 
 /// `[[backends]] type = "containerd"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ContainerdConfig {
     /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
     pub name: String,
     /// containerd's gRPC socket.
-    #[serde(default = "default_socket")]
     pub socket: PathBuf,
     /// `moby` for Docker's containerd image store, `k8s.io` for k3s/kind nodes, `default`.
-    #[serde(default = "default_namespace")]
     pub namespace: String,
     /// Fetch blobs the content store lacks, and content in it names, from the image's
     /// origin registry into it.
-    #[serde(default = "default_true")]
     pub fetch_missing: bool,
     /// Registry hosts (`host:port`) reached over plain HTTP; loopback hosts are too unless
     /// `hosts` says otherwise.
-    #[serde(default)]
     pub plain_http: Vec<String>,
     /// A PEM CA certificate to trust for origin registries.
-    #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// `[backends.hosts."<host>"]`: how heals reach one origin (TLS on a loopback host, its
     /// own CA).
-    #[serde(default)]
     pub hosts: BTreeMap<String, HealHost>,
     /// Read committed blobs straight from containerd's content directory when this process
     /// can (same machine, enough permissions), instead of through the Read API.
-    #[serde(default = "default_true")]
     pub direct_reads: bool,
 }
 
@@ -79,19 +71,6 @@ pub struct HealHost {
     pub ca_file: Option<PathBuf>,
 }
 
-fn default_name() -> String {
-    "containerd".into()
-}
-fn default_socket() -> PathBuf {
-    PathBuf::from("/run/containerd/containerd.sock")
-}
-fn default_namespace() -> String {
-    "moby".into()
-}
-fn default_true() -> bool {
-    true
-}
-
 /// Coalesce fetched bytes into writes of this size (a gRPC message each).
 const WRITE_CHUNK: usize = 1024 * 1024;
 
@@ -99,9 +78,9 @@ impl Default for ContainerdConfig {
     /// The defaults of an empty `[[backends]] type = "containerd"` table.
     fn default() -> Self {
         ContainerdConfig {
-            name: default_name(),
-            socket: default_socket(),
-            namespace: default_namespace(),
+            name: "containerd".into(),
+            socket: PathBuf::from("/run/containerd/containerd.sock"),
+            namespace: "moby".into(),
             fetch_missing: true,
             plain_http: Vec::new(),
             ca_file: None,

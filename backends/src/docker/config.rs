@@ -16,57 +16,38 @@ use super::{containerd_store, direct, DockerBackend};
 
 /// `[[backends]] type = "docker"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DockerConfig {
     /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
     pub name: String,
     /// Engine API socket: `unix:///var/run/docker.sock`, a Podman socket, or `tcp://host:port`.
     /// Unset: `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
-    #[serde(default)]
     pub socket: Option<String>,
     /// For a `tcp://` engine behind TLS: a directory with `ca.pem`, `cert.pem` and `key.pem`
     /// (as `DOCKER_CERT_PATH`). Unset: `DOCKER_CERT_PATH` when `DOCKER_TLS_VERIFY` is set.
-    #[serde(default)]
     pub tls_dir: Option<PathBuf>,
     /// Pull images the engine lacks through the engine, with the client's credentials.
-    #[serde(default)]
     pub pull_missing: bool,
     /// How many different images may be exported at once.
-    #[serde(default = "default_parallel")]
     pub max_parallel_exports: usize,
     /// Cache size limit, e.g. "20GiB"; unset means no limit.
-    #[serde(default)]
     pub max_cache_size: Option<crate::size::Size>,
     /// Where exported blobs are cached; defaults to `<cache.dir>/docker`.
-    #[serde(default)]
     pub dir: Option<PathBuf>,
     /// Serve images from the engine's own storage (Docker's graph driver: overlay2, vfs)
     /// when ferry can read its data root, with no export; anything else is exported.
-    #[serde(default = "default_true")]
     pub direct_reads: bool,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_name() -> String {
-    "docker".into()
-}
-fn default_parallel() -> usize {
-    2
 }
 
 impl Default for DockerConfig {
     /// The defaults of an empty `[[backends]] type = "docker"` table.
     fn default() -> Self {
         DockerConfig {
-            name: default_name(),
+            name: "docker".into(),
             socket: None,
             tls_dir: None,
             pull_missing: false,
-            max_parallel_exports: default_parallel(),
+            max_parallel_exports: 2,
             max_cache_size: None,
             dir: None,
             direct_reads: true,

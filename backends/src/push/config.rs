@@ -12,81 +12,50 @@ use super::PushBackend;
 
 /// `[[backends]] type = "push"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
     /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
     pub name: String,
     /// Where pushed content lives; defaults to `<cache.dir>/push`.
-    #[serde(default)]
     pub dir: Option<PathBuf>,
     /// Whether `DELETE` of manifests and blobs is allowed (off, as in distribution).
-    #[serde(default)]
     pub allow_delete: bool,
     /// Let pushed images stand in for an origin's: pushes to names with a registry host are
     /// accepted, and clients using ferry as a mirror (`?ns=`) are served pushed images too.
-    #[serde(default)]
     pub shadow_origins: bool,
     /// Upload sessions idle for longer than this many seconds are removed.
-    #[serde(default = "default_upload_ttl")]
     pub upload_ttl_secs: u64,
     /// Largest blob accepted, e.g. "16GiB".
-    #[serde(default = "default_max_blob_size")]
     pub max_blob_size: crate::size::Size,
     /// Total size the push store may grow to (blobs and uploads in progress), e.g.
     /// "200GiB"; unset: no limit.
-    #[serde(default)]
     pub quota: Option<crate::size::Size>,
     /// Run a garbage collection this often (seconds; 0: only `ferry gc`).
-    #[serde(default)]
     pub gc_interval_secs: u64,
     /// Blobs younger than this, or asked for or linked this recently, are never collected
     /// (seconds): the manifest of a push under way may be about to name them.
-    #[serde(default = "default_gc_min_age")]
     pub gc_min_age_secs: u64,
     /// Upload sessions open at once, in all and per client address.
-    #[serde(default = "default_max_uploads")]
     pub max_upload_sessions: usize,
-    #[serde(default = "default_max_uploads_per_client")]
     /// Upload sessions open at once per client address.
     pub max_upload_sessions_per_client: usize,
-}
-
-fn default_gc_min_age() -> u64 {
-    3600
-}
-fn default_max_blob_size() -> crate::size::Size {
-    crate::size::Size::sixteen_gib()
-}
-fn default_max_uploads() -> usize {
-    1000
-}
-fn default_max_uploads_per_client() -> usize {
-    100
-}
-
-fn default_name() -> String {
-    "push".into()
-}
-fn default_upload_ttl() -> u64 {
-    3600
 }
 
 impl Default for PushConfig {
     /// The defaults of an empty `[[backends]] type = "push"` table.
     fn default() -> Self {
         PushConfig {
-            name: default_name(),
+            name: "push".into(),
             dir: None,
             allow_delete: false,
             shadow_origins: false,
-            upload_ttl_secs: default_upload_ttl(),
-            max_blob_size: default_max_blob_size(),
+            upload_ttl_secs: 3600,
+            max_blob_size: crate::size::Size::sixteen_gib(),
             quota: None,
-            max_upload_sessions: default_max_uploads(),
-            max_upload_sessions_per_client: default_max_uploads_per_client(),
+            max_upload_sessions: 1000,
+            max_upload_sessions_per_client: 100,
             gc_interval_secs: 0,
-            gc_min_age_secs: default_gc_min_age(),
+            gc_min_age_secs: 3600,
         }
     }
 }

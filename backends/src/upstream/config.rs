@@ -23,77 +23,50 @@ use crate::fill::Fills;
 
 /// `[[backends]] type = "upstream"`.
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Name in logs and the `Ferry-Backend` header.
-    #[serde(default = "default_name")]
     pub name: String,
     /// Where the cache lives; `<cache.dir>/upstream` by default.
-    #[serde(default)]
     pub dir: Option<PathBuf>,
     /// The only origins ever contacted: `host`, `host:port`, `*.domain`, or `*` (any host
     /// on the public internet). Loopback and private addresses must be named exactly, here or
     /// in `hosts`.
-    #[serde(default = "default_allow")]
     pub allow: Vec<String>,
     /// How long a tag's digest is served before the origin is asked again.
-    #[serde(default = "default_ttl")]
     pub tag_ttl_secs: u64,
     /// The cache's size limit ("20GiB"); least recently used blobs go first. No limit when
     /// unset.
-    #[serde(default)]
     pub max_cache_size: Option<crate::size::Size>,
     /// The largest blob fetched ("16GiB"): a bigger one is refused before its body is read,
     /// so no client can fill the disk with one huge blob from an allowed origin.
-    #[serde(default = "default_max_blob_size")]
     pub max_blob_size: crate::size::Size,
     /// A fetch whose clients all went away goes on when at least this share of the blob
     /// arrived (0: always finish, 100: stop unless done).
-    #[serde(default = "default_keep_percent")]
     pub keep_fill_from_percent: u8,
     /// Serve what was fetched with one client's own credentials to every client, from the
     /// cache (a one-user machine that must pull private images offline after a restart).
     /// Off: such a repository is served only to clients whose credentials the origin accepts.
-    #[serde(default)]
     pub share_private: bool,
     /// A Docker `config.json` whose `auths` are ferry's credentials per host.
-    #[serde(default)]
     pub docker_config: Option<PathBuf>,
     /// A PEM CA certificate trusted for every host.
-    #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Per-host settings: plain HTTP, CA, endpoint, credentials.
-    #[serde(default)]
     pub hosts: BTreeMap<String, HostConfig>,
-}
-
-fn default_name() -> String {
-    "upstream".into()
-}
-fn default_allow() -> Vec<String> {
-    vec!["*".into()]
-}
-fn default_ttl() -> u64 {
-    300
-}
-fn default_keep_percent() -> u8 {
-    50
-}
-fn default_max_blob_size() -> crate::size::Size {
-    crate::size::Size::sixteen_gib()
 }
 
 impl Default for UpstreamConfig {
     /// The defaults of an empty `[[backends]] type = "upstream"` table.
     fn default() -> Self {
         UpstreamConfig {
-            name: default_name(),
+            name: "upstream".into(),
             dir: None,
-            allow: default_allow(),
-            tag_ttl_secs: default_ttl(),
+            allow: vec!["*".into()],
+            tag_ttl_secs: 300,
             max_cache_size: None,
-            max_blob_size: default_max_blob_size(),
-            keep_fill_from_percent: default_keep_percent(),
+            max_blob_size: crate::size::Size::sixteen_gib(),
+            keep_fill_from_percent: 50,
             share_private: false,
             docker_config: None,
             ca_file: None,
