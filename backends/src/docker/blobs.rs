@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ferry_core::{BlobBody, ByteRange, Digest, Repository, Result};
 
-use super::{direct, export, DockerBackend, Found, MAX_EXPORTS_PER_BLOB_LOOKUP};
+use super::{direct, export, DockerBackend, EngineImage, MAX_EXPORTS_PER_BLOB_LOOKUP};
 
 impl DockerBackend {
     /// Exports the engine images tagged under `repo` that the cache holds no export of, until
@@ -29,7 +29,7 @@ impl DockerBackend {
             }
             tracing::info!(backend = %self.config.name, repository = %repo, %digest, image = %id,
                 "blob asked for before its manifest and not in the engine's index: exporting an image of this repository to find it");
-            let found = Found { name: id.clone(), id };
+            let found = EngineImage { name: id.clone(), id };
             self.entry(&found, repo).await?;
             if let Some(size) = self.cache.store.size(digest).await? {
                 return Ok(Some(size));
@@ -58,7 +58,7 @@ impl DockerBackend {
                 .await
                 .is_some_and(|e| e.export.format == export::Format::Direct)
             {
-                let found = Found { name: id.clone(), id };
+                let found = EngineImage { name: id.clone(), id };
                 self.entry(&found, repo).await?;
                 return Ok(self.direct.layer(digest).await.filter(|l| !l.is_bad()));
             }
@@ -114,7 +114,7 @@ impl DockerBackend {
         let Some(id) = id else {
             return self.find_by_export(repo, digest).await;
         };
-        let found = Found { name: id.clone(), id };
+        let found = EngineImage { name: id.clone(), id };
         self.entry(&found, repo).await?;
         self.cache.store.size(digest).await
     }

@@ -61,7 +61,7 @@ pub struct DockerBackend {
 }
 
 /// An engine image found for a request: its id and the name it was found under.
-struct Found {
+struct EngineImage {
     id: String,
     name: String,
 }
@@ -83,11 +83,11 @@ impl DockerBackend {
         names
     }
 
-    async fn find(&self, names: &[String]) -> Result<Option<Found>> {
+    async fn find(&self, names: &[String]) -> Result<Option<EngineImage>> {
         for name in names {
             if let Some(i) = self.engine.inspect(name).await? {
                 if let Some(id) = i.id {
-                    return Ok(Some(Found { id, name: name.clone() }));
+                    return Ok(Some(EngineImage { id, name: name.clone() }));
                 }
             }
         }
@@ -96,7 +96,7 @@ impl DockerBackend {
 
     /// The cache entry of an engine image: read from the engine's storage when ferry can,
     /// else exported when the cache has none.
-    async fn entry(&self, found: &Found, repo: &Repository) -> Result<Arc<Entry>> {
+    async fn entry(&self, found: &EngineImage, repo: &Repository) -> Result<Arc<Entry>> {
         let cached = self.cache.get(&found.id).await;
         if let Some(e) = &cached {
             if self.direct.knows(&e.export).await {
@@ -259,7 +259,7 @@ impl Backend for DockerBackend {
                 let Some(found) = self.find_or_pull(&names, image, ctx).await? else {
                     return Ok(None);
                 };
-                let found = Found {
+                let found = EngineImage {
                     name: found.id.clone(),
                     id: found.id,
                 };

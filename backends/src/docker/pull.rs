@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use ferry_core::{Error, ImageRef, Repository, RequestCtx, Result, DOCKER_HUB};
 
-use super::{DockerBackend, Found};
+use super::{DockerBackend, EngineImage};
 
 impl DockerBackend {
     /// The client's Basic credentials, in the form the engine's pull takes.
@@ -118,7 +118,7 @@ impl DockerBackend {
         names: &[String],
         image: &ImageRef,
         ctx: &RequestCtx,
-    ) -> Result<Option<Found>> {
+    ) -> Result<Option<EngineImage>> {
         if let Some(f) = self.find(names).await? {
             return Ok(Some(f));
         }

@@ -56,7 +56,7 @@ const QUEUED_BATCHES: usize = 1;
 
 /// Where a fill stands.
 #[derive(Clone, Debug)]
-enum Progress {
+enum Stage {
     /// Bytes written (and flushed) so far.
     Writing(u64),
     /// Whole and hashed to its digest: readers may have the last byte while it is made
@@ -78,7 +78,7 @@ pub struct Fill {
     /// Its size, as the origin announced it.
     pub size: u64,
     temp: PathBuf,
-    progress: watch::Receiver<Progress>,
+    progress: watch::Receiver<Stage>,
     /// The newest chunks written, with their offsets.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
     readers: AtomicUsize,
@@ -143,7 +143,7 @@ impl Fill {
             .temp_path()
             .map(PathBuf::from)
             .ok_or_else(|| Error::Internal("blob writer without a temp file".into()))?;
-        let (progress_tx, progress) = watch::channel(Progress::Writing(0));
+        let (progress_tx, progress) = watch::channel(Stage::Writing(0));
         let fill = Arc::new(Fill {
             repo,
             digest,
@@ -177,12 +177,12 @@ impl Fill {
                         return match commit.take() {
                             Some(Commit::Hand(hand)) => {
                                 hand(temp).await?;
-                                progress_tx.send_replace(Progress::Verified);
+                                progress_tx.send_replace(Stage::Verified);
                                 drop(sealed);
                                 Ok(())
                             }
                             _ => {
-                                progress_tx.send_replace(Progress::Verified);
+                                progress_tx.send_replace(Stage::Verified);
                                 blocking(move || sealed.persist()).await
                             }
                         };
@@ -198,7 +198,7 @@ impl Fill {
                     .await?;
                     writer = w;
                     fill.remember(offset, batch);
-                    progress_tx.send_replace(Progress::Writing(writer.size()));
+                    progress_tx.send_replace(Stage::Writing(writer.size()));
                 }
                 Err(Error::Internal("the fetch stopped".into()))
             })
@@ -225,14 +225,14 @@ impl Fill {
                         tracing::info!(backend = %backend, origin = %fill.repo, digest = %fill.digest, size = fill.size,
                             elapsed_ms, "fetched blob from its origin into the cache");
                     }
-                    progress_tx.send_replace(Progress::Done);
+                    progress_tx.send_replace(Stage::Done);
                 }
                 Err(e) => {
                     if logged {
                         tracing::warn!(backend = %backend, origin = %fill.repo, digest = %fill.digest, error = %e,
                             elapsed_ms, "fetch of a blob from its origin failed; nothing stored");
                     }
-                    progress_tx.send_replace(Progress::Failed(e.to_string()));
+                    progress_tx.send_replace(Stage::Failed(e.to_string()));
                 }
             }
             done(&outcome);
@@ -396,19 +396,19 @@ impl Fill {
     /// Bytes still to be written.
     fn remaining(&self) -> u64 {
         match *self.progress.borrow() {
-            Progress::Writing(n) => self.size.saturating_sub(n),
+            Stage::Writing(n) => self.size.saturating_sub(n),
             _ => 0,
         }
     }
 
     /// Whether the fill ended (stored or failed).
     pub fn ended(&self) -> bool {
-        matches!(*self.progress.borrow(), Progress::Done | Progress::Failed(_))
+        matches!(*self.progress.borrow(), Stage::Done | Stage::Failed(_))
     }
 
     /// Whether the fill failed: the blob must be fetched again.
     pub fn failed(&self) -> bool {
-        matches!(*self.progress.borrow(), Progress::Failed(_))
+        matches!(*self.progress.borrow(), Stage::Failed(_))
     }
 
     /// A stream of the blob (or `range` of it) that follows the fill.
@@ -423,7 +423,7 @@ impl Fill {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Joined::Gone),
             Err(e) => return Err(Error::io(format!("opening {}", self.temp.display()), e)),
         };
-        if let Progress::Failed(_) = *self.progress.borrow() {
+        if let Stage::Failed(_) = *self.progress.borrow() {
             return Ok(Joined::Gone);
         }
         self.readers.fetch_add(1, Ordering::SeqCst);
@@ -455,7 +455,7 @@ impl Fill {
         }
         self.advanced.notify_waiters();
         let far_enough = match *self.progress.borrow() {
-            Progress::Writing(n) => n >= self.keep_from,
+            Stage::Writing(n) => n >= self.keep_from,
             _ => true,
         };
         if !far_enough {
@@ -472,7 +472,7 @@ struct Reader {
     file: Arc<std::fs::File>,
     pos: u64,
     end: u64,
-    progress: watch::Receiver<Progress>,
+    progress: watch::Receiver<Stage>,
     failed: bool,
     /// Its chunks are held against the read-ahead budget.
     account: ferry_core::chunks::Account,
@@ -486,10 +486,10 @@ impl Reader {
         }
         loop {
             let available = match &*self.progress.borrow_and_update() {
-                Progress::Verified | Progress::Done => self.fill.size,
+                Stage::Verified | Stage::Done => self.fill.size,
                 // The last byte waits for the digest check.
-                Progress::Writing(n) => (*n).min(self.fill.size.saturating_sub(1)),
-                Progress::Failed(e) => {
+                Stage::Writing(n) => (*n).min(self.fill.size.saturating_sub(1)),
+                Stage::Failed(e) => {
                     self.failed = true;
                     return Some(Err(io::Error::other(format!("fetch from the origin failed: {e}"))));
                 }

@@ -69,8 +69,8 @@ impl PushBackend {
         })
     }
 
-    fn limits(config: &PushConfig) -> Result<uploads::Limits> {
-        Ok(uploads::Limits {
+    fn limits(config: &PushConfig) -> Result<uploads::UploadLimits> {
+        Ok(uploads::UploadLimits {
             max_blob_size: config.max_blob_size.bytes(),
             quota: config.quota.as_ref().map(crate::size::Size::bytes),
             max_sessions: config.max_upload_sessions,

@@ -25,7 +25,7 @@ struct Hashing {
 
 /// What uploads may take.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub struct UploadLimits {
     pub max_blob_size: u64,
     /// Bytes the store (blobs and uploads in progress) may hold in all.
     pub quota: Option<u64>,
@@ -37,7 +37,7 @@ pub struct Limits {
 pub struct Uploads {
     dir: PathBuf,
     ttl: Duration,
-    limits: Limits,
+    limits: UploadLimits,
     /// One lock per live session: chunks of one upload are applied one at a time. The hash
     /// is kept so finishing an upload does not re-read it; after a restart it is recomputed.
     sessions: Mutex<HashMap<String, Arc<Mutex<Option<Hashing>>>>>,
@@ -49,7 +49,7 @@ pub struct Uploads {
 
 impl Uploads {
     /// The sessions under `dir`, touching nothing (for a process beside the server).
-    pub fn attach(dir: PathBuf, ttl: Duration, limits: Limits) -> Self {
+    pub fn attach(dir: PathBuf, ttl: Duration, limits: UploadLimits) -> Self {
         Uploads {
             dir,
             ttl,
@@ -61,7 +61,7 @@ impl Uploads {
     }
 
     /// Opens the sessions under `dir`; `store_root` is what counts against the quota.
-    pub async fn open(dir: PathBuf, ttl: Duration, limits: Limits, store_root: &Path) -> Result<Self> {
+    pub async fn open(dir: PathBuf, ttl: Duration, limits: UploadLimits, store_root: &Path) -> Result<Self> {
         fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;

@@ -17,7 +17,7 @@ pub const MAX_GRANTS: usize = 10_000;
 
 /// The private repositories (one marker file each, all of them read at start: the check
 /// runs on every cached read) and the access the origin granted.
-pub struct Access {
+pub struct PrivateRepos {
     dir: PathBuf,
     /// The markers' names.
     private: RwLock<HashSet<String>>,
@@ -28,8 +28,9 @@ pub struct Access {
     ttl: Duration,
 }
 
-impl Access {
-    /// Access records under `root` (`private/`), granted access remembered for `ttl`.
+impl PrivateRepos {
+    /// The private repositories recorded under `root` (`private/`), granted access remembered
+    /// for `ttl`.
     pub async fn open(root: &Path, ttl: Duration) -> Result<Self> {
         let dir = root.join("private");
         tokio::fs::create_dir_all(&dir)
@@ -48,7 +49,7 @@ impl Access {
                 private.insert(name.to_string());
             }
         }
-        Ok(Access {
+        Ok(PrivateRepos {
             dir,
             private: RwLock::new(private),
             granted: Mutex::new(HashMap::new()),
@@ -71,7 +72,7 @@ impl Access {
         self.is_private_name(&repo.to_string())
     }
 
-    /// [`Access::is_private`] by the repository's `registry/path`.
+    /// [`PrivateRepos::is_private`] by the repository's `registry/path`.
     pub fn is_private_name(&self, repo: &str) -> bool {
         self.private
             .read()
@@ -183,12 +184,16 @@ mod tests {
     async fn grants_expire_and_stay_bounded() {
         let dir = tempfile::tempdir().unwrap();
         // A TTL far above any stall of a loaded machine between a grant and its check.
-        let access = Access::open(dir.path(), Duration::from_millis(800)).await.unwrap();
+        let access = PrivateRepos::open(dir.path(), Duration::from_millis(800))
+            .await
+            .unwrap();
         let repo = Repository::new("reg.example", "team/app").unwrap();
         assert!(!access.is_private(&repo));
         access.mark_private(&repo, "key-a").await.unwrap();
         assert!(access.is_private(&repo));
-        let reopened = Access::open(dir.path(), Duration::from_millis(800)).await.unwrap();
+        let reopened = PrivateRepos::open(dir.path(), Duration::from_millis(800))
+            .await
+            .unwrap();
         assert!(reopened.is_private(&repo), "a marker outlives a restart");
         assert!(!reopened.granted(&repo, "key-a", false), "grants do not");
         assert!(access.granted(&repo, "key-a", true));
@@ -209,7 +214,7 @@ mod tests {
     #[tokio::test]
     async fn an_unmarked_repository_stays_public_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let access = Access::open(dir.path(), Duration::from_secs(60)).await.unwrap();
+        let access = PrivateRepos::open(dir.path(), Duration::from_secs(60)).await.unwrap();
         let (repo, other) = (
             Repository::new("reg.example", "team/app").unwrap(),
             Repository::new("reg.example", "team/secret").unwrap(),
@@ -218,7 +223,7 @@ mod tests {
         access.mark_private(&other, "key-a").await.unwrap();
         access.unmark_private(&repo).await.unwrap();
         assert!(!access.is_private(&repo) && access.known_public(&repo));
-        let reopened = Access::open(dir.path(), Duration::from_secs(60)).await.unwrap();
+        let reopened = PrivateRepos::open(dir.path(), Duration::from_secs(60)).await.unwrap();
         assert!(!reopened.is_private(&repo), "the marker is gone from disk");
         assert!(reopened.is_private(&other), "only its own marker went");
         reopened.unmark_private(&repo).await.unwrap();

@@ -15,7 +15,7 @@ use ferry_core::origin::OriginPolicy;
 use crate::registry::{ClientSettings, HostConfig, RegistryClient};
 use ferry_core::{BlobStore, Result};
 
-use super::access::Access;
+use super::access::PrivateRepos;
 use super::meta::Meta;
 use super::tag_list::TagLists;
 use super::UpstreamBackend;
@@ -83,7 +83,7 @@ impl UpstreamConfig {
         let dir = self.dir.clone().unwrap_or_else(|| data_dir.join("upstream"));
         let store = BlobStore::open(&dir).await?;
         let meta = Meta::open(&dir).await?;
-        let access = Access::open(&dir, Duration::from_secs(self.tag_ttl_secs)).await?;
+        let access = PrivateRepos::open(&dir, Duration::from_secs(self.tag_ttl_secs)).await?;
         let max_bytes = self.max_cache_size.as_ref().map(crate::size::Size::bytes);
         let max_blob = self.max_blob_size.bytes();
         let used = Arc::new(AtomicU64::new(0));

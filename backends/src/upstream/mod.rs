@@ -38,7 +38,7 @@ use ferry_core::{
 
 use crate::fill::{Fill, Fills, Joined};
 use crate::registry::{RegistryClient, Target};
-use access::Access;
+use access::PrivateRepos;
 use meta::Meta;
 use tag_list::TagLists;
 
@@ -49,7 +49,7 @@ pub struct UpstreamBackend {
     store: BlobStore,
     meta: Arc<Meta>,
     /// Which repositories are private, and who may read them.
-    access: Arc<Access>,
+    access: Arc<PrivateRepos>,
     fills: Arc<Fills>,
     /// Single flight for starting a fill: one origin request per digest.
     starting: Arc<Flights<Option<Arc<Fill>>>>,

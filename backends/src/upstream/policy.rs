@@ -7,7 +7,7 @@ use reqwest::Method;
 use crate::registry::{RegistryClient, Target};
 use ferry_core::{Backend, Digest, Error, Repository, RequestCtx, Result};
 
-use super::access::Access;
+use super::access::PrivateRepos;
 use super::UpstreamBackend;
 
 /// The flight key part that keeps one client's fetch from answering another's credentials.
@@ -24,7 +24,7 @@ pub(super) fn credentials_key(ctx: &RequestCtx) -> String {
 /// served offline to every client. One anonymous `HEAD`, its answer remembered for the TTL.
 pub(super) async fn mark_if_private(
     client: &RegistryClient,
-    access: &Access,
+    access: &PrivateRepos,
     repo: &Repository,
     target: Target<'_>,
     creds: &str,
