@@ -9,6 +9,9 @@
 #  3. 50 pushers of distinct images at once (monolithic uploads, then the manifest), ferry and
 #     distribution: errors, and every blob read back and hash-checked. Each row's peak RSS
 #     is its own.
+#  4. Memory on every path a blob takes (direct reads, export, push store, upstream) at 200
+#     cold pulls of a 270 MiB image, and at 1000 streams: bench/ceilings.sh, on engines of
+#     its own (STRESS_CEILINGS=0 leaves it out).
 # Usage: bench/stress.sh [SECONDS]   (root; installs what it needs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -114,3 +117,9 @@ pr=$(python3 bench/push_clients.py "127.0.0.1:$registry_port" 50 3 1024)
 push_cell() { echo "$(field "$1" errors) errors, $(field "$1" images) images in $(field "$1" seconds) s, $(field "$1" verify_errors) bad blobs read back"; }
 table+=("| 50 pushers, distinct 3 MiB images | $(push_cell "$pf"), peak RSS $(hwm) MiB | $(push_cell "$pr") |")
 printf '%s\n' "${table[@]}"
+
+# 4. Memory on every path.
+if [ "${STRESS_CEILINGS:-1}" != 0 ]; then
+    echo
+    env -u E2E_DIR BENCH_FERRY="$PWD/target/release/ferry" bench/ceilings.sh 270 200 1000
+fi

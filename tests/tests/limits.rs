@@ -479,7 +479,7 @@ fn many_http2_connections_of_slow_streams_stay_under_the_ceilings_while_a_client
 
     // Memory: what ferry held at its peak, against the ceiling RELIABILITY.md states for
     // this many streams: over what it held before, the budget and 40 KiB a stream (one chunk
-    // of at most 16 KiB, the HTTP/2 stream's and its request's state; measured: about 20).
+    // of 8 KiB, the HTTP/2 stream's and its request's state; measured: about 16).
     let peak = peak_rss_mib(ferry.pid());
     let ceiling = rss_before + READ_AHEAD_MIB + (CONNECTIONS * STREAMS) as u64 * 40 / 1024;
     eprintln!(
