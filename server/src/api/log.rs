@@ -16,19 +16,19 @@ use super::BACKEND_HEADER;
 /// A bounded set whatever clients send (methods and paths they make up are `other`), so no
 /// client can grow the metrics without end.
 fn operation(method: &str, path: &str) -> String {
-    use super::route::{parse, Target};
+    use super::route::{parse, Resource};
     let method = match method {
         "GET" | "HEAD" | "PUT" | "POST" | "PATCH" | "DELETE" => method.to_ascii_lowercase(),
         _ => "other".to_string(),
     };
     let what = match parse(path) {
-        Some(Target::Base) => "base",
-        Some(Target::Catalog) => "catalog",
-        Some(Target::Tags { .. }) => "tags",
-        Some(Target::Manifest { .. }) => "manifest",
-        Some(Target::Blob { .. }) => "blob",
-        Some(Target::Uploads { .. }) | Some(Target::Upload { .. }) => "upload",
-        Some(Target::Referrers { .. }) => "referrers",
+        Some(Resource::Base) => "base",
+        Some(Resource::Catalog) => "catalog",
+        Some(Resource::Tags { .. }) => "tags",
+        Some(Resource::Manifest { .. }) => "manifest",
+        Some(Resource::Blob { .. }) => "blob",
+        Some(Resource::Uploads { .. }) | Some(Resource::Upload { .. }) => "upload",
+        Some(Resource::Referrers { .. }) => "referrers",
         None => match path {
             "/healthz" => "healthz",
             "/readyz" => "readyz",

@@ -1,5 +1,5 @@
 //! The OCI Distribution API (v1.1) over HTTP. One `/v2/*` route; [`route::parse`] turns the
-//! path into a [`route::Target`], [`dispatch`] picks the handler by target and method.
+//! path into a [`route::Resource`], [`dispatch`] picks the handler by target and method.
 
 mod blobs;
 mod body;
@@ -20,7 +20,7 @@ use serde::Deserialize;
 use ferry_core::{Chain, Error, Registry, Repository, RequestCtx};
 
 use error::{ApiError, ApiResult};
-use route::Target;
+use route::Resource;
 
 /// Header naming the backend that answered, for logs and for users debugging a pull.
 pub const BACKEND_HEADER: &str = "Ferry-Backend";
@@ -221,18 +221,18 @@ fn may_leave_body_unread(req: &Request) -> bool {
 async fn check_access(call: &Call<'_>, state: &AppState) -> ApiResult<bool> {
     let path = call.req.uri().path();
     let name = match route::parse(path) {
-        Some(Target::Tags { name })
-        | Some(Target::Manifest { name, .. })
-        | Some(Target::Blob { name, .. })
-        | Some(Target::Uploads { name })
-        | Some(Target::Upload { name, .. })
-        | Some(Target::Referrers { name, .. }) => Some(name),
+        Some(Resource::Tags { name })
+        | Some(Resource::Manifest { name, .. })
+        | Some(Resource::Blob { name, .. })
+        | Some(Resource::Uploads { name })
+        | Some(Resource::Upload { name, .. })
+        | Some(Resource::Referrers { name, .. }) => Some(name),
         _ => None,
     };
     // A name that does not parse is the handler's to refuse (NAME_INVALID).
     let repo = name.and_then(|n| call.repo(n).ok());
     let action = match *call.req.method() {
-        _ if matches!(route::parse(path), Some(Target::Base)) => crate::access::Action::Ping,
+        _ if matches!(route::parse(path), Some(Resource::Base)) => crate::access::Action::Ping,
         Method::GET | Method::HEAD => crate::access::Action::Read,
         _ => crate::access::Action::Write,
     };
@@ -251,23 +251,23 @@ async fn dispatch(call: &Call<'_>, body: Body, state: &AppState) -> ApiResult {
     let method = call.req.method();
     let get = method == Method::GET || method == Method::HEAD;
     match target {
-        Target::Base if get => Ok(Response::builder().content_type("application/json").body("{}")),
-        Target::Catalog if get => lists::catalog(call, state).await,
-        Target::Tags { name } if get => lists::tags(call, state, name).await,
-        Target::Referrers { name, digest } if get => lists::referrers(call, state, name, &digest).await,
-        Target::Manifest { name, reference } => match *method {
+        Resource::Base if get => Ok(Response::builder().content_type("application/json").body("{}")),
+        Resource::Catalog if get => lists::catalog(call, state).await,
+        Resource::Tags { name } if get => lists::tags(call, state, name).await,
+        Resource::Referrers { name, digest } if get => lists::referrers(call, state, name, &digest).await,
+        Resource::Manifest { name, reference } => match *method {
             Method::GET | Method::HEAD => manifests::get(call, state, name, &reference).await,
             Method::PUT => manifests::put(call, state, name, &reference, body).await,
             Method::DELETE => manifests::delete(call, state, name, &reference).await,
             _ => Err(not_allowed(method)),
         },
-        Target::Blob { name, digest } => match *method {
+        Resource::Blob { name, digest } => match *method {
             Method::GET | Method::HEAD => blobs::get(call, state, name, &digest).await,
             Method::DELETE => blobs::delete(call, state, name, &digest).await,
             _ => Err(not_allowed(method)),
         },
-        Target::Uploads { name } if method == Method::POST => uploads::start(call, state, name, body).await,
-        Target::Upload { name, id } => match *method {
+        Resource::Uploads { name } if method == Method::POST => uploads::start(call, state, name, body).await,
+        Resource::Upload { name, id } => match *method {
             Method::GET => uploads::status(call, state, name, id).await,
             Method::PATCH => uploads::patch(call, state, name, id, body).await,
             Method::PUT => uploads::finish(call, state, name, id, body).await,

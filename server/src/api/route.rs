@@ -4,7 +4,7 @@
 
 /// What a `/v2/` path addresses (the HTTP method picks the action).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Target<'a> {
+pub enum Resource<'a> {
     /// `/v2/`
     Base,
     /// `/v2/_catalog`
@@ -24,27 +24,27 @@ pub enum Target<'a> {
 }
 
 /// Parses the path of a request (without query). `None` means no API route matches.
-pub fn parse(path: &str) -> Option<Target<'_>> {
+pub fn parse(path: &str) -> Option<Resource<'_>> {
     let rest = path.strip_prefix("/v2")?;
     if rest.is_empty() || rest == "/" {
-        return Some(Target::Base);
+        return Some(Resource::Base);
     }
     let rest = rest.strip_prefix('/')?;
     if rest == "_catalog" {
-        return Some(Target::Catalog);
+        return Some(Resource::Catalog);
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Some(Target::Tags { name });
+        return Some(Resource::Tags { name });
     }
     if let Some(name) = rest
         .strip_suffix("/blobs/uploads/")
         .or_else(|| rest.strip_suffix("/blobs/uploads"))
     {
-        return Some(Target::Uploads { name });
+        return Some(Resource::Uploads { name });
     }
     if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
         if !id.contains('/') {
-            return Some(Target::Upload { name, id });
+            return Some(Resource::Upload { name, id });
         }
     }
     let (name, op, last) = {
@@ -55,9 +55,9 @@ pub fn parse(path: &str) -> Option<Target<'_>> {
     // Some clients percent-encode the `:` of a digest.
     let last = last.replace("%3A", ":").replace("%3a", ":");
     match op {
-        "manifests" => Some(Target::Manifest { name, reference: last }),
-        "blobs" => Some(Target::Blob { name, digest: last }),
-        "referrers" => Some(Target::Referrers { name, digest: last }),
+        "manifests" => Some(Resource::Manifest { name, reference: last }),
+        "blobs" => Some(Resource::Blob { name, digest: last }),
+        "referrers" => Some(Resource::Referrers { name, digest: last }),
         _ => None,
     }
 }
@@ -68,32 +68,32 @@ mod tests {
 
     #[test]
     fn parses_every_route() {
-        assert_eq!(parse("/v2/"), Some(Target::Base));
-        assert_eq!(parse("/v2"), Some(Target::Base));
-        assert_eq!(parse("/v2/_catalog"), Some(Target::Catalog));
-        assert_eq!(parse("/v2/a/b/tags/list"), Some(Target::Tags { name: "a/b" }));
+        assert_eq!(parse("/v2/"), Some(Resource::Base));
+        assert_eq!(parse("/v2"), Some(Resource::Base));
+        assert_eq!(parse("/v2/_catalog"), Some(Resource::Catalog));
+        assert_eq!(parse("/v2/a/b/tags/list"), Some(Resource::Tags { name: "a/b" }));
         assert_eq!(
             parse("/v2/a/manifests/x/manifests/latest"),
-            Some(Target::Manifest {
+            Some(Resource::Manifest {
                 name: "a/manifests/x",
                 reference: "latest".into()
             })
         );
         assert_eq!(
             parse("/v2/a/blobs/sha256%3Aab"),
-            Some(Target::Blob {
+            Some(Resource::Blob {
                 name: "a",
                 digest: "sha256:ab".into()
             })
         );
-        assert_eq!(parse("/v2/a/b/blobs/uploads/"), Some(Target::Uploads { name: "a/b" }));
+        assert_eq!(parse("/v2/a/b/blobs/uploads/"), Some(Resource::Uploads { name: "a/b" }));
         assert_eq!(
             parse("/v2/a/blobs/uploads/123"),
-            Some(Target::Upload { name: "a", id: "123" })
+            Some(Resource::Upload { name: "a", id: "123" })
         );
         assert_eq!(
             parse("/v2/registry.k8s.io/pause/referrers/sha256:1"),
-            Some(Target::Referrers {
+            Some(Resource::Referrers {
                 name: "registry.k8s.io/pause",
                 digest: "sha256:1".into()
             })
