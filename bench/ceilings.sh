@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fceil-$$
 export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
+source bench/lib.sh
 size_mib=${1:-270} clients=${2:-200} streams=${3:-1000}
 layers=8
 e2e_install_packages
@@ -25,11 +26,7 @@ ferry=${BENCH_FERRY:-target/release/ferry}
 e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 d20="unix://$E2E_DIR/docker20/docker.sock"
-ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
-{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
-  for i in $(seq 1 $layers); do
-      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
-  done; } >"$ctx/Dockerfile"
+ctx="$E2E_DIR/ctx"; bench_image_context "$ctx" "$size_mib" "$layers"
 DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t load:v1 "$ctx" >/dev/null
 rm -rf "$ctx"
 

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 own_dir=; [ -n "${E2E_DIR:-}" ] || own_dir=/tmp/fload-$$
 export E2E_DIR=${E2E_DIR:-$own_dir}
 source tests/env/lib.sh
+source bench/lib.sh
 size_mib=${1:-270}
 clients=${2:-200}
 layers=8
@@ -23,11 +24,7 @@ e2e_start_containerd ctd16
 e2e_start_dockerd docker20 ctd16
 d20="unix://$E2E_DIR/docker20/docker.sock"
 
-ctx="$E2E_DIR/ctx"; mkdir -p "$ctx"; cp /bin/busybox "$ctx/"
-{ echo "FROM scratch"; echo "COPY busybox /bin/busybox"
-  for i in $(seq 1 $layers); do
-      head -c $((size_mib * 1024 * 1024 / layers)) /dev/urandom >"$ctx/l$i"; echo "COPY l$i /data/l$i"
-  done; } >"$ctx/Dockerfile"
+ctx="$E2E_DIR/ctx"; bench_image_context "$ctx" "$size_mib" "$layers"
 DOCKER_BUILDKIT=0 docker -H "$d20" build -q -t load:v1 "$ctx" >/dev/null
 rm -rf "$ctx"
 
