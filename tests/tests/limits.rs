@@ -212,6 +212,34 @@ fn h2_get(ferry: &Ferry, path: &str) -> http::Request<()> {
     http::Request::get(ferry.url(path)).body(()).unwrap()
 }
 
+/// `n` streams of `client`'s connection, each a GET of `path` answered 200, their bodies not
+/// yet read.
+async fn streams_of(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    ferry: &Ferry,
+    path: &str,
+    n: usize,
+) -> Vec<h2::RecvStream> {
+    let mut asked = Vec::new();
+    for _ in 0..n {
+        let (response, _) = client
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(h2_get(ferry, path), true)
+            .unwrap();
+        asked.push(response);
+    }
+    let mut bodies = Vec::new();
+    for response in asked {
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 200);
+        bodies.push(response.into_body());
+    }
+    bodies
+}
+
 #[test]
 fn http2_streams_whose_client_stopped_reading_are_closed() {
     let dir = scratch();
@@ -236,23 +264,7 @@ fn http2_streams_whose_client_stopped_reading_are_closed() {
             Instant::now()
         });
         let asked_at = Instant::now();
-        let mut asked = Vec::new();
-        for _ in 0..32 {
-            let (response, _) = stalled
-                .clone()
-                .ready()
-                .await
-                .unwrap()
-                .send_request(h2_get(&ferry, &path), true)
-                .unwrap();
-            asked.push(response);
-        }
-        let mut unread = Vec::new();
-        for response in asked {
-            let response = response.await.unwrap();
-            assert_eq!(response.status(), 200);
-            unread.push(response.into_body());
-        }
+        let mut unread = streams_of(&stalled, &ferry, &path, 32).await;
         // The premise: each stalled stream holds the blob's file open in ferry.
         let files_stalled = open_files(ferry.pid());
         assert!(
@@ -430,22 +442,7 @@ fn many_http2_connections_of_slow_streams_stay_under_the_ceilings_while_a_client
             let tcp = tokio::net::TcpStream::connect(ferry.addr()).await.unwrap();
             let (client, conn) = h2::client::handshake(tcp).await.unwrap();
             tokio::spawn(conn);
-            let mut asked = Vec::new();
-            for _ in 0..STREAMS {
-                let (response, _) = client
-                    .clone()
-                    .ready()
-                    .await
-                    .unwrap()
-                    .send_request(h2_get(&ferry, &path), true)
-                    .unwrap();
-                asked.push(response);
-            }
-            for response in asked {
-                let response = response.await.unwrap();
-                assert_eq!(response.status(), 200);
-                held.push(response.into_body());
-            }
+            held.extend(streams_of(&client, &ferry, &path, STREAMS).await);
             clients.push(client);
         }
         (held, clients)
