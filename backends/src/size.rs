@@ -23,6 +23,14 @@ impl Size {
         }
     }
 
+    /// `n` KiB.
+    pub fn kib(n: u64) -> Size {
+        Size {
+            bytes: n << 10,
+            text: format!("{n}KiB"),
+        }
+    }
+
     /// `n` MiB.
     pub fn mib(n: u64) -> Size {
         Size {

@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// on that memory however many clients pull (each stream also holds at most one chunk
     /// outside it, 8 KiB when many are served).
     pub read_ahead: ferry_backends::size::Size,
+    /// The kernel's send buffer of each connection (it doubles the figure): what a client
+    /// that stops reading keeps queued in the kernel. Unset, Linux lets it grow to 4 MiB a
+    /// connection; `0` leaves it to the kernel.
+    pub send_buffer: ferry_backends::size::Size,
     /// Seconds requests under way may take to finish at shutdown.
     pub shutdown_grace_secs: u64,
     /// `UID:GID` to become when started as root (the container image sets 65532:65532 through
@@ -97,6 +101,7 @@ impl Default for ServerConfig {
             send_timeout_secs: 60,
             max_connections: 4096,
             read_ahead: ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20),
+            send_buffer: ferry_backends::size::Size::kib(256),
             drop_to: None,
             progress_interval_ms: 5000,
             shutdown_grace_secs: 30,

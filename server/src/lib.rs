@@ -60,6 +60,7 @@ impl From<&config::ServerConfig> for Options {
                 max_connections: server.max_connections,
                 grace: Duration::from_secs(server.shutdown_grace_secs),
                 send_timeout: Duration::from_secs(server.send_timeout_secs.max(1)),
+                send_buffer: usize::try_from(server.send_buffer.bytes()).unwrap_or(usize::MAX),
             },
             body_idle: Duration::from_secs(server.body_idle_timeout_secs.max(1)),
             admin_token: None,

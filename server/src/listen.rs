@@ -51,6 +51,23 @@ pub struct Limits {
     pub grace: Duration,
     /// How long a response may wait on a client that takes none of it.
     pub send_timeout: Duration,
+    /// Each connection's kernel send buffer, in bytes (0: the kernel's choice).
+    pub send_buffer: usize,
+}
+
+/// Caps what a connection may hold queued in the kernel. Left alone, Linux grows a send
+/// buffer up to 4 MiB while the client's window is closed, so a few hundred clients that ask
+/// for a blob and stop reading pin gigabytes of kernel memory, and the server spends its CPU
+/// filling them. Fixing the size ends the growth; 256 KiB (512 KiB as the kernel counts it)
+/// still fills a local link.
+fn limit_send_buffer(stream: &tokio::net::TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let bytes = bytes.min(i32::MAX as usize / 2);
+    if let Err(e) = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::SndBuf, &bytes) {
+        tracing::debug!(error = %e, bytes, "cannot set a connection's send buffer");
+    }
 }
 
 /// Serves `endpoint` on `listener` until `shutdown` resolves, then lets open connections
@@ -102,6 +119,7 @@ pub async fn serve(
         };
         // Small answers (manifests, HEADs, errors) leave at once instead of waiting on Nagle.
         let _ = stream.set_nodelay(true);
+        limit_send_buffer(&stream, limits.send_buffer);
         let (endpoint, local) = (endpoint.clone(), local.clone());
         let peer = remote;
         let remote = RemoteAddr(Addr::SocketAddr(remote));

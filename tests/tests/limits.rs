@@ -1,7 +1,8 @@
 //! What a hostile client can hold of ferry: connections that never finish their headers
 //! (slowloris) or sit idle, beyond the usual soft limit of 1024 open files, do not keep
 //! other clients out and are closed after the header timeout; clients that ask for a blob
-//! and never read it do not either, and are closed after the send timeout, nor do uploads
+//! and never read it do not either, hold no more than the send buffer in the kernel, and are
+//! closed after the send timeout, nor do uploads
 //! whose bodies trickle in; an upload whose body stops frees its session after the body idle
 //! timeout. Over HTTP/2, where a client that reads nothing does not block the socket, a
 //! connection with a stream that has taken nothing for the send timeout is closed too.
@@ -94,6 +95,16 @@ fn established(port: u16) -> usize {
         .unwrap()
 }
 
+/// The most bytes any of ferry's connections on `port` has queued in the kernel, unsent.
+fn largest_send_queue(port: u16) -> u64 {
+    sh(&format!(
+        "ss -tnH state established '( sport = :{port} )' | awk '$2 > m {{ m = $2 }} END {{ print m + 0 }}'"
+    ))
+    .trim()
+    .parse()
+    .unwrap()
+}
+
 /// `n` connections to ferry that each sent `request` and then do nothing.
 fn hold(ferry: &Ferry, request: &str, n: usize) -> Vec<TcpStream> {
     (0..n)
@@ -169,6 +180,14 @@ fn clients_that_never_read_their_blobs_do_not_keep_others_out() {
     let request = format!("GET /v2/stalled/blobs/{big_digest} HTTP/1.1\r\nHost: ferry\r\n\r\n");
     let mut stalled = hold(&ferry, &request, 600);
     std::thread::sleep(Duration::from_secs(1));
+
+    // What they hold in the kernel is the send buffer (256 KiB, which Linux doubles), not
+    // the 4 MiB a connection it would let each grow to.
+    let queued = largest_send_queue(ferry.port);
+    assert!(
+        (256 << 10..=600 << 10).contains(&queued),
+        "a stalled connection has {queued} bytes queued in the kernel"
+    );
 
     // Meanwhile a normal client pushes and pulls, long before the send timeout.
     normal_client_is_served(&ferry, "clients that read nothing", Duration::from_secs(4));
