@@ -31,6 +31,9 @@ pub struct Config {
     /// `[access]`: who may do what on the registry API.
     #[serde(default)]
     pub access: AccessConfig,
+    /// `[docker]`: what every docker backend shares (Docker's own variables set it).
+    #[serde(default)]
+    pub docker: ferry_backends::docker::DockerShared,
     /// Backends in query order.
     #[serde(default = "default_backends")]
     pub backends: Vec<BackendConfig>,
@@ -166,7 +169,7 @@ pub struct AccessConfig {
     pub auth_reads: bool,
     /// Repository name prefixes served (`team/`, `registry.k8s.io/`); other names are
     /// unknown. Empty: every name. `REGISTRY_PREFIXES` (space-separated) sets it too.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "words")]
     pub prefixes: Vec<String>,
 }
 
@@ -249,6 +252,20 @@ fn default_backends() -> Vec<BackendConfig> {
     ]
 }
 
+/// A list, or a string of words separated by spaces (as oci-reg-docker's `REGISTRY_PREFIXES`).
+fn words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Words {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Words::deserialize(d)? {
+        Words::List(list) => list,
+        Words::Text(text) => text.split_whitespace().map(str::to_string).collect(),
+    })
+}
+
 /// Accepts `host:port` and distribution's `:port`.
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     parse_addr(String::deserialize(d)?)
@@ -270,8 +287,9 @@ fn parse_addr<E: serde::de::Error>(s: String) -> Result<SocketAddr, E> {
 
 /// Variables that set a key under a name of their own, and the key; a later one wins:
 /// distribution's and k3d's listen address, oci-reg-docker's and distribution's certificate,
-/// and ferry's short names.
-const FOREIGN_ENV: [(&str, &str); 8] = [
+/// oci-reg-docker's prefixes, ferry's short names, and Docker's own (as the docker CLI reads
+/// them).
+const FOREIGN_ENV: [(&str, &str); 13] = [
     ("REGISTRY_LISTEN_ADDR", "server.addr"),
     ("REGISTRY_HTTP_ADDR", "server.addr"),
     ("REGISTRY_CERT_PATH", "server.tls_cert"),
@@ -280,7 +298,36 @@ const FOREIGN_ENV: [(&str, &str); 8] = [
     ("REGISTRY_HTTP_TLS_KEY", "server.tls_key"),
     ("FERRY_DROP_TO", "server.drop_to"),
     ("FERRY_PROGRESS_INTERVAL_MS", "server.progress_interval_ms"),
+    ("FERRY_PULL_MISSING", "docker.pull_missing"),
+    ("REGISTRY_PREFIXES", "access.prefixes"),
+    ("DOCKER_HOST", "docker.host"),
+    ("DOCKER_TLS_VERIFY", "docker.tls_verify"),
+    ("DOCKER_CERT_PATH", "docker.cert_path"),
 ];
+
+/// How an [`Alias`] names itself in errors and sources.
+const ALIAS: &str = "environment variable ";
+
+/// One variable of [`FOREIGN_ENV`], named as itself in errors ("in environment variable
+/// FERRY_PULL_MISSING") and in `ferry config`.
+struct Alias {
+    var: &'static str,
+    key: &'static str,
+}
+
+impl figment::Provider for Alias {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("{ALIAS}{}", self.var)).interpolater(|_, keys| keys.join("."))
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let key = self.key;
+        Env::raw()
+            .only(&[&self.var.to_ascii_lowercase()])
+            .map(move |_| key.into())
+            .data()
+    }
+}
 
 /// Values given on the command line; each overrides every other source.
 #[derive(Debug, Default)]
@@ -295,13 +342,20 @@ pub struct Flags {
 
 impl Config {
     /// Layers defaults, the file (when given), the environment and the flags.
+    /// `[docker]` is applied to the docker backends.
     pub fn load(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
-        let mut config: Config = Self::figment(file, flags)?.extract().map_err(Box::new)?;
-        config.apply_pull_missing_env()?;
-        // oci-reg-docker's variable: a space-separated list.
-        if let Ok(p) = std::env::var("REGISTRY_PREFIXES") {
-            config.access.prefixes = p.split_whitespace().map(str::to_string).collect();
+        let mut config = Self::read(file, flags)?;
+        for b in &mut config.backends {
+            if let BackendConfig::Docker(d) = b {
+                config.docker.apply(d);
+            }
         }
+        Ok(config)
+    }
+
+    /// The configuration as its sources give it, checked, each key where it was set.
+    fn read(file: Option<&Path>, flags: &Flags) -> Result<Config, Box<figment::Error>> {
+        let config: Config = Self::figment(file, flags)?.extract().map_err(Box::new)?;
         if config.server.tls_cert.is_some() != config.server.tls_key.is_some() {
             return Err(Box::new(figment::Error::from(
                 "server.tls_cert and server.tls_key go together: set both for HTTPS, or neither".to_string(),
@@ -318,11 +372,10 @@ impl Config {
         flags: &Flags,
     ) -> Result<Vec<(String, String, String)>, Box<figment::Error>> {
         let fig = Self::figment(file, flags)?;
-        let config = Self::load(file, flags)?;
+        let config = Self::read(file, flags)?;
         let value = serde_json::to_value(&config).map_err(|e| Box::new(figment::Error::from(e.to_string())))?;
         let mut leaves = Vec::new();
         flatten("", &value, &mut leaves);
-        let pull_missing_env = std::env::var("FERRY_PULL_MISSING").is_ok();
         Ok(leaves
             .into_iter()
             .map(|(key, value)| {
@@ -333,13 +386,7 @@ impl Config {
                 } else {
                     value
                 };
-                let source = if key.starts_with("access.prefixes") && std::env::var("REGISTRY_PREFIXES").is_ok() {
-                    "environment REGISTRY_PREFIXES".to_string()
-                } else if pull_missing_env && key.starts_with("backends.") && key.ends_with(".pull_missing") {
-                    "environment FERRY_PULL_MISSING".to_string()
-                } else {
-                    source_of(&fig, &key)
-                };
+                let source = source_of(&fig, &key);
                 (key, value, source)
             })
             .collect())
@@ -348,9 +395,9 @@ impl Config {
     fn figment(file: Option<&Path>, flags: &Flags) -> Result<Figment, Box<figment::Error>> {
         let mut fig = Figment::new();
         let foreign = |fig: Figment| {
-            FOREIGN_ENV.iter().fold(fig, |fig, (var, key)| {
-                fig.merge(Env::raw().only(&[&var.to_ascii_lowercase()]).map(|_| (*key).into()))
-            })
+            FOREIGN_ENV
+                .iter()
+                .fold(fig, |fig, &(var, key)| fig.merge(Alias { var, key }))
         };
         if let Some(file) = file {
             if !file.exists() {
@@ -376,29 +423,6 @@ impl Config {
             fig = fig.merge(Serialized::default("server.log_level", l));
         }
         Ok(fig)
-    }
-
-    /// `FERRY_PULL_MISSING=true|false` sets `pull_missing` of every docker backend: one
-    /// switch for a container image whose config file is baked in.
-    fn apply_pull_missing_env(&mut self) -> Result<(), Box<figment::Error>> {
-        let Ok(value) = std::env::var("FERRY_PULL_MISSING") else {
-            return Ok(());
-        };
-        let on = match value.trim().to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => true,
-            "0" | "false" | "no" | "off" => false,
-            _ => {
-                return Err(Box::new(figment::Error::from(format!(
-                    "FERRY_PULL_MISSING={value:?}: expected true or false"
-                ))))
-            }
-        };
-        for b in &mut self.backends {
-            if let BackendConfig::Docker(d) = b {
-                d.pull_missing = on;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -441,6 +465,8 @@ fn source_of(fig: &Figment, key: &str) -> String {
                     (Some(figment::value::Value::Dict(_, map)), _) => (1..=rest.len() - j)
                         .rev()
                         .find_map(|n| map.get(&rest[j..j + n].join(".")).cloned().map(|x| (x, n))),
+                    // Text that reads as the list it stands for (`REGISTRY_PREFIXES`).
+                    (Some(text @ figment::value::Value::String(..)), _) => Some((text, rest.len() - j)),
                     _ => None,
                 };
                 let Some((value, used)) = step else { break };
@@ -465,12 +491,11 @@ fn source_of(fig: &Figment, key: &str) -> String {
                 found_key.to_ascii_uppercase().replace('.', "__")
             )
         }
-        // Another registry's variable: the last one set for this key won.
-        _ if meta.name.contains("environment") => FOREIGN_ENV
-            .iter()
-            .rfind(|(var, key)| *key == found_key && std::env::var(var).is_ok())
-            .map_or_else(|| "environment".to_string(), |(var, _)| format!("environment {var}")),
-        _ => "flag".to_string(),
+        // A variable of FOREIGN_ENV: the last one set for this key won.
+        _ => match meta.name.strip_prefix(ALIAS) {
+            Some(var) => format!("environment {var}"),
+            None => "flag".to_string(),
+        },
     }
 }
 

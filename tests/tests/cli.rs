@@ -198,6 +198,9 @@ fn config_prints_each_value_with_its_source() {
             ("FERRY_SERVER__MAX_CONNECTIONS", "12"),
             ("FERRY_DROP_TO", "65532:65532"),
             ("FERRY_PROGRESS_INTERVAL_MS", "250"),
+            ("FERRY_PULL_MISSING", "yes"),
+            ("DOCKER_HOST", "unix:///run/elsewhere.sock"),
+            ("REGISTRY_PREFIXES", "team/ registry.k8s.io/"),
         ],
     );
     assert_eq!(code, 0, "{out}");
@@ -226,6 +229,35 @@ fn config_prints_each_value_with_its_source() {
         line("server.progress_interval_ms").contains("250")
             && line("server.progress_interval_ms").ends_with("# environment FERRY_PROGRESS_INTERVAL_MS"),
         "{out}"
+    );
+    // Docker's variables and FERRY_PULL_MISSING set `[docker]`, which every docker backend
+    // shares; oci-reg-docker's prefixes are a list written as words.
+    assert!(
+        line("docker.pull_missing").contains("true")
+            && line("docker.pull_missing").ends_with("# environment FERRY_PULL_MISSING"),
+        "{out}"
+    );
+    assert!(
+        line("docker.host").contains("\"unix:///run/elsewhere.sock\"")
+            && line("docker.host").ends_with("# environment DOCKER_HOST"),
+        "{out}"
+    );
+    assert!(
+        line("docker.tls_verify").contains("= false") && line("docker.tls_verify").ends_with("# default"),
+        "{out}"
+    );
+    assert!(
+        line("access.prefixes.1").contains("\"registry.k8s.io/\"")
+            && line("access.prefixes.1").ends_with("# environment REGISTRY_PREFIXES"),
+        "{out}"
+    );
+    let (code, refused) = ferry(&["config", "--config", &config], &[("FERRY_PULL_MISSING", "maybe")]);
+    assert_ne!(code, 0, "{refused}");
+    assert!(
+        refused.contains(
+            "\"maybe\": expected true or false for key \"docker.pull_missing\" in environment variable FERRY_PULL_MISSING"
+        ),
+        "{refused}"
     );
     assert!(line("server.read_ahead").contains("\"12MiB\""), "{out}");
     assert!(line("server.log_level").ends_with(&format!("# file {config}")), "{out}");

@@ -14,7 +14,7 @@ mod index;
 mod pins;
 mod pull;
 
-pub use config::DockerConfig;
+pub use config::{DockerConfig, DockerShared};
 
 use std::sync::Arc;
 
