@@ -5,7 +5,7 @@
 pub mod config;
 pub mod containerd;
 pub mod docker;
-mod fill;
+pub mod fill;
 mod fsutil;
 mod outbound;
 pub mod push;

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// on that memory however many clients pull (each stream also holds at most one chunk
     /// outside it, 8 KiB when many are served).
     pub read_ahead: ferry_backends::size::Size,
+    /// Blobs fetched from their origins at once (upstream cache misses, heals), each holding
+    /// up to some 1.75 MiB; more wait for one to end, their clients as for a slow origin.
+    pub max_fetches: usize,
     /// The kernel's send buffer of each connection (it doubles the figure): what a client
     /// that stops reading keeps queued in the kernel. Unset, Linux lets it grow to 4 MiB a
     /// connection; `0` leaves it to the kernel.
@@ -105,6 +108,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             read_ahead: ferry_backends::size::Size::mib(ferry_core::chunks::DEFAULT_READ_AHEAD as u64 >> 20),
             send_buffer: ferry_backends::size::Size::kib(256),
+            max_fetches: ferry_backends::fill::DEFAULT_MAX_FETCHES,
             drop_to: None,
             progress_interval_ms: 5000,
             shutdown_grace_secs: 30,

@@ -287,6 +287,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let read_ahead = config.server.read_ahead.bytes();
     ferry_core::chunks::set_read_ahead(usize::try_from(read_ahead).unwrap_or(usize::MAX));
     ferry_core::progress::set_interval(Duration::from_millis(config.server.progress_interval_ms));
+    ferry_backends::fill::set_max_fetches(config.server.max_fetches);
     let tls = config
         .server
         .tls_files()

@@ -13,12 +13,12 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use ferry_core::blobstore::blocking;
 use ferry_core::{BlobBody, BlobStore, ByteRange, Digest, Error, Repository, Result};
@@ -53,6 +53,27 @@ const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// Batches queued for the writer thread (a longer queue is memory, not speed: the writer only
 /// hashes and copies into the page cache).
 const QUEUED_BATCHES: usize = 1;
+
+/// Fetches at once unless the config sets another figure ([`set_max_fetches`]).
+pub const DEFAULT_MAX_FETCHES: usize = 16;
+
+/// The fetches that may copy from their origins at once, for the whole process: each holds
+/// its recent chunks and up to three batches (some 1.75 MiB), and without a ceiling their
+/// number was the number of distinct blobs clients asked for.
+static FETCHES: OnceLock<Arc<Semaphore>> = OnceLock::new();
+
+/// Sets how many fetches copy at once (at least one), before the first fill; `false` when it
+/// was already set to another figure (it is the process's, set once).
+pub fn set_max_fetches(n: usize) -> bool {
+    let n = n.clamp(1, Semaphore::MAX_PERMITS);
+    FETCHES.get_or_init(|| Arc::new(Semaphore::new(n))).available_permits() == n
+}
+
+fn fetches() -> Arc<Semaphore> {
+    FETCHES
+        .get_or_init(|| Arc::new(Semaphore::new(DEFAULT_MAX_FETCHES)))
+        .clone()
+}
 
 /// Where a fill stands.
 #[derive(Clone, Debug)]
@@ -208,7 +229,12 @@ impl Fill {
         tokio::spawn(async move {
             let started = Instant::now();
             let fill = task_fill;
-            let fetched = fill.copy(&backend, origin, &batches_tx).await;
+            // The slot is held until the fill ended; its readers meanwhile wait as for a slow
+            // origin.
+            let (fetched, _slot) = match fill.slot(&backend).await {
+                Ok(slot) => (fill.copy(&backend, origin, &batches_tx).await, Some(slot)),
+                Err(e) => (Err(e), None),
+            };
             if fetched.is_ok() {
                 let _ = batches_tx.send(None).await;
             }
@@ -238,6 +264,36 @@ impl Fill {
             done(&outcome);
         });
         Ok(fill)
+    }
+
+    /// One of the fetches that may copy at once, waiting for one to end when all are taken;
+    /// an error when every client left meanwhile (a fill that goes on without clients, as a
+    /// heal, waits on).
+    async fn slot(&self, backend: &str) -> Result<OwnedSemaphorePermit> {
+        let fetches = fetches();
+        if let Ok(slot) = fetches.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let waited = Instant::now();
+        tracing::info!(backend = %backend, origin = %self.repo, digest = %self.digest,
+            "fetch waits for one of the fetches under way to end (server.max_fetches)");
+        let acquire = fetches.acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            let cancelled = self.cancel.notified();
+            if let Some(e) = self.abandoned(0) {
+                return Err(e);
+            }
+            tokio::select! {
+                slot = &mut acquire => {
+                    let slot = slot.map_err(|_| Error::Internal("fetch slots closed".into()))?;
+                    tracing::debug!(backend = %backend, digest = %self.digest,
+                        waited_ms = waited.elapsed().as_millis() as u64, "fetch may start");
+                    return Ok(slot);
+                }
+                () = cancelled => {}
+            }
+        }
     }
 
     /// Copies the origin's body to the writer thread in batches, checking its length; stops

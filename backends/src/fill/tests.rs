@@ -220,3 +220,74 @@ fn fills_from_origins_that_stall_hold_no_thread() {
         assert_eq!(other.expect("the blocking thread is held").unwrap(), 42);
     });
 }
+
+/// An origin's body that notes when it is first asked for bytes, sends `first`, then `rest`,
+/// or nothing more (and never ends) when `rest` is `None`.
+fn watched(first: Bytes, rest: Option<Bytes>, asked: Arc<AtomicBool>) -> reqwest::Body {
+    let first = futures::stream::once(async move {
+        asked.store(true, Ordering::SeqCst);
+        Ok::<_, io::Error>(first)
+    });
+    match rest {
+        Some(rest) => reqwest::Body::wrap_stream(first.chain(futures::stream::once(async move { Ok(rest) }))),
+        None => reqwest::Body::wrap_stream(first.chain(futures::stream::pending())),
+    }
+}
+
+/// Waits until `cond` holds, for at most 10 s.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn fetches_beyond_the_ceiling_wait_for_one_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).await.unwrap();
+    // As many fetches as may copy at once, each from an origin that stalls after 4 KiB, and
+    // each read by a client.
+    let mut stalled = Vec::new();
+    for i in 0..DEFAULT_MAX_FETCHES {
+        let data = vec![i as u8; 1024 * 1024];
+        let asked = Arc::new(AtomicBool::new(false));
+        let body = watched(Bytes::copy_from_slice(&data[..4096]), None, asked.clone());
+        let (fill, stored) = spawn(&store, wanted(&data), body, 50);
+        let Joined::Body(reader) = fill.join(None).await.unwrap() else {
+            panic!("the fill ended before its first reader")
+        };
+        stalled.push((asked, stored, reader));
+    }
+    until("every fetch under the ceiling started", || {
+        stalled.iter().all(|(asked, _, _)| asked.load(Ordering::SeqCst))
+    })
+    .await;
+
+    // One more waits: its origin is not asked for a byte.
+    let data = b"the blob fetched once a slot is free".repeat(1000);
+    let asked = Arc::new(AtomicBool::new(false));
+    let body = watched(
+        Bytes::copy_from_slice(&data[..100]),
+        Some(Bytes::copy_from_slice(&data[100..])),
+        asked.clone(),
+    );
+    let (fill, stored) = spawn(&store, wanted(&data), body, 50);
+    let reading = tokio::spawn({
+        let fill = fill.clone();
+        async move { read_all(&fill).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!asked.load(Ordering::SeqCst), "a fetch beyond the ceiling started");
+
+    // The client of one stalled fetch leaves; that fetch stops, and the waiting one runs.
+    let (_, first_stored, reader) = stalled.remove(0);
+    drop(reader);
+    assert!(!outcome(first_stored).await);
+    let (got, err) = reading.await.unwrap();
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(got, data);
+    assert!(outcome(stored).await);
+    assert!(asked.load(Ordering::SeqCst));
+}
