@@ -16,7 +16,8 @@ ARG TARGETARCH
 # A commit to name in `ferry --version` when the context has no .git.
 ARG SOURCE_COMMIT=
 # Smaller than the repository's release profile (which keeps line tables for profiling on
-# the host): no debug info, symbols stripped, whole-program LTO (about 3 MB less).
+# the host): no debug info, symbols stripped, whole-program LTO. Measured on 2 cores for
+# x86_64: 19.3 MB in 374 s; thin LTO builds in 299 s but is 22.6 MB.
 ENV CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_LTO=true
 WORKDIR /src
 # protoc for containerd's API, make for jemalloc's build; the musl target of TARGETARCH, and
