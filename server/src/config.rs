@@ -412,11 +412,15 @@ impl Config {
             }
             fig = fig.merge(Toml::file(file));
         }
-        fig = foreign(fig).merge(
-            Env::prefixed("FERRY_")
-                .ignore(&["config", "pull_missing", "drop_to", "progress_interval_ms"])
-                .split("__"),
-        );
+        // FERRY_CONFIG names the file; ferry's short names of FOREIGN_ENV are no nested keys.
+        let short: Vec<String> = FOREIGN_ENV
+            .iter()
+            .filter_map(|(var, _)| var.strip_prefix("FERRY_"))
+            .chain(["CONFIG"])
+            .map(str::to_ascii_lowercase)
+            .collect();
+        let short: Vec<&str> = short.iter().map(String::as_str).collect();
+        fig = foreign(fig).merge(Env::prefixed("FERRY_").ignore(&short).split("__"));
         if let Some(a) = &flags.addr {
             fig = fig.merge(Serialized::default("server.addr", a));
         }
