@@ -2,6 +2,7 @@
 
 mod doctor;
 mod goflags;
+mod heap;
 mod logging;
 mod mirrors;
 mod node_config;
@@ -288,6 +289,7 @@ async fn serve(config: Config) -> Result<(), String> {
     ferry_core::chunks::set_read_ahead(usize::try_from(read_ahead).unwrap_or(usize::MAX));
     ferry_core::progress::set_interval(Duration::from_millis(config.server.progress_interval_ms));
     ferry_backends::fill::set_max_fetches(config.server.max_fetches);
+    heap::trim_after_loads();
     let tls = config
         .server
         .tls_files()
