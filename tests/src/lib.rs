@@ -1,8 +1,9 @@
-//! Shared helpers of the end-to-end tests: the engines `tests/env/start.sh` started, a ferry
-//! process per test on its own port and data directory, and shell commands.
-#![allow(dead_code)]
+//! The end-to-end suite's harness, shared by its two test binaries (`tests/e2e`, every area,
+//! and `tests/limits.rs`, which runs alone): the engines `tests/env/start.sh` started, a ferry
+//! process per test on its own port and data directory, origins and test hosts, and shell
+//! commands. Compiled once, as this crate's library.
 
-#[path = "../../../server/tests/support/http.rs"]
+#[path = "../../server/tests/support/http.rs"]
 mod http;
 pub use http::*;
 
@@ -571,6 +572,8 @@ pub struct TestHost {
 }
 
 impl TestHost {
+    /// Makes the namespace and its veth pair (no `Default`: each call makes a host).
+    #[allow(clippy::new_without_default)]
     pub fn new() -> TestHost {
         let name = unique("h");
         let out = sh(&format!("source {} && e2e_netns_create {name}", lib()));

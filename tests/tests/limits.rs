@@ -7,14 +7,12 @@
 //! timeout. Over HTTP/2, where a client that reads nothing does not block the socket, a
 //! connection with a stream that has taken nothing for the send timeout is closed too.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use ferry_e2e::*;
 
 fn slow_clients() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,5 @@
 //! HTTP and store helpers shared by the in-process API tests (server/tests) and the
-//! end-to-end suite (tests/tests/common, which includes this file by path).
+//! end-to-end suite (tests/src/lib.rs, which includes this file by path).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

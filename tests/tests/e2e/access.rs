@@ -4,11 +4,9 @@
 //! names outside it unknown and missing from the catalog; a client's flood of wrong passwords
 //! held back (429) after a few checks while another client logs in.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 
 fn htpasswd(dir: &Path) -> String {
     let file = dir.join("htpasswd");

@@ -3,9 +3,7 @@
 //! required, blobs gone, the next pull exports again), its own listen address, and the
 //! OpenAPI document and Swagger UI.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 use serde_json::Value;
 
 fn get_json(url: &str) -> Value {

@@ -3,9 +3,7 @@
 //! a full disk. The API's own behaviour (uploads, mounts, ranges, listings, deletes,
 //! referrers, bad input, limits) is tested in-process, with no engine: server/tests/api.rs.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
 

@@ -7,9 +7,7 @@
 //! manifest after a restart with an empty cache, `docker push` / `podman push` of an image
 //! the engine holds then a pull and run of it, and `skopeo copy` in and out.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 use serde_json::Value;
 
 /// Who pushes an image of the engine to ferry: the engine's own CLI (Podman 5's from its

@@ -3,13 +3,11 @@
 //! taken port; each value's source; and each printed mirror snippet handed to the real
 //! client it names (containerd's ctr, Podman, a Docker daemon started with it) for a pull.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 
-use common::run_ferry as ferry;
+use ferry_e2e::run_ferry as ferry;
 
 fn write_config(dir: &Path, body: &str) -> String {
     std::fs::create_dir_all(dir).unwrap();

@@ -2,11 +2,9 @@
 //! the containerd image store), the fast path with no export, Range reads, heals with the
 //! client's credentials, and containerd going away and coming back.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 use serde_json::Value;
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";

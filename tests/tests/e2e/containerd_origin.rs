@@ -2,16 +2,14 @@
 //! here shows on demand: a blob body sent slowly enough that concurrent heals overlap, and an
 //! exact count of how often it is fetched, behind a Bearer challenge. It speaks just enough
 //! of the distribution API for a blob fetch. (The same registry client against a real
-//! distribution with token auth, behind tests/env/token_server.py, is in tests/upstream.rs.)
-
-mod common;
+//! distribution with token auth, behind tests/env/token_server.py, is in upstream.rs.)
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use ferry_e2e::*;
 
 const TOKEN: &str = "fake-token-7";
 

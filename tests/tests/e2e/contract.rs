@@ -6,13 +6,11 @@
 //! An engine's manifest is made by the backend, so `held` reads it and verifies every blob;
 //! `check_reads` then asks the rest (by digest, sizes, ranges, what it lacks).
 
-mod common;
-
 use std::sync::Arc;
 
-use common::*;
 use ferry_core::contract::{check_reads, held};
 use ferry_core::Repository;
+use ferry_e2e::*;
 use ferry_server::config::{Config, Flags};
 
 /// Builds an image of `layers` files in `engine`, then checks the contract of the first

@@ -7,11 +7,9 @@
 //! transfer service has in some setups) would ask the real registries, which cannot be reached
 //! here: the pull fails and ferry's log lacks the requests.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 
 /// (containerd patch, `_default/hosts.toml`) from `ferry mirrors --for kind`, with the hosts
 /// directory at `hosts_dir`.

@@ -4,12 +4,10 @@
 //! link and a symlink; `Range` reads; a layer changed on disk cut short and
 //! then exported; a data root ferry cannot read falls back to exports.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 use reqwest::blocking::Client;
 
 const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json";

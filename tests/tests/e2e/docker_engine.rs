@@ -2,13 +2,11 @@
 //! client's credentials, an engine that stops and comes back, and engine answers that are not
 //! usable archives.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 
 /// Puts an image into a registry from Docker 20 and removes it from the engine again.
 fn seed_registry(registry: &str, repo: &str, login: Option<(&str, &str)>) -> String {

@@ -2,9 +2,7 @@
 //! with its graph driver, and against Podman 4.3 (rootful and rootless) and 5.4 (their
 //! Docker-compatible API): the same pulls as for Docker 20, by tag and by digest.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 
 /// Builds an image in `engine`, serves it through ferry and pulls it with containerd (by tag
 /// and by digest), a second Docker and skopeo. Returns the manifest digest.

@@ -1,11 +1,9 @@
 //! The docker backend against Docker 20.10 (legacy docker-archive exports): containerd via a
 //! hosts.toml mirror, a second Docker and skopeo pull images that live only in the engine.
 //!
-//! These are the export path's tests: direct reads (tests/direct.rs) are switched off.
+//! These are the export path's tests: direct reads (direct.rs) are switched off.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 
 #[test]
 fn docker20_images_reach_containerd_docker_and_skopeo() {

@@ -2,13 +2,11 @@
 //! middle of an export, a full data directory that frees up again, and a hundred clients
 //! that go away in the middle of a blob — counted from /proc.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use ferry_e2e::*;
 use reqwest::blocking::Client;
 
 /// A manifest of one config and one layer, both pushed first.

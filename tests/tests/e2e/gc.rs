@@ -3,11 +3,9 @@
 //! pulls, recent blobs and blobs a pusher just asked for stay, and collections running in a
 //! loop while clients push and pull lose nothing.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 
 fn gc(config: &Path, args: &[&str]) -> String {
     let mut all = vec!["gc", "--config", config.to_str().unwrap()];

@@ -9,12 +9,10 @@
 //! tests/env (e2e_rust_builder_image); the build reaches the crate registry on the host network.
 //! And the static arm64 binary, built as the README says (unoptimised), runs under qemu-user.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use ferry_e2e::*;
 use serde_json::Value;
 
 /// Waits until the container's health check says healthy.

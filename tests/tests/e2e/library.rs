@@ -2,12 +2,10 @@
 //! push store) started as a program, an engine image pulled through it by containerd and
 //! run, and an image pushed to it by Docker and pulled back.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use ferry_e2e::*;
 
 #[test]
 fn the_embedded_example_serves_a_chain_built_in_code() {

@@ -1,11 +1,9 @@
 //! `/metrics` read with Prometheus' own text parser (prometheus_client, from PyPI), its
 //! counters moving as a pull happens, and `/readyz`.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use ferry_e2e::*;
 use serde_json::Value;
 
 /// The samples of `/metrics`, parsed by prometheus_client.

@@ -1,9 +1,7 @@
 //! The push store with real clients: Docker 20.10 push and pull, skopeo, and containerd
 //! pulling through a hosts.toml mirror the way k3s does.
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 
 #[test]
 fn docker_push_rmi_pull_run_and_restart() {

@@ -1,11 +1,9 @@
 //! The binary's start-up: configuration sources and their errors, log formats, and upload
 //! sessions across restarts.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use ferry_e2e::*;
 
 /// Runs `ferry serve` expecting it to refuse to start; returns its stderr.
 fn refused_start(args: &[&str], envs: &[(&str, &str)]) -> String {

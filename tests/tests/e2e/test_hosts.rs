@@ -2,11 +2,9 @@
 //! not loopback, and gone after the test that made them — also when that test fails, and
 //! also when the whole run was killed (the next run sweeps them).
 
-mod common;
-
 use std::sync::Mutex;
 
-use common::*;
+use ferry_e2e::*;
 
 fn namespaces() -> String {
     sh("ip netns list")

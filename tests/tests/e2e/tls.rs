@@ -3,12 +3,10 @@
 //! curl sees HTTP/2 over ALPN; the certificate files replaced on disk are served within
 //! seconds without a restart; the variables of other registries set the files too.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use ferry_e2e::*;
 
 /// `curl` over TLS with `ca`; (success, what it printed).
 fn curl(ca: &Path, url: &str, extra: &str) -> (bool, String) {

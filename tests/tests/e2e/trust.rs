@@ -5,9 +5,7 @@
 //! engine's words to itself. The forged origins are fake HTTP servers on loopback (no real
 //! registry sends wrong bytes or redirects into the local network).
 
-mod common;
-
-use common::*;
+use ferry_e2e::*;
 
 fn containerd(extra_toml: &str) -> String {
     let ctd17 = env("E2E_CONTAINERD17_SOCK");

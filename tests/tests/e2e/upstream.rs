@@ -5,12 +5,10 @@
 //! containerd `_default` hosts.toml. One small fake origin stands in for registries that
 //! page their tag lists, which Debian's distribution does not.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::*;
+use ferry_e2e::*;
 
 /// The digests of an image manifest's config and layers.
 fn blob_digests(manifest: &serde_json::Value) -> Vec<String> {
