@@ -1,7 +1,8 @@
 //! Gives the heap a load freed back to the system once the load ends. glibc keeps it: after
-//! 200 cold pulls some 23 MiB stayed resident at rest, and counted again in the next burst's
-//! peak (BENCHMARKS.md, "ferry's memory under many streams"). jemalloc, the static build's
-//! allocator, returns freed pages on its own, so there is nothing to do there.
+//! 1000 streams ferry held some 61 MiB at rest, 24–29 MiB with the trim (BENCHMARKS.md,
+//! "Memory after a load"). It lowers what an idle ferry holds, not a load's peak. jemalloc,
+//! the static build's allocator, returns freed pages on its own, so there is nothing to do
+//! there.
 
 /// Starts the task that trims glibc's heap each time the blob streams served fall to none and
 /// stay so for a second. A no-op with any other allocator.
