@@ -389,14 +389,17 @@ async fn evict(state: &AdminState, image: Option<&str>) -> EvictResponse {
 
 /// `/api/v1/…`, `/api/v1/openapi.json` and `/api/docs`, to nest under `/api`.
 pub fn routes(state: Arc<AdminState>) -> impl Endpoint {
-    let service = OpenApiService::new(Api, "ferry admin API", env!("CARGO_PKG_VERSION")).server("/api/v1");
-    let allowed = Arc::new(Allowed::from_spec(&service.spec()));
-    let spec = service.spec_endpoint();
-    let docs = service.swagger_ui();
+    let service = || OpenApiService::new(Api, "ferry admin API", env!("CARGO_PKG_VERSION")).server("/api/v1");
+    let (api, described) = (service(), service());
+    let allowed = Arc::new(Allowed::from_spec(&api.spec()));
+    let spec = api.spec_endpoint();
+    // Made for each request: the page carries Swagger UI's script (1.6 MB), which kept would
+    // be a twentieth of what ferry holds under load.
+    let docs = poem::endpoint::make_sync(move |_| poem::web::Html(described.swagger_ui_html()));
     Route::new()
         .at("/v1/openapi.json", spec)
         .nest("/docs", docs)
-        .nest("/v1", service)
+        .nest("/v1", api)
         .data(state.clone())
         .around(move |ep, req| {
             let (state, allowed) = (state.clone(), allowed.clone());

@@ -141,14 +141,16 @@ pub async fn serve(
             // responses are watched instead.
             let watch = (req.version() == hyper::Version::HTTP_2)
                 .then(|| (service_watch.clone(), req.uri().path().to_string()));
-            async move {
+            // Boxed: hyper keeps a slot the size of this future for each HTTP/1 connection's
+            // life, where the box lives only until the response's head (2.3 KiB of 8 bytes).
+            Box::pin(async move {
                 let req = poem::Request::from((req, local, remote, scheme.clone()));
                 let response = hyper::Response::from(endpoint.get_response(req).await);
                 Ok::<_, Infallible>(match watch {
                     Some((watch, path)) => response.map(|body| watch.watch(body, path)),
                     None => response.map(Watched::unwatched),
                 })
-            }
+            })
         });
         let (builder, http1, watcher, acceptor) =
             (builder.clone(), http1.clone(), graceful.watcher(), acceptor.clone());
