@@ -56,6 +56,8 @@ pub fn stream<S: ChunkSource>(source: S) -> ByteStream {
 enum Maker<S> {
     /// Waiting for room in the queue.
     Idle(S),
+    /// Waiting for a run's place ([`RUNS_AT_ONCE`]), with leave for its first chunk.
+    Queued(S, Grant, Place),
     /// Making chunks on a blocking thread; it hands the source back, and whether more follow.
     Running(JoinHandle<(S, bool)>),
     /// Made its last chunk (or failed).
@@ -94,12 +96,23 @@ fn run<S: ChunkSource>(mut source: S, tx: mpsc::Sender<io::Result<Bytes>>, first
 impl<S> Unpin for Chunks<S> {}
 
 impl<S: ChunkSource> Chunks<S> {
-    /// Starts a run with `grant` when the source is idle.
+    /// Starts a run with `grant` when the source is idle, or queues it for a place.
     fn start(&mut self, grant: Grant) {
         if let Maker::Idle(source) = std::mem::replace(&mut self.maker, Maker::Done) {
-            let (tx, ahead) = (self.tx.clone(), self.account.ahead());
-            self.maker = Maker::Running(tokio::task::spawn_blocking(move || run(source, tx, grant, ahead)));
+            self.maker = match runs().clone().try_acquire_owned() {
+                Ok(place) => self.spawn(source, grant, place),
+                Err(_) => Maker::Queued(source, grant, Box::pin(runs().clone().acquire_owned())),
+            };
         }
+    }
+
+    /// A run on a blocking thread, which gives its place back when it ends.
+    fn spawn(&self, source: S, grant: Grant, place: OwnedSemaphorePermit) -> Maker<S> {
+        let (tx, ahead) = (self.tx.clone(), self.account.ahead());
+        Maker::Running(tokio::task::spawn_blocking(move || {
+            let _place = place;
+            run(source, tx, grant, ahead)
+        }))
     }
 
     /// Reads ahead when the source is idle, the queue is down to its low mark, and the
@@ -133,6 +146,16 @@ impl<S: ChunkSource> Stream for Chunks<S> {
                     this.start(grant);
                     continue;
                 }
+                Maker::Queued(_, _, place) => {
+                    let place = std::task::ready!(place.as_mut().poll(cx));
+                    // The semaphore is never closed, so the place is there.
+                    if let (Maker::Queued(source, grant, _), Ok(place)) =
+                        (std::mem::replace(&mut this.maker, Maker::Done), place)
+                    {
+                        this.maker = this.spawn(source, grant, place);
+                    }
+                    continue;
+                }
                 Maker::Running(making) => making,
             };
             let made = match Pin::new(making).poll(cx) {
@@ -150,6 +173,28 @@ impl<S: ChunkSource> Stream for Chunks<S> {
             }
         }
     }
+}
+
+/// Blocking runs under way at once, across every stream. Each is a blocking thread, and a
+/// thread costs what it touched of its stack for as long as it lives (68 KiB once a layer's
+/// tar-split has been decompressed on it) plus what its run holds (a decompressor, 60 KiB):
+/// 1000 streams let loose took 130 threads, some 15 MiB. Runs are short (four chunks at
+/// most), so 32 keep both cores and a disk's queue busy; more wait their turn, in order.
+pub const RUNS_AT_ONCE: usize = 32;
+
+/// A turn among [`RUNS_AT_ONCE`], being waited for.
+type Place = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+fn runs() -> &'static Arc<Semaphore> {
+    static RUNS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    RUNS.get_or_init(|| Arc::new(Semaphore::new(RUNS_AT_ONCE)))
+}
+
+/// A place among the blocking runs allowed at once, for a stream that reads on a blocking
+/// thread of its own making (held until the read ends; `None` never comes, the semaphore is
+/// never closed).
+pub async fn run_place() -> Option<OwnedSemaphorePermit> {
+    runs().clone().acquire_owned().await.ok()
 }
 
 /// Read buffer for serving blobs: large enough to keep syscalls off the profile.
@@ -558,6 +603,46 @@ pub(crate) mod tests {
         .expect("the reader was kept waiting");
         assert_eq!(read, 8 << 20);
         drop(stalled);
+    }
+
+    /// Chunks that take a while to make, counting the makers at work at once.
+    struct Slow {
+        left: usize,
+        busy: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+    }
+
+    impl ChunkSource for Slow {
+        fn next_chunk(&mut self, _max: usize) -> Option<io::Result<Bytes>> {
+            if self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            let now = self.busy.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(2));
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            Some(Ok(Bytes::from_static(b"slow")))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn blocking_runs_at_once_are_capped_and_every_stream_ends() {
+        let (busy, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let streams = (0..300).map(|_| {
+            let s = stream(Slow {
+                left: 8,
+                busy: busy.clone(),
+                most: most.clone(),
+            });
+            tokio::spawn(s.fold(0, |n, c| async move { n + c.unwrap().len() }))
+        });
+        let read = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(streams))
+            .await
+            .expect("streams waiting for a run were left waiting");
+        assert!(read.into_iter().all(|r| r.unwrap() == 8 * 4));
+        let most = most.load(Ordering::SeqCst);
+        assert!((2..=RUNS_AT_ONCE).contains(&most), "{most} runs at once");
     }
 
     struct Failing;

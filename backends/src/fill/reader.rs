@@ -46,8 +46,10 @@ impl Reader {
                     return Some(Ok(grant.hold(bytes)));
                 }
                 let (file, pos) = (self.file.clone(), self.pos);
+                let place = ferry_core::chunks::run_place().await;
                 let read = tokio::task::spawn_blocking(move || {
                     use std::io::{Read, Seek};
+                    let _place = place;
                     // The file is this reader's own: seek, then read_to_end, which fills spare
                     // capacity without zeroing it first.
                     let mut file = &*file;
