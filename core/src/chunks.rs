@@ -271,11 +271,13 @@ impl Drop for Serving {
 /// One stream's dealings with the read-ahead budget. Every chunk a stream makes is held
 /// against it until the chunk's last byte is dropped (sent, or thrown away), wherever it
 /// waits meanwhile: in the stream's queue, in the HTTP connection's buffers, in an HTTP/2
-/// stream's send buffer. A chunk read ahead needs room in the budget; the chunk a consumer
-/// waits for is free when none of the stream's chunks is held anywhere, so that every
-/// stream moves, one chunk at a time, however the budget is spent (by clients that stopped
-/// reading, say). Chunk bytes held at once are thus at most the budget plus one chunk a
-/// stream.
+/// stream's send buffer. Every chunk needs room in the budget, except one: when the budget
+/// has none, the chunk a consumer waits for is free (and of the smallest size) once none of
+/// the stream's chunks is held anywhere, so that every stream moves, one chunk at a time,
+/// however the budget is spent (by clients that stopped reading, say). Chunk bytes held at
+/// once are thus at most the budget plus 8 KiB a stream. (A free chunk the size of the
+/// others let the last streams of a load, whose chunks grow as others end, hold a budget's
+/// worth more.)
 pub struct Account {
     share: Arc<Share>,
     /// A turn at the budget, queued behind the streams that asked before.
@@ -323,13 +325,13 @@ impl Account {
                     }
                 }
             }
-            if self.share.held.load(Ordering::Acquire) == 0 {
-                self.waiting = None;
-                return Poll::Ready(self.grant(chunk_size(), None));
-            }
             if let Some(grant) = self.ahead().try_grant() {
                 self.waiting = None;
                 return Poll::Ready(grant);
+            }
+            if self.share.held.load(Ordering::Acquire) == 0 {
+                self.waiting = None;
+                return Poll::Ready(self.grant(MIN_READ_CHUNK, None));
             }
             self.share.waker.register(cx.waker());
             if self.share.held.load(Ordering::Acquire) == 0 {
