@@ -101,7 +101,7 @@ impl<S: ChunkSource> Chunks<S> {
         if let Maker::Idle(source) = std::mem::replace(&mut self.maker, Maker::Done) {
             self.maker = match runs().clone().try_acquire_owned() {
                 Ok(place) => self.spawn(source, grant, place),
-                Err(_) => Maker::Queued(source, grant, Box::pin(runs().clone().acquire_owned())),
+                Err(_) => Maker::Queued(source, grant, Box::pin(run_place())),
             };
         }
     }
@@ -149,7 +149,7 @@ impl<S: ChunkSource> Stream for Chunks<S> {
                 Maker::Queued(_, _, place) => {
                     let place = std::task::ready!(place.as_mut().poll(cx));
                     // The semaphore is never closed, so the place is there.
-                    if let (Maker::Queued(source, grant, _), Ok(place)) =
+                    if let (Maker::Queued(source, grant, _), Some(place)) =
                         (std::mem::replace(&mut this.maker, Maker::Done), place)
                     {
                         this.maker = this.spawn(source, grant, place);
@@ -183,7 +183,7 @@ impl<S: ChunkSource> Stream for Chunks<S> {
 pub const RUNS_AT_ONCE: usize = 32;
 
 /// A turn among [`RUNS_AT_ONCE`], being waited for.
-type Place = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+type Place = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
 
 fn runs() -> &'static Arc<Semaphore> {
     static RUNS: OnceLock<Arc<Semaphore>> = OnceLock::new();

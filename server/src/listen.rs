@@ -155,7 +155,7 @@ pub async fn serve(
         let (builder, http1, watcher, acceptor) =
             (builder.clone(), http1.clone(), graceful.watcher(), acceptor.clone());
         let (header_timeout, send_timeout) = (limits.header_timeout, limits.send_timeout);
-        let task = async move {
+        tokio::spawn(async move {
             // Telling HTTP/1 from HTTP/2 waits for the first bytes, before hyper's header
             // timeout starts: a connection that sends nothing is closed here instead.
             let mut first = [0u8; 1];
@@ -211,8 +211,7 @@ pub async fn serve(
                 Ok(()) => {}
             }
             drop(slot);
-        };
-        tokio::spawn(task);
+        });
     }
     tracing::info!(
         grace_s = limits.grace.as_secs(),
